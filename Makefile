@@ -1,0 +1,37 @@
+# devpipe — top-level entry points. See README.md.
+BUILD_DIR ?= build
+JOBS ?= $(shell nproc)
+CMAKE_FLAGS ?=
+
+.PHONY: all deps configure build demo test bench cuda-build format clean
+
+all: build
+
+deps:
+	@bash scripts/install_deps.sh
+
+configure: deps
+	@cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS) >/dev/null
+
+build: configure
+	@cmake --build $(BUILD_DIR) -j $(JOBS)
+
+demo: build
+	@$(BUILD_DIR)/examples/vision_text/vision_text_demo
+
+test: build
+	@cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
+
+bench: build
+	@$(BUILD_DIR)/tools/devpipe bench --all --out $(BUILD_DIR)/bench/report.json
+
+# Compiles and links the cuda backend (no GPU needed to build it).
+cuda-build: deps
+	@cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DDEVPIPE_CUDA=ON >/dev/null
+	@cmake --build build-cuda -j $(JOBS)
+
+format:
+	@find include src tools examples tests bench -name '*.h' -o -name '*.cpp' -o -name '*.cu' | xargs clang-format -i
+
+clean:
+	@rm -rf $(BUILD_DIR) build-cuda

@@ -1,0 +1,132 @@
+// devpipe — graph IR.
+//
+// A Graph is the traced form of one submodel for one static shape (bucket) and one tensor-
+// parallel degree. All ranks share the same graph: sharded parameters have their per-rank
+// (local) shape, and rank-dependent behaviour (a vocabulary offset, an input slice) is an
+// attribute scaled by the rank at run time. Values are numbered; nodes are in topological order.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "devpipe/dtype.h"
+#include "devpipe/shape.h"
+
+namespace devpipe {
+
+/// Every op of the IR. Each is defined once (src/graph/ops/): attributes, shape and dtype
+/// inference, and a reference implementation; each backend supplies kernels.
+enum class OpKind {
+  Linear,             // x[..., in], w[out, in], (b[out]) -> [..., out]; attr activation
+  Matmul,             // a[..., M, K], b[..., K, N] (batch dims broadcast) -> [..., M, N]
+  Conv2d,             // x[N, C, H, W], w[O, C/groups, kh, kw], (b[O]); stride/padding/dilation/groups
+  AdaptiveAvgPool2d,  // x[N, C, H, W] -> [N, C, oh, ow]; output_size
+  MaxPool2d,          // x[N, C, H, W]; kernel/stride/padding/dilation
+  Embedding,          // idx[...] int64, w[V, D] -> [..., D]; vocab_per_rank (0: not sharded)
+  LayerNorm,          // x, (w), (b); normalized_shape, eps
+  RmsNorm,            // x, (w); normalized_shape, eps
+  Reshape,            // shape
+  Permute,            // dims
+  Concat,             // n inputs; dim
+  Slice,              // dim, start, end, step, rank_stride (start += rank * rank_stride)
+  Add,                // broadcasting
+  Mul,                // broadcasting
+  Softmax,            // dim
+  Gelu,               // approximate: "none" | "tanh"
+  Silu,
+  Relu,
+  AllReduce,          // sum over ranks
+  AllGather,          // concatenate the ranks' tensors along dim
+};
+
+/// Number of OpKind values (for tables).
+inline constexpr int kNumOpKinds = static_cast<int>(OpKind::AllGather) + 1;
+
+std::string_view op_name(OpKind op);
+/// Throws FormatError naming the text when it is not an op name.
+OpKind op_from_name(std::string_view name);
+
+/// An attribute value.
+using AttrValue = std::variant<std::int64_t, double, std::string, std::vector<std::int64_t>>;
+
+/// Named attributes of a node, with typed getters that throw FormatError naming the attribute
+/// when it is missing or has another type.
+class Attrs {
+ public:
+  Attrs() = default;
+  Attrs& set(const std::string& name, AttrValue value) {
+    items_[name] = std::move(value);
+    return *this;
+  }
+  bool has(std::string_view name) const { return items_.find(std::string(name)) != items_.end(); }
+  std::int64_t i(std::string_view name) const;
+  std::int64_t i(std::string_view name, std::int64_t fallback) const;
+  double f(std::string_view name) const;
+  double f(std::string_view name, double fallback) const;
+  const std::string& s(std::string_view name) const;
+  std::string s(std::string_view name, const std::string& fallback) const;
+  const std::vector<std::int64_t>& ints(std::string_view name) const;
+  const std::map<std::string, AttrValue>& items() const { return items_; }
+  /// "stride=[1, 1], groups=1".
+  std::string to_string() const;
+
+  friend bool operator==(const Attrs&, const Attrs&) = default;
+
+ private:
+  std::map<std::string, AttrValue> items_;
+};
+
+/// Shape and dtype of a value.
+struct ValueInfo {
+  Shape shape;
+  DType dtype = DType::Float32;
+  friend bool operator==(const ValueInfo&, const ValueInfo&) = default;
+};
+
+/// One op application.
+struct Node {
+  OpKind op = OpKind::Add;
+  std::vector<int> inputs;   // value ids
+  std::vector<int> outputs;  // value ids
+  Attrs attrs;
+  std::string scope;  // module path that emitted it ("encoder.layers.0.fc1"), for messages
+};
+
+/// A graph input (a runtime argument of the stage).
+struct GraphInput {
+  int value = -1;
+  std::string name;  // "x", "vision_features", ...
+};
+
+/// A parameter: a weight bound at load time from the artifact.
+struct GraphParam {
+  int value = -1;
+  std::string key;        // checkpoint key exactly as PyTorch names it ("fc.weight")
+  Shape full_shape;       // unsharded shape in the checkpoint
+  int shard_dim = -1;     // -1: replicated; else split into tp_degree equal parts on this dim
+};
+
+/// A traced graph.
+struct Graph {
+  std::vector<ValueInfo> values;
+  std::vector<Node> nodes;
+  std::vector<GraphInput> inputs;
+  std::vector<GraphParam> params;
+  std::vector<int> outputs;
+  int tp_degree = 1;
+
+  int add_value(ValueInfo info) {
+    values.push_back(std::move(info));
+    return static_cast<int>(values.size()) - 1;
+  }
+  const ValueInfo& value(int id) const { return values.at(static_cast<std::size_t>(id)); }
+
+  /// Readable text form, one line per input, parameter, node and output.
+  std::string to_text() const;
+};
+
+}  // namespace devpipe

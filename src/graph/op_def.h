@@ -1,0 +1,63 @@
+// Internal: the single definition of each op.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "devpipe/graph.h"
+#include "devpipe/tensor.h"
+
+namespace devpipe {
+
+/// Context an op's reference implementation may need (rank-dependent attributes).
+struct RefContext {
+  int rank = 0;
+  int tp_degree = 1;
+};
+
+/// Shape/dtype inference: returns the output infos or throws ShapeError/DTypeError whose
+/// message names the op and the shapes involved (the tracer prefixes the module path).
+using InferFn = std::vector<ValueInfo> (*)(const std::vector<ValueInfo>& inputs, const Attrs& attrs);
+
+/// Reference implementation on host tensors: `outputs` are preallocated with the inferred
+/// shapes and dtypes. Plain loops in float (double accumulation where it matters); bfloat16 and
+/// float16 values are widened to float and rounded back on store.
+using ReferenceFn = void (*)(const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs,
+                             const Attrs& attrs, const RefContext& ctx);
+
+struct OpDef {
+  OpKind op;
+  const char* name;
+  int min_inputs;
+  int max_inputs;  // -1: any
+  InferFn infer;
+  ReferenceFn reference;  // nullptr for ops only meaningful across ranks at tp > 1
+};
+
+/// The definition of `op`.
+const OpDef& op_def(OpKind op);
+
+/// Runs inference with arity checks; messages start with the op name.
+std::vector<ValueInfo> infer_op(OpKind op, const std::vector<ValueInfo>& inputs, const Attrs& attrs);
+
+// Registration tables, one per family file (src/graph/ops/<family>.cpp).
+namespace ops {
+extern const OpDef kLinear, kMatmul;
+extern const OpDef kConv2d;
+extern const OpDef kAdaptiveAvgPool2d, kMaxPool2d;
+extern const OpDef kEmbedding;
+extern const OpDef kLayerNorm, kRmsNorm;
+extern const OpDef kReshape, kPermute, kConcat, kSlice;
+extern const OpDef kAdd, kMul, kGelu, kSilu, kRelu;
+extern const OpDef kSoftmax;
+extern const OpDef kAllReduce, kAllGather;
+}  // namespace ops
+
+// Shared helpers for inference.
+std::string shapes_to_string(const std::vector<ValueInfo>& infos);
+/// All floating inputs share one dtype; throws DTypeError naming op and dtypes otherwise.
+DType common_float_dtype(const char* op, const std::vector<ValueInfo>& infos);
+/// Numpy/PyTorch broadcasting of two shapes; throws ShapeError naming both.
+Shape broadcast_shapes(const char* op, const Shape& a, const Shape& b);
+
+}  // namespace devpipe

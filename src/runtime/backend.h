@@ -1,0 +1,63 @@
+// Internal: the narrow device boundary every backend implements.
+//
+// allocate, copy, compile a graph for a rank, run it. Chaining two stages hands over a buffer
+// (and, on asynchronous backends, an event); no host synchronisation in between.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "devpipe/device.h"
+#include "devpipe/graph.h"
+#include "devpipe/tensor.h"
+
+namespace devpipe {
+
+class Communicator;
+
+/// Which rank an executable serves and how it reaches its peers.
+struct RankInfo {
+  int rank = 0;
+  int tp_degree = 1;
+  Communicator* comm = nullptr;  // required when tp_degree > 1; not owned
+  int num_threads = 1;           // host threads the rank's kernels may use
+};
+
+/// A graph compiled for one rank, weights bound. Not thread-safe: one caller at a time (the
+/// rank's own thread).
+class Executable {
+ public:
+  virtual ~Executable() = default;
+  /// Runs the graph. `inputs`: device pointers to the graph inputs (graph.inputs order), each
+  /// contiguous with the graph's shape/dtype. `outputs`: preallocated device pointers for the
+  /// graph outputs (graph.outputs order). Blocking on the cpu backend. Makes no heap allocation
+  /// in steady state.
+  virtual void run(const std::vector<const void*>& inputs, const std::vector<void*>& outputs) = 0;
+  /// Bytes of intermediate memory planned for one run.
+  virtual std::size_t workspace_bytes() const = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual DeviceKind kind() const = 0;
+  /// The device rank `rank` of `tp_degree` ranks runs on.
+  virtual Device device_for_rank(int rank, int tp_degree) const = 0;
+  /// Compiles `graph` for one rank. `params`: host tensors in graph.params order with the
+  /// per-rank shapes and the graph's dtypes; the executable may keep views of them (callers
+  /// keep them alive) or copy them to the device. Throws Unsupported for an op it lacks.
+  virtual std::unique_ptr<Executable> compile(const Graph& graph, const std::vector<Tensor>& params,
+                                              const RankInfo& rank) = 0;
+  /// A device tensor; memory comes from a cache and returns to it when the last handle dies.
+  virtual Tensor allocate(const Shape& shape, DType dtype, Device device) = 0;
+  /// Blocking byte copy between host and device or within a device.
+  virtual void copy(void* dst, Device dst_dev, const void* src, Device src_dev,
+                    std::size_t bytes) = 0;
+};
+
+/// The backend for a device kind; throws Unsupported when it is not built in.
+Backend& backend_for(DeviceKind kind);
+
+}  // namespace devpipe

@@ -1,0 +1,35 @@
+// Internal: collectives between the tensor-parallel ranks of one stage.
+//
+// Every rank of a group must make the same sequence of calls (like NCCL). Calls block until all
+// ranks have contributed. The in-process implementation serves ranks that are threads of this
+// process (the cpu backend); the interface is what an NCCL or Gloo implementation provides.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+
+#include "devpipe/dtype.h"
+
+namespace devpipe {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  /// Number of ranks.
+  virtual int size() const = 0;
+  /// In place: data := sum over ranks of data (`count` elements of `dtype`).
+  virtual void all_reduce_sum(int rank, void* data, std::size_t count, DType dtype) = 0;
+  /// out[o][r][:] := rank r's in[o][:] for o in [0, outer), each slab `inner_bytes` long.
+  /// This is a concatenation along one dim when outer = product of the dims before it.
+  virtual void all_gather(int rank, const void* in, void* out, std::size_t outer,
+                          std::size_t inner_bytes) = 0;
+  /// Returns when every rank has called it.
+  virtual void barrier(int rank) = 0;
+  /// Bytes moved between ranks so far (for reports).
+  virtual std::size_t bytes_moved() const = 0;
+};
+
+/// Collectives for `size` ranks that are threads of this process, over shared memory.
+std::unique_ptr<Communicator> make_local_communicator(int size);
+
+}  // namespace devpipe
