@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "devpipe/functional.h"
+#include "devpipe/tensor.h"
 
 namespace devpipe::nn {
 
@@ -108,6 +109,13 @@ class ModuleList : public Module {
  private:
   std::vector<M*> items_;
 };
+
+/// A state dict with every parameter of `module` (full, unsharded shapes) drawn like PyTorch's
+/// default initialisation: uniform in [-1/sqrt(fan_in), 1/sqrt(fan_in)] where fan_in is the
+/// product of a weight's dims after the first (biases use their weight's fan_in); norm weights
+/// are 1 and norm biases 0. Deterministic for a given seed. Host float32 tensors.
+std::vector<std::pair<std::string, Tensor>> random_state_dict(const Module& module,
+                                                              std::uint64_t seed);
 
 // ---------------------------------------------------------------------------------- layers
 

@@ -1,5 +1,8 @@
 #include "devpipe/nn.h"
 
+#include <cmath>
+#include <map>
+
 #include "devpipe/error.h"
 
 namespace devpipe::nn {
@@ -71,6 +74,37 @@ Module::Scope::Scope(const Module& m) : tracer_(&Tracer::current()) {
   tracer_->push_scope(m.path(), m.type_name());
 }
 Module::Scope::~Scope() { tracer_->pop_scope(); }
+
+std::vector<std::pair<std::string, Tensor>> random_state_dict(const Module& module,
+                                                              std::uint64_t seed) {
+  std::vector<std::pair<std::string, Tensor>> out;
+  std::map<std::string, std::int64_t> fan_in_of;  // module path -> weight fan_in
+  auto params = module.named_parameters();
+  for (const auto& p : params) {
+    auto dot = p.key.rfind('.');
+    std::string owner = dot == std::string::npos ? "" : p.key.substr(0, dot);
+    if (p.full_shape.rank() >= 2) {
+      fan_in_of[owner] = p.full_shape.numel() / p.full_shape[0];
+    }
+  }
+  std::uint64_t i = 0;
+  for (const auto& p : params) {
+    auto dot = p.key.rfind('.');
+    std::string owner = dot == std::string::npos ? "" : p.key.substr(0, dot);
+    std::string leaf = dot == std::string::npos ? p.key : p.key.substr(dot + 1);
+    auto it = fan_in_of.find(owner);
+    Tensor t;
+    if (it == fan_in_of.end()) {  // a norm's (or other 1-D-only module's) parameters
+      t = Tensor::full(p.full_shape, leaf == "weight" ? 1.0 : 0.0);
+    } else {
+      double bound = 1.0 / std::sqrt(static_cast<double>(std::max<std::int64_t>(1, it->second)));
+      t = Tensor::uniform(p.full_shape, -bound, bound, seed * 1000003ull + i);
+    }
+    out.emplace_back(p.key, std::move(t));
+    ++i;
+  }
+  return out;
+}
 
 // ------------------------------------------------------------------------------ layers
 

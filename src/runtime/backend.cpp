@@ -1,5 +1,7 @@
 #include "runtime/backend.h"
 
+#include <cstring>
+
 #include "backends/cpu/cpu_backend.h"
 #include "devpipe/error.h"
 
@@ -8,6 +10,13 @@ namespace devpipe {
 #ifdef DEVPIPE_HAVE_CUDA
 Backend& cuda_backend();
 #endif
+
+void Backend::fill_zero(void* dst, Device device, std::size_t bytes) {
+  if (!device.is_host()) {
+    throw Unsupported("fill_zero on " + device.to_string() + " is not implemented by this backend");
+  }
+  std::memset(dst, 0, bytes);
+}
 
 Backend& backend_for(DeviceKind kind) {
   switch (kind) {

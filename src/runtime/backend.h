@@ -55,6 +55,8 @@ class Backend {
   /// Blocking byte copy between host and device or within a device.
   virtual void copy(void* dst, Device dst_dev, const void* src, Device src_dev,
                     std::size_t bytes) = 0;
+  /// Sets `bytes` bytes at `dst` to zero. The default serves host memory only.
+  virtual void fill_zero(void* dst, Device device, std::size_t bytes);
 };
 
 /// The backend for a device kind; throws Unsupported when it is not built in.

@@ -27,6 +27,10 @@ class Communicator {
   virtual void barrier(int rank) = 0;
   /// Bytes moved between ranks so far (for reports).
   virtual std::size_t bytes_moved() const = 0;
+  /// Makes every blocked and future call throw (a rank failed mid-forward), so peers never hang.
+  virtual void abort() = 0;
+  /// Clears an abort once every rank is idle again.
+  virtual void reset() = 0;
 };
 
 /// Collectives for `size` ranks that are threads of this process, over shared memory.

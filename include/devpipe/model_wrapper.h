@@ -1,0 +1,183 @@
+// devpipe — ModelWrapper: one compiled, sharded, loaded stage of a multi-stage model.
+//
+// Like the seed's NxD ModelWrapper: a wrapper takes the config, the model class, the
+// pipeline flags and a tag, and supplies example inputs for compilation. compile() traces the
+// model per batch bucket, shards the checkpoint over tp_degree ranks and writes an artifact;
+// load() reads it back, checks it against this wrapper and warms every bucket up; forward()
+// runs it. Not thread-safe: call one wrapper from one thread at a time.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "devpipe/config.h"
+#include "devpipe/nn.h"
+#include "devpipe/ranked.h"
+#include "devpipe/tensor.h"
+
+namespace devpipe {
+
+/// Progress of long work: stage tag, step done (1-based), steps in all, and what it was.
+using ProgressFn =
+    std::function<void(const std::string& tag, int done, int total, const std::string& what)>;
+
+/// How to build a model and call its forward() on traced values (see model_cls<M>()).
+class ModelFactory {
+ public:
+  using Create = std::function<std::unique_ptr<nn::Module>(const InferenceConfig&)>;
+  using Call = std::function<std::vector<Var>(nn::Module&, const std::vector<Var>&)>;
+  ModelFactory(Create create, Call call, int arity)
+      : create_(std::move(create)), call_(std::move(call)), arity_(arity) {}
+  std::unique_ptr<nn::Module> create(const InferenceConfig& config) const { return create_(config); }
+  std::vector<Var> call(nn::Module& m, const std::vector<Var>& in) const { return call_(m, in); }
+  /// Number of arguments forward() takes.
+  int arity() const { return arity_; }
+
+ private:
+  Create create_;
+  Call call_;
+  int arity_;
+};
+
+namespace detail {
+template <class T>
+struct ForwardTraits;
+template <class C, class R, class... A>
+struct ForwardTraits<R (C::*)(A...)> {
+  static constexpr int arity = sizeof...(A);
+};
+template <class C, class R, class... A>
+struct ForwardTraits<R (C::*)(A...) const> {
+  static constexpr int arity = sizeof...(A);
+};
+
+inline std::vector<Var> as_vars(Var v) { return {v}; }
+inline std::vector<Var> as_vars(std::vector<Var> v) { return v; }
+template <class... T>
+std::vector<Var> as_vars(const std::tuple<T...>& t) {
+  return std::apply([](const auto&... v) { return std::vector<Var>{v...}; }, t);
+}
+template <class A, class B>
+std::vector<Var> as_vars(const std::pair<A, B>& p) {
+  return {p.first, p.second};
+}
+
+template <class M, std::size_t... I>
+std::vector<Var> call_forward(M& m, const std::vector<Var>& in, std::index_sequence<I...>) {
+  return as_vars(m.forward(in[I]...));
+}
+}  // namespace detail
+
+/// The seed's `model_cls=VisionModel`: M is an nn::Module constructible from
+/// `const InferenceConfig&` (or default-constructible) whose `forward` takes Vars and returns a
+/// Var, a std::vector<Var>, a std::pair or a std::tuple of Vars.
+template <class M>
+ModelFactory model_cls() {
+  constexpr int arity = detail::ForwardTraits<decltype(&M::forward)>::arity;
+  return ModelFactory(
+      [](const InferenceConfig& config) -> std::unique_ptr<nn::Module> {
+        if constexpr (std::is_constructible_v<M, const InferenceConfig&>) {
+          return std::make_unique<M>(config);
+        } else {
+          return std::make_unique<M>();
+        }
+      },
+      [](nn::Module& m, const std::vector<Var>& in) {
+        return detail::call_forward(static_cast<M&>(m), in, std::make_index_sequence<arity>{});
+      },
+      arity);
+}
+
+/// The pipeline flags of a wrapper (the seed's keyword arguments).
+struct WrapperOptions {
+  /// Keep outputs on the devices as ranked tensors for the next stage.
+  bool pipeline_execution = false;
+  /// With pipeline_execution: return host tensors anyway (true for the last stage).
+  bool return_ranked_to_cpu = true;
+  /// Names the stage in artifacts and messages.
+  std::string tag = "model";
+};
+
+class ModelWrapper {
+ public:
+  ModelWrapper(const InferenceConfig& config, ModelFactory model_cls, WrapperOptions options);
+  virtual ~ModelWrapper();
+  ModelWrapper(const ModelWrapper&) = delete;
+  ModelWrapper& operator=(const ModelWrapper&) = delete;
+
+  /// Example inputs for compilation: one set per batch bucket, or a single set whose first dim
+  /// is replaced by each bucket size. Only shapes and dtypes are used; floating inputs are
+  /// compiled in the config's dtype.
+  virtual std::vector<std::vector<Tensor>> input_generator() const = 0;
+  /// Names of forward()'s arguments for messages (default "input0", "input1", ...).
+  virtual std::vector<std::string> input_names() const;
+
+  const std::string& tag() const { return options_.tag; }
+  const InferenceConfig& config() const { return config_; }
+  const RuntimeConfig& neuron_config() const { return config_.runtime_config(); }
+  bool pipeline_execution() const { return options_.pipeline_execution; }
+  bool return_ranked_to_cpu() const { return options_.return_ranked_to_cpu; }
+  const WrapperOptions& options() const { return options_; }
+
+  /// Traces the model for every bucket, shards the checkpoint at `checkpoint_path` (a
+  /// model.safetensors file or a folder with one, or with an index and shards) over the ranks,
+  /// and writes the artifact to `dir` (created; a previous artifact there is replaced).
+  /// Blocking. Errors name the tag and the keys/shapes involved.
+  void compile(const std::string& checkpoint_path, const std::string& dir,
+               const ProgressFn& progress = {});
+  /// Reads the artifact in `dir`, refuses one that does not match this wrapper and config,
+  /// builds every bucket on every rank and runs each once (warm-up). Blocking.
+  void load(const std::string& dir, const ProgressFn& progress = {});
+  bool is_loaded() const;
+
+  /// Runs the stage. Arguments: host tensors and ranked tensors in any mix (a ranked argument
+  /// supplies all its outputs as consecutive arguments; use select() for one). Host inputs are
+  /// padded to the smallest bucket that fits and replicated to every rank; ranked inputs are
+  /// used in place on their rank's device (re-padded there when buckets differ); a batch beyond
+  /// the largest bucket runs in chunks. Returns ranked tensors (pipeline_execution and not
+  /// return_ranked_to_cpu; asynchronous) or host tensors of the caller's batch (blocking).
+  Output forward(const std::vector<Input>& inputs);
+
+  /// Bucket batch sizes of the loaded artifact.
+  std::vector<std::int64_t> loaded_buckets() const;
+  /// Text form of the loaded graph for `bucket` (inspection).
+  std::string graph_text(std::int64_t bucket) const;
+
+ private:
+  struct Impl;
+  InferenceConfig config_;
+  ModelFactory factory_;
+  WrapperOptions options_;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// The seed's NeuronApplicationBase: a checkpoint path, a config and a list of wrappers.
+/// compile(path) writes each wrapper's artifact to path/<tag>; load(path) loads them.
+class ApplicationBase {
+ public:
+  ApplicationBase(std::string model_path, InferenceConfig config);
+  virtual ~ApplicationBase();
+
+  void compile(const std::string& compiled_model_path);
+  void load(const std::string& compiled_model_path);
+  const std::string& model_path() const { return model_path_; }
+  const InferenceConfig& config() const { return config_; }
+  /// Reports compile/load progress (default: none).
+  void set_progress(ProgressFn fn) { progress_ = std::move(fn); }
+
+  /// The seed's self.models.
+  std::vector<std::shared_ptr<ModelWrapper>> models;
+
+ private:
+  std::string model_path_;
+  InferenceConfig config_;
+  ProgressFn progress_;
+};
+
+}  // namespace devpipe

@@ -1,0 +1,70 @@
+// Internal: the compiled artifact of one stage on disk.
+//
+//   <dir>/manifest.json              format version, devpipe version, tag, dtype, tp degree,
+//                                    config, input/output specs, a graph per bucket, and a
+//                                    checksum per weight file
+//   <dir>/weights/rank<r>.safetensors  rank r's (sharded) weights, keyed by checkpoint key
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "devpipe/graph.h"
+
+namespace devpipe {
+
+/// The artifact format this build writes and reads. Bump on any incompatible change.
+inline constexpr int kArtifactFormatVersion = 1;
+
+/// A stage input or output: its name, its shape without the batch dim, and its dtype.
+struct StageIO {
+  std::string name;
+  Shape sample_shape;
+  DType dtype = DType::Float32;
+};
+
+struct ArtifactBucket {
+  std::int64_t batch = 0;
+  Graph graph;
+};
+
+struct WeightFileEntry {
+  int rank = 0;
+  std::string file;       // relative to the artifact dir
+  std::string checksum;   // "h64:<16 hex digits>"
+  std::uint64_t bytes = 0;
+};
+
+struct Manifest {
+  int format_version = kArtifactFormatVersion;
+  std::string devpipe_version;
+  std::string tag;
+  DType dtype = DType::Float32;
+  int tp_degree = 1;
+  bool pipeline_execution = false;
+  bool return_ranked_to_cpu = true;
+  std::string config_json;  // InferenceConfig::to_json() at compile time
+  std::vector<StageIO> inputs;
+  std::vector<StageIO> outputs;
+  std::vector<ArtifactBucket> buckets;
+  std::vector<WeightFileEntry> weights;
+};
+
+/// The devpipe version string of this build.
+const char* devpipe_version();
+
+/// Graph <-> JSON text.
+std::string graph_to_json(const Graph& graph);
+Graph graph_from_json(const std::string& text);
+
+/// Writes <dir>/manifest.json atomically.
+void write_manifest(const std::string& dir, const Manifest& manifest);
+/// Reads and validates <dir>/manifest.json; FormatError names the field, IoError the path.
+/// A newer or older format_version is reported as ArtifactMismatch.
+Manifest read_manifest(const std::string& dir);
+
+/// A fast 64-bit checksum of a file's bytes: "h64:<hex>".
+std::string file_checksum(const std::string& path);
+
+}  // namespace devpipe

@@ -1,0 +1,139 @@
+// devpipe — checkpoints: a single safetensors file, or an index plus shards.
+#include "io/checkpoint.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "devpipe/error.h"
+
+namespace devpipe {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* kSingleFile = "model.safetensors";
+constexpr const char* kIndexFile = "model.safetensors.index.json";
+
+std::string in_quotes(const std::string& s) { return "'" + s + "'"; }
+
+bool is_file(const fs::path& p) {
+  std::error_code ec;
+  return fs::is_regular_file(p, ec);
+}
+
+/// Reads and parses the index; returns its weight_map as key -> shard file name.
+std::map<std::string, std::string> read_index(const fs::path& index_path) {
+  const std::string where = "checkpoint index " + in_quotes(index_path.string());
+  std::ifstream in(index_path, std::ios::binary);
+  if (!in) throw IoError("cannot open " + where);
+  std::stringstream buf;
+  buf << in.rdbuf();
+  if (in.bad()) throw IoError("cannot read " + where);
+
+  nlohmann::json index;
+  try {
+    index = nlohmann::json::parse(buf.str());
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError(where + " is not valid JSON: " + e.what());
+  }
+  if (!index.is_object()) throw FormatError(where + " is not a JSON object");
+  auto it = index.find("weight_map");
+  if (it == index.end()) throw FormatError(where + " has no \"weight_map\"");
+  if (!it->is_object()) throw FormatError(where + ": \"weight_map\" is not a JSON object");
+
+  std::map<std::string, std::string> map;
+  for (const auto& [key, shard] : it->items()) {
+    if (!shard.is_string()) {
+      throw FormatError(where + ": \"weight_map\" entry " + in_quotes(key) +
+                        " is not a file name but " + shard.dump());
+    }
+    const auto& name = shard.get_ref<const std::string&>();
+    // Shards live in the checkpoint folder: refuse absolute paths and escapes via "..".
+    fs::path rel(name);
+    bool escapes = name.empty() || rel.is_absolute();
+    for (const auto& part : rel) escapes = escapes || part == "..";
+    if (escapes) {
+      throw FormatError(where + ": \"weight_map\" entry " + in_quotes(key) + " names shard " +
+                        in_quotes(name) + ", which is not a file inside the checkpoint folder");
+    }
+    map.emplace(key, name);
+  }
+  return map;
+}
+
+}  // namespace
+
+Checkpoint Checkpoint::open(const std::string& path) {
+  Checkpoint ck;
+  ck.path_ = path;
+  std::error_code ec;
+  fs::path root(path);
+  if (!fs::exists(root, ec)) {
+    throw IoError("checkpoint " + in_quotes(path) + " does not exist");
+  }
+
+  auto add_whole_file = [&](const fs::path& file) {
+    ck.files_.push_back(safetensors::File::open(file.string()));
+    for (const auto& name : ck.files_.back().names()) ck.key_to_file_.emplace(name, 0);
+  };
+
+  if (!fs::is_directory(root, ec)) {
+    add_whole_file(root);
+    return ck;
+  }
+  if (is_file(root / kSingleFile)) {
+    add_whole_file(root / kSingleFile);
+    return ck;
+  }
+  const fs::path index_path = root / kIndexFile;
+  if (!is_file(index_path)) {
+    throw IoError("checkpoint folder " + in_quotes(path) + " has neither " + in_quotes(kSingleFile) +
+                  " nor " + in_quotes(kIndexFile));
+  }
+
+  std::map<std::string, std::size_t> shard_ids;  // shard file name -> index into files_
+  for (const auto& [key, shard] : read_index(index_path)) {
+    auto [it, inserted] = shard_ids.emplace(shard, ck.files_.size());
+    if (inserted) {
+      const fs::path shard_path = root / shard;
+      if (!is_file(shard_path)) {
+        throw FormatError("checkpoint index " + in_quotes(index_path.string()) + " maps " +
+                          in_quotes(key) + " to shard " + in_quotes(shard) + ", but " +
+                          in_quotes(shard_path.string()) + " does not exist");
+      }
+      ck.files_.push_back(safetensors::File::open(shard_path.string()));
+    }
+    const safetensors::File& file = ck.files_[it->second];
+    if (!file.contains(key)) {
+      throw FormatError("checkpoint index " + in_quotes(index_path.string()) + " maps " +
+                        in_quotes(key) + " to shard " + in_quotes(file.path()) +
+                        ", but that shard has no tensor " + in_quotes(key));
+    }
+    ck.key_to_file_.emplace(key, it->second);
+  }
+  return ck;
+}
+
+std::vector<std::string> Checkpoint::keys() const {
+  std::vector<std::string> out;
+  out.reserve(key_to_file_.size());
+  for (const auto& kv : key_to_file_) out.push_back(kv.first);
+  return out;
+}
+
+bool Checkpoint::contains(const std::string& key) const { return key_to_file_.count(key) != 0; }
+
+Tensor Checkpoint::get(const std::string& key) const {
+  auto it = key_to_file_.find(key);
+  if (it == key_to_file_.end()) {
+    throw InvalidArgument("checkpoint " + in_quotes(path_) + " has no tensor " + in_quotes(key) +
+                          " (it has " + std::to_string(key_to_file_.size()) + " tensors)");
+  }
+  return files_[it->second].get(key);
+}
+
+}  // namespace devpipe

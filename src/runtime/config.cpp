@@ -1,0 +1,173 @@
+#include "devpipe/config.h"
+
+#include <algorithm>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "devpipe/error.h"
+
+namespace devpipe {
+
+using nlohmann::json;
+
+std::vector<std::int64_t> RuntimeConfig::batch_buckets() const {
+  std::vector<std::int64_t> b = buckets.empty() ? std::vector<std::int64_t>{batch_size} : buckets;
+  for (auto v : b) {
+    if (v < 1) throw ConfigError("batch bucket sizes must be >= 1, got " + std::to_string(v));
+  }
+  std::sort(b.begin(), b.end());
+  b.erase(std::unique(b.begin(), b.end()), b.end());
+  return b;
+}
+
+void RuntimeConfig::validate() const {
+  if (batch_size < 1) throw ConfigError("batch_size must be >= 1, got " + std::to_string(batch_size));
+  if (tp_degree < 1 || tp_degree > 64) {
+    throw ConfigError("tp_degree must be in [1, 64], got " + std::to_string(tp_degree));
+  }
+  if (!is_floating(dtype)) {
+    throw ConfigError("dtype must be a floating type, got " + std::string(dtype_name(dtype)));
+  }
+  batch_buckets();
+}
+
+std::string ConfigValue::type_name() const {
+  switch (v_.index()) {
+    case 0: return "int";
+    case 1: return "float";
+    case 2: return "string";
+    case 3: return "int list";
+    case 4: return "float list";
+    default: return "bool";
+  }
+}
+
+InferenceConfig::InferenceConfig(RuntimeConfig runtime,
+                                 std::initializer_list<std::pair<const std::string, ConfigValue>> attrs)
+    : runtime_(std::move(runtime)), attrs_(attrs) {
+  runtime_.validate();
+}
+
+const ConfigValue& InferenceConfig::get(const std::string& name, const char* want) const {
+  auto it = attrs_.find(name);
+  if (it == attrs_.end()) {
+    std::string have;
+    for (const auto& [k, v] : attrs_) have += (have.empty() ? "" : ", ") + k;
+    throw ConfigError("config attribute '" + name + "' (" + want + ") is missing; the config has: " +
+                      (have.empty() ? std::string("no attributes") : have));
+  }
+  return it->second;
+}
+
+namespace {
+[[noreturn]] void wrong_type(const std::string& name, const char* want, const ConfigValue& v) {
+  throw ConfigError("config attribute '" + name + "' is a " + v.type_name() + ", expected " + want);
+}
+}  // namespace
+
+std::int64_t InferenceConfig::get_int(const std::string& name) const {
+  const auto& v = get(name, "int");
+  if (auto* p = std::get_if<std::int64_t>(&v.storage())) return *p;
+  wrong_type(name, "an int", v);
+}
+
+double InferenceConfig::get_float(const std::string& name) const {
+  const auto& v = get(name, "float");
+  if (auto* p = std::get_if<double>(&v.storage())) return *p;
+  if (auto* p = std::get_if<std::int64_t>(&v.storage())) return static_cast<double>(*p);
+  wrong_type(name, "a float", v);
+}
+
+bool InferenceConfig::get_bool(const std::string& name) const {
+  const auto& v = get(name, "bool");
+  if (auto* p = std::get_if<bool>(&v.storage())) return *p;
+  wrong_type(name, "a bool", v);
+}
+
+const std::string& InferenceConfig::get_string(const std::string& name) const {
+  const auto& v = get(name, "string");
+  if (auto* p = std::get_if<std::string>(&v.storage())) return *p;
+  wrong_type(name, "a string", v);
+}
+
+const std::vector<std::int64_t>& InferenceConfig::get_ints(const std::string& name) const {
+  const auto& v = get(name, "int list");
+  if (auto* p = std::get_if<std::vector<std::int64_t>>(&v.storage())) return *p;
+  wrong_type(name, "an int list", v);
+}
+
+std::string InferenceConfig::to_json() const {
+  json j;
+  j["runtime"] = {{"batch_size", runtime_.batch_size},
+                  {"dtype", std::string(dtype_name(runtime_.dtype))},
+                  {"tp_degree", runtime_.tp_degree},
+                  {"buckets", runtime_.buckets},
+                  {"device", std::string(device_kind_name(runtime_.device))}};
+  json a = json::object();
+  for (const auto& [k, v] : attrs_) {
+    std::visit([&](const auto& x) { a[k] = x; }, v.storage());
+  }
+  j["attributes"] = a;
+  return j.dump(2);
+}
+
+InferenceConfig InferenceConfig::from_json(const std::string& text) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    throw ConfigError(std::string("config JSON does not parse: ") + e.what());
+  }
+  InferenceConfig c;
+  try {
+    const json& r = j.at("runtime");
+    c.runtime_.batch_size = r.at("batch_size").get<std::int64_t>();
+    c.runtime_.dtype = dtype_from_name(r.at("dtype").get<std::string>());
+    c.runtime_.tp_degree = r.at("tp_degree").get<int>();
+    c.runtime_.buckets = r.value("buckets", std::vector<std::int64_t>{});
+    c.runtime_.device = device_kind_from_name(r.value("device", std::string("cpu")));
+    for (const auto& [k, v] : j.at("attributes").items()) {
+      if (v.is_boolean()) {
+        c.attrs_.emplace(k, v.get<bool>());
+      } else if (v.is_number_integer()) {
+        c.attrs_.emplace(k, v.get<std::int64_t>());
+      } else if (v.is_number()) {
+        c.attrs_.emplace(k, v.get<double>());
+      } else if (v.is_string()) {
+        c.attrs_.emplace(k, v.get<std::string>());
+      } else if (v.is_array() && std::all_of(v.begin(), v.end(), [](const json& e) { return e.is_number_integer(); })) {
+        c.attrs_.emplace(k, v.get<std::vector<std::int64_t>>());
+      } else if (v.is_array() && std::all_of(v.begin(), v.end(), [](const json& e) { return e.is_number(); })) {
+        c.attrs_.emplace(k, v.get<std::vector<double>>());
+      } else {
+        throw ConfigError("config attribute '" + k + "' has an unsupported JSON type: " + v.dump());
+      }
+    }
+  } catch (const json::exception& e) {
+    throw ConfigError(std::string("config JSON is missing or mistypes a field: ") + e.what());
+  } catch (const DTypeError& e) {
+    throw ConfigError(std::string("config JSON: ") + e.what());
+  } catch (const InvalidArgument& e) {
+    throw ConfigError(std::string("config JSON: ") + e.what());
+  }
+  c.runtime_.validate();
+  return c;
+}
+
+void InferenceConfig::save(const std::string& path) const {
+  std::ofstream f(path);
+  if (!f) throw IoError("cannot write config file '" + path + "'");
+  f << to_json() << "\n";
+  if (!f) throw IoError("failed writing config file '" + path + "'");
+}
+
+InferenceConfig InferenceConfig::load(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) throw IoError("cannot read config file '" + path + "'");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return from_json(ss.str());
+}
+
+}  // namespace devpipe

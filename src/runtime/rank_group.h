@@ -1,0 +1,42 @@
+// Internal: the ranks of one tensor-parallel degree on one device kind, shared by every stage
+// with that degree: a stream per rank (FIFO, so stages chained on the same ranks run in order
+// without host synchronisation) and the communicator between them.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "devpipe/device.h"
+#include "runtime/communicator.h"
+#include "runtime/stream.h"
+
+namespace devpipe {
+
+class RankGroup {
+ public:
+  /// The shared group for (kind, tp_degree); created on first use, freed with its last user.
+  static std::shared_ptr<RankGroup> get(DeviceKind kind, int tp_degree);
+
+  RankGroup(DeviceKind kind, int tp_degree);
+  int size() const { return static_cast<int>(streams_.size()); }
+  DeviceKind kind() const { return kind_; }
+  RankStream& stream(int rank) { return *streams_[static_cast<std::size_t>(rank)]; }
+  Communicator& comm() { return *comm_; }
+  /// Host threads each rank's kernels may use (the cores split between the ranks).
+  int threads_per_rank() const { return threads_per_rank_; }
+
+  /// Marks that a rank failed: aborts the communicator so peers blocked in a collective return.
+  void mark_failed();
+  /// After a failure: waits for every stream to drain and clears the abort.
+  void recover_if_failed();
+
+ private:
+  DeviceKind kind_;
+  std::vector<std::unique_ptr<RankStream>> streams_;
+  std::unique_ptr<Communicator> comm_;
+  int threads_per_rank_ = 1;
+  std::atomic<bool> failed_{false};
+};
+
+}  // namespace devpipe

@@ -1,0 +1,13 @@
+// Internal: the counters behind devpipe/stats.h.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "devpipe/stats.h"
+
+namespace devpipe::stats {
+
+extern std::atomic<std::uint64_t> h2d, d2h, d2d, in_place, copied, forwards;
+
+}  // namespace devpipe::stats

@@ -1,0 +1,65 @@
+// Internal: per-rank streams (a worker thread running tasks in FIFO order) and events.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+namespace devpipe {
+namespace detail {
+
+/// Completion of one piece of stream work, with its failure if it failed. Thread-safe.
+class EventState {
+ public:
+  /// Marks the work done; `error` is rethrown by wait().
+  void signal(std::exception_ptr error = nullptr);
+  /// Blocks until signalled; rethrows the work's failure.
+  void wait() const;
+  bool ready() const;
+  /// The failure, or null (only meaningful once ready).
+  std::exception_ptr error() const;
+
+ private:
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  bool done_ = false;
+  std::exception_ptr error_;
+};
+
+}  // namespace detail
+
+using Event = std::shared_ptr<detail::EventState>;
+inline Event make_event() { return std::make_shared<detail::EventState>(); }
+
+/// A worker thread executing tasks in submission order (the cpu backend's stream). Tasks must
+/// not throw (wrap them); the destructor drains the queue and joins.
+class RankStream {
+ public:
+  explicit RankStream(std::string name);
+  ~RankStream();
+  RankStream(const RankStream&) = delete;
+  RankStream& operator=(const RankStream&) = delete;
+
+  /// Queues `task` to run on the stream's thread; non-blocking.
+  void enqueue(std::function<void()> task);
+  /// Blocks until every queued task has run.
+  void synchronize();
+
+ private:
+  void loop();
+  std::string name_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::condition_variable idle_cv_;
+  std::deque<std::function<void()>> queue_;
+  bool running_task_ = false;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace devpipe

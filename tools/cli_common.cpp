@@ -1,0 +1,65 @@
+#include "cli_common.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+
+namespace devpipe::cli {
+
+Args Args::parse(int argc, char** argv, int first, const std::vector<std::string>& flags) {
+  Args a;
+  for (int i = first; i < argc; ++i) {
+    std::string s = argv[i];
+    if (s.rfind("--", 0) == 0) {
+      std::string key = s.substr(2);
+      auto eq = key.find('=');
+      if (eq != std::string::npos) {
+        a.opts[key.substr(0, eq)] = key.substr(eq + 1);
+      } else if (std::find(flags.begin(), flags.end(), key) != flags.end()) {
+        a.opts[key] = "1";
+      } else {
+        if (i + 1 >= argc) throw InvalidArgument("option --" + key + " needs a value");
+        a.opts[key] = argv[++i];
+      }
+    } else {
+      a.positional.push_back(s);
+    }
+  }
+  return a;
+}
+
+std::string Args::get(const std::string& k, const std::string& fallback) const {
+  auto it = opts.find(k);
+  return it == opts.end() ? fallback : it->second;
+}
+
+std::string Args::require(const std::string& k) const {
+  auto it = opts.find(k);
+  if (it == opts.end()) throw InvalidArgument("missing required option --" + k);
+  return it->second;
+}
+
+long long Args::get_int(const std::string& k, long long fallback) const {
+  auto it = opts.find(k);
+  if (it == opts.end()) return fallback;
+  try {
+    std::size_t pos = 0;
+    long long v = std::stoll(it->second, &pos);
+    if (pos != it->second.size()) throw std::invalid_argument("trailing");
+    return v;
+  } catch (const std::exception&) {
+    throw InvalidArgument("option --" + k + " expects an integer, got '" + it->second + "'");
+  }
+}
+
+void print_progress(const std::string& tag, int done, int total, const std::string& what) {
+  constexpr int kWidth = 24;
+  int filled = total > 0 ? std::min(kWidth, done * kWidth / total) : kWidth;
+  std::string bar(static_cast<std::size_t>(filled), '#');
+  bool tty = ::isatty(STDERR_FILENO) != 0;
+  std::fprintf(stderr, "%s[%-*s] %-14s %3d%% %s%s", tty ? "\r\033[K" : "", kWidth, bar.c_str(), tag.c_str(),
+               total > 0 ? done * 100 / total : 100, what.c_str(), (!tty || done == total) ? "\n" : "");
+  std::fflush(stderr);
+}
+
+}  // namespace devpipe::cli
