@@ -113,7 +113,7 @@ TEST_F(Loaded, WrongDtype) {
   auto msg = message_of<DTypeError>([&] {
     w->forward({Tensor::zeros({4, 8}), Tensor::randint({4, 4}, 3, 1)});
   });
-  EXPECT_HAS(msg, "'text_input' is int64, expected float32");
+  EXPECT_HAS(msg, "('text_input') is int64, expected float32");
 }
 
 TEST_F(Loaded, RankedFromAnotherTpDegree) {
@@ -223,7 +223,8 @@ TEST(PipelineErrors, NoArtifact) {
 }
 
 TEST(PipelineErrors, MissingAndMistypedConfigAttributes) {
-  InferenceConfig c(RuntimeConfig{}, {{"vision_embedding_size", "large"}});
+  InferenceConfig c(RuntimeConfig{},
+                    {{"vision_embedding_size", "large"}, {"text_embedding_size", 8}, {"output_size", 6}});
   auto msg = message_of<ConfigError>([&] { TextModel m(c); });
   EXPECT_HAS(msg, "'text_input_size'");
   EXPECT_HAS(msg, "missing");
