@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "devpipe/error.h"
+#include "devpipe/timeline.h"
 #include "runtime/communicator.h"
 
 namespace devpipe {
@@ -37,6 +38,7 @@ class LocalCommunicator final : public Communicator {
   int size() const override { return size_; }
 
   void all_reduce_sum(int rank, void* data, std::size_t count, DType dtype) override {
+    timeline::Span span("all_reduce", "collective", rank + 1);
     slots_[static_cast<std::size_t>(rank)] = data;
     barrier(rank);
     // Rank r reduces slice r of every buffer and writes the sum back to all of them: slices are
@@ -63,6 +65,7 @@ class LocalCommunicator final : public Communicator {
 
   void all_gather(int rank, const void* in, void* out, std::size_t outer,
                   std::size_t inner_bytes) override {
+    timeline::Span span("all_gather", "collective", rank + 1);
     cslots_[rank % kMaxRanks] = in;
     barrier(rank);
     auto* o = static_cast<char*>(out);

@@ -9,6 +9,7 @@
 #include "compiler/shard.h"
 #include "devpipe/error.h"
 #include "devpipe/safetensors.h"
+#include "devpipe/timeline.h"
 #include "io/checkpoint.h"
 #include "runtime/backend.h"
 #include "runtime/rank_group.h"
@@ -337,6 +338,7 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
   Backend& be = *im.backend;
   im.group->recover_if_failed();
   ++stats::forwards;
+  timeline::Span host_span(tag.c_str(), "host", 0);
 
   // ---- expand and validate the arguments
   // The tasks run after forward() returns: they hold their own copy of the inputs.
@@ -457,6 +459,7 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
                  tag]() mutable {
       (void)held;  // keeps the ranked inputs (and their buffers) alive until the task ran
       const Manifest& m = im.manifest;
+      timeline::Span stage_span(tag.c_str(), "stage", r + 1);
       try {
         for (const Arg& a : args) {
           if (a.ranked) a.ranked->ready(r)->wait();  // producer's failure propagates here
@@ -476,6 +479,7 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
               if (t.shape()[0] >= c.begin + bsz) {
                 in_ptrs[i] = static_cast<const char*>(t.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
                 ++stats::in_place;
+                timeline::instant("ranked hand-off (in place)", "handoff", r + 1);
                 continue;
               }
               Tensor buf = be.allocate(with_batch(spec.sample_shape, bsz), spec.dtype, dev);
@@ -485,6 +489,7 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
                            static_cast<std::size_t>(bsz - c.rows) * row_bytes);
               stats::d2d += static_cast<std::size_t>(c.rows) * row_bytes;
               ++stats::copied;
+              timeline::instant("ranked hand-off (re-padded on device)", "handoff", r + 1);
               in_ptrs[i] = buf.raw_data();
               temps.push_back(std::move(buf));
             } else {
@@ -511,7 +516,10 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
               staged.emplace_back(o, std::move(buf));
             }
           }
-          im.executables[c.bucket][static_cast<std::size_t>(r)]->run(in_ptrs, out_ptrs);
+          {
+            timeline::Span run_span(tag.c_str(), "compute", r + 1);
+            im.executables[c.bucket][static_cast<std::size_t>(r)]->run(in_ptrs, out_ptrs);
+          }
           for (auto& [o, buf] : staged) {
             const StageIO& spec = m.outputs[o];
             std::size_t row_bytes = static_cast<std::size_t>(spec.sample_shape.numel()) * dtype_size(spec.dtype);

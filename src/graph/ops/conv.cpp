@@ -47,9 +47,63 @@ std::vector<ValueInfo> infer_conv2d(const std::vector<ValueInfo>& in, const Attr
   return {{out, dt}};
 }
 
+
+// ---- reference ----
+
+void store(Tensor& out, const std::vector<float>& v) {
+  out.copy_from(Tensor::from_vector(v, out.shape(), out.dtype()));
+}
+
+// Direct convolution with zero padding: for every output element, the dot product of the
+// (dilated, strided) input window of its group's channels with the filter.
+void ref_conv2d(const std::vector<Tensor>& in, std::vector<Tensor>& out, const Attrs& attrs,
+                const RefContext&) {
+  const Shape& xs = in[0].shape();
+  const Shape& ws = in[1].shape();
+  const Shape& ys = out[0].shape();
+  const auto& stride = attrs.ints("stride");
+  const auto& pad = attrs.ints("padding");
+  const auto& dil = attrs.ints("dilation");
+  const std::int64_t groups = attrs.i("groups");
+  const std::int64_t N = xs[0], C = xs[1], H = xs[2], W = xs[3];
+  const std::int64_t O = ws[0], Cg = ws[1], KH = ws[2], KW = ws[3];
+  const std::int64_t OH = ys[2], OW = ys[3];
+  const std::int64_t Og = O / groups;
+  auto x = in[0].to_float_vector();
+  auto w = in[1].to_float_vector();
+  std::vector<float> b;
+  if (in.size() == 3) b = in[2].to_float_vector();
+  std::vector<float> y(static_cast<std::size_t>(ys.numel()));
+  for (std::int64_t n = 0; n < N; ++n) {
+    for (std::int64_t o = 0; o < O; ++o) {
+      const std::int64_t g = o / Og;
+      for (std::int64_t oh = 0; oh < OH; ++oh) {
+        for (std::int64_t ow = 0; ow < OW; ++ow) {
+          double acc = b.empty() ? 0.0 : static_cast<double>(b[static_cast<std::size_t>(o)]);
+          for (std::int64_t c = 0; c < Cg; ++c) {
+            const std::int64_t ci = g * Cg + c;
+            for (std::int64_t kh = 0; kh < KH; ++kh) {
+              const std::int64_t ih = oh * stride[0] - pad[0] + kh * dil[0];
+              if (ih < 0 || ih >= H) continue;
+              for (std::int64_t kw = 0; kw < KW; ++kw) {
+                const std::int64_t iw = ow * stride[1] - pad[1] + kw * dil[1];
+                if (iw < 0 || iw >= W) continue;
+                acc += static_cast<double>(x[static_cast<std::size_t>(((n * C + ci) * H + ih) * W + iw)]) *
+                       w[static_cast<std::size_t>(((o * Cg + c) * KH + kh) * KW + kw)];
+              }
+            }
+          }
+          y[static_cast<std::size_t>(((n * O + o) * OH + oh) * OW + ow)] = static_cast<float>(acc);
+        }
+      }
+    }
+  }
+  store(out[0], y);
+}
+
 }  // namespace
 
 namespace ops {
-const OpDef kConv2d{OpKind::Conv2d, "conv2d", 2, 3, infer_conv2d, nullptr};
+const OpDef kConv2d{OpKind::Conv2d, "conv2d", 2, 3, infer_conv2d, ref_conv2d};
 }  // namespace ops
 }  // namespace devpipe

@@ -1,4 +1,7 @@
 // Linear and Matmul.
+#include <cmath>
+#include <numbers>
+
 #include "devpipe/error.h"
 #include "graph/op_def.h"
 
@@ -49,10 +52,97 @@ std::vector<ValueInfo> infer_matmul(const std::vector<ValueInfo>& in, const Attr
   return {{out, dt}};
 }
 
+
+// ---- reference ----
+
+void store(Tensor& out, const std::vector<float>& v) {
+  out.copy_from(Tensor::from_vector(v, out.shape(), out.dtype()));
+}
+
+double activate(const std::string& act, double v) {
+  if (act == "none") return v;
+  if (act == "relu") return std::isnan(v) ? v : (v > 0 ? v : 0.0);
+  if (act == "gelu") return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+  if (act == "gelu_tanh") {
+    const double k = std::sqrt(2.0 / std::numbers::pi);
+    return 0.5 * v * (1.0 + std::tanh(k * (v + 0.044715 * v * v * v)));
+  }
+  if (act == "silu") return v / (1.0 + std::exp(-v));
+  throw FormatError("linear: unknown fused activation '" + act + "'");
+}
+
+// y[m, n] = act(sum_k x[m, k] * w[n, k] + b[n]) over the flattened leading dims m.
+void ref_linear(const std::vector<Tensor>& in, std::vector<Tensor>& out, const Attrs& attrs,
+                const RefContext&) {
+  const std::string act = attrs.s("activation", "none");
+  const std::int64_t K = in[1].dim(1), N = in[1].dim(0);
+  const std::int64_t M = K ? in[0].numel() / K : out[0].numel() / (N ? N : 1);
+  auto x = in[0].to_float_vector();
+  auto w = in[1].to_float_vector();
+  std::vector<float> b;
+  if (in.size() == 3) b = in[2].to_float_vector();
+  std::vector<float> y(static_cast<std::size_t>(M * N));
+  for (std::int64_t m = 0; m < M; ++m) {
+    const float* xr = x.data() + m * K;
+    for (std::int64_t n = 0; n < N; ++n) {
+      const float* wr = w.data() + n * K;
+      double acc = 0;
+      for (std::int64_t k = 0; k < K; ++k) acc += static_cast<double>(xr[k]) * wr[k];
+      if (!b.empty()) acc += b[static_cast<std::size_t>(n)];
+      y[static_cast<std::size_t>(m * N + n)] = static_cast<float>(activate(act, acc));
+    }
+  }
+  store(out[0], y);
+}
+
+// Batched matmul; the batch dims of a and b broadcast against the output's batch dims.
+void ref_matmul(const std::vector<Tensor>& in, std::vector<Tensor>& out, const Attrs&,
+                const RefContext&) {
+  const Shape& as = in[0].shape();
+  const Shape& bs = in[1].shape();
+  const Shape& os = out[0].shape();
+  const std::int64_t M = as.dim(-2), K = as.dim(-1), N = bs.dim(-1);
+  const int ob = os.rank() - 2, ab = as.rank() - 2, bb = bs.rank() - 2;
+  std::int64_t batches = 1;
+  for (int i = 0; i < ob; ++i) batches *= os[static_cast<std::size_t>(i)];
+  auto a = in[0].to_float_vector();
+  auto b = in[1].to_float_vector();
+  std::vector<float> y(static_cast<std::size_t>(os.numel()));
+  std::vector<std::int64_t> idx(static_cast<std::size_t>(ob));
+  for (std::int64_t bi = 0; bi < batches; ++bi) {
+    // Unravel the output batch index, then map it onto a's and b's (size-1 dims broadcast).
+    std::int64_t rem = bi;
+    for (int i = ob - 1; i >= 0; --i) {
+      idx[static_cast<std::size_t>(i)] = rem % os[static_cast<std::size_t>(i)];
+      rem /= os[static_cast<std::size_t>(i)];
+    }
+    std::int64_t aoff = 0, boff = 0;
+    for (int i = 0; i < ab; ++i) {
+      std::int64_t d = as[static_cast<std::size_t>(i)];
+      aoff = aoff * d + (d == 1 ? 0 : idx[static_cast<std::size_t>(ob - ab + i)]);
+    }
+    for (int i = 0; i < bb; ++i) {
+      std::int64_t d = bs[static_cast<std::size_t>(i)];
+      boff = boff * d + (d == 1 ? 0 : idx[static_cast<std::size_t>(ob - bb + i)]);
+    }
+    const float* ap = a.data() + aoff * M * K;
+    const float* bp = b.data() + boff * K * N;
+    float* yp = y.data() + bi * M * N;
+    for (std::int64_t m = 0; m < M; ++m) {
+      for (std::int64_t n = 0; n < N; ++n) {
+        double acc = 0;
+        for (std::int64_t k = 0; k < K; ++k) acc += static_cast<double>(ap[m * K + k]) * bp[k * N + n];
+        yp[m * N + n] = static_cast<float>(acc);
+      }
+    }
+  }
+  store(out[0], y);
+}
+
 }  // namespace
 
 namespace ops {
-const OpDef kLinear{OpKind::Linear, "linear", 2, 3, infer_linear, nullptr};
-const OpDef kMatmul{OpKind::Matmul, "matmul", 2, 2, infer_matmul, nullptr};
+const OpDef kLinear{OpKind::Linear, "linear", 2, 3, infer_linear, ref_linear};
+const OpDef kMatmul{OpKind::Matmul, "matmul", 2, 2, infer_matmul, ref_matmul};
 }  // namespace ops
 }  // namespace devpipe

@@ -1,0 +1,193 @@
+// Internal (cpu backend): the kernel interface the executor runs, and the oneDNN kernel that
+// runs a fixed list of primitives with pre-built argument arrays.
+//
+// A kernel is built once per node at compile time (all oneDNN primitives are created then),
+// bound once to the planned memory, and run many times without heap allocation.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <string>
+#include <vector>
+
+#include "backends/cpu/dnnl_util.h"
+#include "devpipe/graph.h"
+#include "runtime/backend.h"
+
+namespace devpipe::cpu {
+
+/// Where a kernel operand lives: a graph value (plus a byte offset), the kernel's own scratch
+/// region (an offset into it), or fixed memory (a parameter or a buffer the kernel owns).
+struct BufRef {
+  enum class Kind { Value, Scratch, Fixed };
+  Kind kind = Kind::Value;
+  int value = -1;
+  std::size_t offset = 0;
+  void* fixed = nullptr;
+
+  static BufRef of_value(int value, std::size_t offset = 0) {
+    return {Kind::Value, value, offset, nullptr};
+  }
+  static BufRef of_scratch(std::size_t offset) { return {Kind::Scratch, -1, offset, nullptr}; }
+  static BufRef of_fixed(void* p) { return {Kind::Fixed, -1, 0, p}; }
+};
+
+/// What a kernel builder knows at compile time about the node it builds.
+struct BuildContext {
+  const Graph& graph;
+  const Node& node;
+  const RankInfo& rank;
+  /// Per value id: the host address when it is fixed at compile time (a parameter or a view of
+  /// one), else nullptr.
+  const std::vector<std::byte*>& fixed;
+  /// "linear at 'enc.fc1' ([2, 4] float32, [3, 4] float32) -> [2, 3] float32", for messages.
+  std::string where;
+
+  int in_id(std::size_t i) const { return node.inputs.at(i); }
+  int out_id(std::size_t i = 0) const { return node.outputs.at(i); }
+  const ValueInfo& in(std::size_t i) const { return graph.value(in_id(i)); }
+  const ValueInfo& out(std::size_t i = 0) const { return graph.value(out_id(i)); }
+  std::size_t num_inputs() const { return node.inputs.size(); }
+  /// Fixed address of input i, or nullptr.
+  std::byte* fixed_input(std::size_t i) const { return fixed[static_cast<std::size_t>(in_id(i))]; }
+};
+
+/// Memory handed to a kernel once, after planning.
+struct BindContext {
+  /// Per value id: the address when it does not change between runs, else nullptr.
+  const std::vector<std::byte*>& values;
+  /// Start of the kernel's scratch region (nullptr when it asked for none).
+  std::byte* scratch;
+};
+
+/// Per-run state handed to each kernel.
+struct RunContext {
+  /// Per value id: the address for this run.
+  std::byte* const* values;
+  std::byte* scratch;
+  dnnl::stream& stream;
+  const RankInfo& rank;
+};
+
+/// One node's computation.
+class Kernel {
+ public:
+  virtual ~Kernel() = default;
+  /// Bytes of scratch needed while the kernel runs (planned into the arena).
+  virtual std::size_t scratch_bytes() const { return 0; }
+  /// Called once after memory planning.
+  virtual void bind(const BindContext& cx) {}
+  /// Runs the node; no heap allocation on success.
+  virtual void run(const RunContext& cx) = 0;
+
+  /// Op, scope and shapes, for messages.
+  std::string where;
+};
+
+/// A kernel made of oneDNN primitives executed in order, with argument arrays built at compile
+/// time; only operands whose memory changes between runs get a new handle per run.
+class DnnlKernel : public Kernel {
+ public:
+  /// One primitive argument.
+  struct Arg {
+    int arg;  // DNNL_ARG_*
+    DnnlDesc md;
+    BufRef ref;
+  };
+
+  /// Reserves `bytes` of scratch (64-byte aligned); returns its offset in the kernel's region.
+  std::size_t add_scratch(std::size_t bytes);
+  /// Appends a primitive to run with `args`.
+  void add_step(const dnnl::primitive& prim, const std::vector<Arg>& args);
+  /// Keeps a block (reordered weights) alive as long as the kernel.
+  void keep(std::shared_ptr<void> block) { owned_.push_back(std::move(block)); }
+
+  std::size_t scratch_bytes() const override { return scratch_; }
+  void bind(const BindContext& cx) override;
+  void run(const RunContext& cx) override;
+
+ private:
+  struct Step {
+    dnnl::primitive prim;
+    std::vector<dnnl::memory> mems;
+    std::vector<BufRef> refs;
+    std::vector<dnnl_exec_arg_t> args;
+  };
+  struct Dynamic {
+    dnnl_memory_t mem;
+    int value;
+    std::size_t offset;
+  };
+  std::vector<Step> steps_;
+  std::vector<Dynamic> dynamic_;
+  std::vector<std::shared_ptr<void>> owned_;
+  std::size_t scratch_ = 0;
+};
+
+/// A tensor operand of a primitive: a graph value seen through a descriptor in the value's own
+/// dtype and layout (plain or strided).
+struct Operand {
+  int arg;  // DNNL_ARG_*
+  int value;
+  DnnlDesc md;
+  std::size_t offset = 0;  // bytes from the value's start
+};
+
+/// Primitive attributes with a user-managed scratchpad (planned into the arena).
+dnnl::primitive_attr user_scratch_attr();
+
+/// Builds a primitive descriptor with `make(type)`: first for the node's own floating dtype,
+/// then, when oneDNN has no such primitive for it, for f32 (operands are then converted by
+/// add_primitive). Wraps oneDNN errors into devpipe::Error naming cx.where.
+template <class MakePd>
+auto make_pd_with_fallback(const BuildContext& cx, DType dtype, MakePd&& make)
+    -> decltype(make(DnnlType::f32)) {
+  DnnlType native = dnnl_type(dtype, cx.where);
+  try {
+    return make(native);
+  } catch (const dnnl::error& e) {
+    if (native == DnnlType::f32) {
+      throw Error("cpu backend: oneDNN cannot build " + cx.where + ": " + e.what());
+    }
+  }
+  try {
+    return make(DnnlType::f32);
+  } catch (const dnnl::error& e) {
+    throw Error("cpu backend: oneDNN cannot build " + cx.where + " (in " +
+                std::string(dtype_name(dtype)) + " nor float32): " + e.what());
+  }
+}
+
+/// Adds `pd`'s primitive to `k`. An operand whose descriptor differs from the one the primitive
+/// wants (another layout or dtype) goes through a reorder: inputs in fixed memory (weights)
+/// once now into memory the kernel keeps, other inputs per run into scratch before the
+/// primitive, outputs per run from scratch after it. Adds the scratchpad when needed.
+void add_primitive(DnnlKernel& k, const BuildContext& cx, const dnnl::primitive_desc_base& pd,
+                   const std::vector<Operand>& inputs, const std::vector<Operand>& outputs);
+
+/// Adds a reorder (copy/convert) from `src` to `dst` to `k`.
+void add_reorder(DnnlKernel& k, const DnnlDesc& src_md, const BufRef& src, const DnnlDesc& dst_md,
+                 const BufRef& dst);
+
+/// Builds the kernel of cx.node; throws Unsupported for an op/dtype it cannot run.
+std::unique_ptr<Kernel> make_kernel(const BuildContext& cx);
+
+// Family builders (kernels_*.cpp).
+std::unique_ptr<Kernel> make_linear_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_matmul_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_conv2d_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_adaptive_avg_pool_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_max_pool_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_layer_norm_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_softmax_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_eltwise_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_binary_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_permute_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_concat_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_slice_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_embedding_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_rms_norm_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_collective_kernel(const BuildContext& cx);
+
+}  // namespace devpipe::cpu

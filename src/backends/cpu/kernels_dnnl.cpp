@@ -1,0 +1,394 @@
+// Kernels built from oneDNN primitives: linear, matmul, conv2d, pooling, layer norm, softmax,
+// activations, add/mul, and the data-movement ops permute, concat and slice.
+#include <numeric>
+
+#include "backends/cpu/kernel.h"
+
+namespace devpipe::cpu {
+
+namespace {
+
+using dnnl::algorithm;
+using dnnl::prop_kind;
+
+std::int64_t product(const std::vector<std::int64_t>& v, std::size_t begin, std::size_t end) {
+  std::int64_t p = 1;
+  for (std::size_t i = begin; i < end; ++i) p *= v[i];
+  return p;
+}
+
+/// Eltwise algorithm and alpha of an activation name as the Linear "activation" attr spells it.
+struct Activation {
+  algorithm alg;
+  float alpha;
+};
+Activation activation_of(const std::string& name, const std::string& where) {
+  if (name == "relu") return {algorithm::eltwise_relu, 0.f};
+  if (name == "gelu") return {algorithm::eltwise_gelu_erf, 0.f};
+  if (name == "gelu_tanh") return {algorithm::eltwise_gelu_tanh, 0.f};
+  if (name == "silu") return {algorithm::eltwise_swish, 1.f};
+  throw Unsupported("cpu backend: " + where + ": unknown activation '" + name + "'");
+}
+
+}  // namespace
+
+std::unique_ptr<Kernel> make_linear_kernel(const BuildContext& cx) {
+  const Shape& w = cx.in(1).shape;
+  DType dt = cx.out().dtype;
+  const std::int64_t n = w[0], k = w[1];
+  const std::int64_t m = cx.in(0).shape.numel() / k;
+  const bool has_bias = cx.num_inputs() == 3;
+  const std::string act = cx.node.attrs.s("activation", "none");
+  const DnnlDims wstrides{1, k};
+  auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
+    dnnl::primitive_attr attr = user_scratch_attr();
+    if (act != "none") {
+      Activation a = activation_of(act, cx.where);
+      dnnl::post_ops po;
+      po.append_eltwise(1.f, a.alg, a.alpha, 0.f);
+      attr.set_post_ops(po);
+    }
+    DnnlDesc src = plain_desc({m, k}, t), wei = strided_desc({k, n}, t, wstrides),
+             dst = plain_desc({m, n}, t);
+    if (has_bias) {
+      return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, plain_desc({1, n}, t), dst),
+                                          attr, cpu_engine());
+    }
+    return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, dst), attr, cpu_engine());
+  });
+  DnnlType t = dnnl_type(dt, cx.where);
+  std::vector<Operand> in{{DNNL_ARG_SRC, cx.in_id(0), plain_desc({m, k}, t)},
+                          {DNNL_ARG_WEIGHTS, cx.in_id(1), strided_desc({k, n}, t, wstrides)}};
+  if (has_bias) in.push_back({DNNL_ARG_BIAS, cx.in_id(2), plain_desc({1, n}, t)});
+  auto kernel = std::make_unique<DnnlKernel>();
+  add_primitive(*kernel, cx, pd, in, {{DNNL_ARG_DST, cx.out_id(), plain_desc({m, n}, t)}});
+  return kernel;
+}
+
+std::unique_ptr<Kernel> make_matmul_kernel(const BuildContext& cx) {
+  DType dt = cx.out().dtype;
+  const int r = cx.out().shape.rank();
+  const DnnlDims a = pad_leading(to_dims(cx.in(0).shape), r);
+  const DnnlDims b = pad_leading(to_dims(cx.in(1).shape), r);
+  const DnnlDims c = to_dims(cx.out().shape);
+  auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
+    return dnnl::matmul::primitive_desc(
+        dnnl::matmul::desc(plain_desc(a, t), plain_desc(b, t), plain_desc(c, t)),
+        user_scratch_attr(), cpu_engine());
+  });
+  DnnlType t = dnnl_type(dt, cx.where);
+  auto kernel = std::make_unique<DnnlKernel>();
+  add_primitive(*kernel, cx, pd,
+                {{DNNL_ARG_SRC, cx.in_id(0), plain_desc(a, t)},
+                 {DNNL_ARG_WEIGHTS, cx.in_id(1), plain_desc(b, t)}},
+                {{DNNL_ARG_DST, cx.out_id(), plain_desc(c, t)}});
+  return kernel;
+}
+
+std::unique_ptr<Kernel> make_conv2d_kernel(const BuildContext& cx) {
+  const Attrs& at = cx.node.attrs;
+  DType dt = cx.out().dtype;
+  const DnnlDims x = to_dims(cx.in(0).shape);
+  const Shape& ws = cx.in(1).shape;
+  const DnnlDims y = to_dims(cx.out().shape);
+  const std::int64_t groups = at.i("groups");
+  const bool has_bias = cx.num_inputs() == 3;
+  DnnlDims w = groups > 1 ? DnnlDims{groups, ws[0] / groups, ws[1], ws[2], ws[3]}
+                          : DnnlDims{ws[0], ws[1], ws[2], ws[3]};
+  const auto& st = at.ints("stride");
+  const auto& pad = at.ints("padding");
+  const auto& dil = at.ints("dilation");
+  const DnnlDims strides{st[0], st[1]}, padding{pad[0], pad[1]}, dilation{dil[0] - 1, dil[1] - 1};
+  const DnnlDims bias{ws[0]};
+  auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
+    using tag = dnnl::memory::format_tag;
+    DnnlDesc src(x, t, tag::any), wei(w, t, tag::any), dst(y, t, tag::any);
+    auto desc = has_bias ? dnnl::convolution_forward::desc(
+                               prop_kind::forward_inference, algorithm::convolution_direct, src,
+                               wei, plain_desc(bias, t), dst, strides, dilation, padding, padding)
+                         : dnnl::convolution_forward::desc(
+                               prop_kind::forward_inference, algorithm::convolution_direct, src,
+                               wei, dst, strides, dilation, padding, padding);
+    return dnnl::convolution_forward::primitive_desc(desc, user_scratch_attr(), cpu_engine());
+  });
+  DnnlType t = dnnl_type(dt, cx.where);
+  std::vector<Operand> in{{DNNL_ARG_SRC, cx.in_id(0), plain_desc(x, t)},
+                          {DNNL_ARG_WEIGHTS, cx.in_id(1), plain_desc(w, t)}};
+  if (has_bias) in.push_back({DNNL_ARG_BIAS, cx.in_id(2), plain_desc(bias, t)});
+  auto kernel = std::make_unique<DnnlKernel>();
+  add_primitive(*kernel, cx, pd, in, {{DNNL_ARG_DST, cx.out_id(), plain_desc(y, t)}});
+  return kernel;
+}
+
+namespace {
+
+/// A pooling kernel over plain NCHW tensors (dilation as PyTorch counts it, 1 = none).
+std::unique_ptr<Kernel> make_pooling(const BuildContext& cx, algorithm alg, const DnnlDims& kernel,
+                                     const DnnlDims& strides, const DnnlDims& padding,
+                                     const DnnlDims& dilation) {
+  DType dt = cx.out().dtype;
+  const DnnlDims x = to_dims(cx.in(0).shape), y = to_dims(cx.out().shape);
+  const bool dilated = dilation[0] > 1 || dilation[1] > 1;
+  const DnnlDims dil{dilation[0] - 1, dilation[1] - 1};
+  auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) -> dnnl::primitive_desc {
+    DnnlDesc src = plain_desc(x, t), dst = plain_desc(y, t);
+    if (dilated) {
+      return dnnl::pooling_v2_forward::primitive_desc(
+          dnnl::pooling_v2_forward::desc(prop_kind::forward_inference, alg, src, dst, strides,
+                                         kernel, dil, padding, padding),
+          user_scratch_attr(), cpu_engine());
+    }
+    return dnnl::pooling_forward::primitive_desc(
+        dnnl::pooling_forward::desc(prop_kind::forward_inference, alg, src, dst, strides, kernel,
+                                    padding, padding),
+        user_scratch_attr(), cpu_engine());
+  });
+  DnnlType t = dnnl_type(dt, cx.where);
+  auto k = std::make_unique<DnnlKernel>();
+  add_primitive(*k, cx, pd, {{DNNL_ARG_SRC, cx.in_id(0), plain_desc(x, t)}},
+                {{DNNL_ARG_DST, cx.out_id(), plain_desc(y, t)}});
+  return k;
+}
+
+}  // namespace
+
+std::unique_ptr<Kernel> make_adaptive_avg_pool_loop_kernel(const BuildContext& cx);
+
+std::unique_ptr<Kernel> make_adaptive_avg_pool_kernel(const BuildContext& cx) {
+  const Shape& x = cx.in(0).shape;
+  const Shape& y = cx.out().shape;
+  if (x[2] % y[2] != 0 || x[3] % y[3] != 0) return make_adaptive_avg_pool_loop_kernel(cx);
+  const std::int64_t kh = x[2] / y[2], kw = x[3] / y[3];
+  return make_pooling(cx, algorithm::pooling_avg_exclude_padding, {kh, kw}, {kh, kw}, {0, 0},
+                      {1, 1});
+}
+
+std::unique_ptr<Kernel> make_max_pool_kernel(const BuildContext& cx) {
+  const Attrs& at = cx.node.attrs;
+  const auto& k = at.ints("kernel_size");
+  const auto& s = at.ints("stride");
+  const auto& p = at.ints("padding");
+  const auto& d = at.ints("dilation");
+  return make_pooling(cx, algorithm::pooling_max, {k[0], k[1]}, {s[0], s[1]}, {p[0], p[1]},
+                      {d[0], d[1]});
+}
+
+std::unique_ptr<Kernel> make_layer_norm_kernel(const BuildContext& cx) {
+  DType dt = cx.out().dtype;
+  const auto& ns = cx.node.attrs.ints("normalized_shape");
+  const std::int64_t c = product(ns, 0, ns.size());
+  const std::int64_t m = cx.in(0).shape.numel() / c;
+  const float eps = static_cast<float>(cx.node.attrs.f("eps"));
+  const bool has_w = cx.num_inputs() >= 2, has_b = cx.num_inputs() >= 3;
+  auto flags = dnnl::normalization_flags::none;
+  if (has_w) flags |= dnnl::normalization_flags::use_scale;
+  if (has_b) flags |= dnnl::normalization_flags::use_shift;
+  auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
+    return dnnl::layer_normalization_forward::primitive_desc(
+        dnnl::layer_normalization_forward::desc(prop_kind::forward_inference, plain_desc({m, c}, t),
+                                                eps, flags),
+        user_scratch_attr(), cpu_engine());
+  });
+  DnnlType t = dnnl_type(dt, cx.where);
+  std::vector<Operand> in{{DNNL_ARG_SRC, cx.in_id(0), plain_desc({m, c}, t)}};
+  if (has_w) in.push_back({DNNL_ARG_SCALE, cx.in_id(1), plain_desc({c}, t)});
+  if (has_b) in.push_back({DNNL_ARG_SHIFT, cx.in_id(2), plain_desc({c}, t)});
+  auto k = std::make_unique<DnnlKernel>();
+  add_primitive(*k, cx, pd, in, {{DNNL_ARG_DST, cx.out_id(), plain_desc({m, c}, t)}});
+  return k;
+}
+
+std::unique_ptr<Kernel> make_softmax_kernel(const BuildContext& cx) {
+  DType dt = cx.out().dtype;
+  const DnnlDims x = to_dims(cx.out().shape);
+  const int axis = cx.out().shape.rank() == 0 ? 0 : static_cast<int>(cx.node.attrs.i("dim"));
+  auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
+    DnnlDesc md = plain_desc(x, t);
+    return dnnl::softmax_v2_forward::primitive_desc(
+        dnnl::softmax_v2_forward::desc(prop_kind::forward_inference, algorithm::softmax_accurate,
+                                       md, md, axis),
+        user_scratch_attr(), cpu_engine());
+  });
+  DnnlType t = dnnl_type(dt, cx.where);
+  auto k = std::make_unique<DnnlKernel>();
+  add_primitive(*k, cx, pd, {{DNNL_ARG_SRC, cx.in_id(0), plain_desc(x, t)}},
+                {{DNNL_ARG_DST, cx.out_id(), plain_desc(x, t)}});
+  return k;
+}
+
+std::unique_ptr<Kernel> make_eltwise_kernel(const BuildContext& cx) {
+  DType dt = cx.out().dtype;
+  Activation a{algorithm::eltwise_relu, 0.f};
+  switch (cx.node.op) {
+    case OpKind::Relu:
+      break;
+    case OpKind::Silu:
+      a = {algorithm::eltwise_swish, 1.f};
+      break;
+    case OpKind::Gelu:
+      a = activation_of(cx.node.attrs.s("approximate", "none") == "tanh" ? "gelu_tanh" : "gelu",
+                        cx.where);
+      break;
+    default:
+      throw Unsupported("cpu backend: not an activation: " + cx.where);
+  }
+  const DnnlDims x = {cx.out().shape.numel()};
+  auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
+    return dnnl::eltwise_forward::primitive_desc(
+        dnnl::eltwise_forward::desc(prop_kind::forward_inference, a.alg, plain_desc(x, t), a.alpha,
+                                    0.f),
+        user_scratch_attr(), cpu_engine());
+  });
+  DnnlType t = dnnl_type(dt, cx.where);
+  auto k = std::make_unique<DnnlKernel>();
+  add_primitive(*k, cx, pd, {{DNNL_ARG_SRC, cx.in_id(0), plain_desc(x, t)}},
+                {{DNNL_ARG_DST, cx.out_id(), plain_desc(x, t)}});
+  return k;
+}
+
+std::unique_ptr<Kernel> make_binary_loop_kernel(const BuildContext& cx);
+
+std::unique_ptr<Kernel> make_binary_kernel(const BuildContext& cx) {
+  DType dt = cx.out().dtype;
+  if (dt == DType::Int64) return make_binary_loop_kernel(cx);
+  const int r = std::max(cx.out().shape.rank(), 1);
+  DnnlDims a = pad_leading(to_dims(cx.in(0).shape), r);
+  DnnlDims b = pad_leading(to_dims(cx.in(1).shape), r);
+  const DnnlDims c = to_dims(cx.out().shape);
+  int ia = cx.in_id(0), ib = cx.in_id(1);
+  // oneDNN broadcasts src1 cheaply; both ops commute, so put the full-size operand first.
+  if (a != c && b == c) {
+    std::swap(a, b);
+    std::swap(ia, ib);
+  }
+  const algorithm alg = cx.node.op == OpKind::Add ? algorithm::binary_add : algorithm::binary_mul;
+  auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
+    return dnnl::binary::primitive_desc(
+        dnnl::binary::desc(alg, plain_desc(a, t), plain_desc(b, t), plain_desc(c, t)),
+        user_scratch_attr(), cpu_engine());
+  });
+  DnnlType t = dnnl_type(dt, cx.where);
+  auto k = std::make_unique<DnnlKernel>();
+  add_primitive(*k, cx, pd,
+                {{DNNL_ARG_SRC_0, ia, plain_desc(a, t)}, {DNNL_ARG_SRC_1, ib, plain_desc(b, t)}},
+                {{DNNL_ARG_DST, cx.out_id(), plain_desc(c, t)}});
+  return k;
+}
+
+std::unique_ptr<Kernel> make_strided_copy_loop_kernel(const BuildContext& cx,
+                                                      const std::vector<std::int64_t>& dims,
+                                                      const std::vector<std::int64_t>& strides,
+                                                      std::size_t offset);
+
+namespace {
+
+/// Dims and strides of a data-movement view with the int64 lanes appended as a last dim.
+struct MoveView {
+  DnnlDims dims;
+  DnnlDims strides;
+};
+MoveView with_lanes(DnnlDims dims, DnnlDims strides, int lanes) {
+  if (lanes > 1) {
+    for (auto& s : strides) s *= lanes;
+    dims.push_back(lanes);
+    strides.push_back(1);
+  }
+  return {std::move(dims), std::move(strides)};
+}
+
+/// A reorder kernel copying a strided view of input 0 (at `offset` bytes) to the plain output;
+/// a loop when oneDNN cannot describe the view (interleaved strides of a stepped slice).
+std::unique_ptr<Kernel> make_strided_copy(const BuildContext& cx, const DnnlDims& dims,
+                                          const DnnlDims& src_strides, std::size_t offset) {
+  MoveType mt = move_type(cx.out().dtype);
+  MoveView src = with_lanes(dims, src_strides, mt.lanes);
+  MoveView dst = with_lanes(dims, row_major_strides(dims), mt.lanes);
+  DnnlDesc src_md, dst_md;
+  dnnl::reorder::primitive_desc pd;
+  try {
+    src_md = strided_desc(src.dims, mt.type, src.strides);
+    dst_md = strided_desc(dst.dims, mt.type, dst.strides);
+    pd = dnnl::reorder::primitive_desc(cpu_engine(), src_md, cpu_engine(), dst_md,
+                                       user_scratch_attr());
+  } catch (const dnnl::error&) {
+    return make_strided_copy_loop_kernel(cx, dims, src_strides, offset);
+  }
+  auto k = std::make_unique<DnnlKernel>();
+  add_primitive(*k, cx, pd, {{DNNL_ARG_FROM, cx.in_id(0), src_md, offset}},
+                {{DNNL_ARG_TO, cx.out_id(), dst_md}});
+  return k;
+}
+
+}  // namespace
+
+std::unique_ptr<Kernel> make_permute_kernel(const BuildContext& cx) {
+  const DnnlDims in = to_dims(cx.in(0).shape);
+  const DnnlDims in_strides = row_major_strides(in);
+  const auto& perm = cx.node.attrs.ints("dims");
+  DnnlDims dims, strides;
+  for (auto p : perm) {
+    dims.push_back(in[static_cast<std::size_t>(p)]);
+    strides.push_back(in_strides[static_cast<std::size_t>(p)]);
+  }
+  if (perm.empty()) {  // a scalar
+    dims = {1};
+    strides = {1};
+  }
+  return make_strided_copy(cx, dims, strides, 0);
+}
+
+std::unique_ptr<Kernel> make_slice_kernel(const BuildContext& cx) {
+  const Attrs& at = cx.node.attrs;
+  const DnnlDims in = to_dims(cx.in(0).shape);
+  const auto d = static_cast<std::size_t>(at.i("dim"));
+  const std::int64_t step = at.i("step", 1);
+  const std::int64_t start = at.i("start") + cx.rank.rank * at.i("rank_stride", 0);
+  const DnnlDims out = to_dims(cx.out().shape);
+  if (out[d] > 0 && start + (out[d] - 1) * step >= in[d]) {
+    throw ShapeError("cpu backend: " + cx.where + ": rank " + std::to_string(cx.rank.rank) +
+                     " slice starts at " + std::to_string(start) + " and runs past dim " +
+                     std::to_string(d) + " of size " + std::to_string(in[d]));
+  }
+  DnnlDims strides = row_major_strides(in);
+  const std::size_t offset =
+      static_cast<std::size_t>(start * strides[d]) * dtype_size(cx.out().dtype);
+  strides[d] *= step;
+  return make_strided_copy(cx, out, strides, offset);
+}
+
+std::unique_ptr<Kernel> make_concat_kernel(const BuildContext& cx) {
+  MoveType mt = move_type(cx.out().dtype);
+  const auto dim = static_cast<int>(cx.node.attrs.i("dim"));
+  auto plain = [&](const Shape& s) {
+    DnnlDims dims = to_dims(s);
+    MoveView v = with_lanes(dims, row_major_strides(dims), mt.lanes);
+    return strided_desc(v.dims, mt.type, v.strides);
+  };
+  std::vector<Operand> in;
+  std::vector<DnnlDesc> mds;
+  for (std::size_t i = 0; i < cx.num_inputs(); ++i) {
+    if (cx.in(i).shape.numel() == 0) continue;
+    DnnlDesc md = plain(cx.in(i).shape);
+    in.push_back({DNNL_ARG_MULTIPLE_SRC + static_cast<int>(in.size()), cx.in_id(i), md});
+    mds.push_back(md);
+  }
+  DnnlDesc dst = plain(cx.out().shape);
+  auto k = std::make_unique<DnnlKernel>();
+  if (in.size() == 1) {  // every other input is empty: a copy
+    add_primitive(
+        *k, cx,
+        dnnl::reorder::primitive_desc(cpu_engine(), mds[0], cpu_engine(), dst, user_scratch_attr()),
+        {{DNNL_ARG_FROM, in[0].value, mds[0]}}, {{DNNL_ARG_TO, cx.out_id(), dst}});
+    return k;
+  }
+  dnnl::concat::primitive_desc pd;
+  try {
+    pd = dnnl::concat::primitive_desc(dst, dim, mds, cpu_engine(), user_scratch_attr());
+  } catch (const dnnl::error& e) {
+    throw Error("cpu backend: oneDNN cannot build " + cx.where + ": " + e.what());
+  }
+  add_primitive(*k, cx, pd, in, {{DNNL_ARG_DST, cx.out_id(), dst}});
+  return k;
+}
+
+}  // namespace devpipe::cpu

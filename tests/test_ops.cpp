@@ -1,0 +1,276 @@
+// Every op (except the collectives) against PyTorch: tests/reference/ops_ref.py writes the
+// cases (inputs and float64-computed expected outputs) into one safetensors file; each case is
+// traced with the F:: functions (every operand a graph input) and run (a) with the reference
+// implementation and (b) on the cpu backend.
+//
+// One test per (op, arm): OpsVsTorch/OpVsTorch.Run/<op>_<arm>; each case inside is reported
+// with its description (op, dtype, shapes, attributes) through SCOPED_TRACE.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "devpipe/error.h"
+#include "devpipe/functional.h"
+#include "devpipe/safetensors.h"
+#include "devpipe/tensor.h"
+#include "devpipe/trace.h"
+#include "graph/reference.h"
+#include "runtime/backend.h"
+#include "runtime/run_graph.h"
+#include "test_util.h"
+
+using namespace devpipe;
+using nlohmann::json;
+
+namespace {
+
+// ---- tolerances: |actual - expected| <= atol + rtol * |expected| ----
+// float32: both sides start from the same float32 inputs; what remains is float32 rounding of
+// the result and the kernels' float32 accumulation order (relative error ~1e-6 for short
+// reductions).
+constexpr double kF32Rtol = 1e-5;
+constexpr double kF32Atol = 1e-5;
+// float32 linear/matmul/conv reducing over K >= 256 terms: float32 accumulation error grows
+// with K (~sqrt(K) * 6e-8 * sum|terms|), which exceeds 1e-5 absolute near zero outputs.
+constexpr double kF32LongReductionAtol = 1e-4;
+constexpr std::int64_t kLongReduction = 256;
+// bfloat16: the expected value is float64 math on the bf16 inputs; bf16 has 8 mantissa bits,
+// so rounding the output alone costs 2^-9 ~ 2e-3 relative, and kernels that accumulate in f32
+// and round intermediates (e.g. a bias add or an activation) to bf16 add a few more ulps.
+constexpr double kBf16Rtol = 2e-2;
+constexpr double kBf16Atol = 2e-2;
+
+struct OpCase {
+  int index = 0;
+  std::string op;
+  std::string dtype;
+  std::string desc;
+  json attrs;
+  std::vector<Tensor> inputs;
+  Tensor expected;
+};
+
+std::vector<OpCase> load_cases(const std::string& path) {
+  auto file = safetensors::File::open(path);
+  std::map<std::string, Tensor> tensors;
+  for (const auto& name : file.names()) tensors.emplace(name, file.get(name).clone());
+  json list = json::parse(file.metadata().at("cases"));
+  std::vector<OpCase> cases;
+  for (std::size_t i = 0; i < list.size(); ++i) {
+    const json& c = list[i];
+    OpCase oc;
+    oc.index = static_cast<int>(i);
+    oc.op = c.at("op").get<std::string>();
+    oc.dtype = c.at("dtype").get<std::string>();
+    oc.desc = c.at("desc").get<std::string>();
+    oc.attrs = c.at("attrs");
+    std::string prefix = "case" + std::to_string(i);
+    for (int j = 0; j < c.at("n_inputs").get<int>(); ++j) {
+      oc.inputs.push_back(tensors.at(prefix + ".in" + std::to_string(j)));
+    }
+    oc.expected = tensors.at(prefix + ".out");
+    cases.push_back(std::move(oc));
+  }
+  return cases;
+}
+
+// ---- tracing a case with the F:: functions ----
+std::vector<std::int64_t> ints(const json& attrs, const char* name) {
+  return attrs.at(name).get<std::vector<std::int64_t>>();
+}
+std::optional<Var> opt(const std::vector<Var>& v, std::size_t i) {
+  return i < v.size() ? std::optional<Var>(v[i]) : std::nullopt;
+}
+
+Var apply_op(const OpCase& c, const std::vector<Var>& v) {
+  const json& a = c.attrs;
+  const std::string& op = c.op;
+  if (op == "linear") {
+    std::string act = a.at("activation").get<std::string>();
+    if (act == "none") return F::linear(v[0], v[1], opt(v, 2));
+    // The fused activation is an attribute of the Linear node (set by the compiler's fusion).
+    Attrs attrs;
+    attrs.set("activation", act);
+    return Tracer::current().emit(OpKind::Linear, v, attrs);
+  }
+  if (op == "matmul") return F::matmul(v[0], v[1]);
+  if (op == "conv2d") {
+    return F::conv2d(v[0], v[1], opt(v, 2), ints(a, "stride"), ints(a, "padding"),
+                     ints(a, "dilation"), a.at("groups").get<std::int64_t>());
+  }
+  if (op == "adaptive_avg_pool2d") return F::adaptive_avg_pool2d(v[0], ints(a, "output_size"));
+  if (op == "max_pool2d") {
+    return F::max_pool2d(v[0], ints(a, "kernel_size"), ints(a, "stride"), ints(a, "padding"),
+                         ints(a, "dilation"));
+  }
+  if (op == "embedding") return F::embedding(v[0], v[1], a.at("vocab_per_rank").get<std::int64_t>());
+  if (op == "layer_norm") {
+    return F::layer_norm(v[0], ints(a, "normalized_shape"), opt(v, 1), opt(v, 2),
+                         a.at("eps").get<double>());
+  }
+  if (op == "rms_norm") {
+    return F::rms_norm(v[0], ints(a, "normalized_shape"), opt(v, 1), a.at("eps").get<double>());
+  }
+  if (op == "reshape") return F::reshape(v[0], ints(a, "shape"));
+  if (op == "permute") return F::permute(v[0], ints(a, "dims"));
+  if (op == "concat") return F::concat(v, a.at("dim").get<int>());
+  if (op == "slice") {
+    return F::slice(v[0], a.at("dim").get<int>(), a.at("start").get<std::int64_t>(),
+                    a.at("end").get<std::int64_t>(), a.at("step").get<std::int64_t>());
+  }
+  if (op == "add") return F::add(v[0], v[1]);
+  if (op == "mul") return F::mul(v[0], v[1]);
+  if (op == "softmax") return F::softmax(v[0], a.at("dim").get<int>());
+  if (op == "gelu") return F::gelu(v[0], a.at("approximate").get<std::string>());
+  if (op == "silu") return F::silu(v[0]);
+  if (op == "relu") return F::relu(v[0]);
+  throw std::runtime_error("test_ops: no tracing rule for op '" + op + "'");
+}
+
+Graph trace_case(const OpCase& c) {
+  std::vector<std::pair<std::string, ValueInfo>> ins;
+  for (std::size_t j = 0; j < c.inputs.size(); ++j) {
+    ins.push_back({"in" + std::to_string(j), {c.inputs[j].shape(), c.inputs[j].dtype()}});
+  }
+  return trace_function({}, ins, [&](const std::vector<Var>& v) {
+    return std::vector<Var>{apply_op(c, v)};
+  });
+}
+
+// Length of the longest dot product the op computes (for the float32 tolerance).
+std::int64_t reduction_length(const OpCase& c) {
+  if (c.op == "linear") return c.inputs[1].dim(1);
+  if (c.op == "matmul") return c.inputs[0].dim(-1);
+  if (c.op == "conv2d") return c.inputs[1].dim(1) * c.inputs[1].dim(2) * c.inputs[1].dim(3);
+  return 0;
+}
+
+::testing::AssertionResult check_output(const OpCase& c, const Tensor& actual) {
+  const Tensor& e = c.expected;
+  if (c.dtype == "int64") {
+    if (actual.dtype() != DType::Int64 || actual.shape() != e.shape()) {
+      return ::testing::AssertionFailure()
+             << "got " << actual.shape().to_string() << " " << dtype_name(actual.dtype())
+             << ", expected " << e.shape().to_string() << " int64";
+    }
+    const auto* pa = actual.data<std::int64_t>();
+    const auto* pe = e.data<std::int64_t>();
+    for (std::int64_t i = 0; i < e.numel(); ++i) {
+      if (pa[i] != pe[i]) {
+        return ::testing::AssertionFailure()
+               << "int64 mismatch at flat index " << i << ": got " << pa[i] << ", expected " << pe[i];
+      }
+    }
+    return ::testing::AssertionSuccess();
+  }
+  DType want = dtype_from_name(c.dtype);
+  if (actual.dtype() != want) {
+    return ::testing::AssertionFailure()
+           << "output dtype " << dtype_name(actual.dtype()) << ", expected " << dtype_name(want);
+  }
+  double rtol = kF32Rtol, atol = kF32Atol;
+  if (want == DType::BFloat16) {
+    rtol = kBf16Rtol;
+    atol = kBf16Atol;
+  } else if (reduction_length(c) >= kLongReduction) {
+    atol = kF32LongReductionAtol;
+  }
+  return devpipe::testing::tensors_close(actual, e, rtol, atol);
+}
+
+// ---- the suite ----
+using Param = std::tuple<std::string, std::string>;  // op name, arm ("reference" | "cpu")
+
+class OpVsTorch : public ::testing::TestWithParam<Param> {
+ public:
+  static void SetUpTestSuite() {
+    devpipe::testing::TempDir dir;
+    std::string path = dir.str("ops.safetensors");
+    if (!devpipe::testing::run_torch_script("ops_ref.py", path)) return;
+    try {
+      cases_ = std::make_unique<std::vector<OpCase>>(load_cases(path));
+    } catch (const std::exception& e) {
+      load_error_ = e.what();
+    }
+  }
+  static void TearDownTestSuite() { cases_.reset(); }
+
+ protected:
+  static std::unique_ptr<std::vector<OpCase>> cases_;
+  static std::string load_error_;
+};
+
+std::unique_ptr<std::vector<OpCase>> OpVsTorch::cases_;
+std::string OpVsTorch::load_error_;
+
+TEST_P(OpVsTorch, Run) {
+  const auto& [op, arm] = GetParam();
+  ASSERT_TRUE(cases_) << "no cases: the reference script failed or its output did not load "
+                      << load_error_;
+  int n_f32 = 0, n_bf16 = 0;
+  for (const OpCase& c : *cases_) {
+    if (c.op != op) continue;
+    n_f32 += c.dtype == "float32";
+    n_bf16 += c.dtype == "bfloat16";
+    SCOPED_TRACE("[" + arm + "] " + c.desc);
+    Graph graph;
+    try {
+      graph = trace_case(c);
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "tracing failed: " << e.what();
+      continue;
+    }
+    if (graph.nodes.size() != 1 || std::string(op_name(graph.nodes[0].op)) != op) {
+      ADD_FAILURE() << "expected a single " << op << " node, traced:\n" << graph.to_text();
+      continue;
+    }
+    std::vector<Tensor> outs;
+    try {
+      if (arm == "reference") {
+        outs = run_reference(graph, c.inputs, {});
+      } else {
+        outs = run_graph_once(backend_for(DeviceKind::Cpu), graph, c.inputs, {});
+      }
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "run failed: " << e.what();
+      continue;
+    }
+    if (outs.size() != 1) {
+      ADD_FAILURE() << "got " << outs.size() << " outputs, expected 1";
+      continue;
+    }
+    EXPECT_TRUE(check_output(c, outs[0]));
+  }
+  EXPECT_GT(n_f32, 0) << "no float32 case for " << op;
+  EXPECT_GT(n_bf16, 0) << "no bfloat16 case for " << op;
+}
+
+std::vector<std::string> tested_ops() {
+  std::vector<std::string> names;
+  for (int i = 0; i < kNumOpKinds; ++i) {
+    auto op = static_cast<OpKind>(i);
+    if (op == OpKind::AllReduce || op == OpKind::AllGather) continue;  // need several ranks
+    names.emplace_back(op_name(op));
+  }
+  return names;
+}
+
+INSTANTIATE_TEST_SUITE_P(Ops, OpVsTorch,
+                         ::testing::Combine(::testing::ValuesIn(tested_ops()),
+                                            ::testing::Values(std::string("reference"),
+                                                              std::string("cpu"))),
+                         [](const ::testing::TestParamInfo<Param>& info) {
+                           return std::get<0>(info.param) + "_" + std::get<1>(info.param);
+                         });
+
+}  // namespace
