@@ -1,5 +1,7 @@
 #include "backends/cpu/executor.h"
 
+#include "devpipe/timeline.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -184,6 +186,7 @@ CpuExecutable::CpuExecutable(const Graph& graph, const std::vector<Tensor>& para
     k->where = cx.where;
     scratch[static_cast<std::size_t>(i)] = k->scratch_bytes();
     steps_[static_cast<std::size_t>(i)].kernel = std::move(k);
+    steps_[static_cast<std::size_t>(i)].label = op_name(node.op).data();  // a string literal
   }
 
   // Outputs written in place: a produced root returned whole, once.
@@ -289,10 +292,20 @@ void CpuExecutable::run(const std::vector<const void*>& inputs, const std::vecto
     values_[static_cast<std::size_t>(a.value)] =
         values_[static_cast<std::size_t>(a.root)] + a.offset;
   }
-  for (Step& s : steps_) {
-    if (!s.kernel) continue;
-    RunContext cx{values_.data(), s.scratch, stream_, rank_};
-    s.kernel->run(cx);
+  if (timeline::recording_kernels()) {
+    for (Step& s : steps_) {
+      if (!s.kernel) continue;
+      timeline::Span span(s.label, "kernel", rank_.rank + 1);
+      RunContext cx{values_.data(), s.scratch, stream_, rank_};
+      s.kernel->run(cx);
+      stream_.wait();
+    }
+  } else {
+    for (Step& s : steps_) {
+      if (!s.kernel) continue;
+      RunContext cx{values_.data(), s.scratch, stream_, rank_};
+      s.kernel->run(cx);
+    }
   }
   stream_.wait();
   for (const EndCopy& c : end_copies_) {

@@ -35,6 +35,7 @@ class CpuExecutable final : public Executable {
   struct Step {
     std::unique_ptr<Kernel> kernel;
     std::byte* scratch = nullptr;
+    const char* label = "";  // op name, for timeline spans
   };
   struct Alias {
     int value;
