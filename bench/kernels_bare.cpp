@@ -1,0 +1,261 @@
+// kernels_bare: the workloads' oneDNN primitives run bare in a loop (see kernels_bare.h).
+#include "kernels_bare.h"
+
+#include <omp.h>
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <unordered_map>
+#include <utility>
+
+namespace devpipe::bench {
+
+namespace {
+
+using dnnl::algorithm;
+using dnnl::memory;
+using dnnl::prop_kind;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+/// One primitive with its bound arguments (memories own their buffers; all preallocated).
+struct Step {
+  dnnl::primitive prim;
+  std::unordered_map<int, memory> args;
+};
+
+struct Plan {
+  dnnl::engine eng{dnnl::engine::kind::cpu, 0};
+  dnnl::stream strm{eng};
+  std::vector<Step> steps;
+  std::ostringstream what;
+};
+
+/// Deterministic pseudo-random fill in [-scale, scale] (values are irrelevant; only time is).
+void fill_random(const memory& m, std::uint32_t seed, float scale = 0.1f) {
+  auto* p = static_cast<float*>(m.get_data_handle());
+  const std::size_t n = m.get_desc().get_size() / sizeof(float);
+  std::uint32_t s = seed * 2654435761u + 12345u;
+  for (std::size_t i = 0; i < n; ++i) {
+    s = s * 1664525u + 1013904223u;
+    p[i] = scale * (static_cast<float>(s >> 8) * (2.0f / 16777216.0f) - 1.0f);
+  }
+}
+
+memory new_mem(Plan& plan, const memory::desc& md, std::uint32_t seed) {
+  memory m(md, plan.eng);
+  fill_random(m, seed);
+  return m;
+}
+
+/// Random weights in the plain (user) layout `user_md`, reordered once into `want` if the
+/// primitive prefers another layout. The reorder runs here, outside the timed loop.
+memory prepare_weights(Plan& plan, const memory::desc& user_md, const memory::desc& want,
+                       std::uint32_t seed) {
+  memory user = new_mem(plan, user_md, seed);
+  if (want == user_md) return user;
+  memory packed(want, plan.eng);
+  dnnl::reorder(user, packed).execute(plan.strm, user, packed);
+  plan.strm.wait();
+  return packed;
+}
+
+template <class PD>
+std::string impl(const PD& pd) {
+  return pd.impl_info_str();
+}
+
+/// dst = src[m,k] x W[k,n] + bias[1,n] (optionally followed by exact GELU), as a matmul with the
+/// weights in the layout oneDNN picks (format_tag::any), reordered once. `src`/`dst` are given.
+void add_linear(Plan& plan, const memory& src, const memory& dst, memory::dim m, memory::dim k,
+                memory::dim n, bool gelu, std::uint32_t seed, const char* name) {
+  dnnl::primitive_attr attr;
+  if (gelu) {
+    dnnl::post_ops po;
+    po.append_eltwise(1.f, algorithm::eltwise_gelu_erf, 0.f, 0.f);
+    attr.set_post_ops(po);
+  }
+  const memory::desc src_md = src.get_desc(), dst_md = dst.get_desc();
+  const memory::desc bias_md({1, n}, dt::f32, tag::ab);
+  // PyTorch stores Linear weights as [n, k]; viewed as [k, n] that is format "ba".
+  const memory::desc user_w({k, n}, dt::f32, tag::ba);
+  dnnl::matmul::primitive_desc pd;
+  try {
+    pd = dnnl::matmul::primitive_desc(
+        dnnl::matmul::desc(src_md, memory::desc({k, n}, dt::f32, tag::any), bias_md, dst_md), attr,
+        plan.eng);
+  } catch (const dnnl::error&) {  // no implementation takes "any" weights: use them as stored
+    pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_md, user_w, bias_md, dst_md), attr,
+                                      plan.eng);
+  }
+  memory w = prepare_weights(plan, user_w, pd.weights_desc(), seed);
+  memory b = new_mem(plan, bias_md, seed + 1);
+  plan.steps.push_back({dnnl::matmul(pd), {{DNNL_ARG_SRC, src},
+                                           {DNNL_ARG_WEIGHTS, w},
+                                           {DNNL_ARG_BIAS, b},
+                                           {DNNL_ARG_DST, dst}}});
+  plan.what << name << "[matmul " << m << "x" << k << "x" << n << (gelu ? "+gelu_erf" : "")
+            << " " << impl(pd) << "] ";
+}
+
+// seed: conv(3->64, 3x3, pad 1) -> global avg pool -> fc(64->512) | embedding(256->512)
+//       -> concat -> fusion(1024->1024), batch 32, 224x224.
+void build_seed(Plan& plan) {
+  const memory::dim N = 32, IC = 3, OC = 64, H = 224, W = 224;
+  const memory::dim VIS = 512, TXT_IN = 256, TXT = 512, OUT = 1024;
+
+  // conv: src is the user's plain NCHW image; weights and dst in oneDNN's preferred layouts.
+  memory image = new_mem(plan, memory::desc({N, IC, H, W}, dt::f32, tag::nchw), 100);
+  const memory::desc conv_bias_md({OC}, dt::f32, tag::x);
+  const memory::desc conv_w_user({OC, IC, 3, 3}, dt::f32, tag::oihw);
+  auto conv_pd = dnnl::convolution_forward::primitive_desc(
+      dnnl::convolution_forward::desc(
+          prop_kind::forward_inference, algorithm::convolution_direct, image.get_desc(),
+          memory::desc({OC, IC, 3, 3}, dt::f32, tag::any), conv_bias_md,
+          memory::desc({N, OC, H, W}, dt::f32, tag::any), {1, 1}, {1, 1}, {1, 1}),
+      plan.eng);
+  if (conv_pd.src_desc() != image.get_desc())
+    throw std::runtime_error("kernels_bare: the convolution wants a non-NCHW source layout");
+  memory conv_w = prepare_weights(plan, conv_w_user, conv_pd.weights_desc(), 101);
+  memory conv_b = new_mem(plan, conv_bias_md, 102);
+  memory conv_dst(conv_pd.dst_desc(), plan.eng);
+  plan.steps.push_back({dnnl::convolution_forward(conv_pd), {{DNNL_ARG_SRC, image},
+                                                             {DNNL_ARG_WEIGHTS, conv_w},
+                                                             {DNNL_ARG_BIAS, conv_b},
+                                                             {DNNL_ARG_DST, conv_dst}}});
+  plan.what << "conv[3->64 3x3 " << impl(conv_pd) << "] ";
+
+  // global average pool on the conv's dst layout (224x224 window -> 1x1)
+  auto pool_pd = dnnl::pooling_forward::primitive_desc(
+      dnnl::pooling_forward::desc(prop_kind::forward_inference, algorithm::pooling_avg_exclude_padding,
+                                  conv_dst.get_desc(), memory::desc({N, OC, 1, 1}, dt::f32, tag::any),
+                                  {1, 1}, {H, W}, {0, 0}, {0, 0}),
+      plan.eng);
+  memory pooled(pool_pd.dst_desc(), plan.eng);
+  plan.steps.push_back(
+      {dnnl::pooling_forward(pool_pd), {{DNNL_ARG_SRC, conv_dst}, {DNNL_ARG_DST, pooled}}});
+  plan.what << "pool[avg 224x224 " << impl(pool_pd) << "] ";
+
+  // flatten: with a 1x1 window, nchw / nhwc / nChw{8,16}c (channels a multiple of the block)
+  // all lay [N, C, 1, 1] out exactly as a row-major [N, C], so the pooled buffer is used as
+  // the fc's 2-D source in place; any other layout gets a (timed) reorder to nchw first.
+  const memory::desc flat_md({N, OC}, dt::f32, tag::ab);
+  memory flat;
+  bool in_place = false;
+  for (auto [t, block] : {std::pair{tag::nchw, 1}, {tag::nhwc, 1}, {tag::nChw8c, 8},
+                          {tag::nChw16c, 16}}) {
+    if (OC % block == 0 && pool_pd.dst_desc() == memory::desc({N, OC, 1, 1}, dt::f32, t))
+      in_place = true;
+  }
+  if (in_place) {
+    flat = memory(flat_md, plan.eng, pooled.get_data_handle());
+    plan.what << "flatten[in place] ";
+  } else {
+    flat = memory(flat_md, plan.eng);
+    memory flat4(memory::desc({N, OC, 1, 1}, dt::f32, tag::nchw), plan.eng,
+                 flat.get_data_handle());
+    auto re_pd = dnnl::reorder::primitive_desc(pooled, flat4);
+    plan.steps.push_back(
+        {dnnl::reorder(re_pd), {{DNNL_ARG_FROM, pooled}, {DNNL_ARG_TO, flat4}}});
+    plan.what << "flatten[reorder " << impl(re_pd) << "] ";
+  }
+
+  // concat sources: fc and embedding write straight into them.
+  memory vis_feat(memory::desc({N, VIS}, dt::f32, tag::ab), plan.eng);
+  memory txt_feat(memory::desc({N, TXT}, dt::f32, tag::ab), plan.eng);
+
+  // fc (64->512)
+  add_linear(plan, flat, vis_feat, N, OC, VIS, /*gelu=*/false, 103, "fc");
+
+  // embedding (256->512) on the text input
+  memory text = new_mem(plan, memory::desc({N, TXT_IN}, dt::f32, tag::ab), 105);
+  add_linear(plan, text, txt_feat, N, TXT_IN, TXT, /*gelu=*/false, 106, "embedding");
+
+  // concat [32,512] + [32,512] -> [32,1024]
+  memory combined(memory::desc({N, VIS + TXT}, dt::f32, tag::ab), plan.eng);
+  auto cat_pd = dnnl::concat::primitive_desc(combined.get_desc(), 1,
+                                             {vis_feat.get_desc(), txt_feat.get_desc()}, plan.eng);
+  plan.steps.push_back({dnnl::concat(cat_pd), {{DNNL_ARG_MULTIPLE_SRC + 0, vis_feat},
+                                               {DNNL_ARG_MULTIPLE_SRC + 1, txt_feat},
+                                               {DNNL_ARG_DST, combined}}});
+  plan.what << "concat[" << impl(cat_pd) << "] ";
+
+  // fusion (1024->1024)
+  memory out(memory::desc({N, OUT}, dt::f32, tag::ab), plan.eng);
+  add_linear(plan, combined, out, N, VIS + TXT, OUT, /*gelu=*/false, 107, "fusion");
+}
+
+// large: [46080,8] -> Linear(8,1280) -> Linear(1280,8)  (x is [32,1440,8] flattened)
+void build_large(Plan& plan) {
+  const memory::dim M = 32 * 1440, IN = 8, HID = 1280;
+  memory x = new_mem(plan, memory::desc({M, IN}, dt::f32, tag::ab), 200);
+  memory h(memory::desc({M, HID}, dt::f32, tag::ab), plan.eng);
+  memory y(memory::desc({M, IN}, dt::f32, tag::ab), plan.eng);
+  add_linear(plan, x, h, M, IN, HID, /*gelu=*/false, 201, "expand");
+  add_linear(plan, h, y, M, HID, IN, /*gelu=*/false, 202, "reduce");
+}
+
+// chain8: 8 x (Linear(64,64) + exact GELU) on [1,64], ping-ponging two buffers.
+void build_chain8(Plan& plan) {
+  const memory::desc md({1, 64}, dt::f32, tag::ab);
+  memory a = new_mem(plan, md, 300);
+  memory b(md, plan.eng);
+  for (int i = 0; i < 8; ++i) {
+    const std::string name = "stage" + std::to_string(i);
+    add_linear(plan, i % 2 == 0 ? a : b, i % 2 == 0 ? b : a, 1, 64, 64, /*gelu=*/true,
+               301 + 2 * static_cast<std::uint32_t>(i), name.c_str());
+  }
+}
+
+void run_once(Plan& plan) {
+  for (Step& s : plan.steps) s.prim.execute(plan.strm, s.args);
+  plan.strm.wait();
+}
+
+}  // namespace
+
+BareResult run_kernels_bare(const std::string& workload, int iters, int warmup, int threads) {
+  if (iters < 1) throw std::invalid_argument("kernels_bare: iters must be >= 1");
+  if (workload != "seed" && workload != "large" && workload != "chain8")
+    throw std::invalid_argument("kernels_bare: unknown workload '" + workload +
+                                "' (expected seed, large or chain8)");
+  // Set the team size before creating primitives (some implementations pick their blocking
+  // from the thread count at creation time); restore the caller's setting on the way out.
+  struct ThreadsGuard {
+    int saved = omp_get_max_threads();
+    ~ThreadsGuard() { omp_set_num_threads(saved); }
+  } guard;
+  if (threads > 0) omp_set_num_threads(threads);
+
+  Plan plan;
+  if (workload == "seed") build_seed(plan);
+  else if (workload == "large") build_large(plan);
+  else build_chain8(plan);
+
+  for (int i = 0; i < warmup; ++i) run_once(plan);
+
+  BareResult result;
+  result.samples_ms.reserve(static_cast<std::size_t>(iters));
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run_once(plan);
+    const auto t1 = std::chrono::steady_clock::now();
+    result.samples_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+
+  const dnnl_version_t* v = dnnl_version();
+  std::ostringstream what;
+  what << "kernels_bare " << workload << ": oneDNN " << v->major << "." << v->minor << "."
+       << v->patch << ", " << omp_get_max_threads() << " threads, " << plan.steps.size()
+       << " primitives: " << plan.what.str();
+  result.what = what.str();
+  while (!result.what.empty() && result.what.back() == ' ') result.what.pop_back();
+  return result;
+}
+
+}  // namespace devpipe::bench
