@@ -100,9 +100,10 @@ TEST_P(PipelineTp, MatchesPyTorchAndHandsOffInPlace) {
   EXPECT_EQ(st.ranked_inputs_in_place, static_cast<std::uint64_t>(tp));
   EXPECT_EQ(st.ranked_inputs_copied, 0u);
   EXPECT_EQ(st.device_to_device_bytes, 0u);
-  // Host->device: the image and the text input, once per rank; nothing for the features.
-  std::uint64_t image_bytes = 32ull * 3 * kImage * kImage * 4, text_bytes = 32ull * 256 * 4;
-  EXPECT_EQ(st.host_to_device_bytes, static_cast<std::uint64_t>(tp) * (image_bytes + text_bytes));
+  // Host inputs: the cpu backend's device memory is host memory and batch 32 fills bucket 32,
+  // so each rank reads the image and the text input in place; nothing is copied at all.
+  EXPECT_EQ(st.host_to_device_bytes, 0u);
+  EXPECT_EQ(st.host_inputs_in_place, 2u * static_cast<std::uint64_t>(tp));
 }
 
 INSTANTIATE_TEST_SUITE_P(Tp, PipelineTp, ::testing::Values(1, 2, 4));
@@ -131,6 +132,10 @@ TEST_F(PipelineTest, Batch5PadsToBucket8) {
   EXPECT_EQ(out.shape(), (Shape{5, 1024}));
   EXPECT_TRUE(tensors_close(out.tensor(), io("output", 5), kRtol, kAtol));
   EXPECT_EQ(transfer_stats().ranked_inputs_in_place, 2u);
+  // Host inputs need padding (5 -> 8): copied into a padded buffer on each of the 2 ranks.
+  std::uint64_t image_bytes = 5ull * 3 * kImage * kImage * 4, text_bytes = 5ull * 256 * 4;
+  EXPECT_EQ(transfer_stats().host_to_device_bytes, 2 * (image_bytes + text_bytes));
+  EXPECT_EQ(transfer_stats().host_inputs_in_place, 0u);
 }
 
 TEST_F(PipelineTest, Batch40RunsInChunksOverBuckets8And32) {

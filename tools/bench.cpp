@@ -195,7 +195,15 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
 
   // Both modes: compiled from the same checkpoints, differing only in the pipeline flags.
   std::map<std::string, ModeRun> modes;
-  for (std::string mode : {"pipeline", "roundtrip"}) {
+  std::vector<std::string> mode_names;
+  {
+    std::stringstream ms(a.get("modes", "pipeline,roundtrip"));
+    for (std::string m; std::getline(ms, m, ',');) {
+      if (m != "pipeline" && m != "roundtrip") throw InvalidArgument("--modes: unknown mode '" + m + "'");
+      mode_names.push_back(m);
+    }
+  }
+  for (const std::string& mode : mode_names) {
     ModeRun& mr = modes[mode];
     for (std::size_t i = 0; i < w.stages.size(); ++i) {
       bool last = i + 1 == w.stages.size();
@@ -213,8 +221,8 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
   for (int i = 0; i < warmup; ++i) {
     for (auto& [mode, mr] : modes) run_chain(mr.wrappers, w);
   }
-  Tensor ref_out = run_chain(modes["pipeline"].wrappers, w);
-  double max_mode_diff = max_abs_diff(ref_out, run_chain(modes["roundtrip"].wrappers, w));
+  Tensor ref_out = run_chain(modes.begin()->second.wrappers, w);
+  double max_mode_diff = max_abs_diff(ref_out, run_chain(modes.rbegin()->second.wrappers, w));
   timeline::start(false);
   int total = iters * static_cast<int>(modes.size());
   int done = 0;

@@ -98,9 +98,11 @@ int run(int argc, char** argv) {
   std::cout << "Vision features type: " << vision_features.type_name() << "\n";
   std::cout << "Final output shape: " << final_output.shape() << "\n";
   std::cout << "Final output device: " << final_output.device().kind_name() << "\n";
-  std::cout << "\nPipeline forward took " << ms << " ms; bytes host->device " << st.host_to_device_bytes
-            << ", device->host " << st.device_to_host_bytes << ", ranked inputs used in place "
-            << st.ranked_inputs_in_place << ", re-padded " << st.ranked_inputs_copied << "\n";
+  std::cout << "\nPipeline forward took " << ms << " ms. Bytes copied host->device "
+            << st.host_to_device_bytes << " (host inputs read in place: " << st.host_inputs_in_place
+            << "), device->host " << st.device_to_host_bytes << ", between stages "
+            << st.device_to_device_bytes << "; ranked inputs used in place " << st.ranked_inputs_in_place
+            << ", re-padded " << st.ranked_inputs_copied << "\n";
   std::cout << final_output.tensor().to_string(4) << "\n";
   return 0;
 }

@@ -11,6 +11,8 @@ struct TransferStats {
   std::uint64_t device_to_device_bytes = 0;  // on-device re-padding / chunk assembly copies
   std::uint64_t ranked_inputs_in_place = 0;  // ranked inputs used without any copy
   std::uint64_t ranked_inputs_copied = 0;    // ranked inputs re-padded on the device
+  std::uint64_t host_inputs_in_place = 0;    // host inputs read where they lie (a backend whose
+                                             // device memory is host memory; no padding needed)
   std::uint64_t forwards = 0;                // ModelWrapper::forward calls
 };
 

@@ -55,6 +55,9 @@ class Backend {
   /// Blocking byte copy between host and device or within a device.
   virtual void copy(void* dst, Device dst_dev, const void* src, Device src_dev,
                     std::size_t bytes) = 0;
+  /// True when the device memory of every rank is the host's memory (the cpu backend): host
+  /// inputs that need no padding are then read where they lie instead of being copied.
+  virtual bool device_memory_is_host() const { return false; }
   /// Sets `bytes` bytes at `dst` to zero. The default serves host memory only.
   virtual void fill_zero(void* dst, Device device, std::size_t bytes);
 };

@@ -459,6 +459,7 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
                  tag]() mutable {
       (void)held;  // keeps the ranked inputs (and their buffers) alive until the task ran
       const Manifest& m = im.manifest;
+      const bool host_shared = be.device_memory_is_host();
       timeline::Span stage_span(tag.c_str(), "stage", r + 1);
       try {
         for (const Arg& a : args) {
@@ -492,6 +493,10 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
               timeline::instant("ranked hand-off (re-padded on device)", "handoff", r + 1);
               in_ptrs[i] = buf.raw_data();
               temps.push_back(std::move(buf));
+            } else if (host_shared && c.rows == bsz && a.host.device().is_host()) {
+              // The rank's device memory is host memory and no padding is needed: read in place.
+              in_ptrs[i] = static_cast<const char*>(a.host.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
+              ++stats::host_in_place;
             } else {
               Tensor buf = be.allocate(with_batch(spec.sample_shape, bsz), spec.dtype, dev);
               be.copy(buf.raw_data(), dev, static_cast<const char*>(a.host.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes,

@@ -3,7 +3,7 @@
 namespace devpipe {
 
 namespace stats {
-std::atomic<std::uint64_t> h2d{0}, d2h{0}, d2d{0}, in_place{0}, copied{0}, forwards{0};
+std::atomic<std::uint64_t> h2d{0}, d2h{0}, d2d{0}, in_place{0}, copied{0}, host_in_place{0}, forwards{0};
 }
 
 TransferStats transfer_stats() {
@@ -13,12 +13,13 @@ TransferStats transfer_stats() {
   s.device_to_device_bytes = stats::d2d.load();
   s.ranked_inputs_in_place = stats::in_place.load();
   s.ranked_inputs_copied = stats::copied.load();
+  s.host_inputs_in_place = stats::host_in_place.load();
   s.forwards = stats::forwards.load();
   return s;
 }
 
 void reset_transfer_stats() {
-  for (auto* c : {&stats::h2d, &stats::d2h, &stats::d2d, &stats::in_place, &stats::copied, &stats::forwards}) {
+  for (auto* c : {&stats::h2d, &stats::d2h, &stats::d2d, &stats::in_place, &stats::copied, &stats::host_in_place, &stats::forwards}) {
     c->store(0);
   }
 }

@@ -8,6 +8,6 @@
 
 namespace devpipe::stats {
 
-extern std::atomic<std::uint64_t> h2d, d2h, d2d, in_place, copied, forwards;
+extern std::atomic<std::uint64_t> h2d, d2h, d2d, in_place, copied, host_in_place, forwards;
 
 }  // namespace devpipe::stats

@@ -85,6 +85,7 @@ HostPool& host_pool() {
 class CpuBackend final : public Backend {
  public:
   DeviceKind kind() const override { return DeviceKind::Cpu; }
+  bool device_memory_is_host() const override { return true; }
 
   Device device_for_rank(int rank, int tp_degree) const override {
     if (tp_degree < 1 || rank < 0 || rank >= tp_degree) {

@@ -167,6 +167,29 @@ CpuExecutable::CpuExecutable(const Graph& graph, const std::vector<Tensor>& para
     if (kind[r] == Kind::Param) fixed[v] = fixed[r] + root_offset_[v];
   }
 
+  // A value read only by one pooling node (and not returned or viewed) may stay in its
+  // producer's preferred blocked layout: a convolution then feeds the pool without the reorder
+  // to plain NCHW, as oneDNN's own conv + pool pairing does.
+  std::vector<int> readers(nv, 0), reader(nv, -1);
+  for (int i = 0; i < num_nodes; ++i) {
+    for (int in : graph.nodes[static_cast<std::size_t>(i)].inputs) {
+      ++readers[static_cast<std::size_t>(in)];
+      reader[static_cast<std::size_t>(in)] = i;
+    }
+  }
+  for (int out : graph.outputs) readers[static_cast<std::size_t>(out)] += 2;
+  std::vector<bool> blocked_ok(nv, false);
+  for (std::size_t v = 0; v < nv; ++v) {
+    if (readers[v] != 1 || kind[v] != Kind::Produced) continue;
+    const Node& r = graph.nodes[static_cast<std::size_t>(reader[v])];
+    const Shape& x = graph.value(r.inputs[0]).shape;
+    const Shape& y = graph.value(r.outputs[0]).shape;
+    bool avg = r.op == OpKind::AdaptiveAvgPool2d && x[2] % y[2] == 0 && x[3] % y[3] == 0;
+    bool max = r.op == OpKind::MaxPool2d && r.attrs.ints("dilation") == std::vector<std::int64_t>{1, 1};
+    blocked_ok[v] = avg || max;
+  }
+  std::vector<DnnlDesc> layouts(nv);
+
   // Kernels: every oneDNN primitive is created here, with the rank's thread count.
   OmpThreadsScope threads(rank.num_threads);
   steps_.resize(static_cast<std::size_t>(num_nodes));
@@ -174,7 +197,7 @@ CpuExecutable::CpuExecutable(const Graph& graph, const std::vector<Tensor>& para
   for (int i = 0; i < num_nodes; ++i) {
     const Node& node = graph.nodes[static_cast<std::size_t>(i)];
     if (node.op == OpKind::Reshape) continue;
-    BuildContext cx{graph_, node, rank_, fixed, describe(graph, node)};
+    BuildContext cx{graph_, node, rank_, fixed, describe(graph, node), &blocked_ok, &layouts};
     bool empty = false;
     for (int out : node.outputs) empty = empty || graph.value(out).shape.numel() == 0;
     std::unique_ptr<Kernel> k;

@@ -43,6 +43,11 @@ struct BuildContext {
   const std::vector<std::byte*>& fixed;
   /// "linear at 'enc.fc1' ([2, 4] float32, [3, 4] float32) -> [2, 3] float32", for messages.
   std::string where;
+  /// Per value id: true when its producer may store it in the primitive's preferred (blocked)
+  /// layout, because its only reader is a pooling node that reads that layout directly.
+  const std::vector<bool>* blocked_ok = nullptr;
+  /// Per value id: the layout a producer chose for it (ndims 0: plain row-major).
+  std::vector<DnnlDesc>* layouts = nullptr;
 
   int in_id(std::size_t i) const { return node.inputs.at(i); }
   int out_id(std::size_t i = 0) const { return node.outputs.at(i); }
@@ -51,6 +56,19 @@ struct BuildContext {
   std::size_t num_inputs() const { return node.inputs.size(); }
   /// Fixed address of input i, or nullptr.
   std::byte* fixed_input(std::size_t i) const { return fixed[static_cast<std::size_t>(in_id(i))]; }
+  /// Whether output `value` may be stored blocked (see blocked_ok).
+  bool may_block(int value) const {
+    return blocked_ok && (*blocked_ok)[static_cast<std::size_t>(value)];
+  }
+  /// The non-plain layout of `value`, or nullptr when it is plain.
+  const DnnlDesc* layout_of(int value) const {
+    if (!layouts) return nullptr;
+    const DnnlDesc& d = (*layouts)[static_cast<std::size_t>(value)];
+    return d.data.ndims == 0 ? nullptr : &d;
+  }
+  void set_layout(int value, const DnnlDesc& md) const {
+    if (layouts) (*layouts)[static_cast<std::size_t>(value)] = md;
+  }
 };
 
 /// Memory handed to a kernel once, after planning.

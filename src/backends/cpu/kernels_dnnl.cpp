@@ -102,7 +102,9 @@ std::unique_ptr<Kernel> make_conv2d_kernel(const BuildContext& cx) {
   const DnnlDims bias{ws[0]};
   auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
     using tag = dnnl::memory::format_tag;
-    DnnlDesc src(x, t, tag::any), wei(w, t, tag::any), dst(y, t, tag::any);
+    // The source is described as it lies (plain): with `any` oneDNN may pick a layout that
+    // costs a full reorder of the input on every run. Weights are reordered once at compile.
+    DnnlDesc src = plain_desc(x, t), wei(w, t, tag::any), dst(y, t, tag::any);
     auto desc = has_bias ? dnnl::convolution_forward::desc(
                                prop_kind::forward_inference, algorithm::convolution_direct, src,
                                wei, plain_desc(bias, t), dst, strides, dilation, padding, padding)
@@ -115,8 +117,17 @@ std::unique_ptr<Kernel> make_conv2d_kernel(const BuildContext& cx) {
   std::vector<Operand> in{{DNNL_ARG_SRC, cx.in_id(0), plain_desc(x, t)},
                           {DNNL_ARG_WEIGHTS, cx.in_id(1), plain_desc(w, t)}};
   if (has_bias) in.push_back({DNNL_ARG_BIAS, cx.in_id(2), plain_desc(bias, t)});
+  // Keep the primitive's own (blocked) output layout when a pool is the only reader and the
+  // blocked tensor takes no more bytes than the plain one: no per-run reorder.
+  DnnlDesc out_md = plain_desc(y, t);
+  DnnlDesc preferred = pd.dst_desc();
+  if (cx.may_block(cx.out_id()) && preferred.data_type() == t &&
+      preferred.get_size() == out_md.get_size()) {
+    out_md = preferred;
+    cx.set_layout(cx.out_id(), out_md);
+  }
   auto kernel = std::make_unique<DnnlKernel>();
-  add_primitive(*kernel, cx, pd, in, {{DNNL_ARG_DST, cx.out_id(), plain_desc(y, t)}});
+  add_primitive(*kernel, cx, pd, in, {{DNNL_ARG_DST, cx.out_id(), out_md}});
   return kernel;
 }
 
@@ -130,8 +141,13 @@ std::unique_ptr<Kernel> make_pooling(const BuildContext& cx, algorithm alg, cons
   const DnnlDims x = to_dims(cx.in(0).shape), y = to_dims(cx.out().shape);
   const bool dilated = dilation[0] > 1 || dilation[1] > 1;
   const DnnlDims dil{dilation[0] - 1, dilation[1] - 1};
+  // A blocked input (a convolution's preferred layout) is read as it lies; the output then uses
+  // the matching layout and is reordered to plain if it differs (small: pooled).
+  const DnnlDesc* blocked = cx.layout_of(cx.in_id(0));
   auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) -> dnnl::primitive_desc {
-    DnnlDesc src = plain_desc(x, t), dst = plain_desc(y, t);
+    bool use_blocked = blocked && blocked->data_type() == t;
+    DnnlDesc src = use_blocked ? *blocked : plain_desc(x, t);
+    DnnlDesc dst = use_blocked ? DnnlDesc(y, t, dnnl::memory::format_tag::any) : plain_desc(y, t);
     if (dilated) {
       return dnnl::pooling_v2_forward::primitive_desc(
           dnnl::pooling_v2_forward::desc(prop_kind::forward_inference, alg, src, dst, strides,
@@ -145,7 +161,7 @@ std::unique_ptr<Kernel> make_pooling(const BuildContext& cx, algorithm alg, cons
   });
   DnnlType t = dnnl_type(dt, cx.where);
   auto k = std::make_unique<DnnlKernel>();
-  add_primitive(*k, cx, pd, {{DNNL_ARG_SRC, cx.in_id(0), plain_desc(x, t)}},
+  add_primitive(*k, cx, pd, {{DNNL_ARG_SRC, cx.in_id(0), blocked ? *blocked : plain_desc(x, t)}},
                 {{DNNL_ARG_DST, cx.out_id(), plain_desc(y, t)}});
   return k;
 }

@@ -1,0 +1,114 @@
+// Internal (cuda backend): launchers of the backend's own CUDA kernels (kernels_*.cu).
+//
+// Shared by nvcc (the .cu files) and the host compiler (the .cpp files that build the steps):
+// plain C++17, CUDA types only from cuda_runtime_api.h. Every launcher enqueues on `stream`,
+// never synchronises, never allocates, and throws devpipe::Error (through check_launch) when
+// the launch itself fails. Floating kernels accept float32, bfloat16 and float16 and
+// accumulate in float; data-movement kernels work on raw elements of 1, 2, 4 or 8 bytes.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "devpipe/dtype.h"
+
+namespace devpipe::cuda {
+
+inline constexpr int kMaxDims = 8;
+inline constexpr int kMaxLocalRanks = 8;
+
+/// An iteration space (row-major, `size`) and, per operand, the element stride of every dim
+/// (0 where the operand is broadcast). Built on the host with dims merged where possible.
+struct StridedDims {
+  int ndim = 0;
+  std::int64_t size[kMaxDims] = {};
+  std::int64_t stride0[kMaxDims] = {};
+  std::int64_t stride1[kMaxDims] = {};
+};
+
+/// Fused activation of linear (and the standalone activations).
+enum class Act : int { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3, Silu = 4 };
+
+/// Throws devpipe::Error naming `kernel` when the last launch failed (cudaGetLastError).
+void check_launch(const char* kernel);
+
+/// y[i] = a[a_off(i)] (+|*) b[b_off(i)] over dims.size (contiguous y); offsets from
+/// dims.stride0 (a) and dims.stride1 (b). Int64 is exact (wrapping) arithmetic. `y` may be `a`
+/// when a is not broadcast.
+void launch_binary(bool mul, DType dt, const void* a, const void* b, void* y,
+                   const StridedDims& dims, cudaStream_t stream);
+
+/// y[r, c] = act(x[r, c] + bias[c]) for a [rows, cols] tensor; bias may be null; y may be x.
+void launch_bias_act(DType dt, const void* x, const void* bias, void* y, std::int64_t rows,
+                     std::int64_t cols, Act act, cudaStream_t stream);
+
+/// Softmax along the middle dim of x viewed as [outer, n, inner].
+void launch_softmax(DType dt, const void* x, void* y, std::int64_t outer, std::int64_t n,
+                    std::int64_t inner, cudaStream_t stream);
+
+/// LayerNorm (rms = false; w, b optional) or RmsNorm (rms = true; w optional) over the last
+/// `d` elements of each of `rows` rows.
+void launch_norm(DType dt, bool rms, const void* x, const void* w, const void* b, void* y,
+                 std::int64_t rows, std::int64_t d, float eps, cudaStream_t stream);
+
+struct PoolParams {
+  std::int64_t planes = 0, h = 0, w = 0, oh = 0, ow = 0;
+  int kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+};
+/// PyTorch's adaptive average pooling windows (only planes/h/w/oh/ow are used).
+void launch_adaptive_avg_pool(DType dt, const void* x, void* y, const PoolParams& p,
+                              cudaStream_t stream);
+/// Max pooling; padding counts as -inf; NaN wins.
+void launch_max_pool(DType dt, const void* x, void* y, const PoolParams& p, cudaStream_t stream);
+
+/// Written by kernels that find bad input (an embedding index out of range); lives in device
+/// memory and is read back by the host after a synchronising copy. code 0: no error.
+struct DeviceErrorRecord {
+  int code = 0;
+  int tag = 0;          // which node (the backend's registry of node descriptions)
+  long long value = 0;  // the offending index
+  long long position = 0;
+  long long limit = 0;  // the vocabulary size
+};
+
+/// out[i, :] = table[idx[i] - first, :]; rows outside [0, rows) give zeros, and when
+/// `report` is set the first such index is recorded in *err (tagged `tag`).
+void launch_embedding(std::size_t elem_bytes, const std::int64_t* idx, const void* table, void* y,
+                      std::int64_t count, std::int64_t rows, std::int64_t dim, std::int64_t first,
+                      bool report, DeviceErrorRecord* err, int tag, cudaStream_t stream);
+
+/// y (contiguous, dims.size) [i] = x[sum_d idx_d * dims.stride0[d]] (permute, strided slice).
+void launch_strided_copy(std::size_t elem_bytes, const void* x, void* y, const StridedDims& dims,
+                         cudaStream_t stream);
+
+/// Buffers of the ranks sharing one reduction.
+struct RankBuffers {
+  int count = 0;
+  void* ptr[kMaxLocalRanks] = {};
+};
+/// For i in [begin, end): s = sum over ranks (in rank order, in float) of buf[r][i]; every
+/// buf[r][i] = s.
+void launch_rank_reduce(DType dt, const RankBuffers& bufs, std::int64_t begin, std::int64_t end,
+                        cudaStream_t stream);
+
+struct ConvParams {
+  std::int64_t n = 0, c = 0, h = 0, w = 0, o = 0, oh = 0, ow = 0;
+  int kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1, groups = 1;
+};
+/// Direct convolution (the fallback when cuDNN has no algorithm); bias may be null.
+void launch_direct_conv(DType dt, const void* x, const void* w, const void* bias, void* y,
+                        const ConvParams& p, cudaStream_t stream);
+
+/// C[b][m][n] = sum_k A(b, m, k) * B(b, k, n), C contiguous [batch, M, N]; A(b, m, k) at
+/// a[b * a_batch + m * a_m + k * a_k], likewise B. The fallback when cuBLASLt has no algorithm.
+struct GemmParams {
+  std::int64_t batch = 1, m = 0, n = 0, k = 0;
+  std::int64_t a_batch = 0, a_m = 0, a_k = 0;
+  std::int64_t b_batch = 0, b_k = 0, b_n = 0;
+};
+void launch_naive_gemm(DType dt, const void* a, const void* b, void* c, const GemmParams& p,
+                       cudaStream_t stream);
+
+}  // namespace devpipe::cuda
