@@ -21,35 +21,11 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reference"))
 import st  # noqa: E402
+from vision_text_ref import TextModel, VisionModel  # noqa: E402  (the seed's models, shared with the tests)
 
 
 # --- models (same structure and state-dict keys as the devpipe workloads) -----------------
-
-class VisionModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 64, kernel_size=3, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(64, 512)
-
-    def forward(self, x):
-        x = self.conv(x)
-        x = self.pool(x)
-        x = torch.flatten(x, 1)
-        return self.fc(x)
-
-
-class TextModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embedding = nn.Linear(256, 512)
-        self.fusion = nn.Linear(1024, 1024)
-
-    def forward(self, vision_features, text_input):
-        text_features = self.embedding(text_input)
-        combined = torch.cat([vision_features, text_features], dim=1)
-        return self.fusion(combined)
-
+# The seed's VisionModel and TextModel come from tests/reference/vision_text_ref.py.
 
 class Proj(nn.Module):
     """One `large` stage: keys proj.weight, proj.bias."""
@@ -84,8 +60,8 @@ def build(workload, weights, device):
     """Returns (inputs: tuple of tensors, fn: callable(*inputs) -> output tensor)."""
     gen = torch.Generator().manual_seed(0)
     if workload == "seed":
-        vision = _load(VisionModel(), os.path.join(weights, "vision.safetensors"), device)
-        text = _load(TextModel(), os.path.join(weights, "text.safetensors"), device)
+        vision = _load(VisionModel(512), os.path.join(weights, "vision.safetensors"), device)
+        text = _load(TextModel(512, 256, 512, 1024), os.path.join(weights, "text.safetensors"), device)
         image = torch.randn(32, 3, 224, 224, generator=gen).to(device)
         text_in = torch.randn(32, 256, generator=gen).to(device)
 
