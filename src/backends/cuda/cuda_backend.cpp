@@ -52,7 +52,8 @@ std::vector<std::string>& error_tags() {
 std::string tag_description(int tag) {
   std::lock_guard lock(g_tags_mu);
   const auto& tags = error_tags();
-  if (tag >= 0 && static_cast<std::size_t>(tag) < tags.size()) return tags[static_cast<std::size_t>(tag)];
+  if (tag >= 0 && static_cast<std::size_t>(tag) < tags.size())
+    return tags[static_cast<std::size_t>(tag)];
   return "embedding";
 }
 
@@ -128,9 +129,10 @@ void* DeviceState::malloc_block(std::size_t cls) {
     (void)cudaGetLastError();
     std::size_t free_b = 0, total_b = 0;
     if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) (void)cudaGetLastError();
-    throw OutOfMemory("cuda backend: cudaMalloc of " + std::to_string(cls) + " bytes on cuda:" +
-                      std::to_string(device_) + " failed: out of memory (" + std::to_string(free_b) +
-                      " of " + std::to_string(total_b) + " bytes free after emptying the cache)");
+    throw OutOfMemory("cuda backend: cudaMalloc of " + std::to_string(cls) +
+                      " bytes on cuda:" + std::to_string(device_) + " failed: out of memory (" +
+                      std::to_string(free_b) + " of " + std::to_string(total_b) +
+                      " bytes free after emptying the cache)");
   }
   if (err != cudaSuccess) throw_cuda_error(err, "cudaMalloc", "cuda:" + std::to_string(device_));
   return p;
@@ -167,7 +169,8 @@ std::shared_ptr<void> DeviceState::acquire(std::size_t bytes) {
       for (cudaEvent_t e : block.fence) free_events_.push_back(e);
       if (err != cudaSuccess) {
         give_back(p, cls);
-        throw_cuda_error(err, "cudaStreamWaitEvent", "the pool fence of cuda:" + std::to_string(device_));
+        throw_cuda_error(err, "cudaStreamWaitEvent",
+                         "the pool fence of cuda:" + std::to_string(device_));
       }
     }
   } else {
@@ -282,8 +285,8 @@ void DeviceState::copy_to_host(void* host_dst, const void* src, std::size_t byte
   const std::size_t chunks = (bytes + kStagingChunk - 1) / kStagingChunk;
   auto enqueue = [&](std::size_t i) {
     const std::size_t off = i * kStagingChunk, n = std::min(kStagingChunk, bytes - off);
-    DEVPIPE_CUDA_CHECK(cudaMemcpyAsync(staging_[i % 2].get(), static_cast<const char*>(src) + off, n,
-                                       cudaMemcpyDeviceToHost, cs));
+    DEVPIPE_CUDA_CHECK(cudaMemcpyAsync(staging_[i % 2].get(), static_cast<const char*>(src) + off,
+                                       n, cudaMemcpyDeviceToHost, cs));
     DEVPIPE_CUDA_CHECK(cudaEventRecord(staging_done_[i % 2].get(), cs));
   };
   enqueue(0);
@@ -394,7 +397,8 @@ struct Globals {
   std::mutex params_mu;
   // (host address, bytes, device) -> (the host tensor, so the address stays its own; the
   // device copy while some executable still uses it)
-  std::map<std::tuple<const void*, std::size_t, int>, std::pair<Tensor, std::weak_ptr<void>>> uploads;
+  std::map<std::tuple<const void*, std::size_t, int>, std::pair<Tensor, std::weak_ptr<void>>>
+      uploads;
 };
 
 Globals* g_globals = nullptr;
@@ -442,7 +446,8 @@ class CudaBackend final : public Backend {
     return device_tensor(shape, dtype, device.index);
   }
 
-  void copy(void* dst, Device dst_dev, const void* src, Device src_dev, std::size_t bytes) override {
+  void copy(void* dst, Device dst_dev, const void* src, Device src_dev,
+            std::size_t bytes) override {
     if (bytes == 0) return;
     if (dst_dev.is_host() && src_dev.is_host()) {
       if (dst != src) std::memmove(dst, src, bytes);
@@ -580,7 +585,8 @@ void cuda_copy_rows_padded(void* dst, Device dst_dev, const void* src, Device sr
   }
   Backend& be = cuda_backend();
   be.copy(dst, dst_dev, src, src_dev, rows * row_bytes);
-  be.fill_zero(static_cast<char*>(dst) + rows * row_bytes, dst_dev, (total_rows - rows) * row_bytes);
+  be.fill_zero(static_cast<char*>(dst) + rows * row_bytes, dst_dev,
+               (total_rows - rows) * row_bytes);
 }
 
 void cuda_check_device_errors(Device device) {

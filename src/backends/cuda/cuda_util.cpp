@@ -98,8 +98,9 @@ int device_count(std::string* reason) {
 // ---- libraries ----
 
 void throw_cublas_error(cublasStatus_t st, const char* call, const std::string& where) {
-  std::string msg = std::string("cuda backend: ") + call + " failed: " + cublasLtGetStatusString(st) +
-                    " (" + cublasLtGetStatusName(st) + ")";
+  std::string msg = std::string("cuda backend: ") + call +
+                    " failed: " + cublasLtGetStatusString(st) + " (" + cublasLtGetStatusName(st) +
+                    ")";
   if (!where.empty()) msg += " in " + where;
   if (st == CUBLAS_STATUS_ALLOC_FAILED) throw OutOfMemory(msg);
   if (st == CUBLAS_STATUS_NOT_SUPPORTED) throw Unsupported(msg);
@@ -122,30 +123,42 @@ void throw_nccl_error(ncclResult_t st, const char* call, const std::string& wher
 
 cudaDataType_t cuda_data_type(DType dt) {
   switch (dt) {
-    case DType::Float32: return CUDA_R_32F;
-    case DType::BFloat16: return CUDA_R_16BF;
-    case DType::Float16: return CUDA_R_16F;
-    default: break;
+    case DType::Float32:
+      return CUDA_R_32F;
+    case DType::BFloat16:
+      return CUDA_R_16BF;
+    case DType::Float16:
+      return CUDA_R_16F;
+    default:
+      break;
   }
   throw Unsupported("cuda backend: no CUDA data type for " + std::string(dtype_name(dt)));
 }
 
 cudnnDataType_t cudnn_data_type(DType dt) {
   switch (dt) {
-    case DType::Float32: return CUDNN_DATA_FLOAT;
-    case DType::BFloat16: return CUDNN_DATA_BFLOAT16;
-    case DType::Float16: return CUDNN_DATA_HALF;
-    default: break;
+    case DType::Float32:
+      return CUDNN_DATA_FLOAT;
+    case DType::BFloat16:
+      return CUDNN_DATA_BFLOAT16;
+    case DType::Float16:
+      return CUDNN_DATA_HALF;
+    default:
+      break;
   }
   throw Unsupported("cuda backend: no cuDNN data type for " + std::string(dtype_name(dt)));
 }
 
 ncclDataType_t nccl_data_type(DType dt) {
   switch (dt) {
-    case DType::Float32: return ncclFloat32;
-    case DType::BFloat16: return ncclBfloat16;
-    case DType::Float16: return ncclFloat16;
-    default: break;
+    case DType::Float32:
+      return ncclFloat32;
+    case DType::BFloat16:
+      return ncclBfloat16;
+    case DType::Float16:
+      return ncclFloat16;
+    default:
+      break;
   }
   throw Unsupported("cuda backend: no NCCL data type for " + std::string(dtype_name(dt)));
 }

@@ -17,7 +17,8 @@ namespace devpipe::cuda {
 
 /// Throws OutOfMemory (cudaErrorMemoryAllocation) or Error: "cuda backend: <call> failed:
 /// <error string> (<error name>)[ in <where>]".
-[[noreturn]] void throw_cuda_error(cudaError_t err, const char* call, const std::string& where = {});
+[[noreturn]] void throw_cuda_error(cudaError_t err, const char* call,
+                                   const std::string& where = {});
 
 inline void check_cuda(cudaError_t err, const char* call) {
   if (err != cudaSuccess) throw_cuda_error(err, call);

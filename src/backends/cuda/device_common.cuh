@@ -19,7 +19,8 @@ inline constexpr int kThreads = 256;
 /// Blocks for a grid-stride loop over n items.
 inline unsigned grid_for(std::int64_t n, int threads = kThreads) {
   const std::int64_t blocks = (n + threads - 1) / threads;
-  return static_cast<unsigned>(std::max<std::int64_t>(1, std::min<std::int64_t>(blocks, 65535LL * 16)));
+  return static_cast<unsigned>(
+      std::max<std::int64_t>(1, std::min<std::int64_t>(blocks, 65535LL * 16)));
 }
 
 __device__ __forceinline__ std::int64_t global_index() {
@@ -52,10 +53,17 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
 template <class F>
 void dispatch_float(DType dt, const char* what, F&& f) {
   switch (dt) {
-    case DType::Float32: f(float{}); return;
-    case DType::BFloat16: f(__nv_bfloat16{}); return;
-    case DType::Float16: f(__half{}); return;
-    default: break;
+    case DType::Float32:
+      f(float{});
+      return;
+    case DType::BFloat16:
+      f(__nv_bfloat16{});
+      return;
+    case DType::Float16:
+      f(__half{});
+      return;
+    default:
+      break;
   }
   throw Unsupported(std::string("cuda backend: ") + what + " has no " +
                     std::string(dtype_name(dt)) + " kernel");

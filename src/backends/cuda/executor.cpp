@@ -91,7 +91,8 @@ std::size_t place_blocks(std::vector<Block>& blocks) {
       const Block& p = blocks[pi];
       if (p.first <= b.last && b.first <= p.last) live.push_back(&p);
     }
-    std::sort(live.begin(), live.end(), [](const Block* x, const Block* y) { return x->offset < y->offset; });
+    std::sort(live.begin(), live.end(),
+              [](const Block* x, const Block* y) { return x->offset < y->offset; });
     std::size_t offset = 0;
     for (const Block* p : live) {
       if (offset + b.bytes <= p->offset) break;
@@ -156,7 +157,7 @@ class CudaExecutable final : public Executable {
   std::vector<int> output_roots_;
   std::vector<Alias> dynamic_aliases_;
   std::vector<EndCopy> end_copies_;
-  Tensor arena_;
+  std::shared_ptr<void> arena_;  // a pool block
   std::size_t arena_bytes_ = 0;
 
   bool graphs_enabled_ = false;
@@ -190,12 +191,13 @@ CudaExecutable::CudaExecutable(const Graph& graph, const std::vector<Tensor>& pa
     const Tensor& t = params[i];
     const bool usable = t.defined() && (t.device().is_host() || t.device() == Device::cuda(device));
     if (!usable || t.shape() != info.shape || t.dtype() != info.dtype) {
-      throw InvalidArgument(
-          "cuda backend: parameter '" + p.key + "' is " +
-          (t.defined() ? t.shape().to_string() + " " + std::string(dtype_name(t.dtype())) + " on " +
-                             t.device().to_string()
-                       : std::string("undefined")) +
-          ", the graph expects a host (or cuda:" + std::to_string(device) + ") tensor " + info_text(info));
+      throw InvalidArgument("cuda backend: parameter '" + p.key + "' is " +
+                            (t.defined() ? t.shape().to_string() + " " +
+                                               std::string(dtype_name(t.dtype())) + " on " +
+                                               t.device().to_string()
+                                         : std::string("undefined")) +
+                            ", the graph expects a host (or cuda:" + std::to_string(device) +
+                            ") tensor " + info_text(info));
     }
   }
   params_.reserve(params.size());
@@ -221,7 +223,8 @@ CudaExecutable::CudaExecutable(const Graph& graph, const std::vector<Tensor>& pa
     for (int out : node.outputs) {
       auto o = static_cast<std::size_t>(out);
       if (kind.at(o) != Kind::None) {
-        throw FormatError("cuda backend: " + describe(graph, node) + " redefines value " + std::to_string(out));
+        throw FormatError("cuda backend: " + describe(graph, node) + " redefines value " +
+                          std::to_string(out));
       }
       kind[o] = Kind::Produced;
       producer[o] = i;
@@ -238,7 +241,9 @@ CudaExecutable::CudaExecutable(const Graph& graph, const std::vector<Tensor>& pa
     if (kind[r] == Kind::Param) fixed[v] = fixed[r] + root_offset_[v];
   }
 
-  // Steps.
+  // Steps (under the rank's lock: builders use its library handles, which a run on another
+  // thread may be using).
+  std::unique_lock rank_lock(ctx_.mu);
   steps_.resize(static_cast<std::size_t>(num_nodes));
   std::vector<std::size_t> scratch(static_cast<std::size_t>(num_nodes), 0);
   bool capturable = true;
@@ -254,6 +259,7 @@ CudaExecutable::CudaExecutable(const Graph& graph, const std::vector<Tensor>& pa
     scratch[static_cast<std::size_t>(i)] = s->scratch_bytes();
     steps_[static_cast<std::size_t>(i)].step = std::move(s);
   }
+  rank_lock.unlock();
 
   // Outputs written in place: a produced root returned whole, once.
   std::vector<bool> claimed(nv, false);
@@ -266,7 +272,8 @@ CudaExecutable::CudaExecutable(const Graph& graph, const std::vector<Tensor>& pa
                         std::to_string(v) + ") is never defined");
     }
     const std::size_t bytes = value_bytes(graph.value(v));
-    if (kind[r] == Kind::Produced && !claimed[r] && root_offset_[static_cast<std::size_t>(v)] == 0 &&
+    if (kind[r] == Kind::Produced && !claimed[r] &&
+        root_offset_[static_cast<std::size_t>(v)] == 0 &&
         bytes == value_bytes(graph.value(static_cast<int>(r)))) {
       claimed[r] = true;
       output_roots_[j] = static_cast<int>(r);
@@ -299,10 +306,8 @@ CudaExecutable::CudaExecutable(const Graph& graph, const std::vector<Tensor>& pa
     block_value.push_back(-(i + 1));
   }
   arena_bytes_ = place_blocks(blocks);
-  if (arena_bytes_ > 0) {
-    arena_ = device_tensor(Shape{static_cast<std::int64_t>(arena_bytes_)}, DType::Float32, device);
-  }
-  auto* base = static_cast<std::byte*>(arena_.defined() ? arena_.raw_data() : nullptr);
+  if (arena_bytes_ > 0) arena_ = ctx_.device_state().acquire(arena_bytes_);
+  auto* base = static_cast<std::byte*>(arena_.get());
 
   values_.assign(nv, nullptr);
   for (std::size_t v = 0; v < nv; ++v) {
@@ -342,8 +347,9 @@ void CudaExecutable::launch_all(cudaStream_t stream, const std::vector<void*>& o
   }
   for (const EndCopy& c : end_copies_) {
     if (c.bytes == 0) continue;
-    DEVPIPE_CUDA_CHECK(cudaMemcpyAsync(outputs[c.output], values_[static_cast<std::size_t>(c.value)],
-                                       c.bytes, cudaMemcpyDeviceToDevice, stream));
+    DEVPIPE_CUDA_CHECK(cudaMemcpyAsync(outputs[c.output],
+                                       values_[static_cast<std::size_t>(c.value)], c.bytes,
+                                       cudaMemcpyDeviceToDevice, stream));
   }
 }
 
@@ -352,7 +358,8 @@ CudaExecutable::Captured* CudaExecutable::find_graph(const std::vector<const voi
   for (Captured& g : graphs_) {
     bool same = true;
     for (std::size_t i = 0; same && i < inputs.size(); ++i) same = g.key[i] == inputs[i];
-    for (std::size_t i = 0; same && i < outputs.size(); ++i) same = g.key[inputs.size() + i] == outputs[i];
+    for (std::size_t i = 0; same && i < outputs.size(); ++i)
+      same = g.key[inputs.size() + i] == outputs[i];
     if (same) return &g;
   }
   return nullptr;
@@ -391,8 +398,9 @@ CudaExecutable::Captured* CudaExecutable::capture(const std::vector<const void*>
   if (graphs_.size() < kMaxGraphs) {
     slot = &graphs_.emplace_back();
   } else {
-    slot = &*std::min_element(graphs_.begin(), graphs_.end(),
-                              [](const Captured& a, const Captured& b) { return a.last_use < b.last_use; });
+    slot = &*std::min_element(
+        graphs_.begin(), graphs_.end(),
+        [](const Captured& a, const Captured& b) { return a.last_use < b.last_use; });
   }
   slot->key.assign(inputs.begin(), inputs.end());
   slot->key.insert(slot->key.end(), outputs.begin(), outputs.end());
@@ -400,12 +408,13 @@ CudaExecutable::Captured* CudaExecutable::capture(const std::vector<const void*>
   return slot;
 }
 
-void CudaExecutable::run(const std::vector<const void*>& inputs, const std::vector<void*>& outputs) {
+void CudaExecutable::run(const std::vector<const void*>& inputs,
+                         const std::vector<void*>& outputs) {
   if (inputs.size() != input_roots_.size() || outputs.size() != output_roots_.size()) {
-    throw InvalidArgument("cuda backend: run got " + std::to_string(inputs.size()) + " inputs and " +
-                          std::to_string(outputs.size()) + " outputs, the graph has " +
-                          std::to_string(input_roots_.size()) + " and " +
-                          std::to_string(output_roots_.size()));
+    throw InvalidArgument("cuda backend: run got " + std::to_string(inputs.size()) +
+                          " inputs and " + std::to_string(outputs.size()) +
+                          " outputs, the graph has " + std::to_string(input_roots_.size()) +
+                          " and " + std::to_string(output_roots_.size()));
   }
   std::lock_guard lock(ctx_.mu);
   DeviceGuard guard(ctx_.device());
@@ -419,7 +428,8 @@ void CudaExecutable::run(const std::vector<const void*>& inputs, const std::vect
     }
   }
   for (const Alias& a : dynamic_aliases_) {
-    values_[static_cast<std::size_t>(a.value)] = values_[static_cast<std::size_t>(a.root)] + a.offset;
+    values_[static_cast<std::size_t>(a.value)] =
+        values_[static_cast<std::size_t>(a.root)] + a.offset;
   }
   const cudaStream_t stream = ctx_.stream();
   if (graphs_enabled_) {
@@ -440,12 +450,17 @@ void CudaExecutable::run(const std::vector<const void*>& inputs, const std::vect
 
 std::unique_ptr<Step> make_step(const BuildContext& cx) {
   switch (cx.node.op) {
-    case OpKind::Linear: return make_linear_step(cx);
-    case OpKind::Matmul: return make_matmul_step(cx);
-    case OpKind::Conv2d: return make_conv2d_step(cx);
+    case OpKind::Linear:
+      return make_linear_step(cx);
+    case OpKind::Matmul:
+      return make_matmul_step(cx);
+    case OpKind::Conv2d:
+      return make_conv2d_step(cx);
     case OpKind::AllReduce:
-    case OpKind::AllGather: return make_collective_step(cx);
-    default: return make_basic_step(cx);
+    case OpKind::AllGather:
+      return make_collective_step(cx);
+    default:
+      return make_basic_step(cx);
   }
 }
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/cuda/plan.h"
 #include "backends/cuda/runtime.h"
 #include "runtime/backend.h"
 
@@ -74,13 +75,5 @@ std::unique_ptr<Step> make_basic_step(const BuildContext& cx);  // every other o
 /// The cuda backend's Executable. See executor.cpp for the memory plan and the graph policy.
 std::unique_ptr<Executable> make_executable(const Graph& graph, const std::vector<Tensor>& params,
                                             const RankInfo& rank);
-
-/// Merges adjacent dims of an iteration space where every operand stays linear (strides
-/// chain), dropping size-1 dims. Used by the elementwise and data-movement steps.
-StridedDims collapse_dims(const std::vector<std::int64_t>& size, const std::vector<std::int64_t>& s0,
-                          const std::vector<std::int64_t>& s1);
-
-/// Row-major strides of a shape (elements).
-std::vector<std::int64_t> row_major_strides(const Shape& s);
 
 }  // namespace devpipe::cuda

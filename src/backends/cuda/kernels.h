@@ -12,21 +12,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "backends/cuda/strided_dims.h"
 #include "devpipe/dtype.h"
 
 namespace devpipe::cuda {
 
-inline constexpr int kMaxDims = 8;
 inline constexpr int kMaxLocalRanks = 8;
-
-/// An iteration space (row-major, `size`) and, per operand, the element stride of every dim
-/// (0 where the operand is broadcast). Built on the host with dims merged where possible.
-struct StridedDims {
-  int ndim = 0;
-  std::int64_t size[kMaxDims] = {};
-  std::int64_t stride0[kMaxDims] = {};
-  std::int64_t stride1[kMaxDims] = {};
-};
 
 /// Fused activation of linear (and the standalone activations).
 enum class Act : int { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3, Silu = 4 };

@@ -28,11 +28,20 @@ struct Unit<8> {
 template <class F>
 void dispatch_bytes(std::size_t bytes, const char* what, F&& f) {
   switch (bytes) {
-    case 1: f(Unit<1>::T{}); return;
-    case 2: f(Unit<2>::T{}); return;
-    case 4: f(Unit<4>::T{}); return;
-    case 8: f(Unit<8>::T{}); return;
-    default: break;
+    case 1:
+      f(Unit<1>::T{});
+      return;
+    case 2:
+      f(Unit<2>::T{});
+      return;
+    case 4:
+      f(Unit<4>::T{});
+      return;
+    case 8:
+      f(Unit<8>::T{});
+      return;
+    default:
+      break;
   }
   throw Unsupported(std::string("cuda backend: ") + what + " of " + std::to_string(bytes) +
                     "-byte elements");
@@ -111,7 +120,8 @@ void launch_embedding(std::size_t elem_bytes, const std::int64_t* idx, const voi
   dispatch_bytes(elem_bytes, "embedding", [&](auto unit) {
     using E = decltype(unit);
     embedding_kernel<E><<<grid_for(count * dim), kThreads, 0, stream>>>(
-        idx, static_cast<const E*>(table), static_cast<E*>(y), count, rows, dim, first, report, err, tag);
+        idx, static_cast<const E*>(table), static_cast<E*>(y), count, rows, dim, first, report, err,
+        tag);
   });
   check_launch("embedding");
 }
@@ -124,7 +134,7 @@ void launch_strided_copy(std::size_t elem_bytes, const void* x, void* y, const S
   dispatch_bytes(elem_bytes, "strided copy", [&](auto unit) {
     using E = decltype(unit);
     strided_copy_kernel<E><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const E*>(x),
-                                                                  static_cast<E*>(y), dims, n);
+                                                                 static_cast<E*>(y), dims, n);
   });
   check_launch("strided copy");
 }

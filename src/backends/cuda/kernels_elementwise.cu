@@ -23,8 +23,8 @@ struct BinaryOp<std::int64_t> {
 };
 
 template <class T>
-__global__ void binary_kernel(const T* a, const T* b, T* y, StridedDims d,
-                              std::int64_t n, bool mul) {
+__global__ void binary_kernel(const T* a, const T* b, T* y, StridedDims d, std::int64_t n,
+                              bool mul) {
   for (std::int64_t i = global_index(); i < n; i += global_stride()) {
     std::int64_t rem = i, oa = 0, ob = 0;
     for (int k = d.ndim - 1; k >= 0; --k) {
@@ -47,14 +47,18 @@ __global__ void binary_flat_kernel(const T* a, const T* b, T* y, std::int64_t n,
 
 __device__ __forceinline__ float activate(float v, Act act) {
   switch (act) {
-    case Act::None: return v;
-    case Act::Relu: return (v > 0.f || isnan(v)) ? v : 0.f;
-    case Act::Gelu: return 0.5f * v * (1.f + erff(v * 0.70710678118654752440f));
+    case Act::None:
+      return v;
+    case Act::Relu:
+      return (v > 0.f || isnan(v)) ? v : 0.f;
+    case Act::Gelu:
+      return 0.5f * v * (1.f + erff(v * 0.70710678118654752440f));
     case Act::GeluTanh: {
       const float k = 0.79788456080286535588f;  // sqrt(2 / pi)
       return 0.5f * v * (1.f + tanhf(k * (v + 0.044715f * v * v * v)));
     }
-    case Act::Silu: return v / (1.f + expf(-v));
+    case Act::Silu:
+      return v / (1.f + expf(-v));
   }
   return v;
 }
@@ -81,8 +85,8 @@ __global__ void rank_reduce_kernel(RankBuffers bufs, std::int64_t begin, std::in
 }
 
 template <class T>
-__global__ void naive_gemm_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c,
-                                  GemmParams p) {
+__global__ void naive_gemm_kernel(const T* __restrict__ a, const T* __restrict__ b,
+                                  T* __restrict__ c, GemmParams p) {
   const std::int64_t total = p.batch * p.m * p.n;
   for (std::int64_t i = global_index(); i < total; i += global_stride()) {
     const std::int64_t col = i % p.n, row = (i / p.n) % p.m, bi = i / (p.n * p.m);
@@ -105,8 +109,8 @@ bool same_shape_contiguous(const StridedDims& d) {
 
 }  // namespace
 
-void launch_binary(bool mul, DType dt, const void* a, const void* b, void* y, const StridedDims& dims,
-                   cudaStream_t stream) {
+void launch_binary(bool mul, DType dt, const void* a, const void* b, void* y,
+                   const StridedDims& dims, cudaStream_t stream) {
   std::int64_t n = 1;
   for (int k = 0; k < dims.ndim; ++k) n *= dims.size[k];
   if (n == 0) return;

@@ -15,7 +15,8 @@ int row_threads(std::int64_t n) {
 }
 
 unsigned row_blocks(std::int64_t rows) {
-  return static_cast<unsigned>(std::max<std::int64_t>(1, std::min<std::int64_t>(rows, 65535LL * 16)));
+  return static_cast<unsigned>(
+      std::max<std::int64_t>(1, std::min<std::int64_t>(rows, 65535LL * 16)));
 }
 
 // ---- softmax ----
@@ -60,8 +61,9 @@ __global__ void softmax_cols_kernel(const T* __restrict__ x, T* __restrict__ y, 
 // ---- norms ----
 
 template <class T, bool kRms>
-__global__ void norm_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
-                            T* __restrict__ y, std::int64_t rows, std::int64_t d, float eps) {
+__global__ void norm_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                            const T* __restrict__ b, T* __restrict__ y, std::int64_t rows,
+                            std::int64_t d, float eps) {
   __shared__ float sh[32];
   for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* xr = x + r * d;
@@ -154,9 +156,11 @@ void launch_norm(DType dt, bool rms, const void* x, const void* w, const void* b
     auto* bp = static_cast<const T*>(b);
     auto* yp = static_cast<T*>(y);
     if (rms) {
-      norm_kernel<T, true><<<row_blocks(rows), row_threads(d), 0, stream>>>(xp, wp, nullptr, yp, rows, d, eps);
+      norm_kernel<T, true>
+          <<<row_blocks(rows), row_threads(d), 0, stream>>>(xp, wp, nullptr, yp, rows, d, eps);
     } else {
-      norm_kernel<T, false><<<row_blocks(rows), row_threads(d), 0, stream>>>(xp, wp, bp, yp, rows, d, eps);
+      norm_kernel<T, false>
+          <<<row_blocks(rows), row_threads(d), 0, stream>>>(xp, wp, bp, yp, rows, d, eps);
     }
   });
   check_launch(rms ? "rms_norm" : "layer_norm");
@@ -168,8 +172,8 @@ void launch_adaptive_avg_pool(DType dt, const void* x, void* y, const PoolParams
   if (total == 0) return;
   dispatch_float(dt, "adaptive_avg_pool2d", [&](auto tag) {
     using T = decltype(tag);
-    adaptive_avg_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(static_cast<const T*>(x),
-                                                                      static_cast<T*>(y), p);
+    adaptive_avg_kernel<T>
+        <<<grid_for(total), kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), p);
   });
   check_launch("adaptive_avg_pool2d");
 }
@@ -179,8 +183,8 @@ void launch_max_pool(DType dt, const void* x, void* y, const PoolParams& p, cuda
   if (total == 0) return;
   dispatch_float(dt, "max_pool2d", [&](auto tag) {
     using T = decltype(tag);
-    max_pool_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(static_cast<const T*>(x),
-                                                                  static_cast<T*>(y), p);
+    max_pool_kernel<T>
+        <<<grid_for(total), kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), p);
   });
   check_launch("max_pool2d");
 }

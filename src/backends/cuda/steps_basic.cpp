@@ -7,72 +7,21 @@
 
 namespace devpipe::cuda {
 
-std::vector<std::int64_t> row_major_strides(const Shape& s) {
-  std::vector<std::int64_t> st(static_cast<std::size_t>(s.rank()), 1);
-  for (int i = s.rank() - 2; i >= 0; --i) {
-    st[static_cast<std::size_t>(i)] = st[static_cast<std::size_t>(i + 1)] * s[static_cast<std::size_t>(i + 1)];
-  }
-  return st;
-}
-
-StridedDims collapse_dims(const std::vector<std::int64_t>& size, const std::vector<std::int64_t>& s0,
-                          const std::vector<std::int64_t>& s1) {
-  struct D {
-    std::int64_t size, s0, s1;
-  };
-  std::vector<D> kept;
-  for (std::size_t i = 0; i < size.size(); ++i) {
-    if (size[i] != 1) kept.push_back({size[i], s0[i], s1[i]});
-  }
-  std::vector<D> merged;  // innermost first
-  for (std::size_t k = kept.size(); k-- > 0;) {
-    const D& d = kept[k];
-    if (!merged.empty()) {
-      D& cur = merged.back();
-      if (d.s0 == cur.s0 * cur.size && d.s1 == cur.s1 * cur.size) {
-        cur.size *= d.size;
-        continue;
-      }
-    }
-    merged.push_back(d);
-  }
-  std::reverse(merged.begin(), merged.end());
-  if (merged.empty()) merged.push_back({1, 0, 0});
-  if (merged.size() > static_cast<std::size_t>(kMaxDims)) {
-    throw Unsupported("cuda backend: an iteration space of " + std::to_string(merged.size()) +
-                      " non-mergeable dims (at most " + std::to_string(kMaxDims) + ")");
-  }
-  StridedDims out;
-  out.ndim = static_cast<int>(merged.size());
-  for (std::size_t i = 0; i < merged.size(); ++i) {
-    out.size[i] = merged[i].size;
-    out.stride0[i] = merged[i].s0;
-    out.stride1[i] = merged[i].s1;
-  }
-  return out;
-}
-
 namespace {
-
-/// Strides of `s` seen as broadcast to `os` (right-aligned; 0 where s has size 1 or no dim).
-std::vector<std::int64_t> broadcast_strides(const Shape& s, const Shape& os) {
-  const auto st = row_major_strides(s);
-  std::vector<std::int64_t> out(static_cast<std::size_t>(os.rank()), 0);
-  const int off = os.rank() - s.rank();
-  for (int i = 0; i < s.rank(); ++i) {
-    if (s[static_cast<std::size_t>(i)] != 1) out[static_cast<std::size_t>(off + i)] = st[static_cast<std::size_t>(i)];
-  }
-  return out;
-}
 
 // ---- elementwise ----
 
 class BinaryStep final : public Step {
  public:
   explicit BinaryStep(const BuildContext& cx)
-      : mul_(cx.node.op == OpKind::Mul), dt_(cx.out().dtype), a_(cx.in_id(0)), b_(cx.in_id(1)), y_(cx.out_id()) {
+      : mul_(cx.node.op == OpKind::Mul),
+        dt_(cx.out().dtype),
+        a_(cx.in_id(0)),
+        b_(cx.in_id(1)),
+        y_(cx.out_id()) {
     const Shape& os = cx.out().shape;
-    dims_ = collapse_dims(os.dims(), broadcast_strides(cx.in(0).shape, os), broadcast_strides(cx.in(1).shape, os));
+    dims_ = collapse_dims(os.dims(), broadcast_strides(cx.in(0).shape, os),
+                          broadcast_strides(cx.in(1).shape, os));
   }
   void launch(const LaunchContext& cx) override {
     launch_binary(mul_, dt_, cx.at(a_), cx.at(b_), cx.at(y_), dims_, cx.stream);
@@ -88,7 +37,11 @@ class BinaryStep final : public Step {
 class ActivationStep final : public Step {
  public:
   ActivationStep(const BuildContext& cx, Act act)
-      : act_(act), dt_(cx.out().dtype), x_(cx.in_id(0)), y_(cx.out_id()), n_(cx.out().shape.numel()) {}
+      : act_(act),
+        dt_(cx.out().dtype),
+        x_(cx.in_id(0)),
+        y_(cx.out_id()),
+        n_(cx.out().shape.numel()) {}
   void launch(const LaunchContext& cx) override {
     launch_bias_act(dt_, cx.at(x_), nullptr, cx.at(y_), 1, n_, act_, cx.stream);
   }
@@ -101,7 +54,8 @@ class ActivationStep final : public Step {
 };
 
 /// [outer, n, inner] around `dim`.
-void split_at(const Shape& s, std::size_t dim, std::int64_t& outer, std::int64_t& n, std::int64_t& inner) {
+void split_at(const Shape& s, std::size_t dim, std::int64_t& outer, std::int64_t& n,
+              std::int64_t& inner) {
   outer = 1;
   inner = 1;
   for (std::size_t i = 0; i < dim; ++i) outer *= s[i];
@@ -111,7 +65,8 @@ void split_at(const Shape& s, std::size_t dim, std::int64_t& outer, std::int64_t
 
 class SoftmaxStep final : public Step {
  public:
-  explicit SoftmaxStep(const BuildContext& cx) : dt_(cx.out().dtype), x_(cx.in_id(0)), y_(cx.out_id()) {
+  explicit SoftmaxStep(const BuildContext& cx)
+      : dt_(cx.out().dtype), x_(cx.in_id(0)), y_(cx.out_id()) {
     split_at(cx.in(0).shape, static_cast<std::size_t>(cx.node.attrs.i("dim")), outer_, n_, inner_);
   }
   void launch(const LaunchContext& cx) override {
@@ -155,7 +110,10 @@ class NormStep final : public Step {
 class PoolStep final : public Step {
  public:
   explicit PoolStep(const BuildContext& cx)
-      : max_(cx.node.op == OpKind::MaxPool2d), dt_(cx.out().dtype), x_(cx.in_id(0)), y_(cx.out_id()) {
+      : max_(cx.node.op == OpKind::MaxPool2d),
+        dt_(cx.out().dtype),
+        x_(cx.in_id(0)),
+        y_(cx.out_id()) {
     const Shape& xs = cx.in(0).shape;
     const Shape& ys = cx.out().shape;
     p_.planes = xs[0] * xs[1];
@@ -217,8 +175,8 @@ class EmbeddingStep final : public Step {
     }
   }
   void launch(const LaunchContext& cx) override {
-    launch_embedding(elem_, reinterpret_cast<const std::int64_t*>(cx.at(idx_)), cx.at(table_), cx.at(y_),
-                     count_, rows_, dim_, first_, report_, err_, tag_, cx.stream);
+    launch_embedding(elem_, reinterpret_cast<const std::int64_t*>(cx.at(idx_)), cx.at(table_),
+                     cx.at(y_), count_, rows_, dim_, first_, report_, err_, tag_, cx.stream);
   }
 
  private:
@@ -256,10 +214,11 @@ class ConcatStep final : public Step {
     for (const Part& p : parts_) {
       if (p.row == 0 || outer_ == 0) continue;
       if (outer_ == 1) {
-        DEVPIPE_CUDA_CHECK(cudaMemcpyAsync(y + p.band, cx.at(p.value), p.row, cudaMemcpyDeviceToDevice, cx.stream));
+        DEVPIPE_CUDA_CHECK(cudaMemcpyAsync(y + p.band, cx.at(p.value), p.row,
+                                           cudaMemcpyDeviceToDevice, cx.stream));
       } else {
-        DEVPIPE_CUDA_CHECK(cudaMemcpy2DAsync(y + p.band, out_row_, cx.at(p.value), p.row, p.row, outer_,
-                                             cudaMemcpyDeviceToDevice, cx.stream));
+        DEVPIPE_CUDA_CHECK(cudaMemcpy2DAsync(y + p.band, out_row_, cx.at(p.value), p.row, p.row,
+                                             outer_, cudaMemcpyDeviceToDevice, cx.stream));
       }
     }
   }
@@ -278,9 +237,11 @@ class ConcatStep final : public Step {
 /// step is 1, else a strided-copy kernel.
 class SliceStep final : public Step {
  public:
-  explicit SliceStep(const BuildContext& cx) : x_(cx.in_id(0)), y_(cx.out_id()), es_(dtype_size(cx.out().dtype)) {
+  explicit SliceStep(const BuildContext& cx)
+      : x_(cx.in_id(0)), y_(cx.out_id()), es_(dtype_size(cx.out().dtype)) {
     const auto dim = static_cast<std::size_t>(cx.node.attrs.i("dim"));
-    const std::int64_t shift = static_cast<std::int64_t>(cx.rank.rank) * cx.node.attrs.i("rank_stride", 0);
+    const std::int64_t shift =
+        static_cast<std::int64_t>(cx.rank.rank) * cx.node.attrs.i("rank_stride", 0);
     const std::int64_t start = cx.node.attrs.i("start") + shift;
     const std::int64_t end = cx.node.attrs.i("end") + shift;
     const std::int64_t step = cx.node.attrs.i("step", 1);
@@ -288,9 +249,9 @@ class SliceStep final : public Step {
     std::int64_t outer, n, inner;
     split_at(xs, dim, outer, n, inner);
     if (start < 0 || end > n) {
-      throw ShapeError("cuda backend: " + cx.where + ": rank " + std::to_string(cx.rank.rank) + " range [" +
-                       std::to_string(start) + ":" + std::to_string(end) + "] is outside dim " +
-                       std::to_string(dim) + " of " + xs.to_string());
+      throw ShapeError("cuda backend: " + cx.where + ": rank " + std::to_string(cx.rank.rank) +
+                       " range [" + std::to_string(start) + ":" + std::to_string(end) +
+                       "] is outside dim " + std::to_string(dim) + " of " + xs.to_string());
     }
     const std::int64_t m = cx.out().shape[dim];
     offset_ = static_cast<std::size_t>(start * inner) * es_;
@@ -323,7 +284,8 @@ class SliceStep final : public Step {
 
 class PermuteStep final : public Step {
  public:
-  explicit PermuteStep(const BuildContext& cx) : x_(cx.in_id(0)), y_(cx.out_id()), es_(dtype_size(cx.out().dtype)) {
+  explicit PermuteStep(const BuildContext& cx)
+      : x_(cx.in_id(0)), y_(cx.out_id()), es_(dtype_size(cx.out().dtype)) {
     const auto& perm = cx.node.attrs.ints("dims");
     const auto xst = row_major_strides(cx.in(0).shape);
     std::vector<std::int64_t> st;
@@ -334,7 +296,9 @@ class PermuteStep final : public Step {
   }
   void launch(const LaunchContext& cx) override {
     if (identity_) {
-      if (bytes_) DEVPIPE_CUDA_CHECK(cudaMemcpyAsync(cx.at(y_), cx.at(x_), bytes_, cudaMemcpyDeviceToDevice, cx.stream));
+      if (bytes_)
+        DEVPIPE_CUDA_CHECK(
+            cudaMemcpyAsync(cx.at(y_), cx.at(x_), bytes_, cudaMemcpyDeviceToDevice, cx.stream));
       return;
     }
     launch_strided_copy(es_, cx.at(x_), cx.at(y_), dims_, cx.stream);
@@ -349,7 +313,8 @@ class PermuteStep final : public Step {
 
 void require_float(const BuildContext& cx, DType dt) {
   if (!is_floating(dt)) {
-    throw Unsupported("cuda backend: " + cx.where + ": no " + std::string(dtype_name(dt)) + " kernel");
+    throw Unsupported("cuda backend: " + cx.where + ": no " + std::string(dtype_name(dt)) +
+                      " kernel");
   }
 }
 
@@ -358,22 +323,39 @@ void require_float(const BuildContext& cx, DType dt) {
 std::unique_ptr<Step> make_basic_step(const BuildContext& cx) {
   switch (cx.node.op) {
     case OpKind::Add:
-    case OpKind::Mul: return std::make_unique<BinaryStep>(cx);
+    case OpKind::Mul:
+      return std::make_unique<BinaryStep>(cx);
     case OpKind::Gelu:
       require_float(cx, cx.out().dtype);
-      return std::make_unique<ActivationStep>(cx, cx.node.attrs.s("approximate", "none") == "tanh" ? Act::GeluTanh : Act::Gelu);
-    case OpKind::Silu: require_float(cx, cx.out().dtype); return std::make_unique<ActivationStep>(cx, Act::Silu);
-    case OpKind::Relu: require_float(cx, cx.out().dtype); return std::make_unique<ActivationStep>(cx, Act::Relu);
-    case OpKind::Softmax: require_float(cx, cx.out().dtype); return std::make_unique<SoftmaxStep>(cx);
+      return std::make_unique<ActivationStep>(
+          cx, cx.node.attrs.s("approximate", "none") == "tanh" ? Act::GeluTanh : Act::Gelu);
+    case OpKind::Silu:
+      require_float(cx, cx.out().dtype);
+      return std::make_unique<ActivationStep>(cx, Act::Silu);
+    case OpKind::Relu:
+      require_float(cx, cx.out().dtype);
+      return std::make_unique<ActivationStep>(cx, Act::Relu);
+    case OpKind::Softmax:
+      require_float(cx, cx.out().dtype);
+      return std::make_unique<SoftmaxStep>(cx);
     case OpKind::LayerNorm:
-    case OpKind::RmsNorm: require_float(cx, cx.out().dtype); return std::make_unique<NormStep>(cx);
+    case OpKind::RmsNorm:
+      require_float(cx, cx.out().dtype);
+      return std::make_unique<NormStep>(cx);
     case OpKind::AdaptiveAvgPool2d:
-    case OpKind::MaxPool2d: require_float(cx, cx.out().dtype); return std::make_unique<PoolStep>(cx);
-    case OpKind::Embedding: return std::make_unique<EmbeddingStep>(cx);
-    case OpKind::Concat: return std::make_unique<ConcatStep>(cx);
-    case OpKind::Slice: return std::make_unique<SliceStep>(cx);
-    case OpKind::Permute: return std::make_unique<PermuteStep>(cx);
-    default: break;
+    case OpKind::MaxPool2d:
+      require_float(cx, cx.out().dtype);
+      return std::make_unique<PoolStep>(cx);
+    case OpKind::Embedding:
+      return std::make_unique<EmbeddingStep>(cx);
+    case OpKind::Concat:
+      return std::make_unique<ConcatStep>(cx);
+    case OpKind::Slice:
+      return std::make_unique<SliceStep>(cx);
+    case OpKind::Permute:
+      return std::make_unique<PermuteStep>(cx);
+    default:
+      break;
   }
   throw Unsupported("cuda backend: no kernel for " + cx.where);
 }
