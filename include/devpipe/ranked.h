@@ -16,10 +16,24 @@
 
 namespace devpipe {
 
+class ModelWrapper;
+
 namespace detail {
 class EventState;
-}
 
+/// What RankedTensors handles share (runtime use). The runtime keeps these in per-stage
+/// objects it reuses from one forward to the next, so handing results out allocates nothing.
+struct RankedData {
+  std::vector<std::vector<Tensor>> per_rank;  // [rank][output]
+  std::vector<EventState*> ready;             // rank r's completion; lives as long as this
+  std::int64_t real_batch = 0;
+  std::string producer;
+  std::vector<std::shared_ptr<EventState>> owned_ready;  // events given to the constructor
+  std::shared_ptr<const void> keep_alive;               // what `ready` points into, if other
+};
+}  // namespace detail
+
+/// A handle: copying one copies a reference to the same tensors and events (no allocation).
 class RankedTensors {
  public:
   RankedTensors() = default;
@@ -27,31 +41,30 @@ class RankedTensors {
   RankedTensors(std::vector<std::vector<Tensor>> per_rank, std::int64_t real_batch,
                 std::string producer, std::vector<std::shared_ptr<detail::EventState>> ready);
 
-  bool empty() const { return per_rank_.empty(); }
-  int num_ranks() const { return static_cast<int>(per_rank_.size()); }
-  int num_outputs() const { return per_rank_.empty() ? 0 : static_cast<int>(per_rank_[0].size()); }
+  bool empty() const { return !data_ || data_->per_rank.empty(); }
+  int num_ranks() const { return data_ ? static_cast<int>(data_->per_rank.size()) : 0; }
+  int num_outputs() const { return empty() ? 0 : static_cast<int>(data_->per_rank[0].size()); }
   /// Rank r's outputs (device tensors; padded rows past real_batch() are unspecified).
   const std::vector<Tensor>& operator[](int rank) const;
   /// The caller's batch (rows that hold real results).
-  std::int64_t real_batch() const { return real_batch_; }
+  std::int64_t real_batch() const { return data_ ? data_->real_batch : 0; }
   /// Tag of the stage that produced them.
-  const std::string& producer() const { return producer_; }
+  const std::string& producer() const;
   /// Only output `index`, on every rank.
   RankedTensors select(int index) const;
   /// Blocks until every rank has produced its tensors; rethrows a failure of the producer.
   void wait() const;
-  /// Completion event of rank r (runtime use).
-  const std::shared_ptr<detail::EventState>& ready(int rank) const;
+  /// Completion event of rank r (runtime use; shares ownership with these tensors).
+  std::shared_ptr<detail::EventState> ready(int rank) const;
   /// Host copies of rank 0's outputs cut to real_batch() rows (waits first).
   std::vector<Tensor> to_host() const;
   /// "ranked tensors [2 ranks x 1 output] from 'vision_model', batch 32 of 32".
   std::string describe() const;
 
  private:
-  std::vector<std::vector<Tensor>> per_rank_;
-  std::int64_t real_batch_ = 0;
-  std::string producer_;
-  std::vector<std::shared_ptr<detail::EventState>> ready_;
+  friend class ModelWrapper;
+  explicit RankedTensors(std::shared_ptr<const detail::RankedData> data) : data_(std::move(data)) {}
+  std::shared_ptr<const detail::RankedData> data_;
 };
 
 /// One argument of ModelWrapper::forward: a host tensor or ranked tensors (all of whose outputs
@@ -70,12 +83,13 @@ class Input {
 };
 
 /// What a stage's forward returns: ranked tensors (pipeline_execution with
-/// return_ranked_to_cpu=false) or host tensors of the caller's batch.
+/// return_ranked_to_cpu=false) or host tensors of the caller's batch. Copying one copies
+/// handles (no allocation).
 class Output {
  public:
   Output() = default;
   explicit Output(RankedTensors r) : ranked_(std::move(r)) {}
-  explicit Output(std::vector<Tensor> host) : host_(std::move(host)) {}
+  explicit Output(std::vector<Tensor> host);
 
   bool is_ranked() const { return !ranked_.empty(); }
   /// Throws StateError when the output is on the host.
@@ -94,8 +108,11 @@ class Output {
   }
 
  private:
+  friend class ModelWrapper;
+  struct SharedHost {};
+  Output(SharedHost, std::shared_ptr<const std::vector<Tensor>> host) : host_(std::move(host)) {}
   RankedTensors ranked_;
-  std::vector<Tensor> host_;
+  std::shared_ptr<const std::vector<Tensor>> host_;  // null: no host outputs
 };
 
 }  // namespace devpipe

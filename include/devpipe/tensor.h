@@ -20,13 +20,17 @@
 
 namespace devpipe {
 
+namespace detail {
+struct TensorAccess;  // runtime internals (src/core/pool.h)
+}
+
 class Tensor {
  public:
   /// An undefined tensor (defined() == false).
   Tensor() = default;
 
   // ---- factories (host memory unless a device is given; device memory needs its backend) ----
-  /// Uninitialised host tensor, 64-byte aligned.
+  /// Uninitialised host tensor, 64-byte aligned (its own allocation, freed with its last view).
   static Tensor empty(const Shape& shape, DType dtype = DType::Float32);
   static Tensor zeros(const Shape& shape, DType dtype = DType::Float32);
   static Tensor ones(const Shape& shape, DType dtype = DType::Float32);
@@ -88,6 +92,7 @@ class Tensor {
   std::string to_string(int max_per_dim = 6) const;
 
  private:
+  friend struct detail::TensorAccess;
   struct Storage;
   std::shared_ptr<Storage> storage_;
   std::size_t offset_ = 0;  // bytes from the storage base

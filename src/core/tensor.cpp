@@ -7,9 +7,11 @@
 #include <mutex>
 #include <ostream>
 #include <random>
+#include <unordered_map>
 #include <sstream>
 
 #include "core/device_copy.h"
+#include "core/pool.h"
 #include "devpipe/error.h"
 
 namespace devpipe {
@@ -19,6 +21,17 @@ struct Tensor::Storage {
   void* base = nullptr;
   std::size_t nbytes = 0;
   Device device;
+  // Memory released by a callback instead of an owner (no control block of its own).
+  detail::TensorAccess::ReleaseFn release = nullptr;
+  void* release_context = nullptr;
+  std::size_t release_arg = 0;
+
+  Storage() = default;
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  ~Storage() {
+    if (release) release(release_context, base, release_arg);
+  }
 };
 
 namespace detail {
@@ -55,12 +68,97 @@ void copy_bytes(void* dst, Device dst_dev, const void* src, Device src_dev, std:
 
 namespace {
 
-std::shared_ptr<void> aligned_alloc_bytes(std::size_t bytes) {
+void* aligned_alloc_bytes(std::size_t bytes) {
   std::size_t rounded = ((bytes + 63) / 64) * 64;
   if (rounded == 0) rounded = 64;
   void* p = std::aligned_alloc(64, rounded);
   if (!p) throw OutOfMemory("host allocation of " + std::to_string(bytes) + " bytes failed");
-  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+  return p;
+}
+
+void free_aligned(void*, void* data, std::size_t) noexcept { std::free(data); }
+
+/// Caches 64-byte aligned host blocks in free lists keyed by size class, so that a steady
+/// state of acquire/release (one forward after another) reuses the same blocks with no heap
+/// allocation (the free lists are threaded through the cached blocks themselves). Size classes
+/// are multiples of an eighth of the next power of two (at most 12.5% slack), at least 64.
+/// Never destroyed: tensors may outlive static destruction.
+class HostPool {
+ public:
+  void* acquire(std::size_t bytes, std::size_t* cls_out) {
+    const std::size_t cls = size_class(bytes);
+    *cls_out = cls;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = free_.find(cls);
+      if (it != free_.end() && it->second) {
+        void* p = it->second;
+        it->second = *static_cast<void**>(p);
+        cached_bytes_ -= cls;
+        return p;
+      }
+    }
+    void* p = std::aligned_alloc(64, cls);
+    if (!p) {
+      trim();
+      p = std::aligned_alloc(64, cls);
+    }
+    if (!p) throw OutOfMemory("host allocation of " + std::to_string(bytes) + " bytes failed");
+    try {
+      std::lock_guard lock(mutex_);
+      free_.try_emplace(cls, nullptr);  // release() then never inserts
+    } catch (...) {
+      std::free(p);
+      throw;
+    }
+    return p;
+  }
+
+  void release(void* p, std::size_t cls) noexcept {
+    std::lock_guard lock(mutex_);
+    auto it = free_.find(cls);
+    if (it == free_.end()) {  // not from acquire(); cannot happen
+      std::free(p);
+      return;
+    }
+    *static_cast<void**>(p) = it->second;
+    it->second = p;
+    cached_bytes_ += cls;
+  }
+
+  void trim() {
+    std::lock_guard lock(mutex_);
+    for (auto& [cls, head] : free_) {
+      while (head) {
+        void* next = *static_cast<void**>(head);
+        std::free(head);
+        head = next;
+      }
+    }
+    cached_bytes_ = 0;
+  }
+
+ private:
+  static std::size_t size_class(std::size_t bytes) {
+    if (bytes <= 64) return 64;
+    std::size_t pow2 = 64;
+    while (pow2 < bytes) pow2 <<= 1;
+    const std::size_t step = std::max<std::size_t>(pow2 / 8, 64);
+    return (bytes + step - 1) / step * step;
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<std::size_t, void*> free_;  // size class -> first cached block
+  std::size_t cached_bytes_ = 0;
+};
+
+HostPool& host_pool() {
+  static HostPool* pool = new HostPool();
+  return *pool;
+}
+
+void release_to_host_pool(void*, void* data, std::size_t cls) noexcept {
+  host_pool().release(data, cls);
 }
 
 void store_float(void* base, DType dtype, std::int64_t i, double v) {
@@ -104,14 +202,9 @@ void check_dims(const Shape& shape) {
 
 Tensor Tensor::empty(const Shape& shape, DType dtype) {
   check_dims(shape);
+  void* p = aligned_alloc_bytes(static_cast<std::size_t>(shape.numel()) * dtype_size(dtype));
   Tensor t;
-  t.storage_ = std::make_shared<Storage>();
-  t.storage_->nbytes = static_cast<std::size_t>(shape.numel()) * dtype_size(dtype);
-  t.storage_->owner = aligned_alloc_bytes(t.storage_->nbytes);
-  t.storage_->base = t.storage_->owner.get();
-  t.storage_->device = Device::cpu();
-  t.shape_ = shape;
-  t.dtype_ = dtype;
+  detail::TensorAccess::rebind(t, p, shape, dtype, Device::cpu(), &free_aligned, nullptr, 0);
   return t;
 }
 
@@ -183,7 +276,7 @@ Tensor Tensor::from_blob(void* data, const Shape& shape, DType dtype, Device dev
                          std::shared_ptr<void> owner) {
   check_dims(shape);
   Tensor t;
-  t.storage_ = std::make_shared<Storage>();
+  t.storage_ = detail::TensorAccess::make_storage();
   t.storage_->owner = std::move(owner);
   t.storage_->base = data;
   t.storage_->nbytes = static_cast<std::size_t>(shape.numel()) * dtype_size(dtype);
@@ -192,6 +285,50 @@ Tensor Tensor::from_blob(void* data, const Shape& shape, DType dtype, Device dev
   t.dtype_ = dtype;
   return t;
 }
+
+namespace detail {
+
+void* host_pool_acquire(std::size_t bytes, std::size_t* cls) { return host_pool().acquire(bytes, cls); }
+void host_pool_release(void* block, std::size_t cls) noexcept { host_pool().release(block, cls); }
+void host_pool_trim() { host_pool().trim(); }
+
+std::shared_ptr<Tensor::Storage> TensorAccess::make_storage() {
+  return std::allocate_shared<Tensor::Storage>(PoolAllocator<Tensor::Storage>());
+}
+
+void TensorAccess::rebind(Tensor& t, void* data, const Shape& shape, DType dtype, Device device,
+                          ReleaseFn release, void* context, std::size_t arg) {
+  std::shared_ptr<Tensor::Storage> st;
+  try {
+    st = make_storage();
+  } catch (...) {
+    if (release) release(context, data, arg);
+    throw;
+  }
+  st->base = data;
+  st->nbytes = static_cast<std::size_t>(shape.numel()) * dtype_size(dtype);
+  st->device = device;
+  st->release = release;
+  st->release_context = context;
+  st->release_arg = arg;
+  t.storage_ = std::move(st);
+  t.offset_ = 0;
+  t.dtype_ = dtype;
+  t.shape_ = shape;  // copy-assignment: reuses t's buffer when it is large enough
+}
+
+void TensorAccess::rebind_host_pool(Tensor& t, const Shape& shape, DType dtype, Device device) {
+  std::size_t cls = 0;
+  void* p = host_pool().acquire(static_cast<std::size_t>(shape.numel()) * dtype_size(dtype), &cls);
+  rebind(t, p, shape, dtype, device, &release_to_host_pool, nullptr, cls);
+}
+
+void TensorAccess::drop(Tensor& t) noexcept {
+  t.storage_.reset();
+  t.offset_ = 0;
+}
+
+}  // namespace detail
 
 Device Tensor::device() const { return storage_ ? storage_->device : Device::cpu(); }
 

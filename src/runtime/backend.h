@@ -52,6 +52,12 @@ class Backend {
                                               const RankInfo& rank) = 0;
   /// A device tensor; memory comes from a cache and returns to it when the last handle dies.
   virtual Tensor allocate(const Shape& shape, DType dtype, Device device) = 0;
+  /// Like allocate(), into an existing handle (its previous memory is let go): a backend that
+  /// overrides this reuses `out`'s shape buffer, so that a runtime reusing its handles makes no
+  /// heap allocation in steady state. The default assigns allocate()'s result.
+  virtual void allocate_into(Tensor& out, const Shape& shape, DType dtype, Device device) {
+    out = allocate(shape, dtype, device);
+  }
   /// Blocking byte copy between host and device or within a device.
   virtual void copy(void* dst, Device dst_dev, const void* src, Device src_dev,
                     std::size_t bytes) = 0;

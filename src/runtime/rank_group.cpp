@@ -26,6 +26,11 @@ std::shared_ptr<RankGroup> RankGroup::get(DeviceKind kind, int tp_degree) {
   return g;
 }
 
+void RankGroup::submit(void (*fn)(void* context, int rank), void* context) {
+  std::lock_guard lock(submit_mu_);
+  for (int r = 0; r < size(); ++r) stream(r).enqueue(StreamTask{fn, context, r});
+}
+
 void RankGroup::mark_failed() {
   failed_ = true;
   comm_->abort();

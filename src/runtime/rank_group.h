@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "devpipe/device.h"
@@ -22,6 +23,11 @@ class RankGroup {
   int size() const { return static_cast<int>(streams_.size()); }
   DeviceKind kind() const { return kind_; }
   RankStream& stream(int rank) { return *streams_[static_cast<std::size_t>(rank)]; }
+  /// Queues `fn(context, r)` on the stream of every rank r, atomically with respect to other
+  /// submissions: every stream sees the group's work in the same order, so the collectives of
+  /// two stages submitted from different threads cannot pair up across stages. Allocates
+  /// nothing in steady state.
+  void submit(void (*fn)(void* context, int rank), void* context);
   Communicator& comm() { return *comm_; }
   /// Host threads each rank's kernels may use (the cores split between the ranks).
   int threads_per_rank() const { return threads_per_rank_; }
@@ -35,6 +41,7 @@ class RankGroup {
   DeviceKind kind_;
   std::vector<std::unique_ptr<RankStream>> streams_;
   std::unique_ptr<Communicator> comm_;
+  std::mutex submit_mu_;
   int threads_per_rank_ = 1;
   std::atomic<bool> failed_{false};
 };

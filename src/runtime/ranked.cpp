@@ -1,56 +1,81 @@
 #include "devpipe/ranked.h"
 
+#include "core/pool.h"
 #include "devpipe/error.h"
 #include "runtime/stats.h"
 #include "runtime/stream.h"
 
 namespace devpipe {
 
+namespace {
+const std::string& empty_string() {
+  static const std::string* s = new std::string();
+  return *s;
+}
+const std::vector<Tensor>& empty_tensors() {
+  static const std::vector<Tensor>* v = new std::vector<Tensor>();
+  return *v;
+}
+}  // namespace
+
 RankedTensors::RankedTensors(std::vector<std::vector<Tensor>> per_rank, std::int64_t real_batch,
-                             std::string producer, std::vector<Event> ready)
-    : per_rank_(std::move(per_rank)),
-      real_batch_(real_batch),
-      producer_(std::move(producer)),
-      ready_(std::move(ready)) {
-  if (ready_.size() != per_rank_.size()) {
-    throw InvalidArgument("RankedTensors: " + std::to_string(per_rank_.size()) + " ranks but " +
-                          std::to_string(ready_.size()) + " events");
+                             std::string producer, std::vector<Event> ready) {
+  if (ready.size() != per_rank.size()) {
+    throw InvalidArgument("RankedTensors: " + std::to_string(per_rank.size()) + " ranks but " +
+                          std::to_string(ready.size()) + " events");
   }
+  auto d = std::make_shared<detail::RankedData>();
+  d->per_rank = std::move(per_rank);
+  d->real_batch = real_batch;
+  d->producer = std::move(producer);
+  d->owned_ready = std::move(ready);
+  for (const Event& e : d->owned_ready) d->ready.push_back(e.get());
+  data_ = std::move(d);
 }
 
 const std::vector<Tensor>& RankedTensors::operator[](int rank) const {
   if (rank < 0 || rank >= num_ranks()) {
-    throw InvalidArgument("ranked tensors from '" + producer_ + "': rank " + std::to_string(rank) +
+    throw InvalidArgument("ranked tensors from '" + producer() + "': rank " + std::to_string(rank) +
                           " out of range (" + std::to_string(num_ranks()) + " ranks)");
   }
-  return per_rank_[static_cast<std::size_t>(rank)];
+  return data_->per_rank[static_cast<std::size_t>(rank)];
 }
+
+const std::string& RankedTensors::producer() const { return data_ ? data_->producer : empty_string(); }
 
 RankedTensors RankedTensors::select(int index) const {
   if (index < 0 || index >= num_outputs()) {
-    throw InvalidArgument("ranked tensors from '" + producer_ + "': output " + std::to_string(index) +
+    throw InvalidArgument("ranked tensors from '" + producer() + "': output " + std::to_string(index) +
                           " out of range (" + std::to_string(num_outputs()) + " outputs)");
   }
-  std::vector<std::vector<Tensor>> one;
-  for (const auto& r : per_rank_) one.push_back({r[static_cast<std::size_t>(index)]});
-  return RankedTensors(std::move(one), real_batch_, producer_, ready_);
+  auto d = std::make_shared<detail::RankedData>();
+  for (const auto& r : data_->per_rank) d->per_rank.push_back({r[static_cast<std::size_t>(index)]});
+  d->ready = data_->ready;
+  d->real_batch = data_->real_batch;
+  d->producer = data_->producer;
+  d->keep_alive = data_;  // the events live in the original
+  return RankedTensors(std::shared_ptr<const detail::RankedData>(std::move(d)));
 }
 
 void RankedTensors::wait() const {
-  for (const auto& e : ready_) e->wait();
+  if (!data_) return;
+  for (detail::EventState* e : data_->ready) e->wait();
 }
 
-const Event& RankedTensors::ready(int rank) const {
-  return ready_.at(static_cast<std::size_t>(rank));
+Event RankedTensors::ready(int rank) const {
+  if (!data_) throw std::out_of_range("RankedTensors::ready: no ranks");
+  detail::EventState* e = data_->ready.at(static_cast<std::size_t>(rank));
+  return Event(data_, e);  // aliasing: shares the ownership of the tensors
 }
 
 std::vector<Tensor> RankedTensors::to_host() const {
   wait();
   std::vector<Tensor> out;
-  if (per_rank_.empty()) return out;
-  for (const Tensor& t : per_rank_[0]) {
-    Tensor rows = t.narrow_rows(0, real_batch_);
-    Tensor h = Tensor::empty(rows.shape(), rows.dtype());
+  if (empty()) return out;
+  for (const Tensor& t : data_->per_rank[0]) {
+    Tensor rows = t.narrow_rows(0, data_->real_batch);
+    Tensor h;
+    detail::TensorAccess::rebind_host_pool(h, rows.shape(), rows.dtype());
     h.copy_from(rows);
     stats::d2h += h.nbytes();
     out.push_back(std::move(h));
@@ -62,14 +87,17 @@ std::string RankedTensors::describe() const {
   std::string s = "ranked tensors [" + std::to_string(num_ranks()) + " rank" +
                   (num_ranks() == 1 ? "" : "s") + " x " + std::to_string(num_outputs()) +
                   " output" + (num_outputs() == 1 ? "" : "s") + "] (list of lists)";
-  if (!producer_.empty()) s += " from '" + producer_ + "'";
-  if (!per_rank_.empty() && !per_rank_[0].empty()) {
-    s += ", batch " + std::to_string(real_batch_) + " of " +
-         std::to_string(per_rank_[0][0].shape()[0]) + " rows on " +
-         per_rank_[0][0].device().to_string();
+  if (!producer().empty()) s += " from '" + producer() + "'";
+  if (!empty() && !data_->per_rank[0].empty()) {
+    const Tensor& t = data_->per_rank[0][0];
+    s += ", batch " + std::to_string(real_batch()) + " of " + std::to_string(t.shape()[0]) +
+         " rows on " + t.device().to_string();
   }
   return s;
 }
+
+Output::Output(std::vector<Tensor> host)
+    : host_(std::make_shared<const std::vector<Tensor>>(std::move(host))) {}
 
 const RankedTensors& Output::ranked() const {
   if (!is_ranked()) throw StateError("this output is on the host, not ranked; use tensor()/tensors()");
@@ -81,7 +109,7 @@ const std::vector<Tensor>& Output::tensors() const {
     throw StateError("this output is " + ranked_.describe() +
                      "; pass it to the next stage or call ranked().to_host()");
   }
-  return host_;
+  return host_ ? *host_ : empty_tensors();
 }
 
 const Tensor& Output::tensor(int index) const {

@@ -28,9 +28,25 @@ std::exception_ptr EventState::error() const {
   return error_;
 }
 
+void EventState::reset() {
+  std::lock_guard lock(mu_);
+  done_ = false;
+  error_ = nullptr;
+}
+
 }  // namespace detail
 
-RankStream::RankStream(std::string name) : name_(std::move(name)), thread_([this] { loop(); }) {}
+namespace {
+constexpr std::size_t kInitialRing = 64;
+
+void run_boxed(void* context, int) {
+  std::unique_ptr<std::function<void()>> fn(static_cast<std::function<void()>*>(context));
+  (*fn)();
+}
+}  // namespace
+
+RankStream::RankStream(std::string name)
+    : name_(std::move(name)), ring_(kInitialRing), thread_([this] { loop(); }) {}
 
 RankStream::~RankStream() {
   {
@@ -41,35 +57,51 @@ RankStream::~RankStream() {
   thread_.join();
 }
 
-void RankStream::enqueue(std::function<void()> task) {
+void RankStream::grow() {
+  std::vector<StreamTask> bigger(ring_.size() * 2);
+  for (std::size_t i = 0; i < count_; ++i) bigger[i] = ring_[(head_ + i) % ring_.size()];
+  ring_.swap(bigger);
+  head_ = 0;
+}
+
+void RankStream::enqueue(StreamTask task) {
   {
     std::lock_guard lock(mu_);
-    queue_.push_back(std::move(task));
+    if (count_ == ring_.size()) grow();
+    ring_[(head_ + count_) % ring_.size()] = task;
+    ++count_;
   }
   cv_.notify_one();
 }
 
+void RankStream::enqueue(std::function<void()> task) {
+  auto boxed = std::make_unique<std::function<void()>>(std::move(task));
+  enqueue(StreamTask{&run_boxed, boxed.get(), 0});
+  boxed.release();  // run_boxed owns it now
+}
+
 void RankStream::synchronize() {
   std::unique_lock lock(mu_);
-  idle_cv_.wait(lock, [&] { return queue_.empty() && !running_task_; });
+  idle_cv_.wait(lock, [&] { return count_ == 0 && !running_task_; });
 }
 
 void RankStream::loop() {
   for (;;) {
-    std::function<void()> task;
+    StreamTask task;
     {
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stop requested and drained
-      task = std::move(queue_.front());
-      queue_.pop_front();
+      cv_.wait(lock, [&] { return stop_ || count_ > 0; });
+      if (count_ == 0) return;  // stop requested and drained
+      task = ring_[head_];
+      head_ = (head_ + 1) % ring_.size();
+      --count_;
       running_task_ = true;
     }
-    task();
+    task.fn(task.context, task.arg);
     {
       std::lock_guard lock(mu_);
       running_task_ = false;
-      if (queue_.empty()) idle_cv_.notify_all();
+      if (count_ == 0) idle_cv_.notify_all();
     }
   }
 }

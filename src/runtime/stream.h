@@ -2,13 +2,14 @@
 #pragma once
 
 #include <condition_variable>
-#include <deque>
+#include <cstddef>
 #include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace devpipe {
 namespace detail {
@@ -23,6 +24,8 @@ class EventState {
   bool ready() const;
   /// The failure, or null (only meaningful once ready).
   std::exception_ptr error() const;
+  /// Makes the event pending again (for reuse; nobody may be waiting on it).
+  void reset();
 
  private:
   mutable std::mutex mu_;
@@ -36,8 +39,17 @@ class EventState {
 using Event = std::shared_ptr<detail::EventState>;
 inline Event make_event() { return std::make_shared<detail::EventState>(); }
 
+/// One unit of stream work: `fn(context, arg)`. Plain data: queuing one allocates nothing.
+struct StreamTask {
+  void (*fn)(void* context, int arg) = nullptr;
+  void* context = nullptr;
+  int arg = 0;
+};
+
 /// A worker thread executing tasks in submission order (the cpu backend's stream). Tasks must
-/// not throw (wrap them); the destructor drains the queue and joins.
+/// not throw (wrap them); the destructor drains the queue and joins. The queue is a ring that
+/// only grows (doubling) when more tasks are pending than ever before, so a steady state of
+/// enqueues makes no heap allocation.
 class RankStream {
  public:
   explicit RankStream(std::string name);
@@ -46,17 +58,22 @@ class RankStream {
   RankStream& operator=(const RankStream&) = delete;
 
   /// Queues `task` to run on the stream's thread; non-blocking.
+  void enqueue(StreamTask task);
+  /// Queues a std::function (boxed on the heap: for code off the hot path).
   void enqueue(std::function<void()> task);
   /// Blocks until every queued task has run.
   void synchronize();
 
  private:
   void loop();
+  void grow();  // mu_ held
   std::string name_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::condition_variable idle_cv_;
-  std::deque<std::function<void()>> queue_;
+  std::vector<StreamTask> ring_;
+  std::size_t head_ = 0;   // next task to run
+  std::size_t count_ = 0;  // tasks queued
   bool running_task_ = false;
   bool stop_ = false;
   std::thread thread_;
