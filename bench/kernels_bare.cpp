@@ -1,6 +1,8 @@
 // kernels_bare: the workloads' oneDNN primitives run bare in a loop (see kernels_bare.h).
 #include "kernels_bare.h"
 
+#include "core/pool.h"
+
 #include <omp.h>
 
 #include <oneapi/dnnl/dnnl.hpp>
@@ -12,6 +14,8 @@
 #include <stdexcept>
 #include <unordered_map>
 #include <utility>
+#include <memory>
+#include <new>
 
 namespace devpipe::bench {
 
@@ -34,7 +38,17 @@ struct Plan {
   dnnl::stream strm{eng};
   std::vector<Step> steps;
   std::ostringstream what;
+  std::vector<std::unique_ptr<void, void (*)(void*)>> buffers;  // owned by the plan
 };
+
+/// A memory whose buffer comes from devpipe's host allocator (2 MiB-aligned, huge-page advised
+/// from 2 MiB on), so the floor runs with the same memory policy as the runtime's arenas.
+memory alloc(Plan& plan, const memory::desc& md) {
+  void* p = devpipe::detail::host_alloc(md.get_size());
+  if (!p) throw std::bad_alloc();
+  plan.buffers.emplace_back(p, [](void* q) { std::free(q); });
+  return memory(md, plan.eng, p);
+}
 
 /// Deterministic pseudo-random fill in [-scale, scale] (values are irrelevant; only time is).
 void fill_random(const memory& m, std::uint32_t seed, float scale = 0.1f) {
@@ -48,7 +62,7 @@ void fill_random(const memory& m, std::uint32_t seed, float scale = 0.1f) {
 }
 
 memory new_mem(Plan& plan, const memory::desc& md, std::uint32_t seed) {
-  memory m(md, plan.eng);
+  memory m = alloc(plan, md);
   fill_random(m, seed);
   return m;
 }
@@ -59,7 +73,7 @@ memory prepare_weights(Plan& plan, const memory::desc& user_md, const memory::de
                        std::uint32_t seed) {
   memory user = new_mem(plan, user_md, seed);
   if (want == user_md) return user;
-  memory packed(want, plan.eng);
+  memory packed = alloc(plan, want);
   dnnl::reorder(user, packed).execute(plan.strm, user, packed);
   plan.strm.wait();
   return packed;
@@ -123,7 +137,7 @@ void build_seed(Plan& plan) {
     throw std::runtime_error("kernels_bare: the convolution wants a non-NCHW source layout");
   memory conv_w = prepare_weights(plan, conv_w_user, conv_pd.weights_desc(), 101);
   memory conv_b = new_mem(plan, conv_bias_md, 102);
-  memory conv_dst(conv_pd.dst_desc(), plan.eng);
+  memory conv_dst = alloc(plan, conv_pd.dst_desc());
   plan.steps.push_back({dnnl::convolution_forward(conv_pd), {{DNNL_ARG_SRC, image},
                                                              {DNNL_ARG_WEIGHTS, conv_w},
                                                              {DNNL_ARG_BIAS, conv_b},
@@ -136,7 +150,7 @@ void build_seed(Plan& plan) {
                                   conv_dst.get_desc(), memory::desc({N, OC, 1, 1}, dt::f32, tag::any),
                                   {1, 1}, {H, W}, {0, 0}, {0, 0}),
       plan.eng);
-  memory pooled(pool_pd.dst_desc(), plan.eng);
+  memory pooled = alloc(plan, pool_pd.dst_desc());
   plan.steps.push_back(
       {dnnl::pooling_forward(pool_pd), {{DNNL_ARG_SRC, conv_dst}, {DNNL_ARG_DST, pooled}}});
   plan.what << "pool[avg 224x224 " << impl(pool_pd) << "] ";
@@ -156,7 +170,7 @@ void build_seed(Plan& plan) {
     flat = memory(flat_md, plan.eng, pooled.get_data_handle());
     plan.what << "flatten[in place] ";
   } else {
-    flat = memory(flat_md, plan.eng);
+    flat = alloc(plan, flat_md);
     memory flat4(memory::desc({N, OC, 1, 1}, dt::f32, tag::nchw), plan.eng,
                  flat.get_data_handle());
     auto re_pd = dnnl::reorder::primitive_desc(pooled, flat4);
@@ -166,8 +180,8 @@ void build_seed(Plan& plan) {
   }
 
   // concat sources: fc and embedding write straight into them.
-  memory vis_feat(memory::desc({N, VIS}, dt::f32, tag::ab), plan.eng);
-  memory txt_feat(memory::desc({N, TXT}, dt::f32, tag::ab), plan.eng);
+  memory vis_feat = alloc(plan, memory::desc({N, VIS}, dt::f32, tag::ab));
+  memory txt_feat = alloc(plan, memory::desc({N, TXT}, dt::f32, tag::ab));
 
   // fc (64->512)
   add_linear(plan, flat, vis_feat, N, OC, VIS, /*gelu=*/false, 103, "fc");
@@ -177,7 +191,7 @@ void build_seed(Plan& plan) {
   add_linear(plan, text, txt_feat, N, TXT_IN, TXT, /*gelu=*/false, 106, "embedding");
 
   // concat [32,512] + [32,512] -> [32,1024]
-  memory combined(memory::desc({N, VIS + TXT}, dt::f32, tag::ab), plan.eng);
+  memory combined = alloc(plan, memory::desc({N, VIS + TXT}, dt::f32, tag::ab));
   auto cat_pd = dnnl::concat::primitive_desc(combined.get_desc(), 1,
                                              {vis_feat.get_desc(), txt_feat.get_desc()}, plan.eng);
   plan.steps.push_back({dnnl::concat(cat_pd), {{DNNL_ARG_MULTIPLE_SRC + 0, vis_feat},
@@ -186,7 +200,7 @@ void build_seed(Plan& plan) {
   plan.what << "concat[" << impl(cat_pd) << "] ";
 
   // fusion (1024->1024)
-  memory out(memory::desc({N, OUT}, dt::f32, tag::ab), plan.eng);
+  memory out = alloc(plan, memory::desc({N, OUT}, dt::f32, tag::ab));
   add_linear(plan, combined, out, N, VIS + TXT, OUT, /*gelu=*/false, 107, "fusion");
 }
 
@@ -194,8 +208,8 @@ void build_seed(Plan& plan) {
 void build_large(Plan& plan) {
   const memory::dim M = 32 * 1440, IN = 8, HID = 1280;
   memory x = new_mem(plan, memory::desc({M, IN}, dt::f32, tag::ab), 200);
-  memory h(memory::desc({M, HID}, dt::f32, tag::ab), plan.eng);
-  memory y(memory::desc({M, IN}, dt::f32, tag::ab), plan.eng);
+  memory h = alloc(plan, memory::desc({M, HID}, dt::f32, tag::ab));
+  memory y = alloc(plan, memory::desc({M, IN}, dt::f32, tag::ab));
   add_linear(plan, x, h, M, IN, HID, /*gelu=*/false, 201, "expand");
   add_linear(plan, h, y, M, HID, IN, /*gelu=*/false, 202, "reduce");
 }
@@ -204,7 +218,7 @@ void build_large(Plan& plan) {
 void build_chain8(Plan& plan) {
   const memory::desc md({1, 64}, dt::f32, tag::ab);
   memory a = new_mem(plan, md, 300);
-  memory b(md, plan.eng);
+  memory b = alloc(plan, md);
   for (int i = 0; i < 8; ++i) {
     const std::string name = "stage" + std::to_string(i);
     add_linear(plan, i % 2 == 0 ? a : b, i % 2 == 0 ? b : a, 1, 64, 64, /*gelu=*/true,

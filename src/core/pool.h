@@ -85,6 +85,10 @@ struct PoolAllocator {
 /// A 64-byte aligned host block of at least `bytes` bytes from the caching host pool; `*cls`
 /// receives its size class (pass it back to host_pool_release). Throws OutOfMemory.
 void* host_pool_acquire(std::size_t bytes, std::size_t* cls);
+/// Host memory for a large buffer, freed with std::free: 64-byte aligned; from 2 MiB on it is
+/// aligned to 2 MiB and advised for transparent huge pages (fewer TLB misses when a kernel
+/// streams through hundreds of MB). Returns nullptr when the allocation fails.
+void* host_alloc(std::size_t bytes) noexcept;
 /// Returns a block to the pool (thread-safe, no allocation).
 void host_pool_release(void* block, std::size_t cls) noexcept;
 /// Frees every cached host block.

@@ -1,5 +1,7 @@
 #include "devpipe/tensor.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -66,12 +68,21 @@ void copy_bytes(void* dst, Device dst_dev, const void* src, Device src_dev, std:
 }
 }  // namespace detail
 
+void* detail::host_alloc(std::size_t bytes) noexcept {
+  constexpr std::size_t kHuge = std::size_t{2} << 20;
+  if (bytes >= kHuge) {
+    std::size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = std::aligned_alloc(kHuge, rounded);
+    if (p) ::madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure is harmless
+    return p;
+  }
+  return std::aligned_alloc(64, std::max<std::size_t>(64, (bytes + 63) / 64 * 64));
+}
+
 namespace {
 
 void* aligned_alloc_bytes(std::size_t bytes) {
-  std::size_t rounded = ((bytes + 63) / 64) * 64;
-  if (rounded == 0) rounded = 64;
-  void* p = std::aligned_alloc(64, rounded);
+  void* p = detail::host_alloc(bytes);
   if (!p) throw OutOfMemory("host allocation of " + std::to_string(bytes) + " bytes failed");
   return p;
 }
@@ -98,10 +109,10 @@ class HostPool {
         return p;
       }
     }
-    void* p = std::aligned_alloc(64, cls);
+    void* p = detail::host_alloc(cls);
     if (!p) {
       trim();
-      p = std::aligned_alloc(64, cls);
+      p = detail::host_alloc(cls);
     }
     if (!p) throw OutOfMemory("host allocation of " + std::to_string(bytes) + " bytes failed");
     try {

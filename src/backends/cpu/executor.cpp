@@ -1,5 +1,6 @@
 #include "backends/cpu/executor.h"
 
+#include "core/pool.h"
 #include "devpipe/timeline.h"
 
 #include <omp.h>
@@ -113,7 +114,7 @@ CpuExecutable::CpuExecutable(const Graph& graph, const std::vector<Tensor>& para
 
   // Outputs, liveness and the arena.
   plan_arena(plan_, graph, scratch, 64, "cpu backend");
-  void* arena = std::aligned_alloc(64, std::max<std::size_t>(plan_.arena_bytes, 64));
+  void* arena = detail::host_alloc(plan_.arena_bytes);
   if (!arena) {
     throw OutOfMemory("cpu backend: cannot allocate the " + std::to_string(plan_.arena_bytes) +
                       "-byte workspace");
