@@ -159,8 +159,12 @@ std::string Graph::to_text() const {
   std::ostringstream os;
   auto v = [&](int id) {
     const auto& info = value(id);
-    return "%" + std::to_string(id) + ":" + std::string(dtype_name(info.dtype)) +
-           info.shape.to_string();
+    std::string s = "%";
+    s += std::to_string(id);
+    s += ':';
+    s += dtype_name(info.dtype);
+    s += info.shape.to_string();
+    return s;
   };
   os << "graph(tp_degree=" << tp_degree << ")\n";
   for (const auto& in : inputs) os << "  input  " << v(in.value) << " \"" << in.name << "\"\n";
