@@ -1,8 +1,11 @@
-// Helpers shared by the pipeline tests: a wrapper with options chosen by the test.
+// Helpers shared by the pipeline tests: a wrapper with options chosen by the test, and a small
+// tensor-parallel model.
 #pragma once
 
 #include <devpipe/devpipe.h>
 
+#include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -25,6 +28,21 @@ class TestWrapper : public ModelWrapper {
  private:
   std::vector<std::vector<Tensor>> examples_;
   std::vector<std::string> names_;
+};
+
+/// A tensor-parallel MLP block (16 -> 32 -> 16): column-parallel up projection, row-parallel
+/// down projection (an all-reduce between the ranks, oneDNN matmuls on the cpu backend), then
+/// an RMSNorm.
+struct ParallelMlp : nn::Module {
+  nn::ColumnParallelLinear& up;
+  nn::RowParallelLinear& down;
+  nn::RMSNorm& norm;
+  ParallelMlp()
+      : up(register_module("up", std::make_unique<nn::ColumnParallelLinear>(16, 32))),
+        down(register_module("down", std::make_unique<nn::RowParallelLinear>(32, 16))),
+        norm(register_module("norm",
+                             std::make_unique<nn::RMSNorm>(std::vector<std::int64_t>{16}))) {}
+  Var forward(Var x) const { return norm(down(up(x))); }
 };
 
 }  // namespace devpipe::testing

@@ -96,19 +96,6 @@ struct NormChain : nn::Module {
   }
 };
 
-/// A tensor-parallel MLP block on oneDNN matmuls: column-parallel up projection, row-parallel
-/// down projection (an all-reduce between the ranks), then an RMSNorm.
-struct ParallelMlp : nn::Module {
-  nn::ColumnParallelLinear& up;
-  nn::RowParallelLinear& down;
-  nn::RMSNorm& norm;
-  ParallelMlp()
-      : up(register_module("up", std::make_unique<nn::ColumnParallelLinear>(16, 32))),
-        down(register_module("down", std::make_unique<nn::RowParallelLinear>(32, 16))),
-        norm(register_module("norm", std::make_unique<nn::RMSNorm>(std::vector<std::int64_t>{16}))) {}
-  Var forward(Var x) const { return norm(down(up(x))); }
-};
-
 template <class M>
 std::unique_ptr<TestWrapper<M>> build(const TempDir& dir, const std::string& tag, bool last) {
   InferenceConfig c(RuntimeConfig{.batch_size = 4, .tp_degree = 2});

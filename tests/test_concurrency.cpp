@@ -22,17 +22,6 @@ using namespace devpipe::testing;
 
 namespace {
 
-struct ParallelMlp : nn::Module {
-  nn::ColumnParallelLinear& up;
-  nn::RowParallelLinear& down;
-  nn::RMSNorm& norm;
-  ParallelMlp()
-      : up(register_module("up", std::make_unique<nn::ColumnParallelLinear>(16, 32))),
-        down(register_module("down", std::make_unique<nn::RowParallelLinear>(32, 16))),
-        norm(register_module("norm", std::make_unique<nn::RMSNorm>(std::vector<std::int64_t>{16}))) {}
-  Var forward(Var x) const { return norm(down(up(x))); }
-};
-
 std::unique_ptr<TestWrapper<ParallelMlp>> build(const TempDir& dir, const std::string& tag, bool last,
                                                 std::int64_t bucket) {
   InferenceConfig c(RuntimeConfig{.batch_size = bucket, .tp_degree = 2});
