@@ -121,15 +121,26 @@ json latency_json(const std::vector<double>& samples) {
 
 /// Runs the stages once: stage 0 on its host inputs, each next stage on the previous output
 /// plus its own host inputs. Returns the final host output.
-Tensor run_chain(std::vector<std::unique_ptr<ModelWrapper>>& ws, const Workload& w) {
+/// `between` (optional) accumulates the bytes copied at stage boundaries: every stage's
+/// device-to-device copies (re-padding) and every non-final stage's device-to-host copies.
+Tensor run_chain(std::vector<std::unique_ptr<ModelWrapper>>& ws, const Workload& w,
+                 std::uint64_t* between = nullptr) {
+  // No waits here: that would serialise the pipeline being timed. A non-final stage's copies
+  // to the host happen inside its forward() (it returns host tensors); re-padding copies on the
+  // devices are taken over the whole chain, complete once the final output is.
+  const TransferStats start = transfer_stats();
   Output prev;
   for (std::size_t i = 0; i < ws.size(); ++i) {
     std::vector<Input> args;
     if (i > 0) args.push_back(prev);
     for (const Tensor& t : w.extra[i]) args.emplace_back(t);
+    const std::uint64_t d2h = transfer_stats().device_to_host_bytes;
     prev = ws[i]->forward(args);
+    if (between && i + 1 < ws.size()) *between += transfer_stats().device_to_host_bytes - d2h;
   }
-  return prev.tensor();
+  Tensor out = prev.tensor();
+  if (between) *between += transfer_stats().device_to_device_bytes - start.device_to_device_bytes;
+  return out;
 }
 
 struct ModeRun {
@@ -137,6 +148,7 @@ struct ModeRun {
   std::vector<double> samples_ms;
   TransferStats bytes{};
   std::map<std::string, double> compute_us;  // stage tag -> summed "compute" span time on rank 0
+  std::uint64_t between = 0;                 // bytes copied at stage boundaries (all iterations)
   std::string suffix;
 };
 
@@ -230,7 +242,7 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
     for (auto& [mode, mr] : modes) {
       TransferStats before = transfer_stats();
       auto t0 = Clock::now();
-      run_chain(mr.wrappers, w);
+      run_chain(mr.wrappers, w, &mr.between);
       mr.samples_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
       add_bytes(mr.bytes, before, transfer_stats());
       if (++done % std::max(1, total / 20) == 0 || done == total) {
@@ -253,11 +265,6 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
   for (const auto& s : w.stages) report["config"]["stages"].push_back(s.tag);
   report["config"]["max_abs_diff_pipeline_vs_roundtrip"] = max_mode_diff;
 
-  // Bytes of the workload's own inputs (replicated to every rank) and final output.
-  std::uint64_t external = ref_out.nbytes();
-  for (const auto& ins : w.extra) {
-    for (const auto& t : ins) external += t.nbytes() * static_cast<std::uint64_t>(w.config.runtime_config().tp_degree);
-  }
   for (auto& [mode, mr] : modes) {
     double n = static_cast<double>(iters);
     json m;
@@ -270,10 +277,9 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
       compute_total_us += us / n;
     }
     m["stage_ms"] = stage_ms;
-    std::uint64_t hd = (mr.bytes.host_to_device_bytes + mr.bytes.device_to_host_bytes) / static_cast<std::uint64_t>(iters);
-    std::uint64_t all = hd + mr.bytes.device_to_device_bytes / static_cast<std::uint64_t>(iters);
-    m["bytes_host_device"] = hd;
-    m["bytes_between_stages"] = all > external ? all - external : 0;
+    m["bytes_host_device"] =
+        (mr.bytes.host_to_device_bytes + mr.bytes.device_to_host_bytes) / static_cast<std::uint64_t>(iters);
+    m["bytes_between_stages"] = mr.between / static_cast<std::uint64_t>(iters);
     if (w.boundary_overhead) {
       double boundaries = static_cast<double>(w.stages.size() - 1);
       m["boundary_overhead_us"] = (summarize(mr.samples_ms).p50 * 1000.0 - compute_total_us) / boundaries;
