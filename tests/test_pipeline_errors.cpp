@@ -200,6 +200,39 @@ TEST(PipelineErrors, ArtifactWithOtherTpDegreeOrDtypeOrTag) {
   EXPECT_HAS(msg, "tag 'text_model', but this wrapper has tag 'other_tag'");
 }
 
+TEST(PipelineErrors, TamperedManifestGraphIsRefused) {
+  TempDir dir;
+  auto c = small_config();
+  auto w = text_wrapper(c);
+  w->compile(write_ckpt(dir, c), dir.str("art"));
+  auto path = dir.str("art/manifest.json");
+  nlohmann::json orig;
+  std::ifstream(path) >> orig;
+
+  // An intermediate value whose recorded shape no longer matches its op.
+  nlohmann::json j = orig;
+  int v = j["buckets"][0]["graph"]["nodes"][0]["out"][0].get<int>();
+  j["buckets"][0]["graph"]["values"][v][0] = std::vector<int>{4, 999};
+  std::ofstream(path) << j.dump();
+  auto msg = message_of<FormatError>([&] { w->load(dir.str("art")); });
+  EXPECT_HAS(msg, "bucket 4");
+  EXPECT_HAS(msg, "is recorded as [4, 999]");
+
+  // Specs that disagree with the graph.
+  j = orig;
+  j["outputs"][0]["sample_shape"] = std::vector<int>{7};
+  std::ofstream(path) << j.dump();
+  msg = message_of<FormatError>([&] { w->load(dir.str("art")); });
+  EXPECT_HAS(msg, "output 0 is [4, 6] in the graph but [4, 7] in the manifest's specs");
+
+  // A node reading a value id that does not exist.
+  j = orig;
+  j["buckets"][0]["graph"]["nodes"][0]["in"][0] = 12345;
+  std::ofstream(path) << j.dump();
+  msg = message_of<FormatError>([&] { w->load(dir.str("art")); });
+  EXPECT_HAS(msg, "%12345");
+}
+
 TEST(PipelineErrors, CorruptedWeightFile) {
   TempDir dir;
   auto c = small_config();

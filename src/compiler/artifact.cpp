@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "devpipe/error.h"
+#include "graph/op_def.h"
 
 #ifndef DEVPIPE_VERSION
 #define DEVPIPE_VERSION "0.0.0"
@@ -240,7 +241,75 @@ Manifest read_manifest(const std::string& dir) {
     throw FormatError(path + ": lists " + std::to_string(m.weights.size()) +
                       " weight files for tp_degree " + std::to_string(m.tp_degree));
   }
+  for (const auto& b : m.buckets) {
+    validate_stage_graph(b.graph, b.batch, m, path + ", bucket " + std::to_string(b.batch));
+  }
   return m;
+}
+
+void validate_stage_graph(const Graph& g, std::int64_t batch, const Manifest& m, const std::string& where) {
+  auto fail = [&](const std::string& what) { throw FormatError(where + ": " + what); };
+  if (g.tp_degree != m.tp_degree) {
+    fail("graph tp_degree " + std::to_string(g.tp_degree) + " differs from the manifest's " +
+         std::to_string(m.tp_degree));
+  }
+  // Every value defined once before it is read; every node's recorded outputs are what its op
+  // infers from its inputs (kernels trust these shapes, so a tampered file must not pass).
+  std::vector<bool> defined(g.values.size(), false);
+  for (const auto& in : g.inputs) defined[static_cast<std::size_t>(in.value)] = true;
+  for (const auto& p : g.params) defined[static_cast<std::size_t>(p.value)] = true;
+  for (std::size_t i = 0; i < g.nodes.size(); ++i) {
+    const Node& n = g.nodes[i];
+    std::string node = "node " + std::to_string(i) + " (" + std::string(op_name(n.op)) + ")";
+    std::vector<ValueInfo> ins;
+    for (int v : n.inputs) {
+      if (!defined[static_cast<std::size_t>(v)]) fail(node + " reads %" + std::to_string(v) + " before it is defined");
+      ins.push_back(g.value(v));
+    }
+    std::vector<ValueInfo> outs;
+    try {
+      outs = infer_op(n.op, ins, n.attrs);
+    } catch (const Error& e) {
+      fail(node + " is inconsistent: " + e.what());
+    }
+    if (outs.size() != n.outputs.size()) fail(node + " records " + std::to_string(n.outputs.size()) + " outputs");
+    for (std::size_t k = 0; k < outs.size(); ++k) {
+      int v = n.outputs[k];
+      if (defined[static_cast<std::size_t>(v)]) fail(node + " redefines %" + std::to_string(v));
+      defined[static_cast<std::size_t>(v)] = true;
+      if (!(outs[k] == g.value(v))) {
+        fail(node + " output %" + std::to_string(v) + " is recorded as " + g.value(v).shape.to_string() + " " +
+             std::string(dtype_name(g.value(v).dtype)) + " but the op gives " + outs[k].shape.to_string() + " " +
+             std::string(dtype_name(outs[k].dtype)));
+      }
+    }
+  }
+  for (int v : g.outputs) {
+    if (!defined[static_cast<std::size_t>(v)]) fail("graph output %" + std::to_string(v) + " is never defined");
+  }
+  // The stage's specs: batch x sample shape for every input and output, in order.
+  auto check_io = [&](const char* kind, const std::vector<StageIO>& specs, const std::vector<int>& ids) {
+    if (specs.size() != ids.size()) {
+      fail(std::string("the manifest lists ") + std::to_string(specs.size()) + " " + kind + "s, the graph has " +
+           std::to_string(ids.size()));
+    }
+    for (std::size_t k = 0; k < ids.size(); ++k) {
+      std::vector<std::int64_t> d{batch};
+      d.insert(d.end(), specs[k].sample_shape.dims().begin(), specs[k].sample_shape.dims().end());
+      ValueInfo want{Shape(d), specs[k].dtype};
+      if (!(g.value(ids[k]) == want)) {
+        fail(std::string(kind) + " " + std::to_string(k) + " is " + g.value(ids[k]).shape.to_string() +
+             " in the graph but " + want.shape.to_string() + " in the manifest's specs");
+      }
+    }
+  };
+  std::vector<int> in_ids;
+  for (const auto& in : g.inputs) in_ids.push_back(in.value);
+  check_io("input", m.inputs, in_ids);
+  check_io("output", m.outputs, g.outputs);
+  for (const auto& p : g.params) {
+    if (p.shard_dim >= p.full_shape.rank()) fail("parameter '" + p.key + "' has shard_dim out of range");
+  }
 }
 
 std::string file_checksum(const std::string& path) {

@@ -64,6 +64,11 @@ void write_manifest(const std::string& dir, const Manifest& manifest);
 /// A newer or older format_version is reported as ArtifactMismatch.
 Manifest read_manifest(const std::string& dir);
 
+/// Checks a graph read from `m` (the bucket of size `batch`): values defined before use, every
+/// node's recorded outputs equal to its op's inference, and the inputs and outputs equal to the
+/// manifest's specs. Throws FormatError naming `where`, the node and the shapes.
+void validate_stage_graph(const Graph& graph, std::int64_t batch, const Manifest& m, const std::string& where);
+
 /// A fast 64-bit checksum of a file's bytes: "h64:<hex>".
 std::string file_checksum(const std::string& path);
 
