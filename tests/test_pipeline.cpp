@@ -122,6 +122,23 @@ TEST_F(PipelineTest, PipelineAndRoundTripGiveTheSameOutputs) {
   EXPECT_TRUE(tensors_close(b, io("output", 32), kRtol, kAtol));
 }
 
+TEST_F(PipelineTest, Bfloat16PipelineMatchesPyTorch) {
+  // The whole pipeline in bfloat16 (weights converted at compile, float32 host inputs converted
+  // on entry) against PyTorch's float32 result. Tolerance: atol 1e-2 + rtol 1e-2 — bfloat16
+  // keeps 8 significant bits (relative step 2^-8 = 0.004) and each of the 5 ops rounds its
+  // output once; outputs are O(0.5). Observed here: max abs diff 0.0042.
+  InferenceConfig c = config(2);
+  c.mutable_runtime_config().dtype = DType::BFloat16;
+  auto s = make(c, true, "bf16");
+  Output feats = s.vision->forward({io("image", 32)});
+  EXPECT_EQ(feats.ranked()[0][0].dtype(), DType::BFloat16);
+  Output out = s.text->forward({feats, io("text", 32)});
+  EXPECT_EQ(out.tensor().dtype(), DType::BFloat16);
+  EXPECT_TRUE(tensors_close(out.tensor(), io("output", 32), 1e-2, 1e-2));
+  std::cout << "[ info ] bfloat16 pipeline: max |diff| vs PyTorch float32 = "
+            << max_abs_diff(out.tensor(), io("output", 32)) << "\n";
+}
+
 TEST_F(PipelineTest, Batch5PadsToBucket8) {
   auto s = make(config(2, {8}, 8), true, "b8");
   reset_transfer_stats();
