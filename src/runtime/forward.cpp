@@ -1,0 +1,476 @@
+// ModelWrapper::forward and its machinery: jobs reused from one forward to the next, one task
+// per rank, results handed out as ranked tensors or host tensors.
+#include "devpipe/model_wrapper.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#include "compiler/artifact.h"
+#include "core/device_copy.h"
+#include "core/pool.h"
+#include "devpipe/error.h"
+#include "devpipe/timeline.h"
+#include "runtime/backend.h"
+#include "runtime/rank_group.h"
+#include "runtime/stats.h"
+#include "runtime/stream.h"
+#include "runtime/wrapper_impl.h"
+
+namespace devpipe {
+
+using namespace wrapper_detail;
+
+
+namespace {
+
+// ---- forward machinery: jobs reused from one forward to the next (no steady-state allocation)
+
+/// One argument after ranked inputs are expanded to their outputs.
+struct Arg {
+  Tensor host;           // defined for host arguments (already in the stage dtype)
+  RankedTensors ranked;  // non-empty for ranked arguments
+  int output = 0;        // which output of `ranked`
+};
+
+struct Chunk {
+  std::int64_t begin;  // first row of the caller's batch
+  std::int64_t rows;   // real rows in this chunk
+  std::size_t bucket;  // bucket index
+};
+
+/// What rank r's task of one forward uses; touched by the forward thread only before the task
+/// is queued.
+struct RankWork {
+  detail::EventState done;             // rank r's outputs are written (or its failure)
+  std::vector<const void*> in_ptrs;
+  std::vector<void*> out_ptrs;
+  std::vector<Tensor> temps;           // per-chunk input/output buffers (pooled), by index
+  std::vector<std::pair<std::size_t, std::size_t>> staged;  // (output, temp index)
+  Shape shape;                         // scratch
+};
+
+/// Everything one forward needs. Jobs come from the wrapper's JobPool and go back to it when
+/// the last reference goes (the returned RankedTensors / Output, the queued tasks); every
+/// container keeps its capacity, so a steady state of forwards allocates nothing.
+struct Job {
+  // Set by the forward thread before the tasks are queued.
+  const Manifest* manifest = nullptr;
+  Backend* backend = nullptr;
+  RankGroup* group = nullptr;
+  std::vector<std::vector<std::unique_ptr<Executable>>>* executables = nullptr;
+  bool single = false;       // one chunk: outputs are the bucket itself
+  bool host_result = false;  // forward() waits for `finished`, then copies to the host
+  std::size_t num_args = 0;  // args[0, num_args) are this forward's
+  std::vector<Arg> args;
+  std::vector<Chunk> chunks;
+  detail::RankedData result;    // outputs [rank][output] + rank events, handed out by aliasing
+  std::vector<Tensor> host_out;  // host results
+  std::vector<std::unique_ptr<RankWork>> ranks;
+  Shape shape;  // scratch for the forward thread
+
+  std::atomic<int> pending{0};  // tasks not finished
+  detail::EventState finished;  // host_result: every task finished and let go of its references
+  std::shared_ptr<Job> self;    // the queued tasks' reference; the last task drops it
+  Job* next_free = nullptr;     // JobPool's free list
+
+  Arg& arg(std::size_t i) {
+    if (i == args.size()) args.emplace_back();
+    return args[i];
+  }
+
+  /// Lets go of the inputs (upstream buffers and their jobs), keeping the handles' capacity.
+  void drop_inputs() noexcept {
+    for (Arg& a : args) {
+      detail::TensorAccess::drop(a.host);
+      a.ranked = RankedTensors();
+    }
+  }
+
+  /// Lets go of every buffer (back to the pools) before the job waits in the free list.
+  void drop_all() noexcept {
+    drop_inputs();
+    for (auto& outs : result.per_rank) {
+      for (Tensor& t : outs) detail::TensorAccess::drop(t);
+    }
+    for (Tensor& t : host_out) detail::TensorAccess::drop(t);
+    for (auto& w : ranks) {
+      for (Tensor& t : w->temps) detail::TensorAccess::drop(t);
+    }
+  }
+};
+
+}  // namespace
+
+namespace wrapper_detail {
+
+/// A wrapper's free jobs. Shared by the wrapper and every job handed out (their deleter brings
+/// them back), so results may outlive the wrapper.
+class JobPool {
+ public:
+  JobPool() = default;
+  JobPool(const JobPool&) = delete;
+  JobPool& operator=(const JobPool&) = delete;
+  ~JobPool() {
+    while (head_) {
+      Job* next = head_->next_free;
+      delete head_;
+      head_ = next;
+    }
+  }
+
+  /// A free job (a new one when none is free), owned by the returned pointer; its control block
+  /// comes from a pool allocator, so this allocates nothing in steady state.
+  static std::shared_ptr<Job> acquire(const std::shared_ptr<JobPool>& pool) {
+    Job* job = nullptr;
+    {
+      std::lock_guard lock(pool->mu_);
+      if (pool->head_) {
+        job = pool->head_;
+        pool->head_ = job->next_free;
+        job->next_free = nullptr;
+      }
+    }
+    if (!job) job = new Job();
+    return std::shared_ptr<Job>(job, GiveBack{pool}, detail::PoolAllocator<Job>());
+  }
+
+ private:
+  struct GiveBack {
+    std::shared_ptr<JobPool> pool;
+    void operator()(Job* job) const noexcept {
+      job->drop_all();
+      std::lock_guard lock(pool->mu_);
+      job->next_free = pool->head_;
+      pool->head_ = job;
+    }
+  };
+
+  std::mutex mu_;
+  Job* head_ = nullptr;
+};
+
+std::shared_ptr<JobPool> make_job_pool() { return std::make_shared<JobPool>(); }
+
+}  // namespace wrapper_detail
+
+namespace {
+
+/// Rank r's share of a forward: every chunk through the rank's executable.
+void run_chunks(Job& job, RankWork& w, int r) {
+  const Manifest& m = *job.manifest;
+  Backend& be = *job.backend;
+  const std::string& tag = job.result.producer;
+  const Device dev = be.device_for_rank(r, m.tp_degree);
+  const bool host_shared = be.device_memory_is_host();
+  const std::size_t nargs = job.num_args;
+  const auto ru = static_cast<std::size_t>(r);
+  std::vector<Tensor>& out = job.result.per_rank[ru];
+
+  for (std::size_t i = 0; i < nargs; ++i) {
+    const Arg& a = job.args[i];
+    if (!a.ranked.empty()) a.ranked.ready(r)->wait();  // producer's failure propagates here
+  }
+  w.in_ptrs.resize(nargs);
+  w.out_ptrs.resize(m.outputs.size());
+  std::size_t used = 0;  // temps holding buffers of the current chunk
+  for (const Chunk& c : job.chunks) {
+    const std::int64_t bsz = m.buckets[c.bucket].batch;
+    for (std::size_t k = 0; k < used; ++k) detail::TensorAccess::drop(w.temps[k]);
+    used = 0;
+    // A pooled [bsz, sample...] buffer for this chunk.
+    auto temp = [&](const StageIO& spec) -> std::size_t {
+      if (used == w.temps.size()) w.temps.emplace_back();
+      detail::set_with_batch(w.shape, spec.sample_shape, bsz);
+      be.allocate_into(w.temps[used], w.shape, spec.dtype, dev);
+      return used++;
+    };
+    for (std::size_t i = 0; i < nargs; ++i) {
+      const Arg& a = job.args[i];
+      const StageIO& spec = m.inputs[i];
+      const std::size_t row_bytes = static_cast<std::size_t>(spec.sample_shape.numel()) * dtype_size(spec.dtype);
+      if (!a.ranked.empty()) {
+        const Tensor& t = a.ranked[r][static_cast<std::size_t>(a.output)];
+        if (t.shape()[0] >= c.begin + bsz) {
+          w.in_ptrs[i] = static_cast<const char*>(t.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
+          ++stats::in_place;
+          timeline::instant("ranked hand-off (in place)", "handoff", r + 1);
+          continue;
+        }
+        void* buf = w.temps[temp(spec)].raw_data();
+        be.copy(buf, dev, static_cast<const char*>(t.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes,
+                t.device(), static_cast<std::size_t>(c.rows) * row_bytes);
+        be.fill_zero(static_cast<char*>(buf) + static_cast<std::size_t>(c.rows) * row_bytes, dev,
+                     static_cast<std::size_t>(bsz - c.rows) * row_bytes);
+        stats::d2d += static_cast<std::size_t>(c.rows) * row_bytes;
+        ++stats::copied;
+        timeline::instant("ranked hand-off (re-padded on device)", "handoff", r + 1);
+        w.in_ptrs[i] = buf;
+      } else if (host_shared && c.rows == bsz && a.host.device().is_host()) {
+        // The rank's device memory is host memory and no padding is needed: read in place.
+        w.in_ptrs[i] = static_cast<const char*>(a.host.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
+        ++stats::host_in_place;
+      } else {
+        void* buf = w.temps[temp(spec)].raw_data();
+        be.copy(buf, dev, static_cast<const char*>(a.host.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes,
+                a.host.device(), static_cast<std::size_t>(c.rows) * row_bytes);
+        be.fill_zero(static_cast<char*>(buf) + static_cast<std::size_t>(c.rows) * row_bytes, dev,
+                     static_cast<std::size_t>(bsz - c.rows) * row_bytes);
+        stats::h2d += static_cast<std::size_t>(c.rows) * row_bytes;
+        w.in_ptrs[i] = buf;
+      }
+    }
+    // outputs: straight into the result when the chunk fills its bucket rows
+    w.staged.clear();
+    for (std::size_t o = 0; o < m.outputs.size(); ++o) {
+      const StageIO& spec = m.outputs[o];
+      const std::size_t row_bytes = static_cast<std::size_t>(spec.sample_shape.numel()) * dtype_size(spec.dtype);
+      if (job.single || c.rows == bsz) {
+        w.out_ptrs[o] = static_cast<char*>(out[o].raw_data()) + (job.single ? 0 : static_cast<std::size_t>(c.begin) * row_bytes);
+      } else {
+        std::size_t k = temp(spec);
+        w.out_ptrs[o] = w.temps[k].raw_data();
+        w.staged.emplace_back(o, k);
+      }
+    }
+    {
+      timeline::Span run_span(tag.c_str(), "compute", r + 1);
+      (*job.executables)[c.bucket][ru]->run(w.in_ptrs, w.out_ptrs);
+    }
+    for (const auto& [o, k] : w.staged) {
+      const StageIO& spec = m.outputs[o];
+      const std::size_t row_bytes = static_cast<std::size_t>(spec.sample_shape.numel()) * dtype_size(spec.dtype);
+      be.copy(static_cast<char*>(out[o].raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes, dev,
+              w.temps[k].raw_data(), dev, static_cast<std::size_t>(c.rows) * row_bytes);
+      stats::d2d += static_cast<std::size_t>(c.rows) * row_bytes;
+    }
+  }
+}
+
+/// The stream task of rank r (context: the Job). Never throws: a failure is signalled on the
+/// rank's event and aborts the communicator so that peers blocked in a collective return.
+void run_rank(void* context, int r) {
+  Job& job = *static_cast<Job*>(context);
+  RankWork& w = *job.ranks[static_cast<std::size_t>(r)];
+  std::exception_ptr error;
+  {
+    timeline::Span stage_span(job.result.producer.c_str(), "stage", r + 1);
+    try {
+      run_chunks(job, w, r);
+    } catch (const std::exception&) {
+      error = std::current_exception();
+    } catch (...) {
+      error = std::make_exception_ptr(Error(prefix(job.result.producer) + "rank " + std::to_string(r) + " failed"));
+    }
+  }
+  for (Tensor& t : w.temps) detail::TensorAccess::drop(t);
+  if (error) job.group->mark_failed();
+  w.done.signal(error);
+
+  if (job.pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  // The last task of the forward: let go of the inputs and of the tasks' reference.
+  job.drop_inputs();
+  if (job.host_result) {
+    // forward() holds a reference while it waits on `finished`: this is not the last one, and
+    // once forward() wakes every reference but its own is gone (deterministic reuse).
+    std::shared_ptr<Job>().swap(job.self);
+    job.finished.signal();
+  } else {
+    std::shared_ptr<Job> last = std::move(job.self);  // may return the job to its pool
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------ forward
+
+// The hot path: in steady state forward() makes no heap allocation. The per-forward state (the
+// argument list, chunk plan, per-rank outputs, events and pointer arrays) lives in a Job reused
+// from the wrapper's pool; output buffers come from the backend's caching pool into reused
+// tensor handles; each rank gets a plain StreamTask; the RankedTensors / Output returned alias
+// the job. Errors (exceptions, messages) may allocate: they are not the hot path.
+Output ModelWrapper::forward(const std::vector<Input>& inputs) {
+  const std::string& tag = options_.tag;
+  if (!impl_) {
+    throw StateError(prefix(tag) + "forward() called before load(): compile(path) and load(path) the model first");
+  }
+  Impl& im = *impl_;
+  const Manifest& m = im.manifest;
+  const int tp = m.tp_degree;
+  const auto tpu = static_cast<std::size_t>(tp);
+  Backend& be = *im.backend;
+  im.group->recover_if_failed();
+  ++stats::forwards;
+  timeline::Span host_span(tag.c_str(), "host", 0);
+
+  std::shared_ptr<Job> held = JobPool::acquire(im.jobs);
+  Job& job = *held;
+  job.manifest = &m;
+  job.backend = &be;
+  job.group = im.group.get();
+  job.executables = &im.executables;
+
+  // ---- expand and validate the arguments
+  // The tasks run after forward() returns: the job holds its own references to the inputs.
+  std::size_t nargs = 0;
+  for (const Input& in : inputs) {
+    if (in.is_ranked()) {
+      for (int k = 0; k < in.ranked().num_outputs(); ++k) {
+        Arg& a = job.arg(nargs++);
+        detail::TensorAccess::drop(a.host);
+        a.ranked = in.ranked();
+        a.output = k;
+      }
+    } else {
+      Arg& a = job.arg(nargs++);
+      a.host = in.tensor();
+      a.ranked = RankedTensors();
+      a.output = 0;
+    }
+  }
+  job.num_args = nargs;
+  auto arg_name = [&](std::size_t i) {
+    return "argument " + std::to_string(i) + " ('" + (i < m.inputs.size() ? m.inputs[i].name : std::string("?")) + "')";
+  };
+  if (nargs != m.inputs.size()) {
+    std::string want;
+    for (const auto& io : m.inputs) want += (want.empty() ? "" : ", ") + io.name + " " + with_batch(io.sample_shape, -1).to_string();
+    throw InvalidArgument(prefix(tag) + "forward() got " + std::to_string(nargs) + " input(s), expected " +
+                          std::to_string(m.inputs.size()) + " (" + want +
+                          "); a ranked argument counts as its " + "number of outputs");
+  }
+  std::int64_t batch = -1;
+  for (std::size_t i = 0; i < nargs; ++i) {
+    Arg& a = job.args[i];
+    const StageIO& spec = m.inputs[i];
+    std::int64_t rows;
+    if (!a.ranked.empty()) {
+      const RankedTensors& r = a.ranked;
+      if (r.num_ranks() != tp) {
+        throw InvalidArgument(prefix(tag) + arg_name(i) + ": ranked tensors from '" + r.producer() + "' have " +
+                              std::to_string(r.num_ranks()) + " ranks, this stage has tp_degree " + std::to_string(tp));
+      }
+      for (int rk = 0; rk < tp; ++rk) {
+        const Tensor& t = r[rk][static_cast<std::size_t>(a.output)];
+        Device want = be.device_for_rank(rk, tp);
+        if (t.device() != want) {
+          throw InvalidArgument(prefix(tag) + arg_name(i) + ": rank " + std::to_string(rk) + "'s tensor from '" +
+                                r.producer() + "' lives on " + t.device().to_string() + ", this stage's rank " +
+                                std::to_string(rk) + " runs on " + want.to_string());
+        }
+        if (t.dtype() != spec.dtype) {
+          throw DTypeError(prefix(tag) + arg_name(i) + ": ranked tensor from '" + r.producer() + "' is " +
+                           std::string(dtype_name(t.dtype())) + ", expected " + std::string(dtype_name(spec.dtype)));
+        }
+        if (!detail::has_sample_shape(t.shape(), spec.sample_shape) || t.shape()[0] < r.real_batch()) {
+          throw ShapeError(prefix(tag) + arg_name(i) + ": ranked tensor from '" + r.producer() + "' has shape " +
+                           t.shape().to_string() + ", expected " + with_batch(spec.sample_shape, r.real_batch()).to_string() +
+                           " (batch x " + spec.sample_shape.to_string() + ")");
+        }
+      }
+      rows = r.real_batch();
+    } else {
+      if (!a.host.defined()) throw InvalidArgument(prefix(tag) + arg_name(i) + " is an undefined tensor");
+      if (!detail::has_sample_shape(a.host.shape(), spec.sample_shape)) {
+        throw ShapeError(prefix(tag) + arg_name(i) + " has shape " + a.host.shape().to_string() + ", expected " +
+                         with_batch(spec.sample_shape, a.host.rank() >= 1 ? a.host.shape()[0] : 1).to_string() +
+                         " (batch x " + spec.sample_shape.to_string() + ")");
+      }
+      if (a.host.dtype() != spec.dtype) {
+        if (!is_floating(a.host.dtype()) || !is_floating(spec.dtype)) {
+          throw DTypeError(prefix(tag) + arg_name(i) + " is " + std::string(dtype_name(a.host.dtype())) +
+                           ", expected " + std::string(dtype_name(spec.dtype)));
+        }
+        a.host = a.host.to_host().to_dtype(spec.dtype);  // a conversion allocates
+      }
+      rows = a.host.shape()[0];
+    }
+    if (rows < 1) throw ShapeError(prefix(tag) + arg_name(i) + " has an empty batch");
+    if (batch >= 0 && rows != batch) {
+      throw ShapeError(prefix(tag) + arg_name(i) + " has batch " + std::to_string(rows) + " but earlier arguments have batch " +
+                       std::to_string(batch));
+    }
+    batch = rows;
+  }
+
+  // ---- plan chunks: the smallest bucket that fits, or chunks of the largest
+  job.chunks.clear();
+  {
+    std::size_t nb = m.buckets.size();
+    std::int64_t largest = m.buckets.back().batch;
+    std::int64_t begin = 0;
+    while (begin < batch) {
+      std::int64_t left = batch - begin;
+      std::size_t bi = nb - 1;
+      for (std::size_t k = 0; k < nb; ++k) {
+        if (m.buckets[k].batch >= left) {
+          bi = k;
+          break;
+        }
+      }
+      std::int64_t rows = std::min(left, largest);
+      job.chunks.push_back({begin, rows, bi});
+      begin += rows;
+    }
+  }
+  job.single = job.chunks.size() == 1;
+
+  // ---- output buffers: the bucket itself when one chunk, else the caller's batch
+  detail::RankedData& res = job.result;
+  res.per_rank.resize(tpu);
+  res.ready.resize(tpu);
+  while (job.ranks.size() < tpu) job.ranks.push_back(std::make_unique<RankWork>());
+  const std::int64_t out_rows = job.single ? m.buckets[job.chunks[0].bucket].batch : batch;
+  for (std::size_t r = 0; r < tpu; ++r) {
+    Device dev = be.device_for_rank(static_cast<int>(r), tp);
+    res.per_rank[r].resize(m.outputs.size());
+    for (std::size_t o = 0; o < m.outputs.size(); ++o) {
+      detail::set_with_batch(job.shape, m.outputs[o].sample_shape, out_rows);
+      be.allocate_into(res.per_rank[r][o], job.shape, m.outputs[o].dtype, dev);
+    }
+  }
+  res.real_batch = batch;
+  res.producer = tag;
+
+  // ---- one task per rank runs every chunk
+  job.host_result = !(options_.pipeline_execution && !options_.return_ranked_to_cpu);
+  job.finished.reset();
+  for (std::size_t r = 0; r < tpu; ++r) {
+    job.ranks[r]->done.reset();
+    res.ready[r] = &job.ranks[r]->done;
+  }
+  job.pending.store(tp, std::memory_order_relaxed);
+  job.self = held;
+  im.group->submit(&run_rank, &job);
+
+  if (!job.host_result) {
+    return Output(RankedTensors(std::shared_ptr<const detail::RankedData>(held, &job.result)));
+  }
+
+  // ---- host results: rank 0's outputs cut to the caller's batch, in pooled host memory
+  job.finished.wait();
+  try {
+    for (std::size_t r = 0; r < tpu; ++r) {
+      if (std::exception_ptr e = job.ranks[r]->done.error()) std::rethrow_exception(e);
+    }
+    job.host_out.resize(m.outputs.size());
+    for (std::size_t o = 0; o < m.outputs.size(); ++o) {
+      const Tensor& t = res.per_rank[0][o];
+      detail::set_with_batch(job.shape, m.outputs[o].sample_shape, batch);
+      Tensor& h = job.host_out[o];
+      detail::TensorAccess::rebind_host_pool(h, job.shape, t.dtype());
+      detail::copy_bytes(h.raw_data(), h.device(), t.raw_data(), t.device(), h.nbytes());
+      stats::d2h += h.nbytes();
+    }
+  } catch (...) {
+    im.group->recover_if_failed();
+    throw;
+  }
+  // The device buffers go back to their pool now; the host copies live as long as the Output.
+  for (auto& outs : res.per_rank) {
+    for (Tensor& t : outs) detail::TensorAccess::drop(t);
+  }
+  return Output(Output::SharedHost{}, std::shared_ptr<const std::vector<Tensor>>(held, &job.host_out));
+}
+
+}  // namespace devpipe

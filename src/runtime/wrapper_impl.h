@@ -1,0 +1,65 @@
+// Internal: what ModelWrapper's compile/load (model_wrapper.cpp) and forward (forward.cpp)
+// share: the loaded state of a wrapper and small shape/message helpers.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "compiler/artifact.h"
+#include "devpipe/model_wrapper.h"
+#include "devpipe/safetensors.h"
+#include "runtime/backend.h"
+#include "runtime/rank_group.h"
+
+namespace devpipe {
+
+namespace wrapper_detail {
+class JobPool;
+/// A new, empty pool of reusable forward jobs (forward.cpp).
+std::shared_ptr<JobPool> make_job_pool();
+}  // namespace wrapper_detail
+
+struct ModelWrapper::Impl {
+  Manifest manifest;
+  Backend* backend = nullptr;
+  std::shared_ptr<RankGroup> group;
+  std::vector<safetensors::File> weight_files;          // keep the mappings alive
+  std::vector<std::vector<Tensor>> rank_params;         // [rank][graph.params order]
+  // executables_[bucket index][rank]
+  std::vector<std::vector<std::unique_ptr<Executable>>> executables;
+  // Reusable per-forward state, shared with the jobs handed out (they come back to it).
+  std::shared_ptr<wrapper_detail::JobPool> jobs;
+
+  ~Impl() {
+    // Executables may be referenced by queued tasks: drain the streams first.
+    if (group) {
+      for (int r = 0; r < group->size(); ++r) group->stream(r).synchronize();
+    }
+  }
+};
+
+namespace wrapper_detail {
+
+
+inline std::string prefix(const std::string& tag) { return "[" + tag + "] "; }
+
+inline Shape sample_shape(const Shape& s) {
+  return Shape(std::vector<std::int64_t>(s.dims().begin() + 1, s.dims().end()));
+}
+
+inline Shape with_batch(const Shape& sample, std::int64_t batch) {
+  std::vector<std::int64_t> d{batch};
+  d.insert(d.end(), sample.dims().begin(), sample.dims().end());
+  return Shape(d);
+}
+
+inline std::string join(const std::vector<std::string>& xs, std::size_t max_items = 20) {
+  std::string s;
+  for (std::size_t i = 0; i < xs.size() && i < max_items; ++i) s += (i ? ", " : "") + xs[i];
+  if (xs.size() > max_items) s += ", ... (" + std::to_string(xs.size() - max_items) + " more)";
+  return s;
+}
+
+}  // namespace wrapper_detail
+}  // namespace devpipe
