@@ -2,23 +2,9 @@
 
 #include <vector>
 
-namespace devpipe {
+#include "graph/op_def.h"
 
-namespace {
-/// The Linear "activation" attribute for an activation node, or "" when it has none.
-std::string activation_name(const Node& n) {
-  switch (n.op) {
-    case OpKind::Relu:
-      return "relu";
-    case OpKind::Silu:
-      return "silu";
-    case OpKind::Gelu:
-      return n.attrs.s("approximate", "none") == "tanh" ? "gelu_tanh" : "gelu";
-    default:
-      return "";
-  }
-}
-}  // namespace
+namespace devpipe {
 
 int fuse_linear_activations(Graph& g) {
   const std::size_t nv = g.values.size();
@@ -33,7 +19,7 @@ int fuse_linear_activations(Graph& g) {
   int fused = 0;
   for (std::size_t i = 0; i < g.nodes.size(); ++i) {
     Node& act = g.nodes[i];
-    std::string name = activation_name(act);
+    std::string name = activation_attr_of(act);
     if (name.empty()) continue;
     int x = act.inputs[0];
     int p = producer[static_cast<std::size_t>(x)];

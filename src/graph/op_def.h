@@ -53,6 +53,10 @@ extern const OpDef kSoftmax;
 extern const OpDef kAllReduce, kAllGather;
 }  // namespace ops
 
+/// The Linear "activation" attribute equivalent to an activation node ("relu", "gelu",
+/// "gelu_tanh", "silu"), or "" for any other node. Fusion and the kernels use this one mapping.
+std::string activation_attr_of(const Node& node);
+
 // Shared helpers for inference.
 std::string shapes_to_string(const std::vector<ValueInfo>& infos);
 /// All floating inputs share one dtype; throws DTypeError naming op and dtypes otherwise.

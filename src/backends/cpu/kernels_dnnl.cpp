@@ -3,6 +3,7 @@
 #include <numeric>
 
 #include "backends/cpu/kernel.h"
+#include "graph/op_def.h"
 
 namespace devpipe::cpu {
 
@@ -234,20 +235,9 @@ std::unique_ptr<Kernel> make_softmax_kernel(const BuildContext& cx) {
 
 std::unique_ptr<Kernel> make_eltwise_kernel(const BuildContext& cx) {
   DType dt = cx.out().dtype;
-  Activation a{algorithm::eltwise_relu, 0.f};
-  switch (cx.node.op) {
-    case OpKind::Relu:
-      break;
-    case OpKind::Silu:
-      a = {algorithm::eltwise_swish, 1.f};
-      break;
-    case OpKind::Gelu:
-      a = activation_of(cx.node.attrs.s("approximate", "none") == "tanh" ? "gelu_tanh" : "gelu",
-                        cx.where);
-      break;
-    default:
-      throw Unsupported("cpu backend: not an activation: " + cx.where);
-  }
+  const std::string name = activation_attr_of(cx.node);
+  if (name.empty()) throw Unsupported("cpu backend: not an activation: " + cx.where);
+  const Activation a = activation_of(name, cx.where);
   const DnnlDims x = {cx.out().shape.numel()};
   auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
     return dnnl::eltwise_forward::primitive_desc(

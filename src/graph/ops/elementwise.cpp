@@ -129,6 +129,19 @@ void ref_relu(const std::vector<Tensor>& in, std::vector<Tensor>& out, const Att
 
 }  // namespace
 
+std::string activation_attr_of(const Node& node) {
+  switch (node.op) {
+    case OpKind::Relu:
+      return "relu";
+    case OpKind::Silu:
+      return "silu";
+    case OpKind::Gelu:
+      return node.attrs.s("approximate", "none") == "tanh" ? "gelu_tanh" : "gelu";
+    default:
+      return "";
+  }
+}
+
 namespace ops {
 const OpDef kAdd{OpKind::Add, "add", 2, 2, infer_add, ref_binary<false>};
 const OpDef kMul{OpKind::Mul, "mul", 2, 2, infer_mul, ref_binary<true>};
