@@ -1,7 +1,5 @@
 #include "cli_common.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 
 namespace devpipe::cli {
@@ -52,14 +50,5 @@ long long Args::get_int(const std::string& k, long long fallback) const {
   }
 }
 
-void print_progress(const std::string& tag, int done, int total, const std::string& what) {
-  constexpr int kWidth = 24;
-  int filled = total > 0 ? std::min(kWidth, done * kWidth / total) : kWidth;
-  std::string bar(static_cast<std::size_t>(filled), '#');
-  bool tty = ::isatty(STDERR_FILENO) != 0;
-  std::fprintf(stderr, "%s[%-*s] %-14s %3d%% %s%s", tty ? "\r\033[K" : "", kWidth, bar.c_str(), tag.c_str(),
-               total > 0 ? done * 100 / total : 100, what.c_str(), (!tty || done == total) ? "\n" : "");
-  std::fflush(stderr);
-}
 
 }  // namespace devpipe::cli

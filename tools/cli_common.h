@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "devpipe/error.h"
+#include "devpipe/model_wrapper.h"
 
 namespace devpipe::cli {
 
@@ -22,7 +23,7 @@ struct Args {
   long long get_int(const std::string& k, long long fallback) const;
 };
 
-/// Prints a progress bar for long work (one line per step when stderr is not a terminal).
-void print_progress(const std::string& tag, int done, int total, const std::string& what);
+/// The library's progress bar (devpipe/model_wrapper.h).
+using devpipe::print_progress;
 
 }  // namespace devpipe::cli

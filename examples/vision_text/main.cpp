@@ -16,13 +16,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-void print_progress(const std::string& tag, int done, int total, const std::string& what) {
-  constexpr int kWidth = 20;
-  int filled = total > 0 ? done * kWidth / total : kWidth;
-  std::fprintf(stderr, "  [%-*s] %-13s %d/%d %s\n", kWidth, std::string(static_cast<std::size_t>(filled), '#').c_str(),
-               tag.c_str(), done, total, what.c_str());
-}
-
 std::string write_random_checkpoint(const nn::Module& model, const std::string& dir, std::uint64_t seed) {
   fs::create_directories(dir);
   std::string path = (fs::path(dir) / "model.safetensors").string();
@@ -65,8 +58,8 @@ int run(int argc, char** argv) {
   // Create applications
   VisionModelApp vision_app(vision_ckpt, config);
   TextModelApp text_app(text_ckpt, config);
-  vision_app.set_progress(print_progress);
-  text_app.set_progress(print_progress);
+  vision_app.set_progress(devpipe::print_progress);
+  text_app.set_progress(devpipe::print_progress);
 
   // Compile models
   std::cout << "Compiling (batch " << batch << ", float32, tp_degree " << tp << ")\n";

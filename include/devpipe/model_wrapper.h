@@ -27,6 +27,10 @@ namespace devpipe {
 using ProgressFn =
     std::function<void(const std::string& tag, int done, int total, const std::string& what)>;
 
+/// A ProgressFn that draws a progress bar on stderr (redrawn in place on a terminal, one line
+/// per step otherwise). Thread-safe; pass it to ApplicationBase::set_progress or compile/load.
+void print_progress(const std::string& tag, int done, int total, const std::string& what);
+
 /// How to build a model and call its forward() on traced values (see model_cls<M>()).
 class ModelFactory {
  public:
