@@ -88,6 +88,10 @@ int cmd_compile(const cli::Args& a) {
 int cmd_run(const cli::Args& a) {
   check_model(a);
   std::string work = a.get("work", "build/devpipe_work");
+  if (!fs::exists(work + "/config.json")) {
+    throw InvalidArgument("no compiled model in '" + work + "' (no config.json): run `devpipe compile --work " + work +
+                          "` first");
+  }
   InferenceConfig c = InferenceConfig::load(work + "/config.json");
   std::int64_t batch = a.get_int("batch", c.runtime_config().batch_size);
   int iters = static_cast<int>(a.get_int("iters", 1));

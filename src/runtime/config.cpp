@@ -1,6 +1,11 @@
 #include "devpipe/config.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -156,10 +161,19 @@ InferenceConfig InferenceConfig::from_json(const std::string& text) {
 }
 
 void InferenceConfig::save(const std::string& path) const {
-  std::ofstream f(path);
-  if (!f) throw IoError("cannot write config file '" + path + "'");
-  f << to_json() << "\n";
-  if (!f) throw IoError("failed writing config file '" + path + "'");
+  // Written to a temporary file and renamed into place: a crash never leaves half a config.
+  std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    if (!f) throw IoError("cannot write config file '" + tmp + "': " + std::strerror(errno));
+    f << to_json() << "\n";
+    f.flush();
+    if (!f) throw IoError("failed writing config file '" + tmp + "'");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw IoError("cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno));
+  }
 }
 
 InferenceConfig InferenceConfig::load(const std::string& path) {
