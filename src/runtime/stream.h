@@ -1,6 +1,7 @@
 // Internal: per-rank streams (a worker thread running tasks in FIFO order) and events.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <exception>
@@ -74,6 +75,7 @@ class RankStream {
   std::vector<StreamTask> ring_;
   std::size_t head_ = 0;   // next task to run
   std::size_t count_ = 0;  // tasks queued
+  std::atomic<std::size_t> queued_{0};  // count_, readable without the lock (for spinning)
   bool running_task_ = false;
   bool stop_ = false;
   std::thread thread_;
