@@ -13,6 +13,7 @@
 #include "devpipe/timeline.h"
 #include "runtime/backend.h"
 #include "runtime/rank_group.h"
+#include "runtime/ranked_host.h"
 #include "runtime/stats.h"
 #include "runtime/stream.h"
 #include "runtime/wrapper_impl.h"
@@ -156,6 +157,11 @@ std::shared_ptr<JobPool> make_job_pool() { return std::make_shared<JobPool>(); }
 
 namespace {
 
+/// Bytes of one batch row of a stage input or output.
+std::size_t bytes_per_row(const StageIO& spec) {
+  return static_cast<std::size_t>(spec.sample_shape.numel()) * dtype_size(spec.dtype);
+}
+
 /// Rank r's share of a forward: every chunk through the rank's executable.
 void run_chunks(Job& job, RankWork& w, int r) {
   const Manifest& m = *job.manifest;
@@ -185,10 +191,19 @@ void run_chunks(Job& job, RankWork& w, int r) {
       be.allocate_into(w.temps[used], w.shape, spec.dtype, dev);
       return used++;
     };
+    // The chunk's rows of `src` copied into a fresh bucket-sized buffer, the padding rows zeroed.
+    auto copy_padded = [&](const StageIO& spec, const Tensor& src, std::size_t row_bytes) -> const void* {
+      void* buf = w.temps[temp(spec)].raw_data();
+      be.copy(buf, dev, static_cast<const char*>(src.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes,
+              src.device(), static_cast<std::size_t>(c.rows) * row_bytes);
+      be.fill_zero(static_cast<char*>(buf) + static_cast<std::size_t>(c.rows) * row_bytes, dev,
+                   static_cast<std::size_t>(bsz - c.rows) * row_bytes);
+      return buf;
+    };
     for (std::size_t i = 0; i < nargs; ++i) {
       const Arg& a = job.args[i];
       const StageIO& spec = m.inputs[i];
-      const std::size_t row_bytes = static_cast<std::size_t>(spec.sample_shape.numel()) * dtype_size(spec.dtype);
+      const std::size_t row_bytes = bytes_per_row(spec);
       if (!a.ranked.empty()) {
         const Tensor& t = a.ranked[r][static_cast<std::size_t>(a.output)];
         if (t.shape()[0] >= c.begin + bsz) {
@@ -197,34 +212,24 @@ void run_chunks(Job& job, RankWork& w, int r) {
           timeline::instant("ranked hand-off (in place)", "handoff", r + 1);
           continue;
         }
-        void* buf = w.temps[temp(spec)].raw_data();
-        be.copy(buf, dev, static_cast<const char*>(t.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes,
-                t.device(), static_cast<std::size_t>(c.rows) * row_bytes);
-        be.fill_zero(static_cast<char*>(buf) + static_cast<std::size_t>(c.rows) * row_bytes, dev,
-                     static_cast<std::size_t>(bsz - c.rows) * row_bytes);
+        w.in_ptrs[i] = copy_padded(spec, t, row_bytes);
         stats::d2d += static_cast<std::size_t>(c.rows) * row_bytes;
         ++stats::copied;
         timeline::instant("ranked hand-off (re-padded on device)", "handoff", r + 1);
-        w.in_ptrs[i] = buf;
       } else if (host_shared && c.rows == bsz && a.host.device().is_host()) {
         // The rank's device memory is host memory and no padding is needed: read in place.
         w.in_ptrs[i] = static_cast<const char*>(a.host.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
         ++stats::host_in_place;
       } else {
-        void* buf = w.temps[temp(spec)].raw_data();
-        be.copy(buf, dev, static_cast<const char*>(a.host.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes,
-                a.host.device(), static_cast<std::size_t>(c.rows) * row_bytes);
-        be.fill_zero(static_cast<char*>(buf) + static_cast<std::size_t>(c.rows) * row_bytes, dev,
-                     static_cast<std::size_t>(bsz - c.rows) * row_bytes);
+        w.in_ptrs[i] = copy_padded(spec, a.host, row_bytes);
         stats::h2d += static_cast<std::size_t>(c.rows) * row_bytes;
-        w.in_ptrs[i] = buf;
       }
     }
     // outputs: straight into the result when the chunk fills its bucket rows
     w.staged.clear();
     for (std::size_t o = 0; o < m.outputs.size(); ++o) {
       const StageIO& spec = m.outputs[o];
-      const std::size_t row_bytes = static_cast<std::size_t>(spec.sample_shape.numel()) * dtype_size(spec.dtype);
+      const std::size_t row_bytes = bytes_per_row(spec);
       if (job.single || c.rows == bsz) {
         w.out_ptrs[o] = static_cast<char*>(out[o].raw_data()) + (job.single ? 0 : static_cast<std::size_t>(c.begin) * row_bytes);
       } else {
@@ -239,7 +244,7 @@ void run_chunks(Job& job, RankWork& w, int r) {
     }
     for (const auto& [o, k] : w.staged) {
       const StageIO& spec = m.outputs[o];
-      const std::size_t row_bytes = static_cast<std::size_t>(spec.sample_shape.numel()) * dtype_size(spec.dtype);
+      const std::size_t row_bytes = bytes_per_row(spec);
       be.copy(static_cast<char*>(out[o].raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes, dev,
               w.temps[k].raw_data(), dev, static_cast<std::size_t>(c.rows) * row_bytes);
       stats::d2d += static_cast<std::size_t>(c.rows) * row_bytes;
@@ -453,15 +458,7 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
     for (std::size_t r = 0; r < tpu; ++r) {
       if (std::exception_ptr e = job.ranks[r]->done.error()) std::rethrow_exception(e);
     }
-    job.host_out.resize(m.outputs.size());
-    for (std::size_t o = 0; o < m.outputs.size(); ++o) {
-      const Tensor& t = res.per_rank[0][o];
-      detail::set_with_batch(job.shape, m.outputs[o].sample_shape, batch);
-      Tensor& h = job.host_out[o];
-      detail::TensorAccess::rebind_host_pool(h, job.shape, t.dtype());
-      detail::copy_bytes(h.raw_data(), h.device(), t.raw_data(), t.device(), h.nbytes());
-      stats::d2h += h.nbytes();
-    }
+    detail::copy_rank0_to_host(res, job.host_out, job.shape);
   } catch (...) {
     im.group->recover_if_failed();
     throw;

@@ -1,5 +1,8 @@
 #include "devpipe/ranked.h"
 
+#include "runtime/ranked_host.h"
+
+#include "core/device_copy.h"
 #include "core/pool.h"
 #include "devpipe/error.h"
 #include "runtime/stats.h"
@@ -68,18 +71,26 @@ Event RankedTensors::ready(int rank) const {
   return Event(data_, e);  // aliasing: shares the ownership of the tensors
 }
 
+void detail::copy_rank0_to_host(const RankedData& data, std::vector<Tensor>& out, Shape& scratch) {
+  const std::vector<Tensor>& outputs = data.per_rank.at(0);
+  out.resize(outputs.size());
+  for (std::size_t o = 0; o < outputs.size(); ++o) {
+    const Tensor& t = outputs[o];
+    scratch.dims().assign(t.shape().dims().begin(), t.shape().dims().end());
+    scratch[0] = data.real_batch;
+    Tensor& h = out[o];
+    TensorAccess::rebind_host_pool(h, scratch, t.dtype());
+    copy_bytes(h.raw_data(), h.device(), t.raw_data(), t.device(), h.nbytes());
+    stats::d2h += h.nbytes();
+  }
+}
+
 std::vector<Tensor> RankedTensors::to_host() const {
   wait();
   std::vector<Tensor> out;
   if (empty()) return out;
-  for (const Tensor& t : data_->per_rank[0]) {
-    Tensor rows = t.narrow_rows(0, data_->real_batch);
-    Tensor h;
-    detail::TensorAccess::rebind_host_pool(h, rows.shape(), rows.dtype());
-    h.copy_from(rows);
-    stats::d2h += h.nbytes();
-    out.push_back(std::move(h));
-  }
+  Shape scratch;
+  detail::copy_rank0_to_host(*data_, out, scratch);
   return out;
 }
 
