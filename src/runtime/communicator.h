@@ -25,8 +25,6 @@ class Communicator {
                           std::size_t inner_bytes) = 0;
   /// Returns when every rank has called it.
   virtual void barrier(int rank) = 0;
-  /// Bytes moved between ranks so far (for reports).
-  virtual std::size_t bytes_moved() const = 0;
   /// Makes every blocked and future call throw (a rank failed mid-forward), so peers never hang.
   virtual void abort() = 0;
   /// Clears an abort once every rank is idle again.

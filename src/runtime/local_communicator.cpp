@@ -59,7 +59,6 @@ class LocalCommunicator final : public Communicator {
         for (int r = 0; r < size_; ++r) store(slots_[static_cast<std::size_t>(r)], dtype, i, acc);
       }
     }
-    bytes_ += (end - begin) * dtype_size(dtype) * static_cast<std::size_t>(2 * (size_ - 1));
     barrier(rank);
   }
 
@@ -76,7 +75,6 @@ class LocalCommunicator final : public Communicator {
                     inner_bytes);
       }
     }
-    bytes_ += outer * inner_bytes * static_cast<std::size_t>(size_ - 1);
     barrier(rank);
   }
 
@@ -96,7 +94,6 @@ class LocalCommunicator final : public Communicator {
     }
   }
 
-  std::size_t bytes_moved() const override { return bytes_.load(); }
 
   void abort() override {
     std::lock_guard lock(mu_);
@@ -120,7 +117,6 @@ class LocalCommunicator final : public Communicator {
   int arrived_ = 0;
   std::uint64_t generation_ = 0;
   bool aborted_ = false;
-  std::atomic<std::size_t> bytes_{0};
 };
 
 }  // namespace

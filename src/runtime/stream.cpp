@@ -42,11 +42,6 @@ void EventState::reset() {
 namespace {
 constexpr std::size_t kInitialRing = 64;
 constexpr int kSpinMicros = 50;
-
-void run_boxed(void* context, int) {
-  std::unique_ptr<std::function<void()>> fn(static_cast<std::function<void()>*>(context));
-  (*fn)();
-}
 }  // namespace
 
 RankStream::RankStream(std::string name)
@@ -77,12 +72,6 @@ void RankStream::enqueue(StreamTask task) {
     queued_.store(count_, std::memory_order_release);
   }
   cv_.notify_one();
-}
-
-void RankStream::enqueue(std::function<void()> task) {
-  auto boxed = std::make_unique<std::function<void()>>(std::move(task));
-  enqueue(StreamTask{&run_boxed, boxed.get(), 0});
-  boxed.release();  // run_boxed owns it now
 }
 
 void RankStream::synchronize() {

@@ -5,7 +5,6 @@
 #include <condition_variable>
 #include <cstddef>
 #include <exception>
-#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -38,7 +37,6 @@ class EventState {
 }  // namespace detail
 
 using Event = std::shared_ptr<detail::EventState>;
-inline Event make_event() { return std::make_shared<detail::EventState>(); }
 
 /// One unit of stream work: `fn(context, arg)`. Plain data: queuing one allocates nothing.
 struct StreamTask {
@@ -60,8 +58,6 @@ class RankStream {
 
   /// Queues `task` to run on the stream's thread; non-blocking.
   void enqueue(StreamTask task);
-  /// Queues a std::function (boxed on the heap: for code off the hot path).
-  void enqueue(std::function<void()> task);
   /// Blocks until every queued task has run.
   void synchronize();
 
