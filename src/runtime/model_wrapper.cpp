@@ -238,20 +238,17 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
   }
   impl_ = std::move(impl);
 
-  // Warm-up: every bucket once on every rank, with zero inputs.
+  // Warm-up: every bucket once on every rank, with zero inputs, waited for.
   for (const auto& b : m.buckets) {
     std::vector<Input> zeros;
     for (const auto& io : m.inputs) zeros.emplace_back(Tensor::zeros(with_batch(io.sample_shape, b.batch), io.dtype));
-    auto saved = options_;
-    options_.return_ranked_to_cpu = true;
     try {
-      forward(zeros);
+      Output out = forward(zeros);
+      if (out.is_ranked()) out.ranked().wait();
     } catch (...) {
-      options_ = saved;
       impl_.reset();
       throw;
     }
-    options_ = saved;
   }
   report("warmed up");
 }
