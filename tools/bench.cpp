@@ -52,13 +52,7 @@ struct Workload {
 template <class M>
 Stage stage(const std::string& tag, const std::string& file, std::vector<Tensor> example_fn_inputs) {
   return Stage{tag, file,
-               [](const InferenceConfig& c) -> std::unique_ptr<nn::Module> {
-                 if constexpr (std::is_constructible_v<M, const InferenceConfig&>) {
-                   return std::make_unique<M>(c);
-                 } else {
-                   return std::make_unique<M>();
-                 }
-               },
+               [](const InferenceConfig& c) { return model_cls<M>().create(c); },
                [example_fn_inputs](const InferenceConfig& c, WrapperOptions o) -> std::unique_ptr<ModelWrapper> {
                  return std::make_unique<bench::BenchWrapper<M>>(c, std::move(o), example_fn_inputs);
                }};
@@ -143,6 +137,25 @@ Tensor run_chain(std::vector<std::unique_ptr<ModelWrapper>>& ws, const Workload&
   return out;
 }
 
+/// Compiles and loads every stage of `w` from the checkpoints under work/weights/<workload>:
+/// with `pipeline`, stages hand ranked outputs on; without, every stage returns to the host.
+/// Tags get `tag_suffix`; artifacts go to work/artifacts/<workload>/<label>/<stage>.
+std::vector<std::unique_ptr<ModelWrapper>> build_stages(const Workload& w, bool pipeline, const std::string& work,
+                                                        const std::string& label, const std::string& tag_suffix) {
+  const std::string wdir = (fs::path(work) / "weights" / w.name).string();
+  std::vector<std::unique_ptr<ModelWrapper>> ws;
+  for (std::size_t i = 0; i < w.stages.size(); ++i) {
+    const bool last = i + 1 == w.stages.size();
+    auto wr = w.stages[i].wrapper(w.config, {.pipeline_execution = pipeline, .return_ranked_to_cpu = last,
+                                             .tag = w.stages[i].tag + tag_suffix});
+    std::string art = (fs::path(work) / "artifacts" / w.name / label / w.stages[i].tag).string();
+    wr->compile(wdir + "/" + w.stages[i].weights_file, art);
+    wr->load(art);
+    ws.push_back(std::move(wr));
+  }
+  return ws;
+}
+
 struct ModeRun {
   std::vector<std::unique_ptr<ModelWrapper>> wrappers;
   std::vector<double> samples_ms;
@@ -217,16 +230,7 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
   }
   for (const std::string& mode : mode_names) {
     ModeRun& mr = modes[mode];
-    for (std::size_t i = 0; i < w.stages.size(); ++i) {
-      bool last = i + 1 == w.stages.size();
-      WrapperOptions o{.pipeline_execution = mode == "pipeline", .return_ranked_to_cpu = last,
-                       .tag = w.stages[i].tag + "@" + mode};
-      auto wr = w.stages[i].wrapper(w.config, o);
-      std::string art = (fs::path(work) / "artifacts" / name / mode / w.stages[i].tag).string();
-      wr->compile(wdir + "/" + w.stages[i].weights_file, art);
-      wr->load(art);
-      mr.wrappers.push_back(std::move(wr));
-    }
+    mr.wrappers = build_stages(w, mode == "pipeline", work, mode, "@" + mode);
   }
 
   // Warm-up, then interleaved timed iterations (pipeline, roundtrip, pipeline, ...).
@@ -391,18 +395,9 @@ int bench_main(const Args& a) {
   std::cout << "wrote " << plot_path << "\n";
 
   if (a.has("trace")) {
-    // One traced forward of the first workload in each mode, kernels included.
+    // One traced forward of the first workload in pipeline mode, kernels included.
     Workload w = make_workload(names.front());
-    std::string wdir = (fs::path(work) / "weights" / w.name).string();
-    std::vector<std::unique_ptr<ModelWrapper>> ws;
-    for (std::size_t i = 0; i < w.stages.size(); ++i) {
-      bool last = i + 1 == w.stages.size();
-      auto wr = w.stages[i].wrapper(w.config, {.pipeline_execution = true, .return_ranked_to_cpu = last, .tag = w.stages[i].tag});
-      std::string art = (fs::path(work) / "artifacts" / w.name / "trace" / w.stages[i].tag).string();
-      wr->compile(wdir + "/" + w.stages[i].weights_file, art);
-      wr->load(art);
-      ws.push_back(std::move(wr));
-    }
+    auto ws = build_stages(w, /*pipeline=*/true, work, "trace", "");
     run_chain(ws, w);
     timeline::start(true);
     run_chain(ws, w);
