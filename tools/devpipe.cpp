@@ -62,15 +62,11 @@ int cmd_compile(const cli::Args& a) {
   InferenceConfig c = config_from(a);
   std::string vck = a.get("vision-ckpt", ""), tck = a.get("text-ckpt", "");
   if (vck.empty()) {
-    vck = work + "/checkpoints/vision";
-    fs::create_directories(vck);
-    safetensors::save(vck + "/model.safetensors", nn::random_state_dict(vision_text::VisionModel(c), 1234));
+    vck = vision_text::write_random_checkpoint(vision_text::VisionModel(c), work + "/checkpoints/vision", 1234);
     std::cerr << "wrote a random vision checkpoint (seed 1234) to " << vck << "\n";
   }
   if (tck.empty()) {
-    tck = work + "/checkpoints/text";
-    fs::create_directories(tck);
-    safetensors::save(tck + "/model.safetensors", nn::random_state_dict(vision_text::TextModel(c), 1235));
+    tck = vision_text::write_random_checkpoint(vision_text::TextModel(c), work + "/checkpoints/text", 1235);
     std::cerr << "wrote a random text checkpoint (seed 1235) to " << tck << "\n";
   }
   fs::create_directories(work);

@@ -4,24 +4,14 @@
 //
 // Without checkpoints it writes random ones (fixed seed) under DIR.
 #include <chrono>
-#include <cstdio>
-#include <filesystem>
 #include <iostream>
 #include <string>
 
 #include "models.h"
 
 using namespace vision_text;
-namespace fs = std::filesystem;
 
 namespace {
-
-std::string write_random_checkpoint(const nn::Module& model, const std::string& dir, std::uint64_t seed) {
-  fs::create_directories(dir);
-  std::string path = (fs::path(dir) / "model.safetensors").string();
-  devpipe::safetensors::save(path, nn::random_state_dict(model, seed));
-  return dir;
-}
 
 int run(int argc, char** argv) {
   std::string work = "build/demo";

@@ -9,6 +9,9 @@
 
 #include <devpipe/devpipe.h>
 
+#include <filesystem>
+#include <string>
+
 namespace vision_text {
 
 using devpipe::InferenceConfig;
@@ -135,6 +138,16 @@ class TextModelApp : public devpipe::ApplicationBase {
 
   std::shared_ptr<TextModelWrapper> model;
 };
+
+/// Writes `dir`/model.safetensors with `model`'s parameters drawn like PyTorch's default
+/// initialisation (nn::random_state_dict, deterministic for `seed`); returns `dir`.
+inline std::string write_random_checkpoint(const nn::Module& model, const std::string& dir,
+                                           std::uint64_t seed) {
+  std::filesystem::create_directories(dir);
+  devpipe::safetensors::save((std::filesystem::path(dir) / "model.safetensors").string(),
+                             nn::random_state_dict(model, seed));
+  return dir;
+}
 
 /// The seed's config: batch 32, float32, tp_degree 2, sizes 512/256/512/1024.
 inline InferenceConfig seed_config(std::int64_t batch_size = 32, int tp_degree = 2,
