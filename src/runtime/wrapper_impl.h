@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "compiler/artifact.h"
+#include "core/pool.h"
 #include "devpipe/model_wrapper.h"
 #include "devpipe/safetensors.h"
 #include "runtime/backend.h"
@@ -49,9 +50,9 @@ inline Shape sample_shape(const Shape& s) {
 }
 
 inline Shape with_batch(const Shape& sample, std::int64_t batch) {
-  std::vector<std::int64_t> d{batch};
-  d.insert(d.end(), sample.dims().begin(), sample.dims().end());
-  return Shape(d);
+  Shape s;
+  detail::set_with_batch(s, sample, batch);
+  return s;
 }
 
 inline std::string join(const std::vector<std::string>& xs, std::size_t max_items = 20) {
