@@ -8,15 +8,19 @@ CMAKE_FLAGS ?=
 all: build
 
 deps:
-	@bash scripts/install_deps.sh
+	@bash scripts/install_deps.sh test
 
 configure: deps
-	@cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS) >/dev/null
+	@cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DDEVPIPE_TESTS=ON $(CMAKE_FLAGS) >/dev/null
 
 build: configure
 	@cmake --build $(BUILD_DIR) -j $(JOBS)
 
-demo: build
+# The demo needs neither GoogleTest nor PyTorch, and builds only the library and the demo.
+demo:
+	@bash scripts/install_deps.sh demo
+	@cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DDEVPIPE_TESTS=OFF $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(BUILD_DIR) -j $(JOBS) --target vision_text_demo
 	@$(BUILD_DIR)/examples/vision_text/vision_text_demo
 
 test: build
@@ -27,7 +31,7 @@ bench: build
 
 # Compiles and links the cuda backend (no GPU needed to build it).
 cuda-build: deps
-	@cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DDEVPIPE_CUDA=ON >/dev/null
+	@cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DDEVPIPE_TESTS=ON -DDEVPIPE_CUDA=ON >/dev/null
 	@cmake --build build-cuda -j $(JOBS)
 
 format:

@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
-# Installs the Debian packages devpipe needs to build and test, if any is missing.
+# Installs the Debian 12 packages devpipe needs, if any is missing.
+#   scripts/install_deps.sh demo   what building the library, the CLI and the demo needs
+#   scripts/install_deps.sh        (or `test`) that, plus the test suites' GoogleTest and the
+#                                  PyTorch the reference tests run
+# ocl-icd-opencl-dev: Debian's libdnnl-dev is built with oneDNN's OpenCL runtime, so its CMake
+# config looks for OpenCL; the package is only a "Recommends" of libdnnl-dev, and we install
+# with --no-install-recommends.
 set -euo pipefail
-pkgs=(build-essential cmake ninja-build pkg-config libdnnl-dev nlohmann-json3-dev libgtest-dev
-      python3-torch python3-numpy)
+profile=${1:-test}
+pkgs=(build-essential cmake ninja-build pkg-config libdnnl-dev ocl-icd-opencl-dev nlohmann-json3-dev)
+case "$profile" in
+  demo) ;;
+  test) pkgs+=(libgtest-dev python3-torch python3-numpy) ;;
+  *) echo "install_deps.sh: unknown profile '$profile' (expected demo or test)" >&2; exit 2 ;;
+esac
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "deps: all installed"
+  echo "deps ($profile): all installed"
   exit 0
 fi
-echo "deps: installing ${missing[*]}"
+echo "deps ($profile): installing ${missing[*]}"
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-echo "deps: done"
+echo "deps ($profile): done"
