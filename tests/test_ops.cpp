@@ -134,10 +134,27 @@ Var apply_op(const OpCase& c, const std::vector<Var>& v) {
   if (op == "gelu") return F::gelu(v[0], a.at("approximate").get<std::string>());
   if (op == "silu") return F::silu(v[0]);
   if (op == "relu") return F::relu(v[0]);
+  if (op == "sample") return F::sample(v[0], v[1], v[2]);
   throw std::runtime_error("test_ops: no tracing rule for op '" + op + "'");
 }
 
+// state_write updates a state in place: its first operand is traced as a state (which comes
+// after the data inputs), so the graph's inputs are (values, positions, state).
+bool is_state_case(const OpCase& c) { return c.op == "state_write"; }
+
+std::vector<Tensor> graph_inputs(const OpCase& c) {
+  if (!is_state_case(c)) return c.inputs;
+  return {c.inputs[1], c.inputs[2], c.inputs[0].clone()};  // a clone: the cpu arm writes it
+}
+
 Graph trace_case(const OpCase& c) {
+  if (is_state_case(c)) {
+    Tracer tracer({});
+    Var values = tracer.input("in1", c.inputs[1].shape(), c.inputs[1].dtype());
+    Var positions = tracer.input("in2", c.inputs[2].shape(), c.inputs[2].dtype());
+    Var state = tracer.state("in0", c.inputs[0].shape(), c.inputs[0].dtype());
+    return tracer.finish({F::state_write(state, values, positions, c.attrs.at("dim").get<int>())});
+  }
   std::vector<std::pair<std::string, ValueInfo>> ins;
   for (std::size_t j = 0; j < c.inputs.size(); ++j) {
     ins.push_back({"in" + std::to_string(j), {c.inputs[j].shape(), c.inputs[j].dtype()}});
@@ -157,7 +174,7 @@ std::int64_t reduction_length(const OpCase& c) {
 
 ::testing::AssertionResult check_output(const OpCase& c, const Tensor& actual) {
   const Tensor& e = c.expected;
-  if (c.dtype == "int64") {
+  if (c.dtype == "int64" || e.dtype() == DType::Int64) {
     if (actual.dtype() != DType::Int64 || actual.shape() != e.shape()) {
       return ::testing::AssertionFailure()
              << "got " << actual.shape().to_string() << " " << dtype_name(actual.dtype())
@@ -237,9 +254,9 @@ TEST_P(OpVsTorch, Run) {
     std::vector<Tensor> outs;
     try {
       if (arm == "reference") {
-        outs = run_reference(graph, c.inputs, {});
+        outs = run_reference(graph, graph_inputs(c), {});
       } else {
-        outs = run_graph_once(backend_for(DeviceKind::Cpu), graph, c.inputs, {});
+        outs = run_graph_once(backend_for(DeviceKind::Cpu), graph, graph_inputs(c), {});
       }
     } catch (const std::exception& e) {
       ADD_FAILURE() << "run failed: " << e.what();

@@ -27,9 +27,16 @@ struct RuntimeConfig {
   int tp_degree = 1;                      // tensor-parallel ranks
   std::vector<std::int64_t> buckets;      // compiled batch sizes; empty: {batch_size}
   DeviceKind device = DeviceKind::Cpu;
+  /// Compiled sizes of named dims other than the batch, e.g. {{"seq", {16, 32, 64, 128}}}: a
+  /// wrapper whose input_dims() names a dim "seq" is compiled for every combination of these
+  /// with the batch buckets. Empty: the batch is the only bucketed dim.
+  std::map<std::string, std::vector<std::int64_t>> dim_buckets;
 
   /// Sorted, de-duplicated buckets (or {batch_size}); throws ConfigError on a non-positive size.
   std::vector<std::int64_t> batch_buckets() const;
+  /// dim_buckets with each list sorted and de-duplicated; throws ConfigError naming the dim for
+  /// an empty list, a size < 1, or a dim named "batch" or "".
+  std::map<std::string, std::vector<std::int64_t>> named_buckets() const;
   /// Throws ConfigError naming the field when a value is out of range.
   void validate() const;
   friend bool operator==(const RuntimeConfig&, const RuntimeConfig&) = default;

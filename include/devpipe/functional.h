@@ -41,6 +41,24 @@ inline Var cat(const std::vector<Var>& xs, int dim = 0) { return concat(xs, dim)
 /// x[..., start:end:step, ...] along `dim`, with Python clamping of start/end.
 Var slice(Var x, int dim, std::int64_t start, std::int64_t end, std::int64_t step = 1);
 
+/// The state `name` of the current trace (Tracer::state): a buffer on each rank's device that
+/// lives across forward() calls and is shared by name between the stages of an application.
+Var state(const std::string& name, const Shape& shape, DType dtype);
+/// Writes rows of `state` in place and returns the updated state: for row i of `values` and
+/// t < values.dim(dim), state[i, ..., positions[i, t], ...] = values[i, ..., t, ...]; a
+/// position outside [0, state.dim(dim)) (e.g. -1 for padding) writes nothing. `values` has the
+/// state's shape except dim 0 (<= the state's rows: rows 0.. are written) and `dim`;
+/// `positions` is int64 [values.dim(0), values.dim(dim)]. `state` must be a state (or an
+/// update of one) not updated since; later readers must use the returned Var.
+Var state_write(Var state, Var values, Var positions, int dim);
+/// The KV-cache form: cache [B, H, S, D], values [b, H, T, D], positions [b, T].
+inline Var cache_write(Var cache, Var values, Var positions) { return state_write(cache, values, positions, 2); }
+/// One token id per row of `logits` [B, V] (int64 [B]): params float32 [B, 3] holds each row's
+/// temperature, top_k and top_p; u float32 [B] a uniform number in [0, 1) per row (the seeded
+/// randomness, drawn by the caller). temperature <= 0 is greedy (the first maximum); see the
+/// op's definition (src/graph/op_def.h, sample_row) for the exact rule.
+Var sample(Var logits, Var params, Var u);
+
 Var add(Var a, Var b);
 Var mul(Var a, Var b);
 Var softmax(Var x, int dim);

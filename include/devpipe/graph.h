@@ -41,10 +41,15 @@ enum class OpKind {
   Relu,
   AllReduce,          // sum over ranks
   AllGather,          // concatenate the ranks' tensors along dim
+  StateWrite,         // state[B, ..., S, ...], values[b, ..., T, ...], positions[b, T] int64 ->
+                      // the state with rows written in place (dim: the position dim); a
+                      // position outside [0, S) writes nothing
+  Sample,             // logits[B, V], params[B, 3] f32 (temperature, top_k, top_p), u[B] f32
+                      // -> token ids [B] int64 (temperature <= 0: argmax)
 };
 
 /// Number of OpKind values (for tables).
-inline constexpr int kNumOpKinds = static_cast<int>(OpKind::AllGather) + 1;
+inline constexpr int kNumOpKinds = static_cast<int>(OpKind::Sample) + 1;
 
 std::string_view op_name(OpKind op);
 /// Throws FormatError naming the text when it is not an op name.
@@ -96,10 +101,17 @@ struct Node {
   std::string scope;  // module path that emitted it ("encoder.layers.0.fc1"), for messages
 };
 
-/// A graph input (a runtime argument of the stage).
+/// A graph input: a runtime argument of the stage (Data), or a state (State): a buffer that
+/// lives on the rank's device across runs, owned by the application and shared by name between
+/// its stages (a KV cache, a latent). Its value's shape and dtype are the per-rank ones. A
+/// graph reads a state through its value and updates it in place with StateWrite, whose
+/// output aliases the state buffer; states come after every data input.
 struct GraphInput {
+  enum class Kind { Data, State };
   int value = -1;
-  std::string name;  // "x", "vision_features", ...
+  std::string name;  // "x", "vision_features", "layers.0.k_cache", ...
+  Kind kind = Kind::Data;
+  bool is_state() const { return kind == Kind::State; }
 };
 
 /// A parameter: a weight bound at load time from the artifact.

@@ -19,6 +19,7 @@
 #include "devpipe/config.h"
 #include "devpipe/nn.h"
 #include "devpipe/ranked.h"
+#include "devpipe/state.h"
 #include "devpipe/tensor.h"
 
 namespace devpipe {
@@ -121,6 +122,15 @@ class ModelWrapper {
   virtual std::vector<std::vector<Tensor>> input_generator() const = 0;
   /// Names of forward()'s arguments for messages (default "input0", "input1", ...).
   virtual std::vector<std::string> input_names() const;
+  /// Names of each input's dims, outermost first: "batch" for dim 0, a name listed in the
+  /// config's dim_buckets (e.g. "seq") for a dim compiled per bucket, "" for a fixed dim; dim 0
+  /// must be "batch". Default (empty): every input is [batch, fixed...].
+  /// A bucketed dim is padded with zeros to the bucket's size, so inputs that tell the model
+  /// which entries are real (lengths, positions) must make zero mean "padding".
+  virtual std::vector<std::vector<std::string>> input_dims() const { return {}; }
+  /// The same for the outputs. Host outputs are cut back along every named dim to the real
+  /// size of the inputs' dim of that name. Default (empty): every output is [batch, fixed...].
+  virtual std::vector<std::vector<std::string>> output_dims() const { return {}; }
 
   const std::string& tag() const { return options_.tag; }
   const InferenceConfig& config() const { return config_; }
@@ -136,9 +146,15 @@ class ModelWrapper {
   void compile(const std::string& checkpoint_path, const std::string& dir,
                const ProgressFn& progress = {});
   /// Reads the artifact in `dir`, refuses one that does not match this wrapper and config,
-  /// builds every bucket on every rank and runs each once (warm-up). Blocking.
+  /// builds every bucket on every rank, binds the stage's states (from the state store: see
+  /// set_state_store) and runs each bucket once (warm-up, on scratch copies of the states, so
+  /// the real states are not touched). Blocking.
   void load(const std::string& dir, const ProgressFn& progress = {});
   bool is_loaded() const;
+  /// The store this wrapper's states live in, used by the next load(): set it to share states
+  /// with other stages (ApplicationBase::load does). Without one, load() creates its own.
+  void set_state_store(std::shared_ptr<StateStore> store);
+  const std::shared_ptr<StateStore>& state_store() const { return states_; }
 
   /// Runs the stage. Arguments: host tensors and ranked tensors in any mix (a ranked argument
   /// supplies all its outputs as consecutive arguments; use select() for one). Host inputs are
@@ -148,9 +164,10 @@ class ModelWrapper {
   /// return_ranked_to_cpu; asynchronous) or host tensors of the caller's batch (blocking).
   Output forward(const std::vector<Input>& inputs);
 
-  /// Bucket batch sizes of the loaded artifact.
+  /// Bucket batch sizes of the loaded artifact (one per bucket: repeated when other dims are
+  /// bucketed too).
   std::vector<std::int64_t> loaded_buckets() const;
-  /// Text form of the loaded graph for `bucket` (inspection).
+  /// Text form of the loaded graph for `bucket` (inspection; the first bucket of that batch).
   std::string graph_text(std::int64_t bucket) const;
 
  private:
@@ -158,11 +175,13 @@ class ModelWrapper {
   InferenceConfig config_;
   ModelFactory factory_;
   WrapperOptions options_;
+  std::shared_ptr<StateStore> states_;
   std::unique_ptr<Impl> impl_;
 };
 
 /// The seed's NeuronApplicationBase: a checkpoint path, a config and a list of wrappers.
-/// compile(path) writes each wrapper's artifact to path/<tag>; load(path) loads them.
+/// compile(path) writes each wrapper's artifact to path/<tag>; load(path) loads them, all with
+/// the application's state store, so stages declaring a state of the same name share it.
 class ApplicationBase {
  public:
   ApplicationBase(std::string model_path, InferenceConfig config);
@@ -174,6 +193,8 @@ class ApplicationBase {
   const InferenceConfig& config() const { return config_; }
   /// Reports compile/load progress (default: none).
   void set_progress(ProgressFn fn) { progress_ = std::move(fn); }
+  /// The states of the application's stages (KV caches, ...), shared by name.
+  const std::shared_ptr<StateStore>& state_store() const { return states_; }
 
   /// The seed's self.models.
   std::vector<std::shared_ptr<ModelWrapper>> models;
@@ -182,6 +203,7 @@ class ApplicationBase {
   std::string model_path_;
   InferenceConfig config_;
   ProgressFn progress_;
+  std::shared_ptr<StateStore> states_;
 };
 
 }  // namespace devpipe

@@ -59,8 +59,13 @@ class Tracer {
   static Tracer& current();
 
   const TraceOptions& options() const { return options_; }
-  /// Adds a graph input.
+  /// Adds a graph input. Throws StateError after a state was declared (states come last).
   Var input(const std::string& name, const Shape& shape, DType dtype);
+  /// The state `name` with the per-rank `shape` and `dtype` (a graph input of kind State; see
+  /// GraphInput): declared on first use, the same Var afterwards. Asking again with another
+  /// shape or dtype throws ShapeError naming both. Update it with F::state_write and use the
+  /// result: a node reading the state after an update of it is refused when the graph is built.
+  Var state(const std::string& name, const Shape& shape, DType dtype);
   /// Records `op` applied to `inputs`; returns its single output. Inference errors are rethrown
   /// with the tag and the current module path prefixed.
   Var emit(OpKind op, const std::vector<Var>& inputs, Attrs attrs = {});
@@ -81,6 +86,7 @@ class Tracer {
   TraceOptions options_;
   Graph graph_;
   std::map<std::string, int> params_;
+  std::map<std::string, int> states_;
   std::vector<std::pair<std::string, std::string>> scopes_;
   Tracer* previous_ = nullptr;
   bool finished_ = false;

@@ -74,7 +74,11 @@ json graph_json(const Graph& g) {
     nodes.push_back(std::move(jn));
   }
   json inputs = json::array();
-  for (const auto& i : g.inputs) inputs.push_back({{"value", i.value}, {"name", i.name}});
+  for (const auto& i : g.inputs) {
+    json ji = {{"value", i.value}, {"name", i.name}};
+    if (i.is_state()) ji["kind"] = "state";
+    inputs.push_back(std::move(ji));
+  }
   json params = json::array();
   for (const auto& p : g.params) {
     params.push_back({{"value", p.value}, {"key", p.key}, {"full_shape", p.full_shape.dims()},
@@ -108,7 +112,10 @@ Graph graph_from(const json& j) {
     g.nodes.push_back(std::move(n));
   }
   for (const auto& ji : j.at("inputs")) {
-    g.inputs.push_back({check_id(ji.at("value").get<int>(), "input"), ji.at("name").get<std::string>()});
+    const std::string kind = ji.value("kind", std::string("data"));
+    if (kind != "data" && kind != "state") throw FormatError("graph input kind '" + kind + "' is not data or state");
+    g.inputs.push_back({check_id(ji.at("value").get<int>(), "input"), ji.at("name").get<std::string>(),
+                        kind == "state" ? GraphInput::Kind::State : GraphInput::Kind::Data});
   }
   for (const auto& jp : j.at("params")) {
     g.params.push_back({check_id(jp.at("value").get<int>(), "param"), jp.at("key").get<std::string>(),
@@ -122,8 +129,10 @@ Graph graph_from(const json& j) {
 json io_json(const std::vector<StageIO>& ios) {
   json a = json::array();
   for (const auto& io : ios) {
-    a.push_back({{"name", io.name}, {"sample_shape", io.sample_shape.dims()},
-                 {"dtype", std::string(dtype_name(io.dtype))}});
+    json j = {{"name", io.name}, {"sample_shape", io.sample_shape.dims()},
+              {"dtype", std::string(dtype_name(io.dtype))}};
+    if (io.has_named_dims()) j["dims"] = io.dims;
+    a.push_back(std::move(j));
   }
   return a;
 }
@@ -131,9 +140,21 @@ json io_json(const std::vector<StageIO>& ios) {
 std::vector<StageIO> io_from(const json& a) {
   std::vector<StageIO> out;
   for (const auto& j : a) {
-    out.push_back({j.at("name").get<std::string>(),
-                   Shape(j.at("sample_shape").get<std::vector<std::int64_t>>()),
-                   dtype_from_name(j.at("dtype").get<std::string>())});
+    StageIO io{j.at("name").get<std::string>(), Shape(j.at("sample_shape").get<std::vector<std::int64_t>>()),
+               dtype_from_name(j.at("dtype").get<std::string>()),
+               j.value("dims", std::vector<std::string>{})};
+    if (!io.dims.empty() && io.dims.size() != io.sample_shape.dims().size()) {
+      throw FormatError("stage io '" + io.name + "' names " + std::to_string(io.dims.size()) + " dims for a sample shape " +
+                        io.sample_shape.to_string());
+    }
+    for (std::size_t k = 0; k < io.sample_shape.dims().size(); ++k) {
+      const bool named = k < io.dims.size() && !io.dims[k].empty();
+      if (named != (io.sample_shape[k] == -1) || (!named && io.sample_shape[k] < 0)) {
+        throw FormatError("stage io '" + io.name + "': sample dim " + std::to_string(k + 1) + " is " +
+                          std::to_string(io.sample_shape[k]) + (named ? " but named '" + io.dims[k] + "'" : std::string()));
+      }
+    }
+    out.push_back(std::move(io));
   }
   return out;
 }
@@ -156,6 +177,26 @@ void write_file_atomic(const std::string& path, const std::string& text) {
 
 std::string graph_to_json(const Graph& graph) { return graph_json(graph).dump(); }
 
+Shape bucket_shape(const StageIO& io, const ArtifactBucket& bucket) {
+  std::vector<std::int64_t> d{bucket.batch};
+  for (std::size_t k = 0; k < io.sample_shape.dims().size(); ++k) {
+    if (k < io.dims.size() && !io.dims[k].empty()) {
+      auto it = bucket.dims.find(io.dims[k]);
+      d.push_back(it == bucket.dims.end() ? -1 : it->second);
+    } else {
+      d.push_back(io.sample_shape[k]);
+    }
+  }
+  return Shape(std::move(d));
+}
+
+std::string bucket_text(std::int64_t batch, const std::map<std::string, std::int64_t>& dims) {
+  if (dims.empty()) return std::to_string(batch);
+  std::string s = "batch " + std::to_string(batch);
+  for (const auto& [name, size] : dims) s += ", " + name + " " + std::to_string(size);
+  return s;
+}
+
 Graph graph_from_json(const std::string& text) {
   try {
     return graph_from(json::parse(text));
@@ -166,7 +207,15 @@ Graph graph_from_json(const std::string& text) {
 
 void write_manifest(const std::string& dir, const Manifest& m) {
   json buckets = json::array();
-  for (const auto& b : m.buckets) buckets.push_back({{"batch", b.batch}, {"graph", graph_json(b.graph)}});
+  for (const auto& b : m.buckets) {
+    json jb = {{"batch", b.batch}, {"graph", graph_json(b.graph)}};
+    if (!b.dims.empty()) jb["dims"] = b.dims;
+    buckets.push_back(std::move(jb));
+  }
+  json states = json::array();
+  for (const auto& st : m.states) {
+    states.push_back({{"name", st.name}, {"shape", st.shape.dims()}, {"dtype", std::string(dtype_name(st.dtype))}});
+  }
   json weights = json::array();
   for (const auto& w : m.weights) {
     weights.push_back({{"rank", w.rank}, {"file", w.file}, {"checksum", w.checksum}, {"bytes", w.bytes}});
@@ -182,6 +231,7 @@ void write_manifest(const std::string& dir, const Manifest& m) {
             {"config", json::parse(m.config_json.empty() ? "{}" : m.config_json)},
             {"inputs", io_json(m.inputs)},
             {"outputs", io_json(m.outputs)},
+            {"states", states},
             {"buckets", buckets},
             {"weights", weights}};
   write_file_atomic((std::filesystem::path(dir) / "manifest.json").string(), j.dump(1) + "\n");
@@ -224,8 +274,13 @@ Manifest read_manifest(const std::string& dir) {
     m.config_json = j.at("config").dump();
     m.inputs = io_from(j.at("inputs"));
     m.outputs = io_from(j.at("outputs"));
+    for (const auto& st : j.value("states", json::array())) {
+      m.states.push_back({st.at("name").get<std::string>(), Shape(st.at("shape").get<std::vector<std::int64_t>>()),
+                          dtype_from_name(st.at("dtype").get<std::string>())});
+    }
     for (const auto& b : j.at("buckets")) {
-      m.buckets.push_back({b.at("batch").get<std::int64_t>(), graph_from(b.at("graph"))});
+      m.buckets.push_back({b.at("batch").get<std::int64_t>(),
+                           b.value("dims", std::map<std::string, std::int64_t>{}), graph_from(b.at("graph"))});
     }
     for (const auto& w : j.at("weights")) {
       m.weights.push_back({w.at("rank").get<int>(), w.at("file").get<std::string>(),
@@ -242,12 +297,13 @@ Manifest read_manifest(const std::string& dir) {
                       " weight files for tp_degree " + std::to_string(m.tp_degree));
   }
   for (const auto& b : m.buckets) {
-    validate_stage_graph(b.graph, b.batch, m, path + ", bucket " + std::to_string(b.batch));
+    validate_stage_graph(b.graph, b, m, path + ", bucket " + bucket_text(b.batch, b.dims));
   }
   return m;
 }
 
-void validate_stage_graph(const Graph& g, std::int64_t batch, const Manifest& m, const std::string& where) {
+void validate_stage_graph(const Graph& g, const ArtifactBucket& bucket, const Manifest& m,
+                          const std::string& where) {
   auto fail = [&](const std::string& what) { throw FormatError(where + ": " + what); };
   if (g.tp_degree != m.tp_degree) {
     fail("graph tp_degree " + std::to_string(g.tp_degree) + " differs from the manifest's " +
@@ -294,9 +350,7 @@ void validate_stage_graph(const Graph& g, std::int64_t batch, const Manifest& m,
            std::to_string(ids.size()));
     }
     for (std::size_t k = 0; k < ids.size(); ++k) {
-      std::vector<std::int64_t> d{batch};
-      d.insert(d.end(), specs[k].sample_shape.dims().begin(), specs[k].sample_shape.dims().end());
-      ValueInfo want{Shape(d), specs[k].dtype};
+      ValueInfo want{bucket_shape(specs[k], bucket), specs[k].dtype};
       if (!(g.value(ids[k]) == want)) {
         fail(std::string(kind) + " " + std::to_string(k) + " is " + g.value(ids[k]).shape.to_string() +
              " in the graph but " + want.shape.to_string() + " in the manifest's specs");
@@ -304,8 +358,29 @@ void validate_stage_graph(const Graph& g, std::int64_t batch, const Manifest& m,
     }
   };
   std::vector<int> in_ids;
-  for (const auto& in : g.inputs) in_ids.push_back(in.value);
+  std::vector<const GraphInput*> states;
+  for (const auto& in : g.inputs) {
+    if (in.is_state()) {
+      states.push_back(&in);
+    } else {
+      if (!states.empty()) fail("data input '" + in.name + "' comes after state '" + states.back()->name + "'");
+      in_ids.push_back(in.value);
+    }
+  }
   check_io("input", m.inputs, in_ids);
+  if (states.size() != m.states.size()) {
+    fail("the manifest lists " + std::to_string(m.states.size()) + " states, the graph has " +
+         std::to_string(states.size()));
+  }
+  for (std::size_t k = 0; k < states.size(); ++k) {
+    const StateSpec& spec = m.states[k];
+    const ValueInfo& info = g.value(states[k]->value);
+    if (states[k]->name != spec.name || info.shape != spec.shape || info.dtype != spec.dtype) {
+      fail("state " + std::to_string(k) + " is '" + states[k]->name + "' " + info.shape.to_string() + " " +
+           std::string(dtype_name(info.dtype)) + " in the graph but '" + spec.name + "' " + spec.shape.to_string() +
+           " " + std::string(dtype_name(spec.dtype)) + " in the manifest's state specs");
+    }
+  }
   check_io("output", m.outputs, g.outputs);
   for (const auto& p : g.params) {
     if (p.shard_dim >= p.full_shape.rank()) fail("parameter '" + p.key + "' has shard_dim out of range");

@@ -1,12 +1,13 @@
 // Internal: the compiled artifact of one stage on disk.
 //
 //   <dir>/manifest.json              format version, devpipe version, tag, dtype, tp degree,
-//                                    config, input/output specs, a graph per bucket, and a
-//                                    checksum per weight file
+//                                    config, input/output specs, state specs, a graph per
+//                                    bucket, and a checksum per weight file
 //   <dir>/weights/rank<r>.safetensors  rank r's (sharded) weights, keyed by checkpoint key
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -17,17 +18,42 @@ namespace devpipe {
 /// The artifact format this build writes and reads. Bump on any incompatible change.
 inline constexpr int kArtifactFormatVersion = 1;
 
-/// A stage input or output: its name, its shape without the batch dim, and its dtype.
+/// A stage input or output: its name, its shape without the batch dim, and its dtype. `dims`
+/// names the sample dims that are bucketed ("seq"; "" for a fixed dim; empty: none is); a named
+/// dim's entry in sample_shape is -1, its size is the bucket's.
 struct StageIO {
   std::string name;
   Shape sample_shape;
   DType dtype = DType::Float32;
+  std::vector<std::string> dims;
+
+  bool has_named_dims() const {
+    for (const auto& d : dims) {
+      if (!d.empty()) return true;
+    }
+    return false;
+  }
 };
 
+/// A state of the stage (GraphInput::Kind::State): its name and per-rank shape and dtype.
+struct StateSpec {
+  std::string name;
+  Shape shape;
+  DType dtype = DType::Float32;
+  friend bool operator==(const StateSpec&, const StateSpec&) = default;
+};
+
+/// One compiled shape: the batch size and the size of every other named dim.
 struct ArtifactBucket {
   std::int64_t batch = 0;
+  std::map<std::string, std::int64_t> dims;
   Graph graph;
 };
+
+/// A StageIO's full shape in `bucket`: [batch, sample...] with named dims at the bucket's size.
+Shape bucket_shape(const StageIO& io, const ArtifactBucket& bucket);
+/// "4" (the batch only) or "batch 4, seq 32".
+std::string bucket_text(std::int64_t batch, const std::map<std::string, std::int64_t>& dims);
 
 struct WeightFileEntry {
   int rank = 0;
@@ -47,6 +73,7 @@ struct Manifest {
   std::string config_json;  // InferenceConfig::to_json() at compile time
   std::vector<StageIO> inputs;
   std::vector<StageIO> outputs;
+  std::vector<StateSpec> states;  // in the graphs' state-input order
   std::vector<ArtifactBucket> buckets;
   std::vector<WeightFileEntry> weights;
 };
@@ -64,10 +91,12 @@ void write_manifest(const std::string& dir, const Manifest& manifest);
 /// A newer or older format_version is reported as ArtifactMismatch.
 Manifest read_manifest(const std::string& dir);
 
-/// Checks a graph read from `m` (the bucket of size `batch`): values defined before use, every
-/// node's recorded outputs equal to its op's inference, and the inputs and outputs equal to the
-/// manifest's specs. Throws FormatError naming `where`, the node and the shapes.
-void validate_stage_graph(const Graph& graph, std::int64_t batch, const Manifest& m, const std::string& where);
+/// Checks the graph of `bucket` read from `m`: values defined before use, every node's recorded
+/// outputs equal to its op's inference, the data inputs and outputs equal to the manifest's
+/// specs at the bucket's sizes, and the states (after every data input) equal to its state
+/// specs. Throws FormatError naming `where`, the node and the shapes.
+void validate_stage_graph(const Graph& graph, const ArtifactBucket& bucket, const Manifest& m,
+                          const std::string& where);
 
 /// A fast 64-bit checksum of a file's bytes: "h64:<hex>".
 std::string file_checksum(const std::string& path);

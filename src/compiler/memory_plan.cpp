@@ -89,8 +89,17 @@ MemoryPlan plan_views(const Graph& graph, std::string_view who) {
   std::iota(plan.root.begin(), plan.root.end(), 0);
   plan.root_offset.assign(nv, 0);
   for (const auto& in : graph.inputs)
-    plan.kind.at(static_cast<std::size_t>(in.value)) = Kind::Input;
+    plan.kind.at(static_cast<std::size_t>(in.value)) = in.is_state() ? Kind::State : Kind::Input;
   for (const auto& p : graph.params) plan.kind.at(static_cast<std::size_t>(p.value)) = Kind::Param;
+  // Versions of the states: each StateWrite makes a new one; every read must see the latest.
+  std::vector<int> version(nv, 0);     // per value whose root is a state
+  std::vector<int> latest(nv, 0);      // per state root
+  auto state_name = [&](std::size_t r) {
+    for (const auto& in : graph.inputs) {
+      if (in.value == static_cast<int>(r)) return in.name;
+    }
+    return std::string("?");
+  };
 
   for (std::size_t i = 0; i < graph.nodes.size(); ++i) {
     const Node& node = graph.nodes[i];
@@ -99,6 +108,19 @@ MemoryPlan plan_views(const Graph& graph, std::string_view who) {
       if (plan.kind.at(r) == Kind::None) {
         throw FormatError(prefix(who) + describe_node(graph, node) + " reads value " +
                           std::to_string(in) + " before anything defines it");
+      }
+      if (plan.kind[r] == Kind::State && version[static_cast<std::size_t>(in)] != latest[r]) {
+        throw FormatError(prefix(who) + describe_node(graph, node) + " reads state '" + state_name(r) +
+                          "' (value " + std::to_string(in) + ") after a state_write updated it in place; "
+                          "read the state_write's result instead");
+      }
+    }
+    if (node.op == OpKind::StateWrite) {
+      const auto in = static_cast<std::size_t>(node.inputs.at(0));
+      const auto r = static_cast<std::size_t>(plan.root[in]);
+      if (plan.kind[r] != Kind::State) {
+        throw FormatError(prefix(who) + describe_node(graph, node) + " writes value " + std::to_string(in) +
+                          ", which is not a state: state_write updates a state (Tracer::state) in place");
       }
     }
     for (int out : node.outputs) {
@@ -110,11 +132,15 @@ MemoryPlan plan_views(const Graph& graph, std::string_view who) {
       plan.kind[o] = Kind::Produced;
       plan.producer[o] = static_cast<int>(i);
     }
-    if (node.op == OpKind::Reshape) {
+    if (node.op == OpKind::Reshape || node.op == OpKind::StateWrite) {
       auto o = static_cast<std::size_t>(node.outputs.at(0));
       auto in = static_cast<std::size_t>(node.inputs.at(0));
       plan.root[o] = plan.root[in];
       plan.root_offset[o] = plan.root_offset[in];
+      version[o] = version[in];
+      if (node.op == OpKind::StateWrite) {
+        version[o] = ++latest[static_cast<std::size_t>(plan.root[in])];
+      }
     }
   }
   return plan;

@@ -1,7 +1,9 @@
 // Internal: the memory-planning compiler pass shared by the backends' executors.
 //
 // Every value is a root or a view of one (Reshape is a zero-copy alias of its input, at the
-// same offset). A root is a graph input (the caller's buffer, bound per run), a parameter
+// same offset; StateWrite's output is its state, updated in place). A root is a graph input
+// (the caller's buffer, bound per run), a state (the application's buffer, bound per run like
+// an input), a parameter
 // (fixed at compile), a graph output written in place (the caller's output buffer, bound per
 // run) or an intermediate placed by liveness into one arena (first fit, biggest first), next
 // to the kernels' scratch, which lives only during its node. Outputs that cannot be written in
@@ -22,7 +24,7 @@ namespace devpipe {
 /// Where every value of a graph lives for one run, planned once at compile time.
 struct MemoryPlan {
   static constexpr std::size_t npos = SIZE_MAX;
-  enum class Kind { None, Input, Param, Produced };
+  enum class Kind { None, Input, State, Param, Produced };
 
   // ---- phase 1: plan_views
   std::vector<Kind> kind;                // per value
@@ -50,7 +52,8 @@ struct MemoryPlan {
 
 /// Phase 1 (before kernels are built): kinds, producers and views. Throws FormatError, prefixed
 /// with "`who`: " (e.g. "cpu backend") and naming the node, for a value read before anything
-/// defines it or defined twice.
+/// defines it or defined twice, a StateWrite whose first input is not a state, and a node that
+/// reads a state (or a view of it) older than the state's latest update.
 MemoryPlan plan_views(const Graph& graph, std::string_view who);
 
 /// Phase 2 (once the kernels report `scratch_bytes`, per node): outputs written in place or

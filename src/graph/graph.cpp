@@ -15,7 +15,8 @@ const std::array<const OpDef*, kNumOpKinds>& table() {
          {&ops::kLinear, &ops::kMatmul, &ops::kConv2d, &ops::kAdaptiveAvgPool2d, &ops::kMaxPool2d,
           &ops::kEmbedding, &ops::kLayerNorm, &ops::kRmsNorm, &ops::kReshape, &ops::kPermute,
           &ops::kConcat, &ops::kSlice, &ops::kAdd, &ops::kMul, &ops::kSoftmax, &ops::kGelu,
-          &ops::kSilu, &ops::kRelu, &ops::kAllReduce, &ops::kAllGather}) {
+          &ops::kSilu, &ops::kRelu, &ops::kAllReduce, &ops::kAllGather, &ops::kStateWrite,
+          &ops::kSample}) {
       a[static_cast<std::size_t>(d->op)] = d;
     }
     return a;
@@ -167,7 +168,9 @@ std::string Graph::to_text() const {
     return s;
   };
   os << "graph(tp_degree=" << tp_degree << ")\n";
-  for (const auto& in : inputs) os << "  input  " << v(in.value) << " \"" << in.name << "\"\n";
+  for (const auto& in : inputs) {
+    os << "  " << (in.is_state() ? "state  " : "input  ") << v(in.value) << " \"" << in.name << "\"\n";
+  }
   for (const auto& p : params) {
     os << "  param  " << v(p.value) << " \"" << p.key << "\"";
     if (p.shard_dim >= 0) {

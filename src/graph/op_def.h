@@ -1,6 +1,8 @@
 // Internal: the single definition of each op.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -51,7 +53,23 @@ extern const OpDef kReshape, kPermute, kConcat, kSlice;
 extern const OpDef kAdd, kMul, kGelu, kSilu, kRelu;
 extern const OpDef kSoftmax;
 extern const OpDef kAllReduce, kAllGather;
+extern const OpDef kStateWrite, kSample;
 }  // namespace ops
+
+/// StateWrite's row copy, shared by the reference and the cpu kernel: for row i < values[0]
+/// and t < values[dim], state[i, ..., positions[i, t], ...] = values[i, ..., t, ...] when
+/// 0 <= positions[i, t] < state[dim]; other positions write nothing. Plain bytes, any dtype.
+void state_write_rows(void* state, const Shape& state_shape, const void* values, const Shape& values_shape,
+                      const std::int64_t* positions, int dim, std::size_t elem_size);
+
+/// Sample's choice for one row of V logits, shared by the reference and the cpu kernel.
+/// temperature <= 0: the first maximum (greedy). Otherwise softmax(logits / temperature) over
+/// the top_k best (top_k <= 0 or >= V: all; ties by lower index), cut to the shortest prefix
+/// whose probability reaches top_p (top_p outside (0, 1): no cut), and the token at which the
+/// prefix's cumulative probability first exceeds u * its total (u in [0, 1)).
+/// `work`: V floats, `order`: V ints of scratch.
+std::int64_t sample_row(const float* logits, std::int64_t V, float temperature, float top_k, float top_p, float u,
+                        float* work, std::int32_t* order);
 
 /// The Linear "activation" attribute equivalent to an activation node ("relu", "gelu",
 /// "gelu_tanh", "silu"), or "" for any other node. Fusion and the kernels use this one mapping.

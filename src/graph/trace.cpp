@@ -38,8 +38,30 @@ Tracer& Tracer::current() {
 }
 
 Var Tracer::input(const std::string& name, const Shape& shape, DType dtype) {
+  if (!states_.empty()) {
+    throw StateError(where() + "input '" + name + "' declared after state '" + states_.begin()->first +
+                     "': a graph's data inputs come before its states");
+  }
   int id = graph_.add_value({shape, dtype});
   graph_.inputs.push_back({id, name});
+  return Var(this, id);
+}
+
+Var Tracer::state(const std::string& name, const Shape& shape, DType dtype) {
+  if (name.empty()) throw InvalidArgument(where() + "a state needs a name");
+  auto it = states_.find(name);
+  if (it != states_.end()) {
+    const ValueInfo& info = graph_.value(it->second);
+    if (info.shape != shape || info.dtype != dtype) {
+      throw ShapeError(where() + "state '" + name + "' was declared as " + info.shape.to_string() + " " +
+                       std::string(dtype_name(info.dtype)) + " and is now asked for as " + shape.to_string() + " " +
+                       std::string(dtype_name(dtype)));
+    }
+    return Var(this, it->second);
+  }
+  int id = graph_.add_value({shape, dtype});
+  graph_.inputs.push_back({id, name, GraphInput::Kind::State});
+  states_[name] = id;
   return Var(this, id);
 }
 

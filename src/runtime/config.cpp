@@ -26,6 +26,24 @@ std::vector<std::int64_t> RuntimeConfig::batch_buckets() const {
   return b;
 }
 
+std::map<std::string, std::vector<std::int64_t>> RuntimeConfig::named_buckets() const {
+  std::map<std::string, std::vector<std::int64_t>> out;
+  for (const auto& [name, sizes] : dim_buckets) {
+    if (name.empty() || name == "batch") {
+      throw ConfigError("dim_buckets: '" + name + "' cannot be a named dim (the batch is bucketed by 'buckets')");
+    }
+    if (sizes.empty()) throw ConfigError("dim_buckets['" + name + "'] is empty");
+    std::vector<std::int64_t> b = sizes;
+    for (auto v : b) {
+      if (v < 1) throw ConfigError("dim_buckets['" + name + "'] sizes must be >= 1, got " + std::to_string(v));
+    }
+    std::sort(b.begin(), b.end());
+    b.erase(std::unique(b.begin(), b.end()), b.end());
+    out.emplace(name, std::move(b));
+  }
+  return out;
+}
+
 void RuntimeConfig::validate() const {
   if (batch_size < 1) throw ConfigError("batch_size must be >= 1, got " + std::to_string(batch_size));
   if (tp_degree < 1 || tp_degree > 64) {
@@ -35,6 +53,7 @@ void RuntimeConfig::validate() const {
     throw ConfigError("dtype must be a floating type, got " + std::string(dtype_name(dtype)));
   }
   batch_buckets();
+  named_buckets();
 }
 
 std::string ConfigValue::type_name() const {
@@ -109,6 +128,7 @@ std::string InferenceConfig::to_json() const {
                   {"tp_degree", runtime_.tp_degree},
                   {"buckets", runtime_.buckets},
                   {"device", std::string(device_kind_name(runtime_.device))}};
+  if (!runtime_.dim_buckets.empty()) j["runtime"]["dim_buckets"] = runtime_.dim_buckets;
   json a = json::object();
   for (const auto& [k, v] : attrs_) {
     std::visit([&](const auto& x) { a[k] = x; }, v.storage());
@@ -132,6 +152,7 @@ InferenceConfig InferenceConfig::from_json(const std::string& text) {
     c.runtime_.tp_degree = r.at("tp_degree").get<int>();
     c.runtime_.buckets = r.value("buckets", std::vector<std::int64_t>{});
     c.runtime_.device = device_kind_from_name(r.value("device", std::string("cpu")));
+    c.runtime_.dim_buckets = r.value("dim_buckets", std::map<std::string, std::vector<std::int64_t>>{});
     for (const auto& [k, v] : j.at("attributes").items()) {
       if (v.is_boolean()) {
         c.attrs_.emplace(k, v.get<bool>());

@@ -49,6 +49,7 @@ struct RankWork {
   std::vector<Tensor> temps;           // per-chunk input/output buffers (pooled), by index
   std::vector<std::pair<std::size_t, std::size_t>> staged;  // (output, temp index)
   Shape shape;                         // scratch
+  Shape region;                        // scratch
 };
 
 /// Everything one forward needs. Jobs come from the wrapper's JobPool and go back to it when
@@ -60,6 +61,10 @@ struct Job {
   Backend* backend = nullptr;
   RankGroup* group = nullptr;
   std::vector<std::vector<std::unique_ptr<Executable>>>* executables = nullptr;
+  const std::vector<std::vector<Shape>>* in_shapes = nullptr;   // [bucket][input]
+  const std::vector<std::vector<Shape>>* out_shapes = nullptr;  // [bucket][output]
+  const std::vector<std::vector<void*>>* state_ptrs = nullptr;  // [rank][state]
+  std::vector<std::int64_t> real;  // per named dim: the arguments' size (-1: none carries it)
   bool single = false;       // one chunk: outputs are the bucket itself
   bool host_result = false;  // forward() waits for `finished`, then copies to the host
   std::size_t num_args = 0;  // args[0, num_args) are this forward's
@@ -157,9 +162,69 @@ std::shared_ptr<JobPool> make_job_pool() { return std::make_shared<JobPool>(); }
 
 namespace {
 
-/// Bytes of one batch row of a stage input or output.
-std::size_t bytes_per_row(const StageIO& spec) {
-  return static_cast<std::size_t>(spec.sample_shape.numel()) * dtype_size(spec.dtype);
+/// Bytes of one batch row of a tensor of `shape` with elements of `elem` bytes.
+std::size_t row_bytes_of(const Shape& shape, std::size_t elem) {
+  std::size_t n = elem;
+  for (std::size_t k = 1; k < shape.dims().size(); ++k) n *= static_cast<std::size_t>(shape[k]);
+  return n;
+}
+
+/// Bytes of one batch row of a tensor of `shape` (its bucket shape).
+std::size_t bytes_per_row(const Shape& shape, DType dtype) { return row_bytes_of(shape, dtype_size(dtype)); }
+
+/// Copies the region [0, region[0]) x [0, region[1]) x ... of `src` (shape src_shape, from
+/// row src_row on) into `dst` (shape dst_shape, from row 0); every region dim fits both. With
+/// `zero_rest`, dst outside the region is zeroed (padding). Returns the bytes copied. One copy
+/// when only the rows differ (the batch-only case); else one per contiguous run.
+std::size_t copy_region(Backend& be, void* dst, Device dst_dev, const Shape& dst_shape, const void* src,
+                        Device src_dev, const Shape& src_shape, std::int64_t src_row, const Shape& region,
+                        std::size_t elem, bool zero_rest) {
+  const int n = region.rank();
+  int k = 0;  // the innermost dim (>= 1) where the region is narrower than src or dst
+  for (int d = n - 1; d >= 1; --d) {
+    const auto du = static_cast<std::size_t>(d);
+    if (region[du] != dst_shape[du] || region[du] != src_shape[du]) {
+      k = d;
+      break;
+    }
+  }
+  const std::int64_t rows = region[0];
+  if (k == 0) {
+    const std::size_t row = row_bytes_of(dst_shape, elem);
+    be.copy(dst, dst_dev, static_cast<const char*>(src) + static_cast<std::size_t>(src_row) * row, src_dev,
+            static_cast<std::size_t>(rows) * row);
+    if (zero_rest) {
+      be.fill_zero(static_cast<char*>(dst) + static_cast<std::size_t>(rows) * row, dst_dev,
+                   static_cast<std::size_t>(dst_shape[0] - rows) * row);
+    }
+    return static_cast<std::size_t>(rows) * row;
+  }
+  if (n > 8) throw Unsupported("padding along a named dim of a tensor of rank " + std::to_string(n) + " (at most 8)");
+  if (zero_rest) be.fill_zero(dst, dst_dev, static_cast<std::size_t>(dst_shape.numel()) * elem);
+  std::size_t inner = elem;  // bytes of one element of dim k
+  for (int d = k + 1; d < n; ++d) inner *= static_cast<std::size_t>(region[static_cast<std::size_t>(d)]);
+  const std::size_t block = static_cast<std::size_t>(region[static_cast<std::size_t>(k)]) * inner;
+  std::int64_t idx[8] = {0};
+  std::size_t copied = 0;
+  const auto* s = static_cast<const char*>(src);
+  auto* t = static_cast<char*>(dst);
+  while (true) {
+    // offsets of (idx[0..k-1], 0, ...) in src and dst
+    std::size_t so = static_cast<std::size_t>(src_row + idx[0]), doff = static_cast<std::size_t>(idx[0]);
+    for (int d = 1; d < k; ++d) {
+      const auto du = static_cast<std::size_t>(d);
+      so = so * static_cast<std::size_t>(src_shape[du]) + static_cast<std::size_t>(idx[d]);
+      doff = doff * static_cast<std::size_t>(dst_shape[du]) + static_cast<std::size_t>(idx[d]);
+    }
+    so *= static_cast<std::size_t>(src_shape[static_cast<std::size_t>(k)]) * inner;
+    doff *= static_cast<std::size_t>(dst_shape[static_cast<std::size_t>(k)]) * inner;
+    be.copy(t + doff, dst_dev, s + so, src_dev, block);
+    copied += block;
+    int d = k - 1;
+    while (d >= 0 && ++idx[d] == region[static_cast<std::size_t>(d)]) idx[d--] = 0;
+    if (d < 0) break;
+  }
+  return copied;
 }
 
 /// Rank r's share of a forward: every chunk through the rank's executable.
@@ -172,68 +237,81 @@ void run_chunks(Job& job, RankWork& w, int r) {
   const std::size_t nargs = job.num_args;
   const auto ru = static_cast<std::size_t>(r);
   std::vector<Tensor>& out = job.result.per_rank[ru];
+  const std::vector<void*>& states = (*job.state_ptrs)[ru];
 
   for (std::size_t i = 0; i < nargs; ++i) {
     const Arg& a = job.args[i];
     if (!a.ranked.empty()) a.ranked.ready(r)->wait();  // producer's failure propagates here
   }
-  w.in_ptrs.resize(nargs);
+  w.in_ptrs.resize(nargs + states.size());
+  for (std::size_t k = 0; k < states.size(); ++k) w.in_ptrs[nargs + k] = states[k];
   w.out_ptrs.resize(m.outputs.size());
   std::size_t used = 0;  // temps holding buffers of the current chunk
   for (const Chunk& c : job.chunks) {
     const std::int64_t bsz = m.buckets[c.bucket].batch;
+    const std::vector<Shape>& in_shapes = (*job.in_shapes)[c.bucket];
+    const std::vector<Shape>& out_shapes = (*job.out_shapes)[c.bucket];
     for (std::size_t k = 0; k < used; ++k) detail::TensorAccess::drop(w.temps[k]);
     used = 0;
-    // A pooled [bsz, sample...] buffer for this chunk.
-    auto temp = [&](const StageIO& spec) -> std::size_t {
+    // A pooled buffer of the bucket's shape for this chunk.
+    auto temp = [&](const Shape& shape, DType dtype) -> std::size_t {
       if (used == w.temps.size()) w.temps.emplace_back();
-      detail::set_with_batch(w.shape, spec.sample_shape, bsz);
-      be.allocate_into(w.temps[used], w.shape, spec.dtype, dev);
+      be.allocate_into(w.temps[used], shape, dtype, dev);
       return used++;
     };
-    // The chunk's rows of `src` copied into a fresh bucket-sized buffer, the padding rows zeroed.
-    auto copy_padded = [&](const StageIO& spec, const Tensor& src, std::size_t row_bytes) -> const void* {
-      void* buf = w.temps[temp(spec)].raw_data();
-      be.copy(buf, dev, static_cast<const char*>(src.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes,
-              src.device(), static_cast<std::size_t>(c.rows) * row_bytes);
-      be.fill_zero(static_cast<char*>(buf) + static_cast<std::size_t>(c.rows) * row_bytes, dev,
-                   static_cast<std::size_t>(bsz - c.rows) * row_bytes);
-      return buf;
+    // The chunk's rows of `src` copied into a fresh bucket-shaped buffer, the padding zeroed.
+    auto copy_padded = [&](const StageIO& spec, const Shape& bucket, const Tensor& src) -> std::pair<const void*, std::size_t> {
+      void* buf = w.temps[temp(bucket, spec.dtype)].raw_data();
+      w.region = src.shape();
+      w.region[0] = c.rows;
+      std::size_t bytes = copy_region(be, buf, dev, bucket, src.raw_data(), src.device(), src.shape(), c.begin,
+                                      w.region, dtype_size(spec.dtype), true);
+      return {buf, bytes};
+    };
+    // Whether t's dims past the batch are the bucket's (no padding but along the batch).
+    auto same_sample = [](const Shape& t, const Shape& bucket) {
+      for (std::size_t k = 1; k < bucket.dims().size(); ++k) {
+        if (t[k] != bucket[k]) return false;
+      }
+      return true;
     };
     for (std::size_t i = 0; i < nargs; ++i) {
       const Arg& a = job.args[i];
       const StageIO& spec = m.inputs[i];
-      const std::size_t row_bytes = bytes_per_row(spec);
+      const Shape& bucket = in_shapes[i];
+      const std::size_t row_bytes = bytes_per_row(bucket, spec.dtype);
       if (!a.ranked.empty()) {
         const Tensor& t = a.ranked[r][static_cast<std::size_t>(a.output)];
-        if (t.shape()[0] >= c.begin + bsz) {
+        if (t.shape()[0] >= c.begin + bsz && same_sample(t.shape(), bucket)) {
           w.in_ptrs[i] = static_cast<const char*>(t.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
           ++stats::in_place;
           timeline::instant("ranked hand-off (in place)", "handoff", r + 1);
           continue;
         }
-        w.in_ptrs[i] = copy_padded(spec, t, row_bytes);
-        stats::d2d += static_cast<std::size_t>(c.rows) * row_bytes;
+        auto [ptr, bytes] = copy_padded(spec, bucket, t);
+        w.in_ptrs[i] = ptr;
+        stats::d2d += bytes;
         ++stats::copied;
         timeline::instant("ranked hand-off (re-padded on device)", "handoff", r + 1);
-      } else if (host_shared && c.rows == bsz && a.host.device().is_host()) {
+      } else if (host_shared && c.rows == bsz && a.host.device().is_host() && same_sample(a.host.shape(), bucket)) {
         // The rank's device memory is host memory and no padding is needed: read in place.
         w.in_ptrs[i] = static_cast<const char*>(a.host.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
         ++stats::host_in_place;
       } else {
-        w.in_ptrs[i] = copy_padded(spec, a.host, row_bytes);
-        stats::h2d += static_cast<std::size_t>(c.rows) * row_bytes;
+        auto [ptr, bytes] = copy_padded(spec, bucket, a.host);
+        w.in_ptrs[i] = ptr;
+        stats::h2d += bytes;
       }
     }
     // outputs: straight into the result when the chunk fills its bucket rows
     w.staged.clear();
     for (std::size_t o = 0; o < m.outputs.size(); ++o) {
       const StageIO& spec = m.outputs[o];
-      const std::size_t row_bytes = bytes_per_row(spec);
+      const std::size_t row_bytes = bytes_per_row(out_shapes[o], spec.dtype);
       if (job.single || c.rows == bsz) {
         w.out_ptrs[o] = static_cast<char*>(out[o].raw_data()) + (job.single ? 0 : static_cast<std::size_t>(c.begin) * row_bytes);
       } else {
-        std::size_t k = temp(spec);
+        std::size_t k = temp(out_shapes[o], spec.dtype);
         w.out_ptrs[o] = w.temps[k].raw_data();
         w.staged.emplace_back(o, k);
       }
@@ -244,7 +322,7 @@ void run_chunks(Job& job, RankWork& w, int r) {
     }
     for (const auto& [o, k] : w.staged) {
       const StageIO& spec = m.outputs[o];
-      const std::size_t row_bytes = bytes_per_row(spec);
+      const std::size_t row_bytes = bytes_per_row(out_shapes[o], spec.dtype);
       be.copy(static_cast<char*>(out[o].raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes, dev,
               w.temps[k].raw_data(), dev, static_cast<std::size_t>(c.rows) * row_bytes);
       stats::d2d += static_cast<std::size_t>(c.rows) * row_bytes;
@@ -314,6 +392,10 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
   job.backend = &be;
   job.group = im.group.get();
   job.executables = &im.executables;
+  job.in_shapes = &im.in_shapes;
+  job.out_shapes = &im.out_shapes;
+  job.state_ptrs = &im.state_ptrs;
+  job.real.assign(im.named.size(), -1);
 
   // ---- expand and validate the arguments
   // The tasks run after forward() returns: the job holds its own references to the inputs.
@@ -337,9 +419,33 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
   auto arg_name = [&](std::size_t i) {
     return "argument " + std::to_string(i) + " ('" + (i < m.inputs.size() ? m.inputs[i].name : std::string("?")) + "')";
   };
+  // "[32, seq, 64]" for messages (the batch's size, or "batch" when < 0); sample_text:
+  // "[seq, 64]".
+  auto dims_text = [](const StageIO& spec) {
+    std::string s;
+    for (std::size_t k = 0; k < spec.sample_shape.dims().size(); ++k) {
+      s += (k ? ", " : "") +
+           (k < spec.dims.size() && !spec.dims[k].empty() ? spec.dims[k] : std::to_string(spec.sample_shape[k]));
+    }
+    return s;
+  };
+  auto spec_text = [&](const StageIO& spec, std::int64_t batch) {
+    std::string d = dims_text(spec);
+    return "[" + (batch >= 0 ? std::to_string(batch) : std::string("batch")) + (d.empty() ? "" : ", " + d) + "]";
+  };
+  auto sample_text = [&](const StageIO& spec) { return "[" + dims_text(spec) + "]"; };
+  // Whether `t` is [rows, sample...] with the fixed dims of `spec` (named dims any size >= 1).
+  auto fits = [](const StageIO& spec, const Shape& t) {
+    const auto& sd = spec.sample_shape.dims();
+    if (t.dims().size() != sd.size() + 1) return false;
+    for (std::size_t k = 0; k < sd.size(); ++k) {
+      if (sd[k] < 0 ? t[k + 1] < 1 : t[k + 1] != sd[k]) return false;
+    }
+    return true;
+  };
   if (nargs != m.inputs.size()) {
     std::string want;
-    for (const auto& io : m.inputs) want += (want.empty() ? "" : ", ") + io.name + " " + with_batch(io.sample_shape, -1).to_string();
+    for (const auto& io : m.inputs) want += (want.empty() ? "" : ", ") + io.name + " " + spec_text(io, -1);
     throw InvalidArgument(prefix(tag) + "forward() got " + std::to_string(nargs) + " input(s), expected " +
                           std::to_string(m.inputs.size()) + " (" + want +
                           "); a ranked argument counts as its " + "number of outputs");
@@ -349,6 +455,7 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
     Arg& a = job.args[i];
     const StageIO& spec = m.inputs[i];
     std::int64_t rows;
+    const Shape* shape = nullptr;
     if (!a.ranked.empty()) {
       const RankedTensors& r = a.ranked;
       if (r.num_ranks() != tp) {
@@ -367,19 +474,20 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
           throw DTypeError(prefix(tag) + arg_name(i) + ": ranked tensor from '" + r.producer() + "' is " +
                            std::string(dtype_name(t.dtype())) + ", expected " + std::string(dtype_name(spec.dtype)));
         }
-        if (!detail::has_sample_shape(t.shape(), spec.sample_shape) || t.shape()[0] < r.real_batch()) {
+        if (!fits(spec, t.shape()) || t.shape()[0] < r.real_batch()) {
           throw ShapeError(prefix(tag) + arg_name(i) + ": ranked tensor from '" + r.producer() + "' has shape " +
-                           t.shape().to_string() + ", expected " + with_batch(spec.sample_shape, r.real_batch()).to_string() +
-                           " (batch x " + spec.sample_shape.to_string() + ")");
+                           t.shape().to_string() + ", expected " + spec_text(spec, r.real_batch()) + " (batch x " +
+                           sample_text(spec) + ")");
         }
       }
       rows = r.real_batch();
+      shape = &r[0][static_cast<std::size_t>(a.output)].shape();
     } else {
       if (!a.host.defined()) throw InvalidArgument(prefix(tag) + arg_name(i) + " is an undefined tensor");
-      if (!detail::has_sample_shape(a.host.shape(), spec.sample_shape)) {
+      if (!fits(spec, a.host.shape())) {
         throw ShapeError(prefix(tag) + arg_name(i) + " has shape " + a.host.shape().to_string() + ", expected " +
-                         with_batch(spec.sample_shape, a.host.rank() >= 1 ? a.host.shape()[0] : 1).to_string() +
-                         " (batch x " + spec.sample_shape.to_string() + ")");
+                         spec_text(spec, a.host.rank() >= 1 ? a.host.shape()[0] : 1) + " (batch x " +
+                         sample_text(spec) + ")");
       }
       if (a.host.dtype() != spec.dtype) {
         if (!is_floating(a.host.dtype()) || !is_floating(spec.dtype)) {
@@ -389,6 +497,7 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
         a.host = a.host.to_host().to_dtype(spec.dtype);  // a conversion allocates
       }
       rows = a.host.shape()[0];
+      shape = &a.host.shape();
     }
     if (rows < 1) throw ShapeError(prefix(tag) + arg_name(i) + " has an empty batch");
     if (batch >= 0 && rows != batch) {
@@ -396,22 +505,73 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
                        std::to_string(batch));
     }
     batch = rows;
+    const std::vector<int>& named = im.in_named[i];
+    for (std::size_t k = 0; k < named.size(); ++k) {
+      if (named[k] < 0) continue;
+      const std::int64_t size = (*shape)[k + 1];
+      std::int64_t& real = job.real[static_cast<std::size_t>(named[k])];
+      if (real >= 0 && real != size) {
+        throw ShapeError(prefix(tag) + arg_name(i) + " has " + im.named[static_cast<std::size_t>(named[k])] + " " +
+                         std::to_string(size) + " (dim " + std::to_string(k + 1) + ") but earlier arguments have " +
+                         im.named[static_cast<std::size_t>(named[k])] + " " + std::to_string(real));
+      }
+      real = size;
+    }
   }
 
-  // ---- plan chunks: the smallest bucket that fits, or chunks of the largest
+  // ---- plan chunks: the smallest size of every named dim that fits, then the smallest batch
+  // bucket that fits, or chunks of the largest
   job.chunks.clear();
   {
-    std::size_t nb = m.buckets.size();
-    std::int64_t largest = m.buckets.back().batch;
+    const std::size_t nb = m.buckets.size();
+    // The named sizes wanted, as the index of the first bucket that has all of them.
+    std::size_t want = 0;
+    if (im.has_named) {
+      bool found = false;
+      for (std::size_t k = 0; k < nb && !found; ++k) {
+        bool ok = true;
+        for (std::size_t d = 0; d < im.named.size() && ok; ++d) ok = im.bucket_named[k][d] >= std::max<std::int64_t>(job.real[d], 1);
+        if (!ok) continue;
+        // the smallest such sizes: no other fitting bucket is smaller in any named dim
+        bool smallest = true;
+        for (std::size_t j = 0; j < nb && smallest; ++j) {
+          bool fits_j = true, smaller = false;
+          for (std::size_t d = 0; d < im.named.size(); ++d) {
+            fits_j = fits_j && im.bucket_named[j][d] >= std::max<std::int64_t>(job.real[d], 1);
+            smaller = smaller || im.bucket_named[j][d] < im.bucket_named[k][d];
+          }
+          smallest = !(fits_j && smaller);
+        }
+        if (smallest) {
+          want = k;
+          found = true;
+        }
+      }
+      if (!found) {
+        std::string what;
+        for (std::size_t d = 0; d < im.named.size(); ++d) {
+          std::int64_t largest = 0;
+          for (std::size_t k = 0; k < nb; ++k) largest = std::max(largest, im.bucket_named[k][d]);
+          if (job.real[d] > largest) {
+            what += (what.empty() ? "" : "; ") + im.named[d] + " " + std::to_string(job.real[d]) +
+                    " exceeds the largest compiled " + im.named[d] + " bucket " + std::to_string(largest);
+          }
+        }
+        throw ShapeError(prefix(tag) + "the arguments do not fit any compiled bucket: " + what);
+      }
+    }
+    auto matches = [&](std::size_t k) { return !im.has_named || im.bucket_named[k] == im.bucket_named[want]; };
+    std::size_t largest_bi = nb;
+    for (std::size_t k = 0; k < nb; ++k) {
+      if (matches(k) && (largest_bi == nb || m.buckets[k].batch > m.buckets[largest_bi].batch)) largest_bi = k;
+    }
+    const std::int64_t largest = m.buckets[largest_bi].batch;
     std::int64_t begin = 0;
     while (begin < batch) {
       std::int64_t left = batch - begin;
-      std::size_t bi = nb - 1;
+      std::size_t bi = largest_bi;
       for (std::size_t k = 0; k < nb; ++k) {
-        if (m.buckets[k].batch >= left) {
-          bi = k;
-          break;
-        }
+        if (matches(k) && m.buckets[k].batch >= left && m.buckets[k].batch < m.buckets[bi].batch) bi = k;
       }
       std::int64_t rows = std::min(left, largest);
       job.chunks.push_back({begin, rows, bi});
@@ -419,6 +579,12 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
     }
   }
   job.single = job.chunks.size() == 1;
+  if (!job.single && !m.states.empty()) {
+    throw InvalidArgument(prefix(tag) + "batch " + std::to_string(batch) + " exceeds the largest batch bucket " +
+                          std::to_string(m.buckets[job.chunks[0].bucket].batch) +
+                          " of a stage with state ('" + m.states[0].name +
+                          "'): its rows are sequences of the state and cannot run in chunks");
+  }
 
   // ---- output buffers: the bucket itself when one chunk, else the caller's batch
   detail::RankedData& res = job.result;
@@ -426,11 +592,13 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
   res.ready.resize(tpu);
   while (job.ranks.size() < tpu) job.ranks.push_back(std::make_unique<RankWork>());
   const std::int64_t out_rows = job.single ? m.buckets[job.chunks[0].bucket].batch : batch;
+  const std::vector<Shape>& out_shapes = im.out_shapes[job.chunks[0].bucket];
   for (std::size_t r = 0; r < tpu; ++r) {
     Device dev = be.device_for_rank(static_cast<int>(r), tp);
     res.per_rank[r].resize(m.outputs.size());
     for (std::size_t o = 0; o < m.outputs.size(); ++o) {
-      detail::set_with_batch(job.shape, m.outputs[o].sample_shape, out_rows);
+      job.shape = out_shapes[o];
+      job.shape[0] = out_rows;
       be.allocate_into(res.per_rank[r][o], job.shape, m.outputs[o].dtype, dev);
     }
   }
@@ -458,7 +626,27 @@ Output ModelWrapper::forward(const std::vector<Input>& inputs) {
     for (std::size_t r = 0; r < tpu; ++r) {
       if (std::exception_ptr e = job.ranks[r]->done.error()) std::rethrow_exception(e);
     }
-    detail::copy_rank0_to_host(res, job.host_out, job.shape);
+    if (!im.has_named) {
+      detail::copy_rank0_to_host(res, job.host_out, job.shape);
+    } else {
+      // Cut back along the batch and every named dim the arguments carry.
+      job.host_out.resize(m.outputs.size());
+      for (std::size_t o = 0; o < m.outputs.size(); ++o) {
+        const Tensor& t = res.per_rank[0][o];
+        job.shape = t.shape();
+        job.shape[0] = batch;
+        const std::vector<int>& named = im.out_named[o];
+        for (std::size_t k = 0; k < named.size(); ++k) {
+          if (named[k] >= 0 && job.real[static_cast<std::size_t>(named[k])] >= 1) {
+            job.shape[k + 1] = std::min(job.shape[k + 1], job.real[static_cast<std::size_t>(named[k])]);
+          }
+        }
+        Tensor& h = job.host_out[o];
+        detail::TensorAccess::rebind_host_pool(h, job.shape, t.dtype());
+        stats::d2h += copy_region(be, h.raw_data(), h.device(), h.shape(), t.raw_data(), t.device(), t.shape(), 0,
+                                  job.shape, dtype_size(t.dtype()), false);
+      }
+    }
   } catch (...) {
     im.group->recover_if_failed();
     throw;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <map>
 #include <set>
 
 #include "compiler/artifact.h"
@@ -13,6 +14,7 @@
 #include "io/checkpoint.h"
 #include "runtime/backend.h"
 #include "runtime/rank_group.h"
+#include "runtime/state_store.h"
 #include "runtime/wrapper_impl.h"
 
 namespace devpipe {
@@ -39,17 +41,105 @@ bool ModelWrapper::is_loaded() const { return impl_ != nullptr; }
 
 // ------------------------------------------------------------------------------ compile
 
+namespace {
+
+/// Every bucket of a wrapper: the batch buckets times every combination of the sizes of the
+/// named dims its inputs use (sorted by batch, then by the named sizes).
+std::vector<ArtifactBucket> plan_buckets(const RuntimeConfig& rc, const std::vector<std::string>& used,
+                                         const std::string& tag) {
+  auto named = rc.named_buckets();
+  std::vector<ArtifactBucket> out;
+  for (std::int64_t b : rc.batch_buckets()) out.push_back({b, {}, {}});
+  for (const std::string& name : used) {
+    auto it = named.find(name);
+    if (it == named.end()) {
+      std::string have;
+      for (const auto& [k, v] : named) have += (have.empty() ? "" : ", ") + k;
+      throw ConfigError(prefix(tag) + "input_dims() names the dim '" + name +
+                        "', but the config's dim_buckets has no sizes for it (it has: " +
+                        (have.empty() ? std::string("none") : have) + ")");
+    }
+    std::vector<ArtifactBucket> next;
+    for (const auto& b : out) {
+      for (std::int64_t size : it->second) {
+        ArtifactBucket nb = b;
+        nb.dims[name] = size;
+        next.push_back(std::move(nb));
+      }
+    }
+    out = std::move(next);
+  }
+  return out;
+}
+
+/// Checks a wrapper's dim names for `count` tensors (`what`: "input" / "output") and returns
+/// them (the legacy [batch, fixed...] when `dims` is empty).
+std::vector<std::vector<std::string>> checked_dims(const std::vector<std::vector<std::string>>& dims,
+                                                   const std::vector<int>& ranks, const char* what,
+                                                   const std::string& tag) {
+  std::vector<std::vector<std::string>> out;
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    std::vector<std::string> d(static_cast<std::size_t>(ranks[i]));
+    if (!d.empty()) d[0] = "batch";
+    if (!dims.empty()) {
+      if (dims.size() != ranks.size()) {
+        throw InvalidArgument(prefix(tag) + std::string(what) + "_dims() names the dims of " +
+                              std::to_string(dims.size()) + " " + what + "s, the stage has " +
+                              std::to_string(ranks.size()));
+      }
+      if (static_cast<int>(dims[i].size()) != ranks[i] || dims[i].empty() || dims[i][0] != "batch") {
+        throw InvalidArgument(prefix(tag) + std::string(what) + " " + std::to_string(i) + ": " + what +
+                              "_dims() gives " + std::to_string(dims[i].size()) + " names for a rank-" +
+                              std::to_string(ranks[i]) + " tensor; dim 0 must be named \"batch\"");
+      }
+      for (std::size_t k = 1; k < dims[i].size(); ++k) {
+        if (dims[i][k] == "batch") {
+          throw InvalidArgument(prefix(tag) + std::string(what) + " " + std::to_string(i) + ": only dim 0 can be \"batch\"");
+        }
+        d[k] = dims[i][k];
+      }
+    }
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+/// The StageIO of a tensor of `shape` whose dims are named `dims` (dims[0] = "batch").
+StageIO stage_io(const std::string& name, const Shape& shape, DType dtype, const std::vector<std::string>& dims) {
+  StageIO io{name, {}, dtype, {}};
+  bool named = false;
+  for (std::size_t k = 1; k < dims.size(); ++k) named = named || !dims[k].empty();
+  for (std::size_t k = 1; k < dims.size(); ++k) {
+    io.sample_shape.dims().push_back(dims[k].empty() ? shape[k] : -1);
+    if (named) io.dims.push_back(dims[k]);
+  }
+  return io;
+}
+
+}  // namespace
+
 void ModelWrapper::compile(const std::string& checkpoint_path, const std::string& dir,
                            const ProgressFn& progress) {
   const RuntimeConfig& rc = config_.runtime_config();
   const std::string& tag = options_.tag;
-  auto buckets = rc.batch_buckets();
   auto examples = input_generator();
-  if (examples.empty() || (examples.size() != 1 && examples.size() != buckets.size())) {
+  if (examples.empty()) throw InvalidArgument(prefix(tag) + "input_generator() returned no input sets");
+  auto names = input_names();
+  std::vector<int> in_ranks;
+  for (const Tensor& t : examples[0]) in_ranks.push_back(t.defined() ? t.rank() : 0);
+  auto in_dims = checked_dims(input_dims(), in_ranks, "input", tag);
+  std::vector<std::string> named;
+  for (const auto& d : in_dims) {
+    for (std::size_t k = 1; k < d.size(); ++k) {
+      if (!d[k].empty() && std::find(named.begin(), named.end(), d[k]) == named.end()) named.push_back(d[k]);
+    }
+  }
+  std::sort(named.begin(), named.end());
+  std::vector<ArtifactBucket> buckets = plan_buckets(rc, named, tag);
+  if (examples.size() != 1 && examples.size() != buckets.size()) {
     throw InvalidArgument(prefix(tag) + "input_generator() returned " + std::to_string(examples.size()) +
                           " input sets; expected 1 or one per bucket (" + std::to_string(buckets.size()) + ")");
   }
-  auto names = input_names();
   int total_steps = static_cast<int>(buckets.size()) + rc.tp_degree + 1;
   int step = 0;
   auto report = [&](const std::string& what) {
@@ -68,7 +158,8 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
   m.config_json = config_.to_json();
 
   for (std::size_t bi = 0; bi < buckets.size(); ++bi) {
-    std::int64_t b = buckets[bi];
+    ArtifactBucket& bucket = buckets[bi];
+    const std::int64_t b = bucket.batch;
     const auto& ex = examples.size() == 1 ? examples[0] : examples[bi];
     if (static_cast<int>(ex.size()) != factory_.arity()) {
       throw InvalidArgument(prefix(tag) + "input_generator() gives " + std::to_string(ex.size()) +
@@ -80,18 +171,22 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
     for (std::size_t i = 0; i < ex.size(); ++i) {
       const Tensor& t = ex[i];
       std::string name = i < names.size() ? names[i] : "input" + std::to_string(i);
-      if (!t.defined() || t.rank() < 1) {
+      if (!t.defined() || t.rank() < 1 || t.rank() != static_cast<int>(in_dims[i].size())) {
         throw InvalidArgument(prefix(tag) + "example input '" + name +
-                              "' must be a tensor whose first dim is the batch");
+                              "' must be a tensor whose first dim is the batch" +
+                              (t.defined() ? " (of rank " + std::to_string(in_dims[i].size()) + ")" : std::string()));
       }
       DType dt = is_floating(t.dtype()) ? rc.dtype : t.dtype();
-      Shape s = with_batch(sample_shape(t.shape()), b);
-      vars.push_back(tracer.input(name, s, dt));
-      ins.push_back({name, sample_shape(t.shape()), dt});
+      StageIO io = stage_io(name, t.shape(), dt, in_dims[i]);
+      vars.push_back(tracer.input(name, bucket_shape(io, bucket), dt));
+      ins.push_back(std::move(io));
     }
     std::vector<Var> outs = factory_.call(*module, vars);
     Graph g = tracer.finish(outs);
     int fused = fuse_linear_activations(g);
+    std::vector<int> out_ranks;
+    for (int v : g.outputs) out_ranks.push_back(g.value(v).shape.rank());
+    auto out_dims = checked_dims(output_dims(), out_ranks, "output", tag);
     std::vector<StageIO> out_specs;
     for (std::size_t o = 0; o < g.outputs.size(); ++o) {
       const ValueInfo& info = g.value(g.outputs[o]);
@@ -99,15 +194,37 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
         throw ShapeError(prefix(tag) + "output " + std::to_string(o) + " has shape " + info.shape.to_string() +
                          "; its first dim must be the batch (" + std::to_string(b) + ")");
       }
-      out_specs.push_back({"output" + std::to_string(o), sample_shape(info.shape), info.dtype});
+      StageIO io = stage_io("output" + std::to_string(o), info.shape, info.dtype, out_dims[o]);
+      if (bucket_shape(io, bucket) != info.shape) {
+        throw ShapeError(prefix(tag) + "output " + std::to_string(o) + " has shape " + info.shape.to_string() +
+                         " in bucket " + bucket_text(b, bucket.dims) + ", but output_dims() names a dim whose size differs");
+      }
+      out_specs.push_back(std::move(io));
+    }
+    std::vector<StateSpec> states;
+    for (const auto& in : g.inputs) {
+      if (in.is_state()) states.push_back({in.name, g.value(in.value).shape, g.value(in.value).dtype});
     }
     if (bi == 0) {
       m.inputs = ins;
       m.outputs = out_specs;
+      m.states = states;
+    } else if (states != m.states) {
+      throw ShapeError(prefix(tag) + "bucket " + bucket_text(b, bucket.dims) + " declares other states than bucket " +
+                       bucket_text(m.buckets[0].batch, m.buckets[0].dims) +
+                       ": a stage's states must not depend on the bucket");
     }
-    m.buckets.push_back({b, std::move(g)});
-    report("traced bucket " + std::to_string(b) + " (" + std::to_string(m.buckets.back().graph.nodes.size()) +
-           " ops" + (fused ? ", " + std::to_string(fused) + " activation(s) fused" : std::string()) + ")");
+    // Every bucket's graph against the specs (an undeclared bucketed output dim shows here).
+    bucket.graph = std::move(g);
+    try {
+      validate_stage_graph(bucket.graph, bucket, m, prefix(tag) + "bucket " + bucket_text(b, bucket.dims));
+    } catch (const FormatError& e) {
+      throw ShapeError(std::string(e.what()) + " (declare bucketed output dims with output_dims())");
+    }
+    m.buckets.push_back(std::move(bucket));
+    report("traced bucket " + bucket_text(b, m.buckets.back().dims) + " (" +
+           std::to_string(m.buckets.back().graph.nodes.size()) + " ops" +
+           (fused ? ", " + std::to_string(fused) + " activation(s) fused" : std::string()) + ")");
   }
 
   // Weights: every parameter the graphs use, from the checkpoint, checked, converted, sharded.
@@ -178,9 +295,27 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
   if (m.tp_degree != rc.tp_degree) mismatch("tp_degree", std::to_string(m.tp_degree), std::to_string(rc.tp_degree));
   if (m.dtype != rc.dtype) mismatch("dtype", std::string(dtype_name(m.dtype)), std::string(dtype_name(rc.dtype)));
   std::vector<std::int64_t> art_buckets;
-  for (const auto& b : m.buckets) art_buckets.push_back(b.batch);
-  if (art_buckets != rc.batch_buckets()) {
-    mismatch("batch buckets", Shape(art_buckets).to_string(), Shape(rc.batch_buckets()).to_string());
+  std::map<std::string, std::vector<std::int64_t>> art_named;
+  for (const auto& b : m.buckets) {
+    art_buckets.push_back(b.batch);
+    for (const auto& [name, size] : b.dims) art_named[name].push_back(size);
+  }
+  auto distinct = [](std::vector<std::int64_t> v) {
+    std::sort(v.begin(), v.end());
+    v.erase(std::unique(v.begin(), v.end()), v.end());
+    return v;
+  };
+  if (distinct(art_buckets) != rc.batch_buckets()) {
+    mismatch("batch buckets", Shape(distinct(art_buckets)).to_string(), Shape(rc.batch_buckets()).to_string());
+  }
+  const auto named_config = rc.named_buckets();
+  for (const auto& [name, sizes] : art_named) {
+    auto it = named_config.find(name);
+    Shape here = it == named_config.end() ? Shape() : Shape(it->second);
+    if (Shape(distinct(sizes)) != here) {
+      mismatch("'" + name + "' buckets", Shape(distinct(sizes)).to_string(),
+               it == named_config.end() ? std::string("none") : here.to_string());
+    }
   }
   int total = rc.tp_degree + static_cast<int>(m.buckets.size()) + 1;
   int step = 0;
@@ -234,14 +369,80 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
       per_rank.push_back(impl->backend->compile(b.graph, impl->rank_params[static_cast<std::size_t>(r)], info));
     }
     impl->executables.push_back(std::move(per_rank));
-    report("built bucket " + std::to_string(b.batch));
+    report("built bucket " + bucket_text(b.batch, b.dims));
+  }
+  // Named dims: one index per name, the full shapes of every bucket.
+  for (const auto* ios : {&m.inputs, &m.outputs}) {
+    for (const StageIO& io : *ios) {
+      for (const std::string& d : io.dims) {
+        if (!d.empty() && std::find(impl->named.begin(), impl->named.end(), d) == impl->named.end()) {
+          impl->named.push_back(d);
+        }
+      }
+    }
+  }
+  std::sort(impl->named.begin(), impl->named.end());
+  impl->has_named = !impl->named.empty();
+  auto name_index = [&](const std::vector<StageIO>& ios) {
+    std::vector<std::vector<int>> out;
+    for (const StageIO& io : ios) {
+      std::vector<int> idx(io.sample_shape.dims().size(), -1);
+      for (std::size_t k = 0; k < io.dims.size(); ++k) {
+        if (io.dims[k].empty()) continue;
+        idx[k] = static_cast<int>(std::find(impl->named.begin(), impl->named.end(), io.dims[k]) - impl->named.begin());
+      }
+      out.push_back(std::move(idx));
+    }
+    return out;
+  };
+  impl->in_named = name_index(m.inputs);
+  impl->out_named = name_index(m.outputs);
+  for (const auto& b : m.buckets) {
+    std::vector<Shape> ins, outs;
+    for (const auto& io : m.inputs) ins.push_back(bucket_shape(io, b));
+    for (const auto& io : m.outputs) outs.push_back(bucket_shape(io, b));
+    impl->in_shapes.push_back(std::move(ins));
+    impl->out_shapes.push_back(std::move(outs));
+    std::vector<std::int64_t> sizes;
+    for (const auto& name : impl->named) {
+      auto it = b.dims.find(name);
+      if (it == b.dims.end()) {
+        throw FormatError(prefix(tag) + "artifact at '" + dir + "': bucket " + bucket_text(b.batch, b.dims) +
+                          " has no size for the named dim '" + name + "'");
+      }
+      sizes.push_back(it->second);
+    }
+    impl->bucket_named.push_back(std::move(sizes));
+  }
+
+  // States: the store's buffers on every rank (allocated by the first stage that names them).
+  impl->states = states_ ? states_ : std::make_shared<StateStore>();
+  const auto tpu = static_cast<std::size_t>(rc.tp_degree);
+  impl->state_bufs.assign(tpu, {});
+  for (const StateSpec& st : m.states) {
+    std::vector<Tensor> bufs =
+        impl->states->impl_->acquire(st.name, st.shape, st.dtype, rc.tp_degree, *impl->backend, tag);
+    for (std::size_t r = 0; r < tpu; ++r) impl->state_bufs[r].push_back(bufs[r]);
+  }
+  // Warm-up runs on scratch states: whatever the graphs write there is thrown away.
+  std::vector<std::vector<Tensor>> scratch(tpu);
+  impl->state_ptrs.assign(tpu, {});
+  for (std::size_t r = 0; r < tpu; ++r) {
+    Device dev = impl->backend->device_for_rank(static_cast<int>(r), rc.tp_degree);
+    for (const StateSpec& st : m.states) {
+      scratch[r].push_back(impl->backend->allocate(st.shape, st.dtype, dev));
+      impl->backend->fill_zero(scratch[r].back().raw_data(), dev,
+                               static_cast<std::size_t>(st.shape.numel()) * dtype_size(st.dtype));
+      impl->state_ptrs[r].push_back(scratch[r].back().raw_data());
+    }
   }
   impl_ = std::move(impl);
+  states_ = impl_->states;
 
   // Warm-up: every bucket once on every rank, with zero inputs, waited for.
   for (const auto& b : m.buckets) {
     std::vector<Input> zeros;
-    for (const auto& io : m.inputs) zeros.emplace_back(Tensor::zeros(with_batch(io.sample_shape, b.batch), io.dtype));
+    for (const auto& io : m.inputs) zeros.emplace_back(Tensor::zeros(bucket_shape(io, b), io.dtype));
     try {
       Output out = forward(zeros);
       if (out.is_ranked()) out.ranked().wait();
@@ -250,8 +451,13 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
       throw;
     }
   }
+  for (std::size_t r = 0; r < tpu; ++r) {
+    for (std::size_t k = 0; k < m.states.size(); ++k) impl_->state_ptrs[r][k] = impl_->state_bufs[r][k].raw_data();
+  }
   report("warmed up");
 }
+
+void ModelWrapper::set_state_store(std::shared_ptr<StateStore> store) { states_ = std::move(store); }
 
 std::vector<std::int64_t> ModelWrapper::loaded_buckets() const {
   std::vector<std::int64_t> out;
@@ -272,7 +478,7 @@ std::string ModelWrapper::graph_text(std::int64_t bucket) const {
 // -------------------------------------------------------------------------- application
 
 ApplicationBase::ApplicationBase(std::string model_path, InferenceConfig config)
-    : model_path_(std::move(model_path)), config_(std::move(config)) {}
+    : model_path_(std::move(model_path)), config_(std::move(config)), states_(std::make_shared<StateStore>()) {}
 
 ApplicationBase::~ApplicationBase() = default;
 
@@ -285,7 +491,10 @@ void ApplicationBase::compile(const std::string& compiled_model_path) {
 
 void ApplicationBase::load(const std::string& compiled_model_path) {
   if (models.empty()) throw StateError("load(): the application has no models (append wrappers to models)");
-  for (const auto& w : models) w->load((fs::path(compiled_model_path) / w->tag()).string(), progress_);
+  for (const auto& w : models) {
+    w->set_state_store(states_);
+    w->load((fs::path(compiled_model_path) / w->tag()).string(), progress_);
+  }
 }
 
 }  // namespace devpipe

@@ -31,6 +31,18 @@ struct ModelWrapper::Impl {
   std::vector<std::vector<std::unique_ptr<Executable>>> executables;
   // Reusable per-forward state, shared with the jobs handed out (they come back to it).
   std::shared_ptr<wrapper_detail::JobPool> jobs;
+  // States: the store's buffers [rank][manifest.states order], and the pointers runs get
+  // (the store's, or scratch copies during warm-up).
+  std::shared_ptr<StateStore> states;
+  std::vector<std::vector<Tensor>> state_bufs;
+  std::vector<std::vector<void*>> state_ptrs;
+  // Named dims: their names (sorted), per input/output sample dim the index of its name (-1:
+  // fixed), and per bucket its full input/output shapes and the size of each named dim.
+  std::vector<std::string> named;
+  std::vector<std::vector<int>> in_named, out_named;
+  std::vector<std::vector<Shape>> in_shapes, out_shapes;  // [bucket][io]
+  std::vector<std::vector<std::int64_t>> bucket_named;    // [bucket][named index]
+  bool has_named = false;
 
   ~Impl() {
     // Executables may be referenced by queued tasks: drain the streams first.

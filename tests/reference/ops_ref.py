@@ -256,6 +256,63 @@ for name, dt in DATA_DTYPES.items():
                  {"dim": dim, "start": start, "end": end, "step": step})
 
 
+# ---- state_write: rows of values written into the state at positions (out of range: none) ----
+def state_write_ref(state, values, positions, dim):
+    out = state.clone()
+    rows, steps = positions.shape
+    for i in range(rows):
+        for t in range(steps):
+            p = int(positions[i, t])
+            if 0 <= p < state.shape[dim]:
+                out.select(0, i).select(dim - 1, p).copy_(values.select(0, i).select(dim - 1, t))
+    return out
+
+
+for name, dt in FLOAT_DTYPES.items():
+    # KV-cache layout [B, H, S, D] written at dim 2: prefill rows with padding (-1), and a
+    # decode step writing one position per row into the first rows of a larger cache.
+    for ss, vs, pos, dim in [
+        ([3, 2, 8, 4], [3, 2, 5, 4], [[0, 1, 2, 3, 4], [0, 1, 2, -1, -1], [-1, -1, -1, -1, -1]], 2),
+        ([4, 2, 8, 4], [2, 2, 1, 4], [[5], [8]], 2),
+        ([2, 6, 3], [2, 2, 3], [[4, 1], [-3, 5]], 1),
+    ]:
+        add_case("state_write", name, [randn(ss, dt), randn(vs, dt), torch.tensor(pos, dtype=torch.int64)],
+                 lambda s_, v_, p_, dim=dim: state_write_ref(s_, v_, p_, dim), {"dim": dim})
+
+
+# ---- sample: greedy argmax, or temperature / top-k / top-p with a given uniform u per row ----
+def sample_ref(logits, params, u):
+    out = []
+    for b in range(logits.shape[0]):
+        row = logits[b].float()  # the op computes in float32
+        t, k, p = (float(v) for v in params[b])
+        if t <= 0:
+            out.append(int(torch.argmax(row)))
+            continue
+        v = row.shape[0]
+        k = v if k <= 0 or k > v else int(k)
+        order = sorted(range(v), key=lambda j: (-float(row[j]), j))[:k]
+        z = torch.tensor([float(row[j]) for j in order], dtype=torch.float64) / t
+        w = torch.exp(z - z[0])
+        n = k
+        if 0 < p < 1:
+            cum = torch.cumsum(w, 0)
+            n = int((cum >= p * w.sum()).nonzero()[0]) + 1
+        w = w[:n]
+        cum = torch.cumsum(w, 0)
+        hit = (cum > float(u[b]) * w.sum()).nonzero()
+        out.append(order[int(hit[0]) if len(hit) else n - 1])
+    return torch.tensor(out, dtype=torch.int64)
+
+
+for name, dt in FLOAT_DTYPES.items():
+    logits = randn([6, 50], dt, 2.0)
+    params = torch.tensor([[0.0, 0, 1.0], [1.0, 0, 1.0], [0.7, 5, 1.0], [1.3, 0, 0.6], [0.9, 8, 0.8], [2.0, 1, 0.5]],
+                          dtype=torch.float32)
+    u = torch.tensor([0.5, 0.13, 0.77, 0.31, 0.95, 0.42], dtype=torch.float32)
+    add_case("sample", name, [logits, params, u], lambda l_, p_, u_: sample_ref(l_, p_, u_))
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: ops_ref.py OUT.safetensors")

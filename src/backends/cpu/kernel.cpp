@@ -189,6 +189,10 @@ std::unique_ptr<Kernel> make_kernel(const BuildContext& cx) {
     case OpKind::AllReduce:
     case OpKind::AllGather:
       return make_collective_kernel(cx);
+    case OpKind::StateWrite:
+      return make_state_write_kernel(cx);
+    case OpKind::Sample:
+      return make_sample_kernel(cx);
     case OpKind::Reshape:
       break;  // an alias; the executor never asks for a kernel
   }

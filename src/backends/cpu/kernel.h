@@ -207,5 +207,7 @@ std::unique_ptr<Kernel> make_slice_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_embedding_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_rms_norm_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_collective_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_state_write_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_sample_kernel(const BuildContext& cx);
 
 }  // namespace devpipe::cpu
