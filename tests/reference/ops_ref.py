@@ -38,7 +38,7 @@ def wide(t):
     return t.double() if t.is_floating_point() else t
 
 
-INT_RESULT_OPS = ("argmax",)  # floating inputs, int64 result
+INT_RESULT_OPS = ("argmax", "sample")  # floating inputs, int64 result
 
 
 def add_case(op, dtype, inputs, fn, attrs=None):
