@@ -131,6 +131,9 @@ class ModelWrapper {
   /// The same for the outputs. Host outputs are cut back along every named dim to the real
   /// size of the inputs' dim of that name. Default (empty): every output is [batch, fixed...].
   virtual std::vector<std::vector<std::string>> output_dims() const { return {}; }
+  /// Inputs that keep their example's floating dtype instead of the config's (e.g. float32
+  /// sampling parameters of a bfloat16 model): one flag per input, or empty (none).
+  virtual std::vector<bool> keep_input_dtype() const { return {}; }
 
   const std::string& tag() const { return options_.tag; }
   const InferenceConfig& config() const { return config_; }

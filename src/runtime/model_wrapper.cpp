@@ -125,6 +125,7 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
   auto examples = input_generator();
   if (examples.empty()) throw InvalidArgument(prefix(tag) + "input_generator() returned no input sets");
   auto names = input_names();
+  const std::vector<bool> keep_dtype = keep_input_dtype();
   std::vector<int> in_ranks;
   for (const Tensor& t : examples[0]) in_ranks.push_back(t.defined() ? t.rank() : 0);
   auto in_dims = checked_dims(input_dims(), in_ranks, "input", tag);
@@ -176,7 +177,8 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
                               "' must be a tensor whose first dim is the batch" +
                               (t.defined() ? " (of rank " + std::to_string(in_dims[i].size()) + ")" : std::string()));
       }
-      DType dt = is_floating(t.dtype()) ? rc.dtype : t.dtype();
+      const bool keep = i < keep_dtype.size() && keep_dtype[i];
+      DType dt = is_floating(t.dtype()) && !keep ? rc.dtype : t.dtype();
       StageIO io = stage_io(name, t.shape(), dt, in_dims[i]);
       vars.push_back(tracer.input(name, bucket_shape(io, bucket), dt));
       ins.push_back(std::move(io));

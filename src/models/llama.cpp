@@ -1,0 +1,584 @@
+#include "devpipe/models/llama.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <random>
+#include <set>
+#include <sstream>
+
+#include "devpipe/error.h"
+#include "devpipe/functional.h"
+
+namespace devpipe::models {
+
+using nlohmann::json;
+
+// ------------------------------------------------------------------------------ config
+
+LlamaConfig LlamaConfig::from_hf_folder(const std::string& model_dir) {
+  const std::string path = (std::filesystem::path(model_dir) / "config.json").string();
+  std::ifstream f(path);
+  if (!f) throw IoError("cannot open '" + path + "': a Hugging Face model folder needs a config.json");
+  json j;
+  try {
+    j = json::parse(f);
+  } catch (const json::exception& e) {
+    throw ConfigError("'" + path + "' is not valid JSON: " + e.what());
+  }
+  auto int_of = [&](const char* key, std::optional<std::int64_t> fallback) -> std::int64_t {
+    if (!j.contains(key) || j[key].is_null()) {
+      if (fallback) return *fallback;
+      throw ConfigError("'" + path + "' lacks \"" + key + "\"");
+    }
+    if (!j[key].is_number_integer()) throw ConfigError("'" + path + "': \"" + key + "\" is " + j[key].dump() + ", expected an integer");
+    return j[key].get<std::int64_t>();
+  };
+  auto float_of = [&](const char* key, double fallback) -> double {
+    if (!j.contains(key) || j[key].is_null()) return fallback;
+    if (!j[key].is_number()) throw ConfigError("'" + path + "': \"" + key + "\" is " + j[key].dump() + ", expected a number");
+    return j[key].get<double>();
+  };
+  LlamaConfig c;
+  c.hidden_size = int_of("hidden_size", std::nullopt);
+  c.intermediate_size = int_of("intermediate_size", std::nullopt);
+  c.num_hidden_layers = int_of("num_hidden_layers", std::nullopt);
+  c.num_attention_heads = int_of("num_attention_heads", std::nullopt);
+  c.num_key_value_heads = int_of("num_key_value_heads", c.num_attention_heads);
+  c.vocab_size = int_of("vocab_size", std::nullopt);
+  c.max_position_embeddings = int_of("max_position_embeddings", std::nullopt);
+  c.rms_norm_eps = float_of("rms_norm_eps", 1e-6);
+  c.rope_theta = float_of("rope_theta", 10000.0);
+  if (j.contains("tie_word_embeddings") && !j["tie_word_embeddings"].is_null()) {
+    if (!j["tie_word_embeddings"].is_boolean()) throw ConfigError("'" + path + "': \"tie_word_embeddings\" must be true or false");
+    c.tie_word_embeddings = j["tie_word_embeddings"].get<bool>();
+  }
+  if (j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {
+    const json& e = j["eos_token_id"];
+    if (e.is_number_integer()) {
+      c.eos_token_ids = {e.get<std::int64_t>()};
+    } else if (e.is_array() && std::all_of(e.begin(), e.end(), [](const json& x) { return x.is_number_integer(); })) {
+      c.eos_token_ids = e.get<std::vector<std::int64_t>>();
+    } else {
+      throw ConfigError("'" + path + "': \"eos_token_id\" is " + e.dump() + ", expected an integer or a list of them");
+    }
+  }
+  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+    throw ConfigError("'" + path + "': \"rope_scaling\" " + j["rope_scaling"].dump() +
+                      " is not supported (plain rotary embedding with rope_theta only)");
+  }
+  if (j.contains("hidden_act") && j["hidden_act"] != "silu") {
+    throw ConfigError("'" + path + "': \"hidden_act\" " + j["hidden_act"].dump() + " is not supported (silu only)");
+  }
+  for (const char* key : {"attention_bias", "mlp_bias"}) {
+    if (j.contains(key) && j[key].is_boolean() && j[key].get<bool>()) {
+      throw ConfigError("'" + path + "': \"" + std::string(key) + "\": true is not supported");
+    }
+  }
+  for (auto [key, v] : {std::pair{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
+                        {"num_hidden_layers", c.num_hidden_layers}, {"num_attention_heads", c.num_attention_heads},
+                        {"num_key_value_heads", c.num_key_value_heads}, {"vocab_size", c.vocab_size},
+                        {"max_position_embeddings", c.max_position_embeddings}}) {
+    if (v < 1) throw ConfigError("'" + path + "': \"" + key + "\" must be >= 1, got " + std::to_string(v));
+  }
+  c.head_dim = int_of("head_dim", c.hidden_size / c.num_attention_heads);
+  if (!j.contains("head_dim") && c.hidden_size % c.num_attention_heads != 0) {
+    throw ConfigError("'" + path + "': hidden_size " + std::to_string(c.hidden_size) +
+                      " is not a multiple of num_attention_heads " + std::to_string(c.num_attention_heads));
+  }
+  if (c.head_dim < 2 || c.head_dim % 2 != 0) {
+    throw ConfigError("'" + path + "': head_dim " + std::to_string(c.head_dim) + " must be even (rotary embedding)");
+  }
+  if (c.num_attention_heads % c.num_key_value_heads != 0) {
+    throw ConfigError("'" + path + "': num_attention_heads " + std::to_string(c.num_attention_heads) +
+                      " is not a multiple of num_key_value_heads " + std::to_string(c.num_key_value_heads));
+  }
+  return c;
+}
+
+void LlamaConfig::to_attributes(InferenceConfig& config) const {
+  config.set("hidden_size", hidden_size);
+  config.set("intermediate_size", intermediate_size);
+  config.set("num_hidden_layers", num_hidden_layers);
+  config.set("num_attention_heads", num_attention_heads);
+  config.set("num_key_value_heads", num_key_value_heads);
+  config.set("head_dim", head_dim);
+  config.set("rms_norm_eps", rms_norm_eps);
+  config.set("rope_theta", rope_theta);
+  config.set("vocab_size", vocab_size);
+  config.set("max_position_embeddings", max_position_embeddings);
+  config.set("tie_word_embeddings", tie_word_embeddings);
+  config.set("eos_token_id", eos_token_ids);
+}
+
+LlamaConfig LlamaConfig::from_attributes(const InferenceConfig& config) {
+  LlamaConfig c;
+  c.hidden_size = config.get_int("hidden_size");
+  c.intermediate_size = config.get_int("intermediate_size");
+  c.num_hidden_layers = config.get_int("num_hidden_layers");
+  c.num_attention_heads = config.get_int("num_attention_heads");
+  c.num_key_value_heads = config.get_int("num_key_value_heads");
+  c.head_dim = config.get_int("head_dim");
+  c.rms_norm_eps = config.get_float("rms_norm_eps");
+  c.rope_theta = config.get_float("rope_theta");
+  c.vocab_size = config.get_int("vocab_size");
+  c.max_position_embeddings = config.get_int("max_position_embeddings");
+  c.tie_word_embeddings = config.get_bool("tie_word_embeddings");
+  c.eos_token_ids = config.get_ints("eos_token_id");
+  return c;
+}
+
+namespace {
+
+LlamaOptions options_of(const InferenceConfig& config) {
+  LlamaOptions o;
+  o.context_buckets = config.get_ints("context_buckets");
+  o.max_length = config.get_int("max_length");
+  o.output_logits = config.get_bool("output_logits");
+  return o;
+}
+
+}  // namespace
+
+InferenceConfig llama_config(const std::string& model_dir, RuntimeConfig runtime, const LlamaOptions& options) {
+  LlamaConfig cfg = LlamaConfig::from_hf_folder(model_dir);
+  std::vector<std::int64_t> ctx = options.context_buckets;
+  if (ctx.empty()) throw ConfigError("llama: context_buckets is empty");
+  std::sort(ctx.begin(), ctx.end());
+  ctx.erase(std::unique(ctx.begin(), ctx.end()), ctx.end());
+  const std::int64_t max_length = options.max_length > 0 ? options.max_length : cfg.max_position_embeddings;
+  if (max_length > cfg.max_position_embeddings) {
+    throw ConfigError("llama: max_length " + std::to_string(max_length) + " exceeds max_position_embeddings " +
+                      std::to_string(cfg.max_position_embeddings) + " of '" + model_dir + "'");
+  }
+  if (ctx.front() < 1 || ctx.back() > max_length) {
+    throw ConfigError("llama: context buckets " + Shape(ctx).to_string() + " must lie in [1, max_length " +
+                      std::to_string(max_length) + "]");
+  }
+  const int tp = runtime.tp_degree;
+  if (cfg.num_attention_heads % tp != 0) {
+    throw ConfigError("llama: num_attention_heads " + std::to_string(cfg.num_attention_heads) +
+                      " cannot be split over tp_degree " + std::to_string(tp));
+  }
+  if (cfg.num_key_value_heads % tp != 0 && tp % cfg.num_key_value_heads != 0) {
+    throw ConfigError("llama: num_key_value_heads " + std::to_string(cfg.num_key_value_heads) +
+                      " neither divides nor is divided by tp_degree " + std::to_string(tp) +
+                      " (KV heads are split when tp divides them, replicated when they divide tp)");
+  }
+  if (cfg.intermediate_size % tp != 0) {
+    throw ConfigError("llama: intermediate_size " + std::to_string(cfg.intermediate_size) +
+                      " cannot be split over tp_degree " + std::to_string(tp));
+  }
+  runtime.dim_buckets["seq"] = ctx;
+  InferenceConfig c(runtime);
+  cfg.to_attributes(c);
+  c.set("context_buckets", ctx);
+  c.set("max_length", max_length);
+  c.set("output_logits", options.output_logits);
+  return c;
+}
+
+// ------------------------------------------------------------------------------ model
+
+namespace {
+
+/// q/k/v/o projections of one layer; k and v split over the ranks or replicated.
+struct Attention : nn::Module {
+  nn::ColumnParallelLinear& q_proj;
+  std::unique_ptr<nn::Module> k_owner, v_owner;
+  nn::Module* k_proj = nullptr;
+  nn::Module* v_proj = nullptr;
+  nn::RowParallelLinear& o_proj;
+  bool kv_split;
+
+  Attention(const LlamaConfig& c, bool split)
+      : q_proj(register_module("q_proj", std::make_unique<nn::ColumnParallelLinear>(
+                                             c.hidden_size, c.num_attention_heads * c.head_dim, false,
+                                             /*gather_output=*/false))),
+        o_proj(register_module("o_proj", std::make_unique<nn::RowParallelLinear>(
+                                             c.num_attention_heads * c.head_dim, c.hidden_size, false,
+                                             /*input_is_parallel=*/true))),
+        kv_split(split) {
+    const std::int64_t kv = c.num_key_value_heads * c.head_dim;
+    if (split) {
+      k_proj = &register_module("k_proj", std::make_unique<nn::ColumnParallelLinear>(c.hidden_size, kv, false, false));
+      v_proj = &register_module("v_proj", std::make_unique<nn::ColumnParallelLinear>(c.hidden_size, kv, false, false));
+    } else {
+      k_proj = &register_module("k_proj", std::make_unique<nn::Linear>(c.hidden_size, kv, false));
+      v_proj = &register_module("v_proj", std::make_unique<nn::Linear>(c.hidden_size, kv, false));
+    }
+  }
+  std::string type_name() const override { return "LlamaAttention"; }
+  Var project(const nn::Module* m, Var h) const {
+    if (kv_split) return (*static_cast<const nn::ColumnParallelLinear*>(m))(h);
+    return (*static_cast<const nn::Linear*>(m))(h);
+  }
+};
+
+struct Mlp : nn::Module {
+  nn::ColumnParallelLinear& gate_proj;
+  nn::ColumnParallelLinear& up_proj;
+  nn::RowParallelLinear& down_proj;
+  explicit Mlp(const LlamaConfig& c)
+      : gate_proj(register_module("gate_proj", std::make_unique<nn::ColumnParallelLinear>(
+                                                   c.hidden_size, c.intermediate_size, false, /*gather_output=*/false))),
+        up_proj(register_module("up_proj", std::make_unique<nn::ColumnParallelLinear>(
+                                               c.hidden_size, c.intermediate_size, false, /*gather_output=*/false))),
+        down_proj(register_module("down_proj", std::make_unique<nn::RowParallelLinear>(
+                                                   c.intermediate_size, c.hidden_size, false, /*input_is_parallel=*/true))) {}
+  std::string type_name() const override { return "LlamaMLP"; }
+  Var operator()(Var h) const { return down_proj(F::silu(gate_proj(h)) * up_proj(h)); }
+};
+
+struct DecoderLayer : nn::Module {
+  nn::RMSNorm& input_layernorm;
+  Attention& self_attn;
+  nn::RMSNorm& post_attention_layernorm;
+  Mlp& mlp;
+  DecoderLayer(const LlamaConfig& c, bool split)
+      : input_layernorm(register_module("input_layernorm", std::make_unique<nn::RMSNorm>(
+                                                               std::vector<std::int64_t>{c.hidden_size}, c.rms_norm_eps))),
+        self_attn(register_module("self_attn", std::make_unique<Attention>(c, split))),
+        post_attention_layernorm(register_module(
+            "post_attention_layernorm",
+            std::make_unique<nn::RMSNorm>(std::vector<std::int64_t>{c.hidden_size}, c.rms_norm_eps))),
+        mlp(register_module("mlp", std::make_unique<Mlp>(c))) {}
+  std::string type_name() const override { return "LlamaDecoderLayer"; }
+};
+
+struct Backbone : nn::Module {
+  std::unique_ptr<nn::Module> embed_owner;
+  nn::Module* embed_tokens = nullptr;
+  bool vocab_split;
+  nn::ModuleList<DecoderLayer>& layers;
+  nn::RMSNorm& norm;
+  Backbone(const LlamaConfig& c, bool kv_split, bool vsplit)
+      : vocab_split(vsplit),
+        layers(register_module("layers", std::make_unique<nn::ModuleList<DecoderLayer>>())),
+        norm(register_module("norm", std::make_unique<nn::RMSNorm>(std::vector<std::int64_t>{c.hidden_size}, c.rms_norm_eps))) {
+    if (vsplit) {
+      embed_tokens = &register_module("embed_tokens", std::make_unique<nn::ParallelEmbedding>(c.vocab_size, c.hidden_size));
+    } else {
+      embed_tokens = &register_module("embed_tokens", std::make_unique<nn::Embedding>(c.vocab_size, c.hidden_size));
+    }
+    for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) layers.push_back(std::make_unique<DecoderLayer>(c, kv_split));
+  }
+  std::string type_name() const override { return "LlamaModel"; }
+  Var embed(Var ids) const {
+    if (vocab_split) return (*static_cast<const nn::ParallelEmbedding*>(embed_tokens))(ids);
+    return (*static_cast<const nn::Embedding*>(embed_tokens))(ids);
+  }
+};
+
+/// x[:, rank's head] of a KV tensor [B, kv, T, D] whose heads are replicated: the rank's query
+/// heads all use kv head rank / (tp / kv).
+Var rank_kv_head(Var x, int tp) {
+  const std::int64_t kv = x.dim(1);
+  const std::int64_t per = tp / kv;
+  std::vector<Var> parts;
+  for (int r = 0; r < tp; ++r) parts.push_back(F::slice(x, 1, r / per, r / per + 1));
+  Var all = F::concat(parts, 1);  // [B, tp, T, D]: rank r's head at r
+  Attrs a;
+  a.set("dim", std::int64_t{1}).set("start", std::int64_t{0}).set("end", std::int64_t{1})
+      .set("step", std::int64_t{1}).set("rank_stride", std::int64_t{1});
+  return Tracer::current().emit(OpKind::Slice, {all}, a);
+}
+
+}  // namespace
+
+struct LlamaModel::Layers {
+  Backbone* model = nullptr;
+  std::unique_ptr<nn::Module> lm_head_owner;
+  nn::ColumnParallelLinear* lm_head_split = nullptr;
+  nn::Linear* lm_head_full = nullptr;
+  bool kv_split = true;
+  bool vocab_split = true;
+  bool decode = false;
+};
+
+LlamaModel::LlamaModel(const InferenceConfig& config, bool decode)
+    : cfg_(LlamaConfig::from_attributes(config)),
+      opts_(options_of(config)),
+      rows_(config.runtime_config().batch_size),
+      tp_(config.runtime_config().tp_degree),
+      layers_(std::make_unique<Layers>()) {
+  layers_->decode = decode;
+  layers_->kv_split = cfg_.num_key_value_heads % tp_ == 0;
+  layers_->vocab_split = cfg_.vocab_size % tp_ == 0;
+  layers_->model = &register_module("model", std::make_unique<Backbone>(cfg_, layers_->kv_split, layers_->vocab_split));
+  if (!cfg_.tie_word_embeddings) {
+    if (layers_->vocab_split) {
+      layers_->lm_head_split = &register_module(
+          "lm_head", std::make_unique<nn::ColumnParallelLinear>(cfg_.hidden_size, cfg_.vocab_size, false,
+                                                                /*gather_output=*/true));
+    } else {
+      layers_->lm_head_full = &register_module("lm_head", std::make_unique<nn::Linear>(cfg_.hidden_size, cfg_.vocab_size, false));
+    }
+  }
+}
+
+LlamaModel::~LlamaModel() = default;
+
+Var LlamaModel::lm_head(Var h) {
+  Layers& L = *layers_;
+  if (cfg_.tie_word_embeddings) {
+    // The embedding table is the head: vocabulary-split like the embedding, then gathered.
+    Var w = L.model->embed_tokens->param("weight");
+    return L.vocab_split ? F::all_gather(F::linear(h, w), -1) : F::linear(h, w);
+  }
+  return L.lm_head_split ? (*L.lm_head_split)(h) : (*L.lm_head_full)(h);
+}
+
+Var LlamaModel::hidden(Var input_ids, Var positions, Var kv_lengths, bool prefill) {
+  Layers& L = *layers_;
+  const std::int64_t B = input_ids.dim(0), T = input_ids.dim(1), hd = cfg_.head_dim;
+  const std::int64_t heads = cfg_.num_attention_heads / tp_;
+  const std::int64_t kv_heads = L.kv_split ? cfg_.num_key_value_heads / tp_ : 1;
+  const DType dt = Tracer::current().options().dtype;
+  Var x = L.model->embed(input_ids);
+  for (std::size_t i = 0; i < L.model->layers.size(); ++i) {
+    DecoderLayer& layer = L.model->layers[i];
+    Attention& at = layer.self_attn;
+    Var h = layer.input_layernorm(x);
+    auto heads_of = [&](Var y, std::int64_t n) { return F::transpose(F::reshape(y, {B, T, n, hd}), 1, 2); };
+    Var q = heads_of(at.q_proj(h), heads);
+    Var k = heads_of(at.project(at.k_proj, h), L.kv_split ? kv_heads : cfg_.num_key_value_heads);
+    Var v = heads_of(at.project(at.v_proj, h), L.kv_split ? kv_heads : cfg_.num_key_value_heads);
+    q = F::rotary_embedding(q, positions, cfg_.rope_theta);
+    k = F::rotary_embedding(k, positions, cfg_.rope_theta);
+    if (!L.kv_split) {
+      k = rank_kv_head(k, tp_);
+      v = rank_kv_head(v, tp_);
+    }
+    const std::string prefix = "layers." + std::to_string(i) + ".self_attn.";
+    const Shape cache{rows_, kv_heads, opts_.max_length, hd};
+    Var kc = F::cache_write(F::state(prefix + "k_cache", cache, dt), k, positions);
+    Var vc = F::cache_write(F::state(prefix + "v_cache", cache, dt), v, positions);
+    Var a;
+    if (prefill) {
+      // Prompts start at position 0: the fresh keys are the cache's first T rows.
+      a = F::masked_attention(q, k, v, positions, kv_lengths);
+    } else {
+      if (B < rows_) {
+        kc = F::slice(kc, 0, 0, B);
+        vc = F::slice(vc, 0, 0, B);
+      }
+      a = F::masked_attention(q, kc, vc, positions, kv_lengths);
+    }
+    a = F::reshape(F::transpose(a, 1, 2), {B, T, heads * hd});
+    x = x + at.o_proj(a);
+    x = x + layer.mlp(layer.post_attention_layernorm(x));
+  }
+  return L.model->norm(x);
+}
+
+std::vector<Var> LlamaModel::encode(Var input_ids, Var positions1, Var last_index, Var sampling, Var u) {
+  const std::int64_t B = input_ids.dim(0);
+  Var positions = positions1 - 1.0;  // padding (0) becomes -1: nothing written, nothing seen
+  Var kv_lengths = last_index + 1.0;
+  Var h = hidden(input_ids, positions, kv_lengths, true);
+  auto last_rows = [&](Var y) {  // y[b, last_index[b], :]
+    const std::int64_t n = y.dim(2);
+    Var idx = F::reshape(last_index, {B, 1, 1}) + F::full({1, 1, n}, 0, DType::Int64);
+    return F::reshape(F::gather(y, 1, idx), {B, n});
+  };
+  if (opts_.output_logits) {
+    Var logits = lm_head(h);  // [B, T, V]
+    return {F::sample(last_rows(logits), sampling, u), logits};
+  }
+  return {F::sample(lm_head(last_rows(h)), sampling, u)};
+}
+
+std::vector<Var> LlamaModel::decode(Var input_ids, Var positions1, Var sampling, Var u) {
+  const std::int64_t B = input_ids.dim(0);
+  Var positions = positions1 - 1.0;
+  Var kv_lengths = F::reshape(positions1, {B});  // the cache holds positions 0..p after this step
+  Var h = hidden(input_ids, positions, kv_lengths, false);
+  Var logits = F::reshape(lm_head(h), {B, cfg_.vocab_size});
+  Var next = F::sample(logits, sampling, u);
+  if (opts_.output_logits) return {next, logits};
+  return {next};
+}
+
+// ------------------------------------------------------------------------ application
+
+namespace {
+
+struct ContextEncoding : LlamaModel {
+  explicit ContextEncoding(const InferenceConfig& c) : LlamaModel(c, false) {}
+  std::vector<Var> forward(Var ids, Var positions1, Var last_index, Var sampling, Var u) {
+    return encode(ids, positions1, last_index, sampling, u);
+  }
+};
+
+struct TokenGeneration : LlamaModel {
+  explicit TokenGeneration(const InferenceConfig& c) : LlamaModel(c, true) {}
+  std::vector<Var> forward(Var ids, Var positions1, Var sampling, Var u) { return decode(ids, positions1, sampling, u); }
+};
+
+class ContextWrapper : public ModelWrapper {
+ public:
+  explicit ContextWrapper(const InferenceConfig& c)
+      : ModelWrapper(c, model_cls<ContextEncoding>(),
+                     {.pipeline_execution = false, .return_ranked_to_cpu = true, .tag = "context_encoding"}),
+        logits_(c.get_bool("output_logits")) {}
+  std::vector<std::vector<Tensor>> input_generator() const override {
+    return {{Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1}, DType::Int64),
+             Tensor::zeros({1, 3}), Tensor::zeros({1})}};
+  }
+  std::vector<std::string> input_names() const override {
+    return {"input_ids", "positions1", "last_index", "sampling", "u"};
+  }
+  std::vector<std::vector<std::string>> input_dims() const override {
+    return {{"batch", "seq"}, {"batch", "seq"}, {"batch"}, {"batch", ""}, {"batch"}};
+  }
+  std::vector<std::vector<std::string>> output_dims() const override {
+    if (logits_) return {{"batch"}, {"batch", "seq", ""}};
+    return {{"batch"}};
+  }
+  std::vector<bool> keep_input_dtype() const override { return {false, false, false, true, true}; }
+
+ private:
+  bool logits_;
+};
+
+class TokenWrapper : public ModelWrapper {
+ public:
+  explicit TokenWrapper(const InferenceConfig& c)
+      : ModelWrapper(c, model_cls<TokenGeneration>(),
+                     {.pipeline_execution = false, .return_ranked_to_cpu = true, .tag = "token_generation"}) {}
+  std::vector<std::vector<Tensor>> input_generator() const override {
+    return {{Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1, 3}),
+             Tensor::zeros({1})}};
+  }
+  std::vector<std::string> input_names() const override { return {"input_ids", "positions1", "sampling", "u"}; }
+  std::vector<bool> keep_input_dtype() const override { return {false, false, true, true}; }
+};
+
+}  // namespace
+
+LlamaForCausalLM::LlamaForCausalLM(const std::string& model_dir, const InferenceConfig& config)
+    : ApplicationBase(model_dir, config),
+      cfg_(LlamaConfig::from_attributes(config)),
+      opts_(options_of(config)),
+      rows_(config.runtime_config().batch_size) {
+  models.push_back(std::make_shared<ContextWrapper>(config));
+  models.push_back(std::make_shared<TokenWrapper>(config));
+}
+
+GenerationResult LlamaForCausalLM::generate(const std::vector<std::vector<std::int64_t>>& prompts,
+                                            const GenerationConfig& gen, const TokenCallback& on_token) {
+  const auto start = std::chrono::steady_clock::now();
+  const auto n = static_cast<std::int64_t>(prompts.size());
+  // ---- every request checked before anything runs
+  if (n < 1) throw InvalidArgument("generate: no prompts");
+  if (n > rows_) {
+    throw InvalidArgument("generate: " + std::to_string(n) + " prompts, but the model was compiled for batch_size " +
+                          std::to_string(rows_) + " sequences");
+  }
+  if (gen.max_new_tokens < 1) {
+    throw InvalidArgument("generate: max_new_tokens must be >= 1, got " + std::to_string(gen.max_new_tokens));
+  }
+  const std::int64_t largest = opts_.context_buckets.back();
+  std::int64_t tmax = 0;
+  for (std::int64_t s = 0; s < n; ++s) {
+    const auto& p = prompts[static_cast<std::size_t>(s)];
+    const auto len = static_cast<std::int64_t>(p.size());
+    const std::string seq = "generate: sequence " + std::to_string(s) + ": ";
+    if (len < 1) throw InvalidArgument(seq + "the prompt is empty");
+    if (len > largest) {
+      throw InvalidArgument(seq + "the prompt has " + std::to_string(len) +
+                            " tokens, more than the largest context bucket " + std::to_string(largest));
+    }
+    for (std::int64_t t = 0; t < len; ++t) {
+      const std::int64_t id = p[static_cast<std::size_t>(t)];
+      if (id < 0 || id >= cfg_.vocab_size) {
+        throw InvalidArgument(seq + "token id " + std::to_string(id) + " at position " + std::to_string(t) +
+                              " is outside the vocabulary [0, " + std::to_string(cfg_.vocab_size) + ")");
+      }
+    }
+    if (len + gen.max_new_tokens > cfg_.max_position_embeddings) {
+      throw InvalidArgument(seq + "prompt length " + std::to_string(len) + " + max_new_tokens " +
+                            std::to_string(gen.max_new_tokens) + " = " + std::to_string(len + gen.max_new_tokens) +
+                            " exceeds max_position_embeddings " + std::to_string(cfg_.max_position_embeddings));
+    }
+    if (len + gen.max_new_tokens > opts_.max_length) {
+      throw InvalidArgument(seq + "prompt length " + std::to_string(len) + " + max_new_tokens " +
+                            std::to_string(gen.max_new_tokens) + " = " + std::to_string(len + gen.max_new_tokens) +
+                            " exceeds the KV cache length (max_length) " + std::to_string(opts_.max_length));
+    }
+    tmax = std::max(tmax, len);
+  }
+
+  GenerationResult res;
+  res.tokens.assign(static_cast<std::size_t>(n), {});
+  std::mt19937_64 rng(gen.seed);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  Tensor sampling = Tensor::zeros({n, 3});
+  for (std::int64_t s = 0; s < n; ++s) {
+    sampling.data<float>()[3 * s] = static_cast<float>(gen.temperature);
+    sampling.data<float>()[3 * s + 1] = static_cast<float>(gen.top_k);
+    sampling.data<float>()[3 * s + 2] = static_cast<float>(gen.top_p);
+  }
+  auto draw = [&] {
+    Tensor u = Tensor::zeros({n});
+    for (std::int64_t s = 0; s < n; ++s) u.data<float>()[s] = std::min(uniform(rng), 0.99999994f);
+    return u;
+  };
+  const std::set<std::int64_t> eos(cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
+  std::vector<bool> done(static_cast<std::size_t>(n), false);
+  std::vector<std::int64_t> last(static_cast<std::size_t>(n), 0);
+  auto take = [&](const Tensor& ids) {
+    for (std::int64_t s = 0; s < n; ++s) {
+      if (done[static_cast<std::size_t>(s)]) continue;
+      const std::int64_t id = ids.data<std::int64_t>()[s];
+      res.tokens[static_cast<std::size_t>(s)].push_back(id);
+      last[static_cast<std::size_t>(s)] = id;
+      ++res.generated;
+      if (on_token) on_token(s, id);
+      if (gen.stop_at_eos && eos.count(id)) done[static_cast<std::size_t>(s)] = true;
+    }
+  };
+
+  // ---- prefill: the prompts right-padded to the longest (the runtime pads to the bucket)
+  {
+    Tensor ids = Tensor::zeros({n, tmax}, DType::Int64);
+    Tensor pos1 = Tensor::zeros({n, tmax}, DType::Int64);
+    Tensor last_index = Tensor::zeros({n}, DType::Int64);
+    for (std::int64_t s = 0; s < n; ++s) {
+      const auto& p = prompts[static_cast<std::size_t>(s)];
+      for (std::size_t t = 0; t < p.size(); ++t) {
+        ids.data<std::int64_t>()[s * tmax + static_cast<std::int64_t>(t)] = p[t];
+        pos1.data<std::int64_t>()[s * tmax + static_cast<std::int64_t>(t)] = static_cast<std::int64_t>(t) + 1;
+      }
+      last_index.data<std::int64_t>()[s] = static_cast<std::int64_t>(p.size()) - 1;
+    }
+    Output out = context_encoding().forward({ids, pos1, last_index, sampling, draw()});
+    if (opts_.output_logits) res.prefill_logits = out.tensor(1).clone();
+    take(out.tensor(0));
+  }
+  // ---- one token per sequence per step; finished sequences ride along as padding rows
+  Tensor ids = Tensor::zeros({n, 1}, DType::Int64);
+  Tensor pos1 = Tensor::zeros({n, 1}, DType::Int64);
+  for (std::int64_t step = 1; step < gen.max_new_tokens; ++step) {
+    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
+    for (std::int64_t s = 0; s < n; ++s) {
+      const bool live = !done[static_cast<std::size_t>(s)];
+      ids.data<std::int64_t>()[s] = live ? last[static_cast<std::size_t>(s)] : 0;
+      // new token step-1 sits at position len + step - 1; stored + 1 (0 = padding)
+      pos1.data<std::int64_t>()[s] =
+          live ? static_cast<std::int64_t>(prompts[static_cast<std::size_t>(s)].size()) + step : 0;
+    }
+    Output out = token_generation().forward({ids, pos1, sampling, draw()});
+    if (opts_.output_logits) res.decode_logits.push_back(out.tensor(1).clone());
+    take(out.tensor(0));
+  }
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return res;
+}
+
+}  // namespace devpipe::models

@@ -1,0 +1,295 @@
+// The Llama causal LM (devpipe/models/llama.h) against its PyTorch twin
+// (tests/reference/llama_ref.py: HF LlamaForCausalLM in plain PyTorch with HF's state-dict
+// names and its own KV cache).
+//
+// A tiny random model (hidden 64, 2 layers, 4 heads, 2 KV heads, vocab 300, "wide" init so
+// greedy tokens vary), a batch of 3 prompts of lengths 5, 11 and 20 (context buckets 16 and 32:
+// the batch pads to seq 32 and batch 4), 33 new tokens. At tp 1, 2 and 4 the KV heads are split
+// (tp 1, 2) and replicated (tp 4: each rank keeps the one KV head its query heads use).
+//
+// Tolerances. float32: rtol 1e-4, atol 1e-5 on every logit (devpipe and PyTorch sum in
+// different orders over at most 128 terms; logits have std ~1; measured worst 2e-6).
+// bfloat16: both sides compute in bfloat16 but round at different places (devpipe's fused
+// attention and RMSNorm keep float32 inside, PyTorch rounds each op's output), so logits of
+// magnitude ~2-3 differ by a few bfloat16 ulps (0.0156 there): atol 0.1 + rtol 0.02 (measured
+// worst 0.047 at tp 2), on the prefill and the first decode step; greedy tokens are compared on
+// the first token, before a near-tie can send the two sides down different sequences.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "devpipe/devpipe.h"
+#include "devpipe/models/llama.h"
+#include "test_util.h"
+
+using namespace devpipe;
+using namespace devpipe::testing;
+using devpipe::models::GenerationConfig;
+using devpipe::models::LlamaForCausalLM;
+using devpipe::models::LlamaOptions;
+
+namespace {
+
+constexpr double kRtol = 1e-4;
+constexpr double kAtol = 1e-5;
+constexpr double kBf16Rtol = 0.02;
+constexpr double kBf16Atol = 0.1;
+constexpr std::int64_t kNew = 33;
+const std::vector<std::vector<std::int64_t>> kPrompts = {
+    {1, 17, 42, 7, 99},
+    {1, 150, 3, 3, 8, 21, 250, 14, 60, 61, 62},
+    {1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61, 65, 69, 73, 77}};
+
+std::string prompts_arg() {
+  std::string s;
+  for (const auto& p : kPrompts) {
+    if (!s.empty()) s += ";";
+    for (std::size_t i = 0; i < p.size(); ++i) s += (i ? "," : "") + std::to_string(p[i]);
+  }
+  return s;
+}
+
+struct Twin {
+  std::map<std::string, Tensor> t;
+  std::vector<std::vector<std::int64_t>> generated;
+};
+
+Twin load_twin(const std::string& prefix) {
+  Twin tw;
+  tw.t = safetensors::load_all(prefix + ".safetensors");
+  std::ifstream f(prefix + ".json");
+  nlohmann::json j = nlohmann::json::parse(f);
+  tw.generated = j.at("generated").get<std::vector<std::vector<std::int64_t>>>();
+  return tw;
+}
+
+/// Step s of the twin's decode logits [S, B, V], as [B, V].
+Tensor decode_step(const Tensor& dec, std::int64_t s) {
+  const std::vector<float> all = dec.to_float_vector();
+  const std::int64_t n = dec.dim(1) * dec.dim(2);
+  return Tensor::from_vector(std::vector<float>(all.begin() + s * n, all.begin() + (s + 1) * n), {dec.dim(1), dec.dim(2)});
+}
+
+/// Rows [b, t < length] of logits [B, T, V] (the real prompt positions), as [sum(len), V].
+Tensor prompt_rows(const Tensor& logits, std::int64_t t_stride) {
+  const std::int64_t V = logits.dim(2);
+  std::vector<float> all = logits.to_float_vector(), out;
+  for (std::size_t b = 0; b < kPrompts.size(); ++b) {
+    for (std::size_t t = 0; t < kPrompts[b].size(); ++t) {
+      auto row = all.begin() + static_cast<std::ptrdiff_t>((static_cast<std::int64_t>(b) * t_stride + static_cast<std::int64_t>(t)) * V);
+      out.insert(out.end(), row, row + V);
+    }
+  }
+  return Tensor::from_vector(out, {static_cast<std::int64_t>(out.size()) / V, V});
+}
+
+class LlamaTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    const std::string ref = "llama_ref.py";
+    ASSERT_TRUE(run_torch_script(ref, "write-model " + dir_->str("untied") + " > /dev/null"));
+    ASSERT_TRUE(run_torch_script(ref, "write-model " + dir_->str("tied") + " --tie --shards 2 --seed 1 > /dev/null"));
+    const std::string run = " --prompts '" + prompts_arg() + "' --max-new-tokens " + std::to_string(kNew) + " --greedy --ignore-eos";
+    const std::string quiet = " > /dev/null";
+    ASSERT_TRUE(run_torch_script(ref, "run " + dir_->str("untied") + run + " --out " + dir_->str("untied_f32") + quiet));
+    ASSERT_TRUE(run_torch_script(ref, "run " + dir_->str("untied") + run + " --dtype bfloat16 --out " + dir_->str("untied_bf16") + quiet));
+    ASSERT_TRUE(run_torch_script(ref, "run " + dir_->str("tied") + run + " --out " + dir_->str("tied_f32") + quiet));
+    f32_ = new Twin(load_twin(dir_->str("untied_f32")));
+    bf16_ = new Twin(load_twin(dir_->str("untied_bf16")));
+    tied_ = new Twin(load_twin(dir_->str("tied_f32")));
+  }
+  static void TearDownTestSuite() {
+    delete f32_;
+    delete bf16_;
+    delete tied_;
+    delete dir_;
+  }
+
+  static InferenceConfig config(const std::string& model, int tp, DType dtype = DType::Float32, bool logits = true) {
+    RuntimeConfig rc{.batch_size = 4, .dtype = dtype, .tp_degree = tp};
+    rc.buckets = {2, 4};
+    LlamaOptions o;
+    o.context_buckets = {16, 32};
+    o.max_length = 64;
+    o.output_logits = logits;
+    return models::llama_config(dir_->str(model), rc, o);
+  }
+
+  static std::unique_ptr<LlamaForCausalLM> app(const std::string& model, const InferenceConfig& c, const std::string& name) {
+    auto a = std::make_unique<LlamaForCausalLM>(dir_->str(model), c);
+    a->compile(dir_->str(name));
+    a->load(dir_->str(name));
+    return a;
+  }
+
+  static GenerationConfig greedy(std::int64_t n = kNew) {
+    GenerationConfig g;
+    g.max_new_tokens = n;
+    g.stop_at_eos = false;
+    return g;
+  }
+
+  /// Every prefill and decode logit and every token against the twin.
+  static void expect_matches(const models::GenerationResult& r, const Twin& tw, double rtol, double atol) {
+    ASSERT_EQ(r.tokens.size(), kPrompts.size());
+    EXPECT_EQ(r.tokens, tw.generated);
+    const Tensor& want_prefill = tw.t.at("prefill_logits");
+    ASSERT_EQ(r.prefill_logits.shape(), want_prefill.shape());
+    EXPECT_TRUE(tensors_close(prompt_rows(r.prefill_logits, r.prefill_logits.dim(1)),
+                              prompt_rows(want_prefill, want_prefill.dim(1)), rtol, atol));
+    const Tensor& dec = tw.t.at("decode_logits");
+    ASSERT_EQ(static_cast<std::int64_t>(r.decode_logits.size()), kNew - 1);
+    for (std::int64_t s = 0; s + 1 < kNew; ++s) {
+      SCOPED_TRACE("decode step " + std::to_string(s));
+      EXPECT_TRUE(tensors_close(r.decode_logits[static_cast<std::size_t>(s)], decode_step(dec, s), rtol, atol));
+    }
+  }
+
+  static TempDir* dir_;
+  static Twin* f32_;
+  static Twin* bf16_;
+  static Twin* tied_;
+};
+
+TempDir* LlamaTest::dir_ = nullptr;
+Twin* LlamaTest::f32_ = nullptr;
+Twin* LlamaTest::bf16_ = nullptr;
+Twin* LlamaTest::tied_ = nullptr;
+
+}  // namespace
+
+class LlamaTp : public LlamaTest, public ::testing::WithParamInterface<int> {};
+
+TEST_P(LlamaTp, PrefillAndEveryDecodeStepMatchTheTwin) {
+  const int tp = GetParam();
+  auto a = app("untied", config("untied", tp), "f32_tp" + std::to_string(tp));
+  // The twin's greedy ids are not degenerate, so equal ids mean something.
+  std::set<std::int64_t> distinct;
+  for (const auto& s : f32_->generated) distinct.insert(s.begin(), s.end());
+  EXPECT_GE(distinct.size(), 16u);
+  auto r = a->generate(kPrompts, greedy());
+  expect_matches(r, *f32_, kRtol, kAtol);
+  EXPECT_EQ(r.generated, 3 * kNew);
+}
+
+INSTANTIATE_TEST_SUITE_P(Tp, LlamaTp, ::testing::Values(1, 2, 4));
+
+TEST_F(LlamaTest, TiedEmbeddingsAndShardedCheckpointAtTp2) {
+  auto a = app("tied", config("tied", 2), "tied_tp2");
+  expect_matches(a->generate(kPrompts, greedy()), *tied_, kRtol, kAtol);
+}
+
+TEST_F(LlamaTest, BFloat16MatchesTheTwinWithinItsTolerance) {
+  auto a = app("untied", config("untied", 2, DType::BFloat16), "bf16_tp2");
+  auto r = a->generate(kPrompts, greedy());
+  const Tensor& want = bf16_->t.at("prefill_logits");
+  EXPECT_TRUE(tensors_close(prompt_rows(r.prefill_logits, r.prefill_logits.dim(1)), prompt_rows(want, want.dim(1)),
+                            kBf16Rtol, kBf16Atol));
+  // Token 0 and the first decode step, before sequences can drift apart at a near-tie.
+  for (std::size_t s = 0; s < kPrompts.size(); ++s) {
+    ASSERT_GE(r.tokens[s].size(), 2u);
+    EXPECT_EQ(r.tokens[s][0], bf16_->generated[s][0]) << "sequence " << s;
+  }
+  EXPECT_TRUE(tensors_close(r.decode_logits[0], decode_step(bf16_->t.at("decode_logits"), 0), kBf16Rtol, kBf16Atol));
+}
+
+TEST_F(LlamaTest, OnlyTokenIdsCrossToTheHost) {
+  // Without logits outputs, each step moves the step's inputs up and one int64 per sequence
+  // down; the KV cache (2 layers x 2 x [4, 1, 64, 16] float32 per rank) never moves.
+  auto a = app("untied", config("untied", 2, DType::Float32, false), "ids_only");
+  const std::int64_t n = 8, b = 3;
+  reset_transfer_stats();
+  auto r = a->generate(kPrompts, greedy(n));
+  TransferStats st = transfer_stats();
+  for (std::size_t s = 0; s < kPrompts.size(); ++s) {
+    EXPECT_EQ(r.tokens[s], std::vector<std::int64_t>(f32_->generated[s].begin(), f32_->generated[s].begin() + n));
+  }
+  EXPECT_EQ(st.forwards, static_cast<std::uint64_t>(n));  // 1 prefill + 7 decode steps
+  EXPECT_EQ(st.device_to_host_bytes, static_cast<std::uint64_t>(n * b * 8));
+  // Up, to each of the 2 ranks: prefill ids and positions [3, 20] int64, last_index [3],
+  // sampling [3, 3] and u [3] float32; each decode step ids and positions [3, 1], sampling, u.
+  const std::uint64_t prefill = b * 20 * 8 * 2 + b * 8 + b * 12 + b * 4;
+  const std::uint64_t step = b * 8 * 2 + b * 12 + b * 4;
+  EXPECT_EQ(st.host_to_device_bytes, 2 * (prefill + (n - 1) * step));
+  EXPECT_EQ(st.device_to_device_bytes, 0u);
+  EXPECT_EQ(a->state_store()->entries().size(), 4u);  // k and v of 2 layers
+}
+
+TEST_F(LlamaTest, StreamsEveryTokenAndStopsAtEos) {
+  InferenceConfig c = config("untied", 1, DType::Float32, false);
+  // Make the token sequence 0 generates at step 4 the eos: each sequence stops right after its
+  // first occurrence of it (which the twin's untruncated ids tell).
+  const std::int64_t eos = f32_->generated[0][4];
+  c.set("eos_token_id", std::vector<std::int64_t>{eos});
+  auto a = app("untied", c, "eos");
+  std::vector<std::vector<std::int64_t>> streamed(kPrompts.size());
+  GenerationConfig g = greedy();
+  g.stop_at_eos = true;
+  auto r = a->generate(kPrompts, g, [&](std::int64_t s, std::int64_t id) { streamed[static_cast<std::size_t>(s)].push_back(id); });
+  EXPECT_EQ(streamed, r.tokens);
+  for (std::size_t s = 0; s < kPrompts.size(); ++s) {
+    const auto& full = f32_->generated[s];
+    auto stop = std::find(full.begin(), full.end(), eos);
+    std::vector<std::int64_t> want(full.begin(), stop == full.end() ? full.end() : stop + 1);
+    EXPECT_EQ(r.tokens[s], want) << "sequence " << s;
+  }
+  EXPECT_EQ(r.tokens[0].size(), 5u);
+}
+
+TEST_F(LlamaTest, SamplingOnTheDevice) {
+  auto a = app("untied", config("untied", 1, DType::Float32, false), "sampling");
+  const std::int64_t n = 12;
+  auto first = [&](std::int64_t k) {
+    std::vector<std::vector<std::int64_t>> w;
+    for (const auto& s : f32_->generated) w.emplace_back(s.begin(), s.begin() + k);
+    return w;
+  };
+  // top_k 1 and a tiny top_p keep only the best token: greedy, whatever the draws.
+  GenerationConfig g = greedy(n);
+  g.temperature = 1.0;
+  g.top_k = 1;
+  g.seed = 5;
+  EXPECT_EQ(a->generate(kPrompts, g).tokens, first(n));
+  g.top_k = 0;
+  g.top_p = 1e-6;
+  EXPECT_EQ(a->generate(kPrompts, g).tokens, first(n));
+  // A seed fixes the draws: the same seed repeats, another seed gives another sample.
+  g.top_p = 1.0;
+  g.temperature = 1.5;
+  auto s1 = a->generate(kPrompts, g).tokens;
+  auto s2 = a->generate(kPrompts, g).tokens;
+  g.seed = 6;
+  auto s3 = a->generate(kPrompts, g).tokens;
+  EXPECT_EQ(s1, s2);
+  EXPECT_NE(s1, s3);
+  EXPECT_NE(s1, first(n));
+}
+
+TEST_F(LlamaTest, BadRequestsAreRefusedNamingTheValuesAndLoseNothing) {
+  auto a = app("untied", config("untied", 1, DType::Float32, false), "errors");
+  auto expect_error = [&](const std::vector<std::vector<std::int64_t>>& prompts, std::int64_t n,
+                          const std::vector<std::string>& parts) {
+    try {
+      a->generate(prompts, greedy(n));
+      ADD_FAILURE() << "accepted a bad request";
+    } catch (const InvalidArgument& e) {
+      for (const auto& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+    }
+  };
+  std::vector<std::int64_t> long_prompt(33, 5);
+  expect_error({kPrompts[0], long_prompt}, 4, {"sequence 1", "33 tokens", "largest context bucket 32"});
+  expect_error({kPrompts[0], {1, 300, 2}}, 4, {"sequence 1", "token id 300", "position 1", "[0, 300)"});
+  expect_error({{-1}}, 4, {"sequence 0", "token id -1"});
+  expect_error({kPrompts[2]}, 240, {"20 + max_new_tokens 240", "max_position_embeddings 256"});
+  expect_error({kPrompts[2]}, 50, {"exceeds the KV cache length (max_length) 64"});
+  expect_error({kPrompts[0], kPrompts[1], kPrompts[2], kPrompts[0], kPrompts[1]}, 4, {"5 prompts", "batch_size 4"});
+  expect_error({kPrompts[0], {}}, 4, {"sequence 1", "empty"});
+  // Nothing was run or lost: the next request gives the twin's tokens.
+  auto r = a->generate(kPrompts, greedy(6));
+  for (std::size_t s = 0; s < kPrompts.size(); ++s) {
+    EXPECT_EQ(r.tokens[s], std::vector<std::int64_t>(f32_->generated[s].begin(), f32_->generated[s].begin() + 6));
+  }
+}
