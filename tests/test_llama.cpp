@@ -16,8 +16,14 @@
 // the first token, before a near-tie can send the two sides down different sequences.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <set>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "devpipe/devpipe.h"
@@ -87,24 +93,44 @@ Tensor prompt_rows(const Tensor& logits, std::int64_t t_stride) {
 
 class LlamaTest : public ::testing::Test {
  protected:
+  // The twin's folders and outputs are made once per build tree (each gtest case is its own
+  // ctest entry): under the test's working directory, keyed by a hash of llama_ref.py and
+  // the arguments, written beside and renamed into place.
   static void SetUpTestSuite() {
     dir_ = new TempDir();
     const std::string ref = "llama_ref.py";
-    ASSERT_TRUE(run_torch_script(ref, "write-model " + dir_->str("untied") + " > /dev/null"));
-    ASSERT_TRUE(run_torch_script(ref, "write-model " + dir_->str("tied") + " --tie --shards 2 --seed 1 > /dev/null"));
     const std::string run = " --prompts '" + prompts_arg() + "' --max-new-tokens " + std::to_string(kNew) + " --greedy --ignore-eos";
     const std::string quiet = " > /dev/null";
-    ASSERT_TRUE(run_torch_script(ref, "run " + dir_->str("untied") + run + " --out " + dir_->str("untied_f32") + quiet));
-    ASSERT_TRUE(run_torch_script(ref, "run " + dir_->str("untied") + run + " --dtype bfloat16 --out " + dir_->str("untied_bf16") + quiet));
-    ASSERT_TRUE(run_torch_script(ref, "run " + dir_->str("tied") + run + " --out " + dir_->str("tied_f32") + quiet));
-    f32_ = new Twin(load_twin(dir_->str("untied_f32")));
-    bf16_ = new Twin(load_twin(dir_->str("untied_bf16")));
-    tied_ = new Twin(load_twin(dir_->str("tied_f32")));
+    std::ifstream script(std::string(DEVPIPE_REFERENCE_DIR) + "/" + ref);
+    std::stringstream text;
+    text << script.rdbuf() << run;
+    char key[32];
+    std::snprintf(key, sizeof key, "%016zx", std::hash<std::string>{}(text.str()));
+    twin_ = new std::filesystem::path(std::filesystem::current_path() / ("llama_twin_" + std::string(key)));
+    if (!std::filesystem::exists(*twin_ / "done")) {
+      const std::filesystem::path tmp = twin_->string() + ".tmp." + std::to_string(::getpid());
+      std::filesystem::create_directories(tmp);
+      auto at = [&](const std::string& name) { return (tmp / name).string(); };
+      ASSERT_TRUE(run_torch_script(ref, "write-model " + at("untied") + quiet));
+      ASSERT_TRUE(run_torch_script(ref, "write-model " + at("tied") + " --tie --shards 2 --seed 1" + quiet));
+      ASSERT_TRUE(run_torch_script(ref, "run " + at("untied") + run + " --out " + at("untied_f32") + quiet));
+      ASSERT_TRUE(run_torch_script(ref, "run " + at("untied") + run + " --dtype bfloat16 --out " + at("untied_bf16") + quiet));
+      ASSERT_TRUE(run_torch_script(ref, "run " + at("tied") + run + " --out " + at("tied_f32") + quiet));
+      std::ofstream(at("done")) << "ok\n";
+      std::error_code ec;
+      std::filesystem::rename(tmp, *twin_, ec);  // another process may have won: use its copy
+      if (ec) std::filesystem::remove_all(tmp, ec);
+    }
+    f32_ = new Twin(load_twin(twin("untied_f32")));
+    bf16_ = new Twin(load_twin(twin("untied_bf16")));
+    tied_ = new Twin(load_twin(twin("tied_f32")));
   }
+  static std::string twin(const std::string& name) { return (*twin_ / name).string(); }
   static void TearDownTestSuite() {
     delete f32_;
     delete bf16_;
     delete tied_;
+    delete twin_;
     delete dir_;
   }
 
@@ -115,11 +141,11 @@ class LlamaTest : public ::testing::Test {
     o.context_buckets = {16, 32};
     o.max_length = 64;
     o.output_logits = logits;
-    return models::llama_config(dir_->str(model), rc, o);
+    return models::llama_config(twin(model), rc, o);
   }
 
   static std::unique_ptr<LlamaForCausalLM> app(const std::string& model, const InferenceConfig& c, const std::string& name) {
-    auto a = std::make_unique<LlamaForCausalLM>(dir_->str(model), c);
+    auto a = std::make_unique<LlamaForCausalLM>(twin(model), c);
     a->compile(dir_->str(name));
     a->load(dir_->str(name));
     return a;
@@ -149,12 +175,14 @@ class LlamaTest : public ::testing::Test {
   }
 
   static TempDir* dir_;
+  static std::filesystem::path* twin_;
   static Twin* f32_;
   static Twin* bf16_;
   static Twin* tied_;
 };
 
 TempDir* LlamaTest::dir_ = nullptr;
+std::filesystem::path* LlamaTest::twin_ = nullptr;
 Twin* LlamaTest::f32_ = nullptr;
 Twin* LlamaTest::bf16_ = nullptr;
 Twin* LlamaTest::tied_ = nullptr;
@@ -219,7 +247,7 @@ TEST_F(LlamaTest, OnlyTokenIdsCrossToTheHost) {
 }
 
 TEST_F(LlamaTest, StreamsEveryTokenAndStopsAtEos) {
-  InferenceConfig c = config("untied", 1, DType::Float32, false);
+  InferenceConfig c = config("untied", 2, DType::Float32, false);
   // Make the token sequence 0 generates at step 4 the eos: each sequence stops right after its
   // first occurrence of it (which the twin's untruncated ids tell).
   const std::int64_t eos = f32_->generated[0][4];
@@ -240,7 +268,7 @@ TEST_F(LlamaTest, StreamsEveryTokenAndStopsAtEos) {
 }
 
 TEST_F(LlamaTest, SamplingOnTheDevice) {
-  auto a = app("untied", config("untied", 1, DType::Float32, false), "sampling");
+  auto a = app("untied", config("untied", 2, DType::Float32, false), "sampling");
   const std::int64_t n = 12;
   auto first = [&](std::int64_t k) {
     std::vector<std::vector<std::int64_t>> w;
@@ -269,7 +297,7 @@ TEST_F(LlamaTest, SamplingOnTheDevice) {
 }
 
 TEST_F(LlamaTest, BadRequestsAreRefusedNamingTheValuesAndLoseNothing) {
-  auto a = app("untied", config("untied", 1, DType::Float32, false), "errors");
+  auto a = app("untied", config("untied", 2, DType::Float32, false), "errors");
   auto expect_error = [&](const std::vector<std::vector<std::int64_t>>& prompts, std::int64_t n,
                           const std::vector<std::string>& parts) {
     try {
