@@ -34,14 +34,18 @@ const Command& demo_command() {
       .summary = "a command for the tests",
       .positionals = "[DIR]",
       .max_positionals = 1,
-      .options = {{.name = "flag", .help = "a flag"},
-                  {.name = "name", .kind = OptionKind::String, .value = "TEXT", .help = "a string"},
-                  {.name = "iters", .kind = OptionKind::Int, .value = "N", .help = "an int", .min = 1},
-                  {.name = "warmup", .kind = OptionKind::Int, .value = "N", .min = 0, .max = 10},
-                  {.name = "buckets", .kind = OptionKind::IntList, .value = "8,32", .help = "ints"},
-                  {.name = "dtype", .kind = OptionKind::Choice, .value = "D", .choices = {"float32", "bfloat16"}},
-                  {.name = "modes", .kind = OptionKind::ChoiceList, .value = "M", .choices = {"a", "b"}},
-                  {.name = "tp", .kind = OptionKind::Int, .refused = "it is fixed when compiling"}}};
+      .options = {
+          {.name = "flag", .help = "a flag"},
+          {.name = "name", .kind = OptionKind::String, .value = "TEXT", .help = "a string"},
+          {.name = "iters", .kind = OptionKind::Int, .value = "N", .help = "an int", .min = 1},
+          {.name = "warmup", .kind = OptionKind::Int, .value = "N", .min = 0, .max = 10},
+          {.name = "buckets", .kind = OptionKind::IntList, .value = "8,32", .help = "ints"},
+          {.name = "dtype",
+           .kind = OptionKind::Choice,
+           .value = "D",
+           .choices = {"float32", "bfloat16"}},
+          {.name = "modes", .kind = OptionKind::ChoiceList, .value = "M", .choices = {"a", "b"}},
+          {.name = "tp", .kind = OptionKind::Int, .refused = "it is fixed when compiling"}}};
   return c;
 }
 
@@ -85,13 +89,15 @@ TEST(CliOptions, UsageErrorsNameTheOptionAndTheValue) {
       {{"--frobnicate", "3"}, "unknown option --frobnicate"},
       {{"-x"}, "unknown option -x"},
       {{"--tp", "4"}, "option --tp is not accepted: it is fixed when compiling"},
-      {{"--buckets", "8,abc"}, "option --buckets expects comma-separated positive integers, got '8,abc'"},
+      {{"--buckets", "8,abc"},
+       "option --buckets expects comma-separated positive integers, got '8,abc'"},
       {{"--buckets", "8,"}, "option --buckets expects comma-separated positive integers, got '8,'"},
       {{"--buckets", "0"}, "option --buckets expects comma-separated positive integers, got '0'"},
       {{"--iters", "0"}, "option --iters expects an integer >= 1, got '0'"},
       {{"--iters", "-3"}, "option --iters expects an integer >= 1, got '-3'"},
       {{"--iters", "1e3"}, "option --iters expects an integer >= 1, got '1e3'"},
-      {{"--iters", "99999999999999999999"}, "option --iters expects an integer >= 1, got '99999999999999999999'"},
+      {{"--iters", "99999999999999999999"},
+       "option --iters expects an integer >= 1, got '99999999999999999999'"},
       {{"--iters="}, "option --iters expects an integer >= 1, got ''"},
       {{"--warmup", "11"}, "option --warmup expects an integer in [0, 10], got '11'"},
       {{"--dtype", "int8"}, "option --dtype expects one of float32, bfloat16, got 'int8'"},
@@ -114,8 +120,11 @@ TEST(CliOptions, HelpAnywhereChecksNothingElse) {
 }
 
 TEST(CliOptions, MissingPositionalIsNamed) {
-  static const Command c{.name = "inspect", .summary = "s", .positionals = "ARTIFACT_DIR",
-                         .min_positionals = 1, .max_positionals = 1};
+  static const Command c{.name = "inspect",
+                         .summary = "s",
+                         .positionals = "ARTIFACT_DIR",
+                         .min_positionals = 1,
+                         .max_positionals = 1};
   try {
     Args::parse(c, {});
     FAIL() << "no UsageError";
@@ -126,7 +135,8 @@ TEST(CliOptions, MissingPositionalIsNamed) {
 
 TEST(CliOptions, UsageListsTheAcceptedOptions) {
   std::string u = demo_command().usage();
-  EXPECT_EQ(u.rfind("usage: devpipe demo [options] [DIR]\n  a command for the tests\n", 0), 0u) << u;
+  EXPECT_EQ(u.rfind("usage: devpipe demo [options] [DIR]\n  a command for the tests\n", 0), 0u)
+      << u;
   EXPECT_NE(u.find("  --iters N"), std::string::npos) << u;
   EXPECT_NE(u.find("  --dtype D"), std::string::npos) << u;
   EXPECT_NE(u.find("(float32, bfloat16)"), std::string::npos) << u;
@@ -170,11 +180,14 @@ TEST(CliSummary, PercentilesInterpolateBetweenSortedSamples) {
 }
 
 TEST(CliWording, AdviceToCallCompileBecomesTheCommand) {
-  EXPECT_EQ(cli_wording("artifact at 'x' was compiled with tp_degree 2: recompile with compile() or fix the config",
+  EXPECT_EQ(cli_wording("artifact at 'x' was compiled with tp_degree 2: recompile with compile() "
+                        "or fix the config",
                         "/w"),
-            "artifact at 'x' was compiled with tp_degree 2: recompile with `devpipe compile --work /w` or fix the "
+            "artifact at 'x' was compiled with tp_degree 2: recompile with `devpipe compile --work "
+            "/w` or fix the "
             "config");
-  EXPECT_EQ(cli_wording("compile() and compile()", "D"), "`devpipe compile --work D` and `devpipe compile --work D`");
+  EXPECT_EQ(cli_wording("compile() and compile()", "D"),
+            "`devpipe compile --work D` and `devpipe compile --work D`");
   EXPECT_EQ(cli_wording("nothing to change", "D"), "nothing to change");
 }
 
@@ -197,13 +210,13 @@ std::string cli_path() {
   return other && *other ? other : DEVPIPE_CLI;
 }
 
-/// Runs `devpipe <args>` (args as a shell would split them, paths absolute). With `merged`, stderr goes to
-/// the same file as stdout (in `out`), as with `2>&1` into a pipe or file.
+/// Runs `devpipe <args>` (args as a shell would split them, paths absolute). With `merged`, stderr
+/// goes to the same file as stdout (in `out`), as with `2>&1` into a pipe or file.
 Result run_cli(const std::string& args, bool merged = false) {
   TempDir io;
   // In a scratch folder, so that the defaults' relative paths (build/devpipe_work, ...) land there.
-  std::string cmd = "cd " + io.str() + " && '" + cli_path() + "' " + args + " >" + io.str("out") + (merged ? " 2>&1" : " 2>" + io.str("err")) +
-                    " </dev/null";
+  std::string cmd = "cd " + io.str() + " && '" + cli_path() + "' " + args + " >" + io.str("out") +
+                    (merged ? " 2>&1" : " 2>" + io.str("err")) + " </dev/null";
   int status = std::system(cmd.c_str());
   Result r;
   if (status != -1 && WIFEXITED(status)) r.code = WEXITSTATUS(status);
@@ -239,7 +252,8 @@ TEST(Cli, HelpCommandAndTopLevelHelp) {
   Result general = run_cli("--help");
   EXPECT_EQ(general.code, 0);
   for (const auto& cmd : kCommands) {
-    EXPECT_NE(general.out.find("\n  " + cmd + " "), std::string::npos) << cmd << " missing from\n" << general.out;
+    EXPECT_NE(general.out.find("\n  " + cmd + " "), std::string::npos) << cmd << " missing from\n"
+                                                                       << general.out;
     Result via_help = run_cli("help " + cmd), via_flag = run_cli(cmd + " --help");
     EXPECT_EQ(via_help.code, 0) << cmd;
     EXPECT_EQ(via_help.out, via_flag.out) << cmd;
@@ -268,17 +282,23 @@ TEST(Cli, UnknownOptionsAreRefusedByName) {
   for (const auto& cmd : kCommands) {
     Result r = run_cli(cmd + " --frobnicate 3");
     EXPECT_EQ(r.code, 2) << cmd << "\n" << r.out << r.err;
-    EXPECT_EQ(r.err, "devpipe " + cmd + ": unknown option --frobnicate (see devpipe " + cmd + " --help)\n") << cmd;
+    EXPECT_EQ(r.err,
+              "devpipe " + cmd + ": unknown option --frobnicate (see devpipe " + cmd + " --help)\n")
+        << cmd;
   }
 }
 
 TEST(Cli, RunRefusesWhatIsFixedAtCompileTime) {
-  for (const std::string flag : {"tp 4", "dtype bfloat16", "buckets 8", "image 32", "vision-ckpt x", "text-ckpt x"}) {
+  for (const std::string flag :
+       {"tp 4", "dtype bfloat16", "buckets 8", "image 32", "vision-ckpt x", "text-ckpt x"}) {
     Result r = run_cli("run --" + flag);
     EXPECT_EQ(r.code, 2) << flag << "\n" << r.err;
     std::string name = flag.substr(0, flag.find(' '));
-    EXPECT_EQ(r.err.rfind("devpipe run: option --" + name + " is not accepted: it is fixed when compiling "
-                          "(devpipe compile --work DIR --" + name, 0),
+    EXPECT_EQ(r.err.rfind("devpipe run: option --" + name +
+                              " is not accepted: it is fixed when compiling "
+                              "(devpipe compile --work DIR --" +
+                              name,
+                          0),
               0u)
         << r.err;
   }
@@ -289,21 +309,29 @@ TEST(Cli, BadValuesNameTheOptionAndTheValue) {
       {"compile --buckets 8,abc",
        "devpipe compile: option --buckets expects comma-separated positive integers, got '8,abc'"},
       {"compile --tp 0", "devpipe compile: option --tp expects an integer in [1, 64], got '0'"},
-      {"compile --dtype int64", "devpipe compile: option --dtype expects one of float32, bfloat16, float16, got 'int64'"},
-      {"compile --model llama", "devpipe compile: option --model expects one of vision_text, got 'llama'"},
+      {"compile --dtype int64",
+       "devpipe compile: option --dtype expects one of float32, bfloat16, float16, got 'int64'"},
+      {"compile --model llama",
+       "devpipe compile: option --model expects one of vision_text, got 'llama'"},
       {"run --iters 0", "devpipe run: option --iters expects an integer in [1, 1000000], got '0'"},
-      {"run --iters -3", "devpipe run: option --iters expects an integer in [1, 1000000], got '-3'"},
-      {"run --batch 2.5", "devpipe run: option --batch expects an integer in [1, 1048576], got '2.5'"},
-      {"bench --iters 0", "devpipe bench: option --iters expects an integer in [1, 1000000], got '0'"},
-      {"bench --warmup -1", "devpipe bench: option --warmup expects an integer in [0, 1000000], got '-1'"},
-      {"bench --workload seed,nope", "devpipe bench: option --workload expects a comma-separated list of seed, "
-                                     "seed_tp1, seed_tp2, large, chain8, got 'seed,nope'"},
+      {"run --iters -3",
+       "devpipe run: option --iters expects an integer in [1, 1000000], got '-3'"},
+      {"run --batch 2.5",
+       "devpipe run: option --batch expects an integer in [1, 1048576], got '2.5'"},
+      {"bench --iters 0",
+       "devpipe bench: option --iters expects an integer in [1, 1000000], got '0'"},
+      {"bench --warmup -1",
+       "devpipe bench: option --warmup expects an integer in [0, 1000000], got '-1'"},
+      {"bench --workload seed,nope",
+       "devpipe bench: option --workload expects a comma-separated list of seed, "
+       "seed_tp1, seed_tp2, large, chain8, got 'seed,nope'"},
       {"inspect", "devpipe inspect: missing argument ARTIFACT_DIR"},
   };
   for (const auto& [args, message] : cases) {
     Result r = run_cli(args);
     EXPECT_EQ(r.code, 2) << args << "\n" << r.err;
-    EXPECT_EQ(r.err, message + " (see devpipe " + args.substr(0, args.find(' ')) + " --help)\n") << args;
+    EXPECT_EQ(r.err, message + " (see devpipe " + args.substr(0, args.find(' ')) + " --help)\n")
+        << args;
   }
 }
 
@@ -341,9 +369,12 @@ TEST_F(CliWork, RunPrintsALatencySummary) {
   Result r = run_cli("run --work " + work() + " --batch 3 --iters 7 --warmup 2");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("Final output shape: [3, 1024] on cpu"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("latency over 7 iterations (after 2 warm-up): "), std::string::npos) << r.out;
-  double min = number_after(r.out, "min"), p50 = number_after(r.out, "p50"), p90 = number_after(r.out, "p90");
-  double p99 = number_after(r.out, "p99"), mean = number_after(r.out, "mean"), max = number_after(r.out, "max");
+  EXPECT_NE(r.out.find("latency over 7 iterations (after 2 warm-up): "), std::string::npos)
+      << r.out;
+  double min = number_after(r.out, "min"), p50 = number_after(r.out, "p50"),
+         p90 = number_after(r.out, "p90");
+  double p99 = number_after(r.out, "p99"), mean = number_after(r.out, "mean"),
+         max = number_after(r.out, "max");
   double throughput = number_after(r.out, "throughput:");
   EXPECT_GT(min, 0);
   EXPECT_LE(min, p50);
@@ -366,12 +397,14 @@ TEST_F(CliWork, RunWritesTheTraceOfOneForward) {
   json j = json::parse(read_text(trace));
   ASSERT_TRUE(j.at("traceEvents").is_array());
   std::map<std::pair<int, std::string>, int> stage_spans;  // (track, stage) -> count
-  std::map<int, int> kernels;                               // track -> kernel spans
+  std::map<int, int> kernels;                              // track -> kernel spans
   std::map<int, std::string> tracks;
   for (const auto& e : j["traceEvents"]) {
-    if (e.at("ph") == "M" && e.at("name") == "thread_name") tracks[e.at("tid").get<int>()] = e["args"]["name"];
+    if (e.at("ph") == "M" && e.at("name") == "thread_name")
+      tracks[e.at("tid").get<int>()] = e["args"]["name"];
     if (e.at("ph") != "X") continue;
-    if (e.at("cat") == "stage") ++stage_spans[{e.at("tid").get<int>(), e.at("name").get<std::string>()}];
+    if (e.at("cat") == "stage")
+      ++stage_spans[{e.at("tid").get<int>(), e.at("name").get<std::string>()}];
     if (e.at("cat") == "kernel") ++kernels[e.at("tid").get<int>()];
   }
   EXPECT_EQ(tracks[1], "rank 0");
@@ -393,16 +426,19 @@ TEST_F(CliWork, ErrorsAdviseTheCommandNotTheApi) {
   std::ofstream(work() + "/config.json") << config.dump();
   Result r = run_cli("run --work " + work());
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.err.find("tp_degree 2, but this wrapper has tp_degree 1: recompile with `devpipe compile --work " +
-                       work() + "`"),
-            std::string::npos)
+  EXPECT_NE(
+      r.err.find(
+          "tp_degree 2, but this wrapper has tp_degree 1: recompile with `devpipe compile --work " +
+          work() + "`"),
+      std::string::npos)
       << r.err;
   EXPECT_EQ(r.err.find("compile()"), std::string::npos) << r.err;
 
   fs::remove_all(work() + "/compiled");
   r = run_cli("run --work " + work());
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.err.find("(run `devpipe compile --work " + work() + "` first)"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("(run `devpipe compile --work " + work() + "` first)"), std::string::npos)
+      << r.err;
   EXPECT_EQ(r.err.find("compile()"), std::string::npos) << r.err;
 
   r = run_cli("inspect " + work() + "/compiled/vision/vision_model");
@@ -412,16 +448,19 @@ TEST_F(CliWork, ErrorsAdviseTheCommandNotTheApi) {
 
 TEST_F(CliWork, AFailedCompileLeavesTheWorkFolderAsItWas) {
   const auto before = snapshot(work());
-  ASSERT_TRUE(before.count("config.json") && before.count("compiled/vision/vision_model/manifest.json") &&
+  ASSERT_TRUE(before.count("config.json") &&
+              before.count("compiled/vision/vision_model/manifest.json") &&
               before.count("checkpoints/vision/model.safetensors"));
   // Another config; the vision stage compiles, the text stage's checkpoint does not exist.
-  Result r = run_cli("compile --work " + work() + " --tp 1 --batch 2 --buckets 1,2 --image 8 --text-ckpt " +
+  Result r = run_cli("compile --work " + work() +
+                     " --tp 1 --batch 2 --buckets 1,2 --image 8 --text-ckpt " +
                      dir_.str("no_such_checkpoint"));
   ASSERT_EQ(r.code, 1) << r.out << r.err;
   EXPECT_NE(r.err.find("no_such_checkpoint"), std::string::npos) << r.err;
   EXPECT_EQ(snapshot(work()), before) << "config.json, checkpoints or artifacts changed";
   std::vector<std::string> entries;
-  for (const auto& e : fs::directory_iterator(work())) entries.push_back(e.path().filename().string());
+  for (const auto& e : fs::directory_iterator(work()))
+    entries.push_back(e.path().filename().string());
   std::sort(entries.begin(), entries.end());
   EXPECT_EQ(entries, (std::vector<std::string>{"checkpoints", "compiled", "config.json"}));
   r = run_cli("run --work " + work() + " --iters 1");
@@ -432,9 +471,12 @@ TEST_F(CliWork, AFailedCompileLeavesTheWorkFolderAsItWas) {
   r = run_cli("compile --work " + work() + " --tp 1 --batch 2 --buckets 1,2 --image 8");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(json::parse(read_text(work() + "/config.json")).at("runtime").at("tp_degree"), 1);
-  EXPECT_EQ(json::parse(read_text(work() + "/compiled/text/text_model/manifest.json")).at("tp_degree"), 1);
+  EXPECT_EQ(
+      json::parse(read_text(work() + "/compiled/text/text_model/manifest.json")).at("tp_degree"),
+      1);
   entries.clear();
-  for (const auto& e : fs::recursive_directory_iterator(work())) entries.push_back(e.path().filename().string());
+  for (const auto& e : fs::recursive_directory_iterator(work()))
+    entries.push_back(e.path().filename().string());
   for (const auto& name : entries) EXPECT_EQ(name.find(".old."), std::string::npos) << name;
   for (const auto& name : entries) EXPECT_EQ(name.find("staging"), std::string::npos) << name;
   r = run_cli("run --work " + work() + " --iters 1");
@@ -457,7 +499,10 @@ TEST_F(CliWork, StdoutComesBeforeTheProgressDrawnAfterIt) {
 
   r = run_cli("compile --work " + work() + " --batch 4 --image 16", /*merged=*/true);
   ASSERT_EQ(r.code, 0) << r.out;
-  EXPECT_EQ(r.out.rfind("compiling vision_text (tp_degree 2, float32, batch 4, buckets 4, image 16) into " + work(), 0),
+  EXPECT_EQ(r.out.rfind(
+                "compiling vision_text (tp_degree 2, float32, batch 4, buckets 4, image 16) into " +
+                    work(),
+                0),
             0u)
       << r.out;
 }

@@ -33,7 +33,13 @@ LatencyStats summarize(std::vector<double> v) {
   };
   double sum = 0;
   for (double x : v) sum += x;
-  return {v.front(), pct(0.5), pct(0.9), pct(0.95), pct(0.99), v.back(), sum / static_cast<double>(v.size())};
+  return {v.front(),
+          pct(0.5),
+          pct(0.9),
+          pct(0.95),
+          pct(0.99),
+          v.back(),
+          sum / static_cast<double>(v.size())};
 }
 
 void write_trace_of(const std::function<void()>& forward, const std::string& path) {

@@ -1,14 +1,16 @@
 // devpipe — command-line program.
 //
 //   devpipe compile [--model vision_text] [--work DIR] [--tp N] [--batch N] [--buckets 8,32]
-//                   [--dtype float32|bfloat16|float16] [--image N] [--vision-ckpt P] [--text-ckpt P]
-//   devpipe run     [--model vision_text] [--work DIR] [--batch N] [--iters N] [--warmup N] [--trace F]
-//   devpipe inspect ARTIFACT_DIR [--graphs]
-//   devpipe bench   ...  (see bench/README.md in the repository)
-//   devpipe help [COMMAND], devpipe --help, devpipe --version
+//                   [--dtype float32|bfloat16|float16] [--image N] [--vision-ckpt P] [--text-ckpt
+//                   P]
+//   devpipe run     [--model vision_text] [--work DIR] [--batch N] [--iters N] [--warmup N]
+//   [--trace F] devpipe inspect ARTIFACT_DIR [--graphs] devpipe bench   ...  (see bench/README.md
+//   in the repository) devpipe help [COMMAND], devpipe --help, devpipe --version
 //
 // Every command's options are declared once (options.h); `devpipe <command> --help` prints
 // them. Usage errors exit with code 2, failures with code 1.
+#include "devpipe/devpipe.h"
+
 #include <unistd.h>
 
 #include <chrono>
@@ -19,7 +21,6 @@
 
 #include "cli_common.h"
 #include "compiler/artifact.h"
-#include "devpipe/devpipe.h"
 #include "vision_text/models.h"
 
 namespace fs = std::filesystem;
@@ -41,12 +42,17 @@ constexpr const char* kDefaultWork = "build/devpipe_work";
 constexpr long long kMaxBatch = 1 << 20;
 
 Option model_option() {
-  return {.name = "model", .kind = OptionKind::Choice, .value = "NAME",
-          .help = "the model; vision_text is the seed's pipeline", .choices = {"vision_text"}};
+  return {.name = "model",
+          .kind = OptionKind::Choice,
+          .value = "NAME",
+          .help = "the model; vision_text is the seed's pipeline",
+          .choices = {"vision_text"}};
 }
 
 Option work_option(const std::string& help) {
-  return {.name = "work", .kind = OptionKind::String, .value = "DIR",
+  return {.name = "work",
+          .kind = OptionKind::String,
+          .value = "DIR",
           .help = help + " (default " + kDefaultWork + ")"};
 }
 
@@ -54,26 +60,47 @@ const Command& compile_command() {
   static const Command c{
       .name = "compile",
       .summary = "trace, shard and write the artifacts of a model's stages into DIR/compiled",
-      .options =
-          {model_option(),
-           work_option("the work folder: config.json, checkpoints/, compiled/"),
-           {.name = "tp", .kind = OptionKind::Int, .value = "N", .help = "tp_degree: ranks per stage (default 2)",
-            .min = 1, .max = 64},
-           {.name = "batch", .kind = OptionKind::Int, .value = "N", .help = "batch size (default 32)", .min = 1,
-            .max = kMaxBatch},
-           {.name = "buckets", .kind = OptionKind::IntList, .value = "8,32",
-            .help = "batch buckets to compile (default: the batch size)"},
-           {.name = "dtype", .kind = OptionKind::Choice, .value = "DTYPE", .help = "weights and activations",
-            .choices = {"float32", "bfloat16", "float16"}},
-           {.name = "image", .kind = OptionKind::Int, .value = "N", .help = "input image size (default 224)",
-            .min = 1, .max = 4096},
-           {.name = "vision-ckpt", .kind = OptionKind::String, .value = "PATH",
-            .help = "the vision stage's safetensors checkpoint (file or folder)"},
-           {.name = "text-ckpt", .kind = OptionKind::String, .value = "PATH",
-            .help = "the text stage's safetensors checkpoint (file or folder)"}},
-      .notes = "Without checkpoints, random ones with a fixed seed are written under DIR/checkpoints.\n"
-               "DIR/config.json, the random checkpoints and DIR/compiled are replaced only once the\n"
-               "compile succeeded; a failed compile leaves DIR as it was.\n"};
+      .options = {model_option(),
+                  work_option("the work folder: config.json, checkpoints/, compiled/"),
+                  {.name = "tp",
+                   .kind = OptionKind::Int,
+                   .value = "N",
+                   .help = "tp_degree: ranks per stage (default 2)",
+                   .min = 1,
+                   .max = 64},
+                  {.name = "batch",
+                   .kind = OptionKind::Int,
+                   .value = "N",
+                   .help = "batch size (default 32)",
+                   .min = 1,
+                   .max = kMaxBatch},
+                  {.name = "buckets",
+                   .kind = OptionKind::IntList,
+                   .value = "8,32",
+                   .help = "batch buckets to compile (default: the batch size)"},
+                  {.name = "dtype",
+                   .kind = OptionKind::Choice,
+                   .value = "DTYPE",
+                   .help = "weights and activations",
+                   .choices = {"float32", "bfloat16", "float16"}},
+                  {.name = "image",
+                   .kind = OptionKind::Int,
+                   .value = "N",
+                   .help = "input image size (default 224)",
+                   .min = 1,
+                   .max = 4096},
+                  {.name = "vision-ckpt",
+                   .kind = OptionKind::String,
+                   .value = "PATH",
+                   .help = "the vision stage's safetensors checkpoint (file or folder)"},
+                  {.name = "text-ckpt",
+                   .kind = OptionKind::String,
+                   .value = "PATH",
+                   .help = "the text stage's safetensors checkpoint (file or folder)"}},
+      .notes =
+          "Without checkpoints, random ones with a fixed seed are written under DIR/checkpoints.\n"
+          "DIR/config.json, the random checkpoints and DIR/compiled are replaced only once the\n"
+          "compile succeeded; a failed compile leaves DIR as it was.\n"};
   return c;
 }
 
@@ -86,37 +113,63 @@ const Command& run_command() {
   static const Command c{
       .name = "run",
       .summary = "load the artifacts of DIR/compiled and run the pipeline on random inputs",
-      .options =
-          {model_option(),
-           work_option("the work folder devpipe compile wrote"),
-           {.name = "batch", .kind = OptionKind::Int, .value = "N",
-            .help = "batch size of the inputs (default: the compiled batch size)", .min = 1, .max = kMaxBatch},
-           {.name = "iters", .kind = OptionKind::Int, .value = "N", .help = "timed forwards (default 10)", .min = 1,
-            .max = 1000000},
-           {.name = "warmup", .kind = OptionKind::Int, .value = "N", .help = "untimed forwards before (default 1)",
-            .min = 0, .max = 1000000},
-           {.name = "trace", .kind = OptionKind::String, .value = "FILE",
-            .help = "also write one forward's Chrome trace (Perfetto, chrome://tracing)"},
-           {.name = "tp", .kind = OptionKind::Int, .refused = fixed_at_compile("tp N")},
-           {.name = "dtype", .kind = OptionKind::String, .refused = fixed_at_compile("dtype DTYPE")},
-           {.name = "buckets", .kind = OptionKind::String, .refused = fixed_at_compile("buckets 8,32")},
-           {.name = "image", .kind = OptionKind::String, .refused = fixed_at_compile("image N")},
-           {.name = "vision-ckpt", .kind = OptionKind::String, .refused = fixed_at_compile("vision-ckpt PATH")},
-           {.name = "text-ckpt", .kind = OptionKind::String, .refused = fixed_at_compile("text-ckpt PATH")}},
-      .notes = "Prints the final output and a latency summary: min, p50, p90, p99, mean and max of the\n"
-               "timed forwards (vision then text stage, inputs to final output) and the throughput\n"
-               "(batch / mean latency). tp_degree, dtype, buckets and image size are the compiled ones.\n"};
+      .options = {model_option(),
+                  work_option("the work folder devpipe compile wrote"),
+                  {.name = "batch",
+                   .kind = OptionKind::Int,
+                   .value = "N",
+                   .help = "batch size of the inputs (default: the compiled batch size)",
+                   .min = 1,
+                   .max = kMaxBatch},
+                  {.name = "iters",
+                   .kind = OptionKind::Int,
+                   .value = "N",
+                   .help = "timed forwards (default 10)",
+                   .min = 1,
+                   .max = 1000000},
+                  {.name = "warmup",
+                   .kind = OptionKind::Int,
+                   .value = "N",
+                   .help = "untimed forwards before (default 1)",
+                   .min = 0,
+                   .max = 1000000},
+                  {.name = "trace",
+                   .kind = OptionKind::String,
+                   .value = "FILE",
+                   .help = "also write one forward's Chrome trace (Perfetto, chrome://tracing)"},
+                  {.name = "tp", .kind = OptionKind::Int, .refused = fixed_at_compile("tp N")},
+                  {.name = "dtype",
+                   .kind = OptionKind::String,
+                   .refused = fixed_at_compile("dtype DTYPE")},
+                  {.name = "buckets",
+                   .kind = OptionKind::String,
+                   .refused = fixed_at_compile("buckets 8,32")},
+                  {.name = "image",
+                   .kind = OptionKind::String,
+                   .refused = fixed_at_compile("image N")},
+                  {.name = "vision-ckpt",
+                   .kind = OptionKind::String,
+                   .refused = fixed_at_compile("vision-ckpt PATH")},
+                  {.name = "text-ckpt",
+                   .kind = OptionKind::String,
+                   .refused = fixed_at_compile("text-ckpt PATH")}},
+      .notes =
+          "Prints the final output and a latency summary: min, p50, p90, p99, mean and max of the\n"
+          "timed forwards (vision then text stage, inputs to final output) and the throughput\n"
+          "(batch / mean latency). tp_degree, dtype, buckets and image size are the compiled "
+          "ones.\n"};
   return c;
 }
 
 const Command& inspect_command() {
-  static const Command c{.name = "inspect",
-                         .summary = "print an artifact's manifest (and with --graphs its graphs)",
-                         .positionals = "ARTIFACT_DIR",
-                         .min_positionals = 1,
-                         .max_positionals = 1,
-                         .options = {{.name = "graphs", .help = "also print each bucket's graph"}},
-                         .notes = "ARTIFACT_DIR is one stage's folder, e.g. DIR/compiled/vision/vision_model.\n"};
+  static const Command c{
+      .name = "inspect",
+      .summary = "print an artifact's manifest (and with --graphs its graphs)",
+      .positionals = "ARTIFACT_DIR",
+      .min_positionals = 1,
+      .max_positionals = 1,
+      .options = {{.name = "graphs", .help = "also print each bucket's graph"}},
+      .notes = "ARTIFACT_DIR is one stage's folder, e.g. DIR/compiled/vision/vision_model.\n"};
   return c;
 }
 
@@ -138,8 +191,9 @@ std::string general_usage() {
   std::ostringstream s;
   s << "usage: devpipe <command> [options]\n"
        "       devpipe help [COMMAND] | devpipe --help | devpipe --version\n\ncommands:\n";
-  for (const auto& e : commands()) s << "  " << e.command().name << std::string(9 - e.command().name.size(), ' ')
-                                     << e.command().summary << "\n";
+  for (const auto& e : commands())
+    s << "  " << e.command().name << std::string(9 - e.command().name.size(), ' ')
+      << e.command().summary << "\n";
   s << "\n`devpipe <command> --help` prints a command's options.\n";
   return s.str();
 }
@@ -162,8 +216,9 @@ std::string joined(const std::vector<std::int64_t>& v) {
 InferenceConfig config_from(const Args& a) {
   std::vector<std::int64_t> buckets;
   for (long long b : a.get_ints("buckets")) buckets.push_back(b);
-  InferenceConfig c = vision_text::seed_config(a.get_int("batch", 32), static_cast<int>(a.get_int("tp", 2)),
-                                               dtype_from_name(a.get("dtype", "float32")));
+  InferenceConfig c =
+      vision_text::seed_config(a.get_int("batch", 32), static_cast<int>(a.get_int("tp", 2)),
+                               dtype_from_name(a.get("dtype", "float32")));
   c.mutable_runtime_config().buckets = buckets;
   c.mutable_runtime_config().validate();
   c.set("image_size", static_cast<std::int64_t>(a.get_int("image", 224)));
@@ -191,8 +246,8 @@ void move_into_place(const fs::path& staged, const fs::path& target) {
     }
     fs::remove_all(old);
   } catch (const fs::filesystem_error& e) {
-    throw IoError("cannot move the compiled '" + staged.string() + "' into place as '" + target.string() +
-                  "': " + e.what());
+    throw IoError("cannot move the compiled '" + staged.string() + "' into place as '" +
+                  target.string() + "': " + e.what());
   }
 }
 
@@ -209,9 +264,9 @@ int cmd_compile(const Args& a) {
   const fs::path work = work_of(a);
   InferenceConfig c = config_from(a);
   const auto& rc = c.runtime_config();
-  std::cout << "compiling vision_text (tp_degree " << rc.tp_degree << ", " << dtype_name(rc.dtype) << ", batch "
-            << rc.batch_size << ", buckets " << joined(rc.batch_buckets()) << ", image " << c.get_int("image_size")
-            << ") into " << work.string() << "\n";
+  std::cout << "compiling vision_text (tp_degree " << rc.tp_degree << ", " << dtype_name(rc.dtype)
+            << ", batch " << rc.batch_size << ", buckets " << joined(rc.batch_buckets())
+            << ", image " << c.get_int("image_size") << ") into " << work.string() << "\n";
   // Everything is written into a scratch folder inside DIR first and moved into place only
   // once both stages compiled, so that a failure leaves DIR's config, checkpoints and
   // artifacts matching each other.
@@ -222,8 +277,8 @@ int cmd_compile(const Args& a) {
   std::string vck = a.get("vision-ckpt", ""), tck = a.get("text-ckpt", "");
   const bool random_vision = vck.empty(), random_text = tck.empty();
   if (random_vision) {
-    vck = vision_text::write_random_checkpoint(vision_text::VisionModel(c),
-                                               (scratch.path / "checkpoints/vision").string(), 1234);
+    vck = vision_text::write_random_checkpoint(
+        vision_text::VisionModel(c), (scratch.path / "checkpoints/vision").string(), 1234);
     moved.push_back("checkpoints/vision");
   }
   if (random_text) {
@@ -240,10 +295,12 @@ int cmd_compile(const Args& a) {
   text.compile((scratch.path / "compiled/text").string());
   for (const auto& rel : moved) move_into_place(scratch.path / rel, work / rel);
   if (random_vision) {
-    std::cerr << "wrote a random vision checkpoint (seed 1234) to " << (work / "checkpoints/vision").string() << "\n";
+    std::cerr << "wrote a random vision checkpoint (seed 1234) to "
+              << (work / "checkpoints/vision").string() << "\n";
   }
   if (random_text) {
-    std::cerr << "wrote a random text checkpoint (seed 1235) to " << (work / "checkpoints/text").string() << "\n";
+    std::cerr << "wrote a random text checkpoint (seed 1235) to "
+              << (work / "checkpoints/text").string() << "\n";
   }
   std::cout << "compiled vision_model and text_model into " << (work / "compiled").string() << "\n";
   return 0;
@@ -252,8 +309,8 @@ int cmd_compile(const Args& a) {
 int cmd_run(const Args& a) {
   const std::string work = work_of(a);
   if (!fs::exists(work + "/config.json")) {
-    throw InvalidArgument("no compiled model in '" + work + "' (no config.json): run `devpipe compile --work " + work +
-                          "` first");
+    throw InvalidArgument("no compiled model in '" + work +
+                          "' (no config.json): run `devpipe compile --work " + work + "` first");
   }
   InferenceConfig c = InferenceConfig::load(work + "/config.json");
   const auto& rc = c.runtime_config();
@@ -261,8 +318,9 @@ int cmd_run(const Args& a) {
   int iters = static_cast<int>(a.get_int("iters", 10));
   int warmup = static_cast<int>(a.get_int("warmup", 1));
   std::int64_t hw = c.has("image_size") ? c.get_int("image_size") : 224;
-  std::cout << "running vision_text from " << work << " (tp_degree " << rc.tp_degree << ", " << dtype_name(rc.dtype)
-            << ", buckets " << joined(rc.batch_buckets()) << ", image " << hw << ") at batch " << batch << "\n";
+  std::cout << "running vision_text from " << work << " (tp_degree " << rc.tp_degree << ", "
+            << dtype_name(rc.dtype) << ", buckets " << joined(rc.batch_buckets()) << ", image "
+            << hw << ") at batch " << batch << "\n";
   vision_text::VisionModelApp vision("", c);
   vision_text::TextModelApp text("", c);
   vision.set_progress(cli::print_progress);
@@ -278,14 +336,16 @@ int cmd_run(const Args& a) {
   for (int i = 0; i < iters; ++i) {
     auto t0 = std::chrono::steady_clock::now();
     out = forward();
-    samples_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    samples_ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   std::cout << "Final output shape: " << out.shape() << " on " << out.device().kind_name() << "\n"
             << out.tensor().to_string(4) << "\n";
   cli::LatencyStats s = cli::summarize(samples_ms);
-  std::printf("latency over %d iterations (after %d warm-up): min %.3f ms, p50 %.3f ms, p90 %.3f ms, "
-              "p99 %.3f ms, mean %.3f ms, max %.3f ms\n",
-              iters, warmup, s.min, s.p50, s.p90, s.p99, s.mean, s.max);
+  std::printf(
+      "latency over %d iterations (after %d warm-up): min %.3f ms, p50 %.3f ms, p90 %.3f ms, "
+      "p99 %.3f ms, mean %.3f ms, max %.3f ms\n",
+      iters, warmup, s.min, s.p50, s.p90, s.p99, s.mean, s.max);
   std::printf("throughput: %.1f samples/s (batch %lld / mean latency)\n",
               1000.0 * static_cast<double>(batch) / s.mean, static_cast<long long>(batch));
   std::fflush(stdout);
@@ -298,23 +358,28 @@ int cmd_inspect(const Args& a) {
   Manifest m = read_manifest(dir);
   std::cout << "artifact " << dir << "\n"
             << "  format version " << m.format_version << ", devpipe " << m.devpipe_version << "\n"
-            << "  tag " << m.tag << ", dtype " << dtype_name(m.dtype) << ", tp_degree " << m.tp_degree
-            << ", pipeline_execution " << (m.pipeline_execution ? "true" : "false") << ", return_ranked_to_cpu "
-            << (m.return_ranked_to_cpu ? "true" : "false") << "\n";
+            << "  tag " << m.tag << ", dtype " << dtype_name(m.dtype) << ", tp_degree "
+            << m.tp_degree << ", pipeline_execution " << (m.pipeline_execution ? "true" : "false")
+            << ", return_ranked_to_cpu " << (m.return_ranked_to_cpu ? "true" : "false") << "\n";
   for (const auto& io : m.inputs) {
-    std::cout << "  input  " << io.name << " [batch] + " << io.sample_shape.to_string() << " " << dtype_name(io.dtype) << "\n";
+    std::cout << "  input  " << io.name << " [batch] + " << io.sample_shape.to_string() << " "
+              << dtype_name(io.dtype) << "\n";
   }
   for (const auto& io : m.outputs) {
-    std::cout << "  output " << io.name << " [batch] + " << io.sample_shape.to_string() << " " << dtype_name(io.dtype) << "\n";
+    std::cout << "  output " << io.name << " [batch] + " << io.sample_shape.to_string() << " "
+              << dtype_name(io.dtype) << "\n";
   }
   for (const auto& b : m.buckets) {
-    std::cout << "  bucket " << b.batch << ": " << b.graph.nodes.size() << " ops, " << b.graph.params.size() << " parameters\n";
+    std::cout << "  bucket " << b.batch << ": " << b.graph.nodes.size() << " ops, "
+              << b.graph.params.size() << " parameters\n";
   }
   for (const auto& w : m.weights) {
-    std::cout << "  rank " << w.rank << " weights " << w.file << " (" << w.bytes << " bytes, " << w.checksum << ")\n";
+    std::cout << "  rank " << w.rank << " weights " << w.file << " (" << w.bytes << " bytes, "
+              << w.checksum << ")\n";
   }
   if (a.has("graphs")) {
-    for (const auto& b : m.buckets) std::cout << "\n# bucket " << b.batch << "\n" << b.graph.to_text();
+    for (const auto& b : m.buckets)
+      std::cout << "\n# bucket " << b.batch << "\n" << b.graph.to_text();
   }
   return 0;
 }
@@ -360,7 +425,8 @@ int main(int argc, char** argv) {
   }
   const Entry* entry = find_command(first);
   if (!entry) {
-    std::cerr << "devpipe: unknown " << (first[0] == '-' ? "option " + first : "command '" + first + "'")
+    std::cerr << "devpipe: unknown "
+              << (first[0] == '-' ? "option " + first : "command '" + first + "'")
               << " (see devpipe --help)\n";
     return 2;
   }
@@ -376,11 +442,13 @@ int main(int argc, char** argv) {
     return entry->main(a);
   } catch (const cli::UsageError& e) {
     std::cout.flush();
-    std::cerr << "devpipe " << command.name << ": " << e.what() << " (see devpipe " << command.name << " --help)\n";
+    std::cerr << "devpipe " << command.name << ": " << e.what() << " (see devpipe " << command.name
+              << " --help)\n";
     return 2;
   } catch (const std::exception& e) {
     std::cout.flush();
-    std::cerr << "devpipe " << command.name << ": error: " << cli::cli_wording(e.what(), work) << "\n";
+    std::cerr << "devpipe " << command.name << ": error: " << cli::cli_wording(e.what(), work)
+              << "\n";
     return 1;
   }
 }

@@ -13,7 +13,8 @@ std::vector<std::string> split_commas(const std::string& s) {
   std::string::size_type start = 0;
   while (true) {
     auto comma = s.find(',', start);
-    items.push_back(s.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+    items.push_back(
+        s.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
     if (comma == std::string::npos) return items;
     start = comma + 1;
   }
@@ -112,7 +113,8 @@ std::string Command::usage() const {
 Args Args::parse(const Command& command, const std::vector<std::string>& argv) {
   Args a;
   a.command_ = &command;
-  if (std::any_of(argv.begin(), argv.end(), [](const std::string& s) { return s == "--help" || s == "-h"; })) {
+  if (std::any_of(argv.begin(), argv.end(),
+                  [](const std::string& s) { return s == "--help" || s == "-h"; })) {
     a.help_ = true;
     return a;
   }
@@ -131,7 +133,8 @@ Args Args::parse(const Command& command, const std::vector<std::string>& argv) {
     }
     const Option* o = command.find(name);
     if (!o) throw UsageError("unknown option --" + name);
-    if (!o->refused.empty()) throw UsageError("option --" + name + " is not accepted: " + o->refused);
+    if (!o->refused.empty())
+      throw UsageError("option --" + name + " is not accepted: " + o->refused);
     if (a.values_.count(name)) throw UsageError("option --" + name + " is given twice");
     if (o->kind == OptionKind::Flag) {
       if (value) throw UsageError("option --" + name + " takes no value, got '" + arg + "'");
@@ -148,7 +151,8 @@ Args Args::parse(const Command& command, const std::vector<std::string>& argv) {
   }
   auto n = static_cast<int>(a.positional_.size());
   if (n > command.max_positionals) {
-    throw UsageError("unexpected argument '" + a.positional_[static_cast<std::size_t>(command.max_positionals)] + "'");
+    throw UsageError("unexpected argument '" +
+                     a.positional_[static_cast<std::size_t>(command.max_positionals)] + "'");
   }
   if (n < command.min_positionals) throw UsageError("missing argument " + command.positionals);
   return a;
@@ -165,7 +169,8 @@ const Option& Args::declared(const std::string& name, OptionKind a, OptionKind b
 
 bool Args::has(const std::string& name) const {
   if (!command_->find(name)) {
-    throw InvalidArgument("devpipe " + command_->name + " reads option --" + name + " that it does not declare");
+    throw InvalidArgument("devpipe " + command_->name + " reads option --" + name +
+                          " that it does not declare");
   }
   return values_.count(name) != 0;
 }
@@ -182,16 +187,19 @@ long long Args::get_int(const std::string& name, long long fallback) const {
   return it == values_.end() ? fallback : *parse_integer(it->second, o.min, o.max);
 }
 
-std::vector<long long> Args::get_ints(const std::string& name, const std::vector<long long>& fallback) const {
+std::vector<long long> Args::get_ints(const std::string& name,
+                                      const std::vector<long long>& fallback) const {
   const Option& o = declared(name, OptionKind::IntList, OptionKind::IntList);
   auto it = values_.find(name);
   if (it == values_.end()) return fallback;
   std::vector<long long> out;
-  for (const auto& item : split_commas(it->second)) out.push_back(*parse_integer(item, o.min, o.max));
+  for (const auto& item : split_commas(it->second))
+    out.push_back(*parse_integer(item, o.min, o.max));
   return out;
 }
 
-std::vector<std::string> Args::get_list(const std::string& name, const std::string& fallback) const {
+std::vector<std::string> Args::get_list(const std::string& name,
+                                        const std::string& fallback) const {
   declared(name, OptionKind::ChoiceList, OptionKind::String);
   auto it = values_.find(name);
   return split_commas(it == values_.end() ? fallback : it->second);
