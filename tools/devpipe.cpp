@@ -270,7 +270,9 @@ int cmd_compile(const Args& a) {
   // Everything is written into a scratch folder inside DIR first and moved into place only
   // once both stages compiled, so that a failure leaves DIR's config, checkpoints and
   // artifacts matching each other.
-  fs::create_directories(work);
+  std::error_code ec;
+  fs::create_directories(work, ec);
+  if (ec) throw IoError("cannot create the work folder '" + work.string() + "': " + ec.message());
   ScratchDir scratch{work / (".compile-staging." + std::to_string(::getpid()))};
   fs::remove_all(scratch.path);
   std::vector<std::string> moved = {"config.json", "compiled/vision", "compiled/text"};
