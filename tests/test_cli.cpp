@@ -325,6 +325,7 @@ TEST(Cli, BadValuesNameTheOptionAndTheValue) {
       {"bench --workload seed,nope",
        "devpipe bench: option --workload expects a comma-separated list of seed, "
        "seed_tp1, seed_tp2, large, chain8, got 'seed,nope'"},
+      {"bench --all --workload chain8", "devpipe bench: options --all and --workload exclude each other"},
       {"inspect", "devpipe inspect: missing argument ARTIFACT_DIR"},
   };
   for (const auto& [args, message] : cases) {

@@ -358,12 +358,10 @@ int bench_main(const Args& a) {
     throw UsageError("options --all and --workload exclude each other");
   }
   std::vector<std::string> names;
-  for (const std::string& n : a.get_list("workload", "seed,large,chain8")) {
-    if (n == "seed") {
-      names.push_back("seed_tp1");
-      names.push_back("seed_tp2");
-    } else {
-      names.push_back(n);
+  for (const std::string& item : a.get_list("workload", "seed,large,chain8")) {
+    for (const std::string& n : item == "seed" ? std::vector<std::string>{"seed_tp1", "seed_tp2"}
+                                               : std::vector<std::string>{item}) {
+      if (std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
     }
   }
   std::string out = a.get("out", "build/bench/report.json");
