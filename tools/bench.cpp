@@ -89,28 +89,10 @@ Workload make_workload(const std::string& name) {
   throw InvalidArgument("unknown workload '" + name + "' (seed_tp1, seed_tp2, large, chain8; 'seed' means both seed ones)");
 }
 
-struct Stats {
-  double p50, p90, p95, p99, max, mean;
-};
-
-Stats summarize(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  auto pct = [&](double p) {
-    if (v.empty()) return 0.0;
-    double idx = p * static_cast<double>(v.size() - 1);
-    auto lo = static_cast<std::size_t>(std::floor(idx));
-    auto hi = std::min(v.size() - 1, lo + 1);
-    return v[lo] + (v[hi] - v[lo]) * (idx - static_cast<double>(lo));
-  };
-  double mean = 0;
-  for (double x : v) mean += x;
-  mean = v.empty() ? 0 : mean / static_cast<double>(v.size());
-  return {pct(0.5), pct(0.9), pct(0.95), pct(0.99), v.empty() ? 0 : v.back(), mean};
-}
-
 json latency_json(const std::vector<double>& samples) {
-  Stats s = summarize(samples);
-  return {{"p50", s.p50}, {"p90", s.p90}, {"p95", s.p95}, {"p99", s.p99}, {"max", s.max}, {"mean", s.mean}};
+  LatencyStats s = summarize(samples);
+  return {{"min", s.min}, {"p50", s.p50}, {"p90", s.p90}, {"p95", s.p95},
+          {"p99", s.p99}, {"max", s.max},  {"mean", s.mean}};
 }
 
 /// Runs the stages once: stage 0 on its host inputs, each next stage on the previous output
@@ -221,12 +203,8 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
   // Both modes: compiled from the same checkpoints, differing only in the pipeline flags.
   std::map<std::string, ModeRun> modes;
   std::vector<std::string> mode_names;
-  {
-    std::stringstream ms(a.get("modes", "pipeline,roundtrip"));
-    for (std::string m; std::getline(ms, m, ',');) {
-      if (m != "pipeline" && m != "roundtrip") throw InvalidArgument("--modes: unknown mode '" + m + "'");
-      mode_names.push_back(m);
-    }
+  for (const std::string& m : a.get_list("modes", "pipeline,roundtrip")) {
+    if (std::find(mode_names.begin(), mode_names.end(), m) == mode_names.end()) mode_names.push_back(m);
   }
   for (const std::string& mode : mode_names) {
     ModeRun& mr = modes[mode];
@@ -347,22 +325,43 @@ void print_targets(const json& r) {
 
 }  // namespace
 
+const Command& bench_command() {
+  static const Command c{
+      .name = "bench",
+      .summary = "run the benchmark workloads and write a JSON report and a latency plot",
+      .options =
+          {{.name = "all", .help = "all workloads (the default without --workload)"},
+           {.name = "workload", .kind = OptionKind::ChoiceList, .value = "W,...",
+            .help = "workloads to run ('seed' is seed_tp1 and seed_tp2)",
+            .choices = {"seed", "seed_tp1", "seed_tp2", "large", "chain8"}},
+           {.name = "modes", .kind = OptionKind::ChoiceList, .value = "M,...",
+            .help = "devpipe modes to time (default both)", .choices = {"pipeline", "roundtrip"}},
+           {.name = "iters", .kind = OptionKind::Int, .value = "N",
+            .help = "timed iterations per mode (default 20; chain8 200)", .min = 1, .max = 1000000},
+           {.name = "warmup", .kind = OptionKind::Int, .value = "N",
+            .help = "untimed iterations before (default 3; chain8 20)", .min = 0, .max = 1000000},
+           {.name = "out", .kind = OptionKind::String, .value = "FILE",
+            .help = "the JSON report (default build/bench/report.json)"},
+           {.name = "plot", .kind = OptionKind::String, .value = "FILE",
+            .help = "the latency plot, SVG (default latency.svg beside --out)"},
+           {.name = "trace", .kind = OptionKind::String, .value = "FILE",
+            .help = "also write one forward of the first workload as a Chrome trace"},
+           {.name = "work", .kind = OptionKind::String, .value = "DIR",
+            .help = "weights and artifacts (default work/ beside --out)"},
+           {.name = "no-pytorch", .help = "skip the PyTorch baseline"}},
+      .notes = "See bench/README.md for the workloads, the modes and the report's fields.\n"};
+  return c;
+}
+
 int bench_main(const Args& a) {
-  if (a.has("help")) {
-    std::cout << "devpipe bench [--all | --workload seed,large,chain8] [--iters N] [--warmup N]\n"
-                 "              [--out build/bench/report.json] [--trace trace.json] [--plot latency.svg]\n"
-                 "              [--no-pytorch] [--work DIR]\n";
-    return 0;
+  if (a.has("all") && a.has("workload")) {
+    throw UsageError("options --all and --workload exclude each other");
   }
   std::vector<std::string> names;
-  std::string list = a.has("all") ? "seed,large,chain8" : a.get("workload", "seed,large,chain8");
-  std::stringstream ss(list);
-  for (std::string n; std::getline(ss, n, ',');) {
-    if (n == "seed") {
-      names.push_back("seed_tp1");
-      names.push_back("seed_tp2");
-    } else if (!n.empty()) {
-      names.push_back(n);
+  for (const std::string& item : a.get_list("workload", "seed,large,chain8")) {
+    for (const std::string& n : item == "seed" ? std::vector<std::string>{"seed_tp1", "seed_tp2"}
+                                               : std::vector<std::string>{item}) {
+      if (std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
     }
   }
   std::string out = a.get("out", "build/bench/report.json");
@@ -399,11 +398,7 @@ int bench_main(const Args& a) {
     Workload w = make_workload(names.front());
     auto ws = build_stages(w, /*pipeline=*/true, work, "trace", "");
     run_chain(ws, w);
-    timeline::start(true);
-    run_chain(ws, w);
-    timeline::stop();
-    timeline::write_chrome_trace(a.get("trace", "trace.json"));
-    std::cout << "wrote " << a.get("trace", "trace.json") << " (open it in Perfetto or chrome://tracing)\n";
+    write_trace_of([&] { run_chain(ws, w); }, a.get("trace", ""));
   }
   return 0;
 }

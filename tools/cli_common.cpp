@@ -1,54 +1,70 @@
 #include "cli_common.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+
+#include "devpipe/model_wrapper.h"
+#include "devpipe/timeline.h"
+
+#ifndef DEVPIPE_VERSION
+#error "the devpipe program is built with DEVPIPE_VERSION (CMake's PROJECT_VERSION)"
+#endif
 
 namespace devpipe::cli {
 
-Args Args::parse(int argc, char** argv, int first, const std::vector<std::string>& flags) {
-  Args a;
-  for (int i = first; i < argc; ++i) {
-    std::string s = argv[i];
-    if (s.rfind("--", 0) == 0) {
-      std::string key = s.substr(2);
-      auto eq = key.find('=');
-      if (eq != std::string::npos) {
-        a.opts[key.substr(0, eq)] = key.substr(eq + 1);
-      } else if (std::find(flags.begin(), flags.end(), key) != flags.end()) {
-        a.opts[key] = "1";
-      } else {
-        if (i + 1 >= argc) throw InvalidArgument("option --" + key + " needs a value");
-        a.opts[key] = argv[++i];
-      }
-    } else {
-      a.positional.push_back(s);
-    }
-  }
-  return a;
+const char* version() { return DEVPIPE_VERSION; }
+
+void print_progress(const std::string& tag, int done, int total, const std::string& what) {
+  std::cout.flush();
+  std::fflush(stdout);
+  devpipe::print_progress(tag, done, total, what);
 }
 
-std::string Args::get(const std::string& k, const std::string& fallback) const {
-  auto it = opts.find(k);
-  return it == opts.end() ? fallback : it->second;
+LatencyStats summarize(std::vector<double> v) {
+  if (v.empty()) return {};
+  std::sort(v.begin(), v.end());
+  auto pct = [&](double p) {
+    double idx = p * static_cast<double>(v.size() - 1);
+    auto lo = static_cast<std::size_t>(std::floor(idx));
+    auto hi = std::min(v.size() - 1, lo + 1);
+    return v[lo] + (v[hi] - v[lo]) * (idx - static_cast<double>(lo));
+  };
+  double sum = 0;
+  for (double x : v) sum += x;
+  return {v.front(),
+          pct(0.5),
+          pct(0.9),
+          pct(0.95),
+          pct(0.99),
+          v.back(),
+          sum / static_cast<double>(v.size())};
 }
 
-std::string Args::require(const std::string& k) const {
-  auto it = opts.find(k);
-  if (it == opts.end()) throw InvalidArgument("missing required option --" + k);
-  return it->second;
-}
-
-long long Args::get_int(const std::string& k, long long fallback) const {
-  auto it = opts.find(k);
-  if (it == opts.end()) return fallback;
+void write_trace_of(const std::function<void()>& forward, const std::string& path) {
+  timeline::start(/*kernels=*/true);
   try {
-    std::size_t pos = 0;
-    long long v = std::stoll(it->second, &pos);
-    if (pos != it->second.size()) throw std::invalid_argument("trailing");
-    return v;
-  } catch (const std::exception&) {
-    throw InvalidArgument("option --" + k + " expects an integer, got '" + it->second + "'");
+    forward();
+  } catch (...) {
+    timeline::stop();
+    throw;
   }
+  timeline::stop();
+  timeline::write_chrome_trace(path);
+  std::cout << "wrote " << path << " (open it in Perfetto or chrome://tracing)\n";
 }
 
+std::string cli_wording(const std::string& message, const std::string& work) {
+  const std::string api = "compile()";
+  const std::string cli = "`devpipe compile --work " + work + "`";
+  std::string out;
+  std::string::size_type from = 0;
+  for (auto at = message.find(api); at != std::string::npos; at = message.find(api, from)) {
+    out += message.substr(from, at - from) + cli;
+    from = at + api.size();
+  }
+  return out + message.substr(from);
+}
 
 }  // namespace devpipe::cli
