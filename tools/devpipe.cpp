@@ -29,6 +29,8 @@ using namespace devpipe;
 namespace devpipe::cli {
 const Command& bench_command();
 int bench_main(const Args& args);
+const Command& generate_command();  // tools/generate.cpp
+int generate_main(const Args& args);
 }  // namespace devpipe::cli
 
 namespace {
@@ -402,6 +404,7 @@ const std::vector<Entry>& commands() {
                                          {run_command, cmd_run},
                                          {inspect_command, cmd_inspect},
                                          {cli::bench_command, cli::bench_main},
+                                         {cli::generate_command, cli::generate_main},
                                          {help_command, cmd_help}};
   return all;
 }

@@ -135,7 +135,7 @@ Args Args::parse(const Command& command, const std::vector<std::string>& argv) {
     if (!o) throw UsageError("unknown option --" + name);
     if (!o->refused.empty())
       throw UsageError("option --" + name + " is not accepted: " + o->refused);
-    if (a.values_.count(name)) throw UsageError("option --" + name + " is given twice");
+    if (a.values_.count(name) && !o->repeatable) throw UsageError("option --" + name + " is given twice");
     if (o->kind == OptionKind::Flag) {
       if (value) throw UsageError("option --" + name + " takes no value, got '" + arg + "'");
       value = "";
@@ -148,6 +148,7 @@ Args Args::parse(const Command& command, const std::vector<std::string>& argv) {
     }
     check_value(*o, *value);
     a.values_[name] = *value;
+    if (o->repeatable) a.repeated_[name].push_back(*value);
   }
   auto n = static_cast<int>(a.positional_.size());
   if (n > command.max_positionals) {
@@ -196,6 +197,14 @@ std::vector<long long> Args::get_ints(const std::string& name,
   for (const auto& item : split_commas(it->second))
     out.push_back(*parse_integer(item, o.min, o.max));
   return out;
+}
+
+std::vector<std::string> Args::get_all(const std::string& name) const {
+  if (!command_->find(name)) {
+    throw InvalidArgument("devpipe " + command_->name + " reads option --" + name + " that it does not declare");
+  }
+  auto it = repeated_.find(name);
+  return it == repeated_.end() ? std::vector<std::string>{} : it->second;
 }
 
 std::vector<std::string> Args::get_list(const std::string& name,

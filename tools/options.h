@@ -38,6 +38,7 @@ struct Option {
   long long max = std::numeric_limits<long long>::max();
   std::vector<std::string> choices;  // Choice, ChoiceList
   std::string refused;  // non-empty: recognised but not accepted by this command; says why
+  bool repeatable = false;  // may be given several times (Args::get_all)
 };
 
 /// A sub-command: its name, what it does, its positional arguments and its options.
@@ -74,6 +75,8 @@ class Args {
                                   const std::vector<long long>& fallback = {}) const;
   /// ChoiceList (or String): the comma-separated items, or `fallback` when absent.
   std::vector<std::string> get_list(const std::string& name, const std::string& fallback) const;
+  /// A repeatable option's values in command-line order (empty when absent).
+  std::vector<std::string> get_all(const std::string& name) const;
   const std::vector<std::string>& positional() const { return positional_; }
   const Command& command() const { return *command_; }
 
@@ -83,6 +86,7 @@ class Args {
   const Command* command_ = nullptr;
   bool help_ = false;
   std::map<std::string, std::string> values_;
+  std::map<std::string, std::vector<std::string>> repeated_;
   std::vector<std::string> positional_;
 };
 

@@ -470,9 +470,8 @@ LlamaForCausalLM::LlamaForCausalLM(const std::string& model_dir, const Inference
   models.push_back(std::make_shared<TokenWrapper>(config));
 }
 
-GenerationResult LlamaForCausalLM::generate(const std::vector<std::vector<std::int64_t>>& prompts,
-                                            const GenerationConfig& gen, const TokenCallback& on_token) {
-  const auto start = std::chrono::steady_clock::now();
+void LlamaForCausalLM::check_request(const std::vector<std::vector<std::int64_t>>& prompts,
+                                     const GenerationConfig& gen) const {
   const auto n = static_cast<std::int64_t>(prompts.size());
   // ---- every request checked before anything runs
   if (n < 1) throw InvalidArgument("generate: no prompts");
@@ -484,7 +483,6 @@ GenerationResult LlamaForCausalLM::generate(const std::vector<std::vector<std::i
     throw InvalidArgument("generate: max_new_tokens must be >= 1, got " + std::to_string(gen.max_new_tokens));
   }
   const std::int64_t largest = opts_.context_buckets.back();
-  std::int64_t tmax = 0;
   for (std::int64_t s = 0; s < n; ++s) {
     const auto& p = prompts[static_cast<std::size_t>(s)];
     const auto len = static_cast<std::int64_t>(p.size());
@@ -511,8 +509,17 @@ GenerationResult LlamaForCausalLM::generate(const std::vector<std::vector<std::i
                             std::to_string(gen.max_new_tokens) + " = " + std::to_string(len + gen.max_new_tokens) +
                             " exceeds the KV cache length (max_length) " + std::to_string(opts_.max_length));
     }
-    tmax = std::max(tmax, len);
   }
+
+}
+
+GenerationResult LlamaForCausalLM::generate(const std::vector<std::vector<std::int64_t>>& prompts,
+                                            const GenerationConfig& gen, const TokenCallback& on_token) {
+  const auto start = std::chrono::steady_clock::now();
+  check_request(prompts, gen);
+  const auto n = static_cast<std::int64_t>(prompts.size());
+  std::int64_t tmax = 0;
+  for (const auto& p : prompts) tmax = std::max(tmax, static_cast<std::int64_t>(p.size()));
 
   GenerationResult res;
   res.tokens.assign(static_cast<std::size_t>(n), {});

@@ -141,6 +141,8 @@ class LlamaForCausalLM : public ApplicationBase {
   /// prompts than batch_size; each message names the sequence and the values.
   GenerationResult generate(const std::vector<std::vector<std::int64_t>>& prompts, const GenerationConfig& gen = {},
                             const TokenCallback& on_token = {});
+  /// The checks generate() makes before it runs anything (usable before compile/load).
+  void check_request(const std::vector<std::vector<std::int64_t>>& prompts, const GenerationConfig& gen) const;
 
   const LlamaConfig& llama() const { return cfg_; }
   ModelWrapper& context_encoding() { return *models[0]; }
