@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <set>
 
 #include "compiler/artifact.h"
 #include "compiler/fuse.h"
@@ -12,6 +11,7 @@
 #include "devpipe/timeline.h"
 #include "io/checkpoint.h"
 #include "runtime/backend.h"
+#include "runtime/checkpoint_keys.h"
 #include "runtime/rank_group.h"
 #include "runtime/wrapper_impl.h"
 
@@ -25,6 +25,7 @@ ModelWrapper::ModelWrapper(const InferenceConfig& config, ModelFactory model_cls
     : config_(config), factory_(std::move(model_cls)), options_(std::move(options)) {
   config_.runtime_config().validate();
   if (options_.tag.empty()) throw ConfigError("a ModelWrapper needs a non-empty tag");
+  make_key_rules(options_.ignore_checkpoint_keys, {});  // a bad pattern is an error here already
 }
 
 ModelWrapper::~ModelWrapper() = default;
@@ -113,30 +114,21 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
   // Weights: every parameter the graphs use, from the checkpoint, checked, converted, sharded.
   const Graph& g0 = m.buckets.front().graph;
   Checkpoint ckpt = Checkpoint::open(checkpoint_path);
-  std::vector<std::string> missing, leftover;
-  std::set<std::string> used;
-  for (const auto& p : g0.params) {
-    used.insert(p.key);
-    if (!ckpt.contains(p.key)) missing.push_back(p.key);
-  }
-  for (const auto& k : ckpt.keys()) {
-    if (!used.count(k)) leftover.push_back(k);
-  }
-  if (!missing.empty() || !leftover.empty()) {
-    std::string msg = prefix(tag) + "checkpoint '" + checkpoint_path + "' does not match the model:";
-    if (!missing.empty()) msg += " missing " + std::to_string(missing.size()) + " tensor(s): " + join(missing) + ";";
-    if (!leftover.empty()) msg += " unused " + std::to_string(leftover.size()) + " tensor(s): " + join(leftover) + ";";
-    throw InvalidArgument(msg);
-  }
+  std::vector<std::string> model_keys;
+  for (const auto& p : g0.params) model_keys.push_back(p.key);
+  const std::vector<std::string> source = match_checkpoint_keys(
+      ckpt, model_keys, make_key_rules(options_.ignore_checkpoint_keys, options_.checkpoint_key_map), prefix(tag));
   std::vector<Tensor> full;
-  for (const auto& p : g0.params) {
-    Tensor t = ckpt.get(p.key);
+  for (std::size_t i = 0; i < g0.params.size(); ++i) {
+    const auto& p = g0.params[i];
+    const std::string named = source[i] == p.key ? "'" + p.key + "'" : "'" + source[i] + "' (for '" + p.key + "')";
+    Tensor t = ckpt.get(source[i]);
     if (t.shape() != p.full_shape) {
-      throw ShapeError(prefix(tag) + "checkpoint tensor '" + p.key + "' has shape " + t.shape().to_string() +
+      throw ShapeError(prefix(tag) + "checkpoint tensor " + named + " has shape " + t.shape().to_string() +
                        " but the model declares " + p.full_shape.to_string());
     }
     if (!is_floating(t.dtype())) {
-      throw DTypeError(prefix(tag) + "checkpoint tensor '" + p.key + "' is " +
+      throw DTypeError(prefix(tag) + "checkpoint tensor " + named + " is " +
                        std::string(dtype_name(t.dtype())) + "; parameters must be floating point");
     }
     full.push_back(t.to_dtype(rc.dtype));
