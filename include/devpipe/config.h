@@ -27,6 +27,11 @@ struct RuntimeConfig {
   int tp_degree = 1;                      // tensor-parallel ranks
   std::vector<std::int64_t> buckets;      // compiled batch sizes; empty: {batch_size}
   DeviceKind device = DeviceKind::Cpu;
+  /// Host threads for the kernels of all ranks together (each rank gets num_threads /
+  /// tp_degree, at least 1). 0: OMP_NUM_THREADS if set, else the cores. Not part of the
+  /// compiled artifact: it can differ between compile and load.
+  int num_threads = 0;
+  static constexpr int kMaxThreads = 4096;
 
   /// Sorted, de-duplicated buckets (or {batch_size}); throws ConfigError on a non-positive size.
   std::vector<std::int64_t> batch_buckets() const;

@@ -4,6 +4,7 @@
 #include <map>
 #include <set>
 
+#include "core/log.h"
 #include "devpipe/error.h"
 #include "runtime/wrapper_impl.h"
 
@@ -22,8 +23,8 @@ CheckpointKeyRules make_key_rules(const std::vector<std::string>& patterns,
     try {
       rules.ignore.emplace_back(p, std::regex::ECMAScript | std::regex::optimize);
     } catch (const std::regex_error& e) {
-      throw ConfigError("ignore_checkpoint_keys: " + quoted(p) + " is not a valid regular expression (" +
-                        e.what() + ")");
+      throw ConfigError("ignore_checkpoint_keys: " + quoted(p) +
+                        " is not a valid regular expression (" + e.what() + ")");
     }
     rules.ignore_text.push_back(p);
   }
@@ -48,20 +49,26 @@ std::vector<std::string> match_checkpoint_keys(const Checkpoint& checkpoint,
                                                const std::string& where) {
   const std::set<std::string> wanted(model_keys.begin(), model_keys.end());
   std::map<std::string, std::string> source;  // model key -> checkpoint key
-  std::vector<std::string> unused;
+  std::vector<std::string> unused, dropped, skipped;
   for (const auto& key : checkpoint.keys()) {
     std::string mapped = rules.map ? rules.map(key) : key;
-    if (mapped.empty()) continue;  // dropped by the map
+    if (mapped.empty()) {
+      dropped.push_back(key);
+      continue;
+    }
     if (!wanted.count(mapped)) {
-      if (!ignored(rules, key) && !ignored(rules, mapped)) {
+      if (ignored(rules, key) || ignored(rules, mapped)) {
+        skipped.push_back(key);
+      } else {
         unused.push_back(mapped == key ? key : key + " (mapped to " + mapped + ")");
       }
       continue;
     }
     auto [it, inserted] = source.emplace(mapped, key);
     if (!inserted) {
-      throw InvalidArgument(where + "checkpoint keys " + quoted(it->second) + " and " + quoted(key) +
-                            " both map to the model's " + quoted(mapped) + " (checkpoint_key_map)");
+      throw InvalidArgument(where + "checkpoint keys " + quoted(it->second) + " and " +
+                            quoted(key) + " both map to the model's " + quoted(mapped) +
+                            " (checkpoint_key_map)");
     }
   }
   std::vector<std::string> missing, out;
@@ -74,18 +81,29 @@ std::vector<std::string> match_checkpoint_keys(const Checkpoint& checkpoint,
     }
   }
   if (!missing.empty() || !unused.empty()) {
-    std::string msg = where + "checkpoint " + quoted(checkpoint.path()) + " does not match the model:";
+    std::string msg =
+        where + "checkpoint " + quoted(checkpoint.path()) + " does not match the model:";
     if (!missing.empty()) {
       msg += " missing " + std::to_string(missing.size()) + " tensor(s): " + join(missing) + ";";
     }
     if (!unused.empty()) {
       msg += " unused " + std::to_string(unused.size()) + " tensor(s): " + join(unused) + ";";
-      msg += " (to drop tensors the model does not use, list patterns in WrapperOptions::ignore_checkpoint_keys";
+      msg +=
+          " (to drop tensors the model does not use, list patterns in "
+          "WrapperOptions::ignore_checkpoint_keys";
       if (!rules.ignore_text.empty()) msg += ", now " + join(rules.ignore_text);
       msg += ")";
     }
     if (rules.map) msg += " (model keys as checkpoint_key_map gives them)";
     throw InvalidArgument(msg);
+  }
+  if (!dropped.empty()) {
+    log::info(where + "checkpoint_key_map dropped " + std::to_string(dropped.size()) +
+              " tensor(s): " + join(dropped));
+  }
+  if (!skipped.empty()) {
+    log::info(where + "ignored " + std::to_string(skipped.size()) +
+              " unused tensor(s) (ignore_checkpoint_keys): " + join(skipped));
   }
   return out;
 }

@@ -1,11 +1,13 @@
 #include "devpipe/model_wrapper.h"
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 
 #include "compiler/artifact.h"
 #include "compiler/fuse.h"
 #include "compiler/shard.h"
+#include "core/log.h"
 #include "devpipe/error.h"
 #include "devpipe/safetensors.h"
 #include "devpipe/timeline.h"
@@ -19,6 +21,13 @@ namespace devpipe {
 
 namespace fs = std::filesystem;
 using namespace wrapper_detail;
+
+namespace {
+std::string ms_since(std::chrono::steady_clock::time_point start) {
+  auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
+  return std::to_string(us.count() / 1000) + "." + std::to_string(us.count() / 100 % 10) + " ms";
+}
+}  // namespace
 
 
 ModelWrapper::ModelWrapper(const InferenceConfig& config, ModelFactory model_cls, WrapperOptions options)
@@ -53,8 +62,10 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
   auto names = input_names();
   int total_steps = static_cast<int>(buckets.size()) + rc.tp_degree + 1;
   int step = 0;
+  const auto start = std::chrono::steady_clock::now();
   auto report = [&](const std::string& what) {
     ++step;
+    log::debug(prefix(tag) + "compile: " + what);
     if (progress) progress(tag, step, total_steps, what);
   };
 
@@ -151,6 +162,10 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
   }
   write_manifest(dir, m);
   report("wrote manifest");
+  log::info(prefix(tag) + "compiled " + std::to_string(buckets.size()) + " bucket(s) " +
+            Shape(buckets).to_string() + ", tp_degree " + std::to_string(rc.tp_degree) + ", " +
+            std::string(dtype_name(rc.dtype)) + ", " + std::to_string(g0.params.size()) +
+            " parameter(s) from '" + checkpoint_path + "' into '" + dir + "' in " + ms_since(start));
 }
 
 // --------------------------------------------------------------------------------- load
@@ -176,8 +191,10 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
   }
   int total = rc.tp_degree + static_cast<int>(m.buckets.size()) + 1;
   int step = 0;
+  const auto start = std::chrono::steady_clock::now();
   auto report = [&](const std::string& what) {
     ++step;
+    log::debug(prefix(tag) + "load: " + what);
     if (progress) progress(tag, step, total, what);
   };
 
@@ -222,7 +239,7 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
   for (const auto& b : m.buckets) {
     std::vector<std::unique_ptr<Executable>> per_rank;
     for (int r = 0; r < rc.tp_degree; ++r) {
-      RankInfo info{r, rc.tp_degree, &impl->group->comm(), impl->group->threads_per_rank()};
+      RankInfo info{r, rc.tp_degree, &impl->group->comm(), threads_per_rank(rc)};
       per_rank.push_back(impl->backend->compile(b.graph, impl->rank_params[static_cast<std::size_t>(r)], info));
     }
     impl->executables.push_back(std::move(per_rank));
@@ -243,6 +260,9 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
     }
   }
   report("warmed up");
+  log::info(prefix(tag) + "loaded '" + dir + "': bucket(s) " + Shape(art_buckets).to_string() + ", tp_degree " +
+            std::to_string(rc.tp_degree) + " on " + std::string(device_kind_name(rc.device)) + ", " +
+            std::to_string(threads_per_rank(rc)) + " thread(s) per rank, in " + ms_since(start));
 }
 
 std::vector<std::int64_t> ModelWrapper::loaded_buckets() const {
