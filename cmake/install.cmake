@@ -12,9 +12,7 @@ include(CMakePackageConfigHelpers)
 set(DEVPIPE_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/devpipe)
 set(DEVPIPE_INSTALL_PKGCONFIGDIR ${CMAKE_INSTALL_LIBDIR}/pkgconfig)
 
-install(TARGETS devpipe EXPORT devpipeTargets
-        ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
-        INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(TARGETS devpipe EXPORT devpipeTargets ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/devpipe ${PROJECT_BINARY_DIR}/include/devpipe
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR} FILES_MATCHING PATTERN "*.h")
 # The command-line program, when it was built (`cmake --build --target devpipe` builds only the
