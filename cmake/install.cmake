@@ -46,11 +46,11 @@ foreach(_dir LIBDIR INCLUDEDIR)
     set(DEVPIPE_PC_${_dir} "\${prefix}/${CMAKE_INSTALL_${_dir}}")
   endif()
 endforeach()
-# What linking libdevpipe.a needs, as the build found it; generator expressions give the
-# imported libraries' folders.
+# What linking libdevpipe.a needs, as the build found it (a generator expression gives
+# oneDNN's folder; cuda.cmake found the CUDA libraries).
 set(DEVPIPE_PC_LIBS "-L$<TARGET_LINKER_FILE_DIR:DNNL::dnnl> -ldnnl ${OpenMP_CXX_FLAGS} -pthread")
 if(DEVPIPE_CUDA)
-  string(APPEND DEVPIPE_PC_LIBS " -L$<TARGET_LINKER_FILE_DIR:CUDA::cudart> -lcudart -lcublasLt"
+  string(APPEND DEVPIPE_PC_LIBS " -L${CUDAToolkit_LIBRARY_DIR} -lcudart -lcublasLt"
          " ${DEVPIPE_CUDNN_LIBRARY} ${DEVPIPE_NCCL_LIBRARY}")
   set(DEVPIPE_PC_CFLAGS " -DDEVPIPE_HAVE_CUDA=1")
 endif()
