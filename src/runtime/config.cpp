@@ -35,8 +35,8 @@ void RuntimeConfig::validate() const {
     throw ConfigError("dtype must be a floating type, got " + std::string(dtype_name(dtype)));
   }
   if (num_threads < 0 || num_threads > kMaxThreads) {
-    throw ConfigError("num_threads must be in [0, " + std::to_string(kMaxThreads) + "] (0: OMP_NUM_THREADS or the cores), got " +
-                      std::to_string(num_threads));
+    throw ConfigError("num_threads must be in [0, " + std::to_string(kMaxThreads) +
+                      "] (0: OMP_NUM_THREADS or the cores), got " + std::to_string(num_threads));
   }
   batch_buckets();
 }
