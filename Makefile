@@ -39,3 +39,14 @@ format:
 
 clean:
 	@rm -rf $(BUILD_DIR) build-cuda
+
+# Installs headers, library, CMake package and pkg-config file: make install PREFIX=/opt/devpipe
+# (default: CMake's install prefix, /usr/local).
+.PHONY: install check-consumer
+install: build
+	@cmake --install $(BUILD_DIR) $(if $(PREFIX),--prefix $(PREFIX))
+
+# Installs to a temporary prefix and builds and runs tests/consumer against it (find_package
+# and pkg-config).
+check-consumer: build
+	@bash scripts/check_consumer.sh $(BUILD_DIR)

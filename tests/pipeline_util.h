@@ -38,8 +38,10 @@ struct ParallelMlp : nn::Module {
   nn::RowParallelLinear& down;
   nn::RMSNorm& norm;
   ParallelMlp()
-      : up(register_module("up", std::make_unique<nn::ColumnParallelLinear>(16, 32))),
-        down(register_module("down", std::make_unique<nn::RowParallelLinear>(32, 16))),
+      : up(register_module("up", std::make_unique<nn::ColumnParallelLinear>(
+                                   16, 32, /*bias=*/true, /*gather_output=*/false))),
+        down(register_module("down", std::make_unique<nn::RowParallelLinear>(
+                                     32, 16, /*bias=*/true, /*input_is_parallel=*/true))),
         norm(register_module("norm",
                              std::make_unique<nn::RMSNorm>(std::vector<std::int64_t>{16}))) {}
   Var forward(Var x) const { return norm(down(up(x))); }

@@ -65,3 +65,80 @@ TEST_P(TensorParallel, ShardedLayersMatchUnshardedPyTorch) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Tp, TensorParallel, ::testing::Values(1, 2, 4));
+
+// ------------------------------------------------- NxD's defaults for the parallel layers
+
+namespace {
+
+// Layers constructed with only their sizes, as NxD model code writes them.
+struct DefaultColumn : nn::Module {
+  nn::ColumnParallelLinear fc{4, 6};
+  DefaultColumn() { register_module("fc", fc); }
+  Var forward(Var x) const { return fc(x); }
+};
+struct DefaultRow : nn::Module {
+  nn::RowParallelLinear fc{6, 3};
+  DefaultRow() { register_module("fc", fc); }
+  Var forward(Var x) const { return fc(x); }
+};
+
+/// y[b][o] = sum_i x[b][i] * w[o][i] + bias[o], in double: the reference for one Linear.
+Tensor linear_reference(const Tensor& x, const Tensor& w, const Tensor& bias) {
+  auto xv = x.to_float_vector(), wv = w.to_float_vector(), bv = bias.to_float_vector();
+  std::int64_t rows = x.shape()[0], in = x.shape()[1], out = w.shape()[0];
+  std::vector<float> y(static_cast<std::size_t>(rows * out));
+  for (std::int64_t b = 0; b < rows; ++b) {
+    for (std::int64_t o = 0; o < out; ++o) {
+      double acc = bv[static_cast<std::size_t>(o)];
+      for (std::int64_t i = 0; i < in; ++i) {
+        acc += static_cast<double>(xv[static_cast<std::size_t>(b * in + i)]) * wv[static_cast<std::size_t>(o * in + i)];
+      }
+      y[static_cast<std::size_t>(b * out + o)] = static_cast<float>(acc);
+    }
+  }
+  return Tensor::from_vector(y, Shape{rows, out});
+}
+
+/// Compiles and runs model M at tp 2 on `x` with the weights given; returns every rank's output.
+template <class M>
+std::vector<Tensor> run_tp2(const Tensor& x, const Tensor& w, const Tensor& b) {
+  TempDir dir;
+  safetensors::save(dir.str("model.safetensors"), {{"fc.weight", w}, {"fc.bias", b}});
+  InferenceConfig config(RuntimeConfig{.batch_size = x.shape()[0], .tp_degree = 2});
+  TestWrapper<M> wrapper(config, {.pipeline_execution = true, .return_ranked_to_cpu = false, .tag = "defaults"},
+                         {{x}});
+  wrapper.compile(dir.str(), dir.str("compiled"));
+  wrapper.load(dir.str("compiled"));
+  Output out = wrapper.forward({x});
+  const RankedTensors& r = out.ranked();
+  r.wait();
+  std::vector<Tensor> per_rank;
+  for (int k = 0; k < r.num_ranks(); ++k) per_rank.push_back(r[k][0].to_host());
+  return per_rank;
+}
+
+}  // namespace
+
+TEST(ParallelLayerDefaults, AreNxDs) {
+  nn::ColumnParallelLinear col(4, 6);
+  nn::RowParallelLinear row(6, 3);
+  EXPECT_TRUE(col.gather_output);
+  EXPECT_FALSE(row.input_is_parallel);
+}
+
+// Float32 sums of 4 or 6 terms of magnitude ~1: 1e-5 covers the regrouping across ranks.
+TEST(ParallelLayerDefaults, ColumnParallelLinearGathersTheFullOutputOnEveryRank) {
+  Tensor x = Tensor::randn({3, 4}, 11), w = Tensor::randn({6, 4}, 12), b = Tensor::randn({6}, 13);
+  auto out = run_tp2<DefaultColumn>(x, w, b);
+  ASSERT_EQ(out.size(), 2u);
+  Tensor expected = linear_reference(x, w, b);
+  for (const Tensor& t : out) EXPECT_TRUE(tensors_close(t, expected, 1e-5, 1e-5));
+}
+
+TEST(ParallelLayerDefaults, RowParallelLinearTakesTheFullInput) {
+  Tensor x = Tensor::randn({3, 6}, 21), w = Tensor::randn({3, 6}, 22), b = Tensor::randn({3}, 23);
+  auto out = run_tp2<DefaultRow>(x, w, b);
+  ASSERT_EQ(out.size(), 2u);
+  Tensor expected = linear_reference(x, w, b);
+  for (const Tensor& t : out) EXPECT_TRUE(tensors_close(t, expected, 1e-5, 1e-5));
+}

@@ -117,8 +117,8 @@ TEST(Trace, ModelCodeOutsideTraceIsAnError) {
 }
 
 TEST(Trace, ShardedParametersGetLocalShapes) {
-  nn::ColumnParallelLinear col(8, 12, true, false);
-  nn::RowParallelLinear row(12, 8);
+  nn::ColumnParallelLinear col(8, 12, true, /*gather_output=*/false);
+  nn::RowParallelLinear row(12, 8, true, /*input_is_parallel=*/true);
   struct Root : nn::Module {} root;
   root.register_module("col", col);
   root.register_module("row", row);
@@ -137,7 +137,7 @@ TEST(Trace, ShardedParametersGetLocalShapes) {
 }
 
 TEST(Trace, IndivisibleShardIsAConfigError) {
-  nn::ColumnParallelLinear col(8, 10);
+  nn::ColumnParallelLinear col(8, 10, true, /*gather_output=*/false);
   struct Root : nn::Module {} root;
   root.register_module("col", col);
   try {

@@ -31,6 +31,11 @@ struct RuntimeConfig {
   /// wrapper whose input_dims() names a dim "seq" is compiled for every combination of these
   /// with the batch buckets. Empty: the batch is the only bucketed dim.
   std::map<std::string, std::vector<std::int64_t>> dim_buckets;
+  /// Host threads for the kernels of all ranks together (each rank gets num_threads /
+  /// tp_degree, at least 1). 0: OMP_NUM_THREADS if set, else the cores. Not part of the
+  /// compiled artifact: it can differ between compile and load.
+  int num_threads = 0;
+  static constexpr int kMaxThreads = 4096;
 
   /// Sorted, de-duplicated buckets (or {batch_size}); throws ConfigError on a non-positive size.
   std::vector<std::int64_t> batch_buckets() const;

@@ -15,3 +15,4 @@
 #include "devpipe/stats.h"
 #include "devpipe/tensor.h"
 #include "devpipe/trace.h"
+#include "devpipe/version.h"

@@ -107,6 +107,15 @@ struct WrapperOptions {
   bool return_ranked_to_cpu = true;
   /// Names the stage in artifacts and messages.
   std::string tag = "model";
+  /// compile() is strict: a checkpoint tensor the model does not use is an error, unless its
+  /// key (as stored, or as checkpoint_key_map gives it) matches one of these regular
+  /// expressions (ECMAScript, matched anywhere in the key, like Hugging Face's
+  /// `_keys_to_ignore_on_load_unexpected`), e.g. R"(\.rotary_emb\.inv_freq$)". A tensor the
+  /// model uses is never ignored; a missing one stays an error.
+  std::vector<std::string> ignore_checkpoint_keys;
+  /// Maps each checkpoint key to the model's key (like NxD's convert_hf_to_neuron_state_dict,
+  /// one key at a time); returning "" drops that tensor. Unset: keys are used as stored.
+  std::function<std::string(const std::string& checkpoint_key)> checkpoint_key_map;
 };
 
 class ModelWrapper {
@@ -145,6 +154,7 @@ class ModelWrapper {
   /// Traces the model for every bucket, shards the checkpoint at `checkpoint_path` (a
   /// model.safetensors file or a folder with one, or with an index and shards) over the ranks,
   /// and writes the artifact to `dir` (created; a previous artifact there is replaced).
+  /// Checkpoint keys go through the options' checkpoint_key_map and ignore_checkpoint_keys.
   /// Blocking. Errors name the tag and the keys/shapes involved.
   void compile(const std::string& checkpoint_path, const std::string& dir,
                const ProgressFn& progress = {});

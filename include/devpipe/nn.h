@@ -220,11 +220,13 @@ class GELU : public Module {
 // Checkpoint keys and shapes are those of the unsharded layer; the compiler splits the weights.
 
 /// y = x W^T + b with W split by rows (output features) over the ranks. Each rank computes its
-/// slice of the outputs; gather_output=true all-gathers them so every rank holds all outputs.
+/// slice of the outputs; gather_output=true (the default, as in NxD) all-gathers them so every
+/// rank holds all outputs; false leaves each rank its slice (to feed a RowParallelLinear with
+/// input_is_parallel=true).
 class ColumnParallelLinear : public Module {
  public:
   ColumnParallelLinear(std::int64_t in_features, std::int64_t out_features, bool bias = true,
-                       bool gather_output = false);
+                       bool gather_output = true);
   std::string type_name() const override { return "ColumnParallelLinear"; }
   Var forward(Var x) const;
   Var operator()(Var x) const { return forward(x); }
@@ -233,13 +235,13 @@ class ColumnParallelLinear : public Module {
 };
 
 /// y = x W^T + b with W split by columns (input features) over the ranks; partial products
-/// are summed with an all-reduce, then the (replicated) bias is added. input_is_parallel=true
-/// expects each rank's slice of x (as a ColumnParallelLinear without gather produces);
-/// false takes the full x and slices it per rank.
+/// are summed with an all-reduce, then the (replicated) bias is added. input_is_parallel=false
+/// (the default, as in NxD) takes the full x and slices it per rank; true expects each rank's
+/// slice of x (as a ColumnParallelLinear with gather_output=false produces).
 class RowParallelLinear : public Module {
  public:
   RowParallelLinear(std::int64_t in_features, std::int64_t out_features, bool bias = true,
-                    bool input_is_parallel = true);
+                    bool input_is_parallel = false);
   std::string type_name() const override { return "RowParallelLinear"; }
   Var forward(Var x) const;
   Var operator()(Var x) const { return forward(x); }

@@ -17,6 +17,8 @@ namespace fs = std::filesystem;
 
 constexpr const char* kSingleFile = "model.safetensors";
 constexpr const char* kIndexFile = "model.safetensors.index.json";
+constexpr const char* kPickleFile = "pytorch_model.bin";
+constexpr const char* kPickleIndexFile = "pytorch_model.bin.index.json";
 
 std::string in_quotes(const std::string& s) { return "'" + s + "'"; }
 
@@ -65,6 +67,43 @@ std::map<std::string, std::string> read_index(const fs::path& index_path) {
   return map;
 }
 
+/// `s` as one shell word.
+std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+/// The Unsupported error for a PyTorch pickle checkpoint at `path` (a folder holding
+/// pytorch_model.bin or its index, or a .bin file): what to run to convert it to safetensors.
+[[noreturn]] void throw_pickle_checkpoint(const fs::path& path, bool is_folder) {
+  const fs::path folder = is_folder ? path : path.parent_path();
+  // One python3 line for both layouts: a single pickle, or an index naming pickle shards; the
+  // tensors are made contiguous and unshared (safetensors refuses tied or strided tensors).
+  const std::string files =
+      is_folder ? "i = os.path.join(p, '" + std::string(kPickleIndexFile) +
+                      "'); fs = [os.path.join(p, f) for f in sorted(set(json.load(open(i))['weight_map']"
+                      ".values()))] if os.path.exists(i) else [os.path.join(p, '" + kPickleFile + "')]; "
+                      "out = os.path.join(p, '" + kSingleFile + "')"
+                : "fs = [p]; out = os.path.join(os.path.dirname(p) or '.', '" + std::string(kSingleFile) + "')";
+  const std::string cmd =
+      "python3 -c \"import sys, os, json, torch; from safetensors.torch import save_file; p = sys.argv[1]; " +
+      files +
+      "; sd = {}; [sd.update(torch.load(f, map_location='cpu')) for f in fs]; "
+      "save_file({k: v.contiguous().clone() for k, v in sd.items()}, out)\" " +
+      shell_quote(path.string());
+  std::string what = "checkpoint " + in_quotes(path.string()) + " is";
+  if (is_folder) {
+    what = "checkpoint folder " + in_quotes(path.string()) + " holds only " +
+           (is_file(path / kPickleIndexFile) ? in_quotes(kPickleIndexFile) + " and its shards, which are"
+                                              : in_quotes(kPickleFile) + ", which is");
+  }
+  throw Unsupported(what + " a PyTorch pickle; devpipe reads safetensors only. Convert it to " +
+                    in_quotes((folder / kSingleFile).string()) +
+                    " (needs `pip install torch safetensors`), for example with `" + cmd +
+                    "`, then use " + in_quotes(folder.string()) + " again");
+}
+
 }  // namespace
 
 Checkpoint Checkpoint::open(const std::string& path) {
@@ -82,6 +121,7 @@ Checkpoint Checkpoint::open(const std::string& path) {
   };
 
   if (!fs::is_directory(root, ec)) {
+    if (root.extension() == ".bin") throw_pickle_checkpoint(root, false);
     add_whole_file(root);
     return ck;
   }
@@ -91,6 +131,7 @@ Checkpoint Checkpoint::open(const std::string& path) {
   }
   const fs::path index_path = root / kIndexFile;
   if (!is_file(index_path)) {
+    if (is_file(root / kPickleFile) || is_file(root / kPickleIndexFile)) throw_pickle_checkpoint(root, true);
     throw IoError("checkpoint folder " + in_quotes(path) + " has neither " + in_quotes(kSingleFile) +
                   " nor " + in_quotes(kIndexFile));
   }

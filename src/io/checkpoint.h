@@ -21,6 +21,8 @@ class Checkpoint {
   /// be found or opened (for a folder with neither file, the message lists what it looked for)
   /// and FormatError when a file or the index is malformed or inconsistent (the index names a
   /// shard that does not exist, or a key its shard does not hold); messages name the path.
+  /// PyTorch pickles (pytorch_model.bin, its index, or a path to a .bin file) are not read:
+  /// Unsupported, with the command that converts them to safetensors.
   static Checkpoint open(const std::string& path);
 
   /// All tensor keys, sorted.

@@ -52,6 +52,10 @@ void RuntimeConfig::validate() const {
   if (!is_floating(dtype)) {
     throw ConfigError("dtype must be a floating type, got " + std::string(dtype_name(dtype)));
   }
+  if (num_threads < 0 || num_threads > kMaxThreads) {
+    throw ConfigError("num_threads must be in [0, " + std::to_string(kMaxThreads) +
+                      "] (0: OMP_NUM_THREADS or the cores), got " + std::to_string(num_threads));
+  }
   batch_buckets();
   named_buckets();
 }
@@ -127,7 +131,8 @@ std::string InferenceConfig::to_json() const {
                   {"dtype", std::string(dtype_name(runtime_.dtype))},
                   {"tp_degree", runtime_.tp_degree},
                   {"buckets", runtime_.buckets},
-                  {"device", std::string(device_kind_name(runtime_.device))}};
+                  {"device", std::string(device_kind_name(runtime_.device))},
+                  {"num_threads", runtime_.num_threads}};
   if (!runtime_.dim_buckets.empty()) j["runtime"]["dim_buckets"] = runtime_.dim_buckets;
   json a = json::object();
   for (const auto& [k, v] : attrs_) {
@@ -153,6 +158,13 @@ InferenceConfig InferenceConfig::from_json(const std::string& text) {
     c.runtime_.buckets = r.value("buckets", std::vector<std::int64_t>{});
     c.runtime_.device = device_kind_from_name(r.value("device", std::string("cpu")));
     c.runtime_.dim_buckets = r.value("dim_buckets", std::map<std::string, std::vector<std::int64_t>>{});
+    if (auto it = r.find("num_threads"); it != r.end()) {  // absent in configs before it existed
+      if (!it->is_number_unsigned() || it->get<std::uint64_t>() > RuntimeConfig::kMaxThreads) {
+        throw ConfigError("config JSON: runtime.num_threads must be an integer in [0, " +
+                          std::to_string(RuntimeConfig::kMaxThreads) + "], got " + it->dump());
+      }
+      c.runtime_.num_threads = static_cast<int>(it->get<std::uint64_t>());
+    }
     for (const auto& [k, v] : j.at("attributes").items()) {
       if (v.is_boolean()) {
         c.attrs_.emplace(k, v.get<bool>());

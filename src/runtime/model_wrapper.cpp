@@ -1,6 +1,7 @@
 #include "devpipe/model_wrapper.h"
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -8,11 +9,13 @@
 #include "compiler/artifact.h"
 #include "compiler/fuse.h"
 #include "compiler/shard.h"
+#include "core/log.h"
 #include "devpipe/error.h"
 #include "devpipe/safetensors.h"
 #include "devpipe/timeline.h"
 #include "io/checkpoint.h"
 #include "runtime/backend.h"
+#include "runtime/checkpoint_keys.h"
 #include "runtime/rank_group.h"
 #include "runtime/state_store.h"
 #include "runtime/wrapper_impl.h"
@@ -22,11 +25,19 @@ namespace devpipe {
 namespace fs = std::filesystem;
 using namespace wrapper_detail;
 
+namespace {
+std::string ms_since(std::chrono::steady_clock::time_point start) {
+  auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
+  return std::to_string(us.count() / 1000) + "." + std::to_string(us.count() / 100 % 10) + " ms";
+}
+}  // namespace
+
 
 ModelWrapper::ModelWrapper(const InferenceConfig& config, ModelFactory model_cls, WrapperOptions options)
     : config_(config), factory_(std::move(model_cls)), options_(std::move(options)) {
   config_.runtime_config().validate();
   if (options_.tag.empty()) throw ConfigError("a ModelWrapper needs a non-empty tag");
+  make_key_rules(options_.ignore_checkpoint_keys, {});  // a bad pattern is an error here already
 }
 
 ModelWrapper::~ModelWrapper() = default;
@@ -143,8 +154,10 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
   }
   int total_steps = static_cast<int>(buckets.size()) + rc.tp_degree + 1;
   int step = 0;
+  const auto start = std::chrono::steady_clock::now();
   auto report = [&](const std::string& what) {
     ++step;
+    log::debug(prefix(tag) + "compile: " + what);
     if (progress) progress(tag, step, total_steps, what);
   };
 
@@ -232,30 +245,21 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
   // Weights: every parameter the graphs use, from the checkpoint, checked, converted, sharded.
   const Graph& g0 = m.buckets.front().graph;
   Checkpoint ckpt = Checkpoint::open(checkpoint_path);
-  std::vector<std::string> missing, leftover;
-  std::set<std::string> used;
-  for (const auto& p : g0.params) {
-    used.insert(p.key);
-    if (!ckpt.contains(p.key)) missing.push_back(p.key);
-  }
-  for (const auto& k : ckpt.keys()) {
-    if (!used.count(k)) leftover.push_back(k);
-  }
-  if (!missing.empty() || !leftover.empty()) {
-    std::string msg = prefix(tag) + "checkpoint '" + checkpoint_path + "' does not match the model:";
-    if (!missing.empty()) msg += " missing " + std::to_string(missing.size()) + " tensor(s): " + join(missing) + ";";
-    if (!leftover.empty()) msg += " unused " + std::to_string(leftover.size()) + " tensor(s): " + join(leftover) + ";";
-    throw InvalidArgument(msg);
-  }
+  std::vector<std::string> model_keys;
+  for (const auto& p : g0.params) model_keys.push_back(p.key);
+  const std::vector<std::string> source = match_checkpoint_keys(
+      ckpt, model_keys, make_key_rules(options_.ignore_checkpoint_keys, options_.checkpoint_key_map), prefix(tag));
   std::vector<Tensor> full;
-  for (const auto& p : g0.params) {
-    Tensor t = ckpt.get(p.key);
+  for (std::size_t i = 0; i < g0.params.size(); ++i) {
+    const auto& p = g0.params[i];
+    const std::string named = source[i] == p.key ? "'" + p.key + "'" : "'" + source[i] + "' (for '" + p.key + "')";
+    Tensor t = ckpt.get(source[i]);
     if (t.shape() != p.full_shape) {
-      throw ShapeError(prefix(tag) + "checkpoint tensor '" + p.key + "' has shape " + t.shape().to_string() +
+      throw ShapeError(prefix(tag) + "checkpoint tensor " + named + " has shape " + t.shape().to_string() +
                        " but the model declares " + p.full_shape.to_string());
     }
     if (!is_floating(t.dtype())) {
-      throw DTypeError(prefix(tag) + "checkpoint tensor '" + p.key + "' is " +
+      throw DTypeError(prefix(tag) + "checkpoint tensor " + named + " is " +
                        std::string(dtype_name(t.dtype())) + "; parameters must be floating point");
     }
     full.push_back(t.to_dtype(rc.dtype));
@@ -278,6 +282,10 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
   }
   write_manifest(dir, m);
   report("wrote manifest");
+  log::info(prefix(tag) + "compiled " + std::to_string(buckets.size()) + " bucket(s) " +
+            Shape(buckets).to_string() + ", tp_degree " + std::to_string(rc.tp_degree) + ", " +
+            std::string(dtype_name(rc.dtype)) + ", " + std::to_string(g0.params.size()) +
+            " parameter(s) from '" + checkpoint_path + "' into '" + dir + "' in " + ms_since(start));
 }
 
 // --------------------------------------------------------------------------------- load
@@ -321,8 +329,10 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
   }
   int total = rc.tp_degree + static_cast<int>(m.buckets.size()) + 1;
   int step = 0;
+  const auto start = std::chrono::steady_clock::now();
   auto report = [&](const std::string& what) {
     ++step;
+    log::debug(prefix(tag) + "load: " + what);
     if (progress) progress(tag, step, total, what);
   };
 
@@ -367,7 +377,7 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
   for (const auto& b : m.buckets) {
     std::vector<std::unique_ptr<Executable>> per_rank;
     for (int r = 0; r < rc.tp_degree; ++r) {
-      RankInfo info{r, rc.tp_degree, &impl->group->comm(), impl->group->threads_per_rank()};
+      RankInfo info{r, rc.tp_degree, &impl->group->comm(), threads_per_rank(rc)};
       per_rank.push_back(impl->backend->compile(b.graph, impl->rank_params[static_cast<std::size_t>(r)], info));
     }
     impl->executables.push_back(std::move(per_rank));
@@ -457,6 +467,9 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
     for (std::size_t k = 0; k < m.states.size(); ++k) impl_->state_ptrs[r][k] = impl_->state_bufs[r][k].raw_data();
   }
   report("warmed up");
+  log::info(prefix(tag) + "loaded '" + dir + "': bucket(s) " + Shape(art_buckets).to_string() + ", tp_degree " +
+            std::to_string(rc.tp_degree) + " on " + std::string(device_kind_name(rc.device)) + ", " +
+            std::to_string(threads_per_rank(rc)) + " thread(s) per rank, in " + ms_since(start));
 }
 
 void ModelWrapper::set_state_store(std::shared_ptr<StateStore> store) { states_ = std::move(store); }

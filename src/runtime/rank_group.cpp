@@ -1,9 +1,13 @@
 #include "runtime/rank_group.h"
 
+#include <cerrno>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
 #include <thread>
+
+#include "core/log.h"
 
 namespace devpipe {
 
@@ -11,8 +15,31 @@ RankGroup::RankGroup(DeviceKind kind, int tp_degree) : kind_(kind), comm_(make_l
   for (int r = 0; r < tp_degree; ++r) {
     streams_.push_back(std::make_unique<RankStream>("rank" + std::to_string(r)));
   }
+}
+
+int default_num_threads() {
   int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  threads_per_rank_ = std::max(1, cores / tp_degree);
+  const char* env = std::getenv("OMP_NUM_THREADS");
+  if (!env || !*env) return cores;
+  // OpenMP's syntax: a list of positive integers, one per nesting level; the first applies.
+  char* end = nullptr;
+  errno = 0;
+  long n = std::strtol(env, &end, 10);
+  while (end && (*end == ' ' || *end == '\t')) ++end;
+  if (errno == 0 && end != env && n >= 1 && n <= RuntimeConfig::kMaxThreads && (*end == '\0' || *end == ',')) {
+    return static_cast<int>(n);
+  }
+  static std::once_flag warned;
+  std::call_once(warned, [&] {
+    log::warn("OMP_NUM_THREADS='" + std::string(env) + "' is not a thread count in [1, " +
+              std::to_string(RuntimeConfig::kMaxThreads) + "]; using the " + std::to_string(cores) + " cores");
+  });
+  return cores;
+}
+
+int threads_per_rank(const RuntimeConfig& config) {
+  int total = config.num_threads > 0 ? config.num_threads : default_num_threads();
+  return std::max(1, total / config.tp_degree);
 }
 
 std::shared_ptr<RankGroup> RankGroup::get(DeviceKind kind, int tp_degree) {

@@ -8,11 +8,20 @@
 #include <mutex>
 #include <vector>
 
+#include "devpipe/config.h"
 #include "devpipe/device.h"
 #include "runtime/communicator.h"
 #include "runtime/stream.h"
 
 namespace devpipe {
+
+/// Host threads in all when a config leaves num_threads at 0: OMP_NUM_THREADS (its first value)
+/// when set to a positive integer, else the cores. A bad OMP_NUM_THREADS is ignored with a
+/// warning.
+int default_num_threads();
+/// Host threads each rank's kernels use: the config's num_threads (or default_num_threads())
+/// split between its tp_degree ranks, at least 1.
+int threads_per_rank(const RuntimeConfig& config);
 
 class RankGroup {
  public:
@@ -29,8 +38,6 @@ class RankGroup {
   /// nothing in steady state.
   void submit(void (*fn)(void* context, int rank), void* context);
   Communicator& comm() { return *comm_; }
-  /// Host threads each rank's kernels may use (the cores split between the ranks).
-  int threads_per_rank() const { return threads_per_rank_; }
 
   /// Marks that a rank failed: aborts the communicator so peers blocked in a collective return.
   void mark_failed();
@@ -42,7 +49,6 @@ class RankGroup {
   std::vector<std::unique_ptr<RankStream>> streams_;
   std::unique_ptr<Communicator> comm_;
   std::mutex submit_mu_;
-  int threads_per_rank_ = 1;
   std::atomic<bool> failed_{false};
 };
 

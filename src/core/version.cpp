@@ -1,0 +1,7 @@
+#include "devpipe/version.h"
+
+namespace devpipe {
+
+const char* version() { return DEVPIPE_VERSION_STRING; }
+
+}  // namespace devpipe
