@@ -282,8 +282,10 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
   }
   write_manifest(dir, m);
   report("wrote manifest");
-  log::info(prefix(tag) + "compiled " + std::to_string(buckets.size()) + " bucket(s) " +
-            Shape(buckets).to_string() + ", tp_degree " + std::to_string(rc.tp_degree) + ", " +
+  std::string bucket_list;
+  for (const auto& b : m.buckets) bucket_list += (bucket_list.empty() ? "" : "; ") + bucket_text(b.batch, b.dims);
+  log::info(prefix(tag) + "compiled " + std::to_string(m.buckets.size()) + " bucket(s) [" + bucket_list +
+            "], tp_degree " + std::to_string(rc.tp_degree) + ", " +
             std::string(dtype_name(rc.dtype)) + ", " + std::to_string(g0.params.size()) +
             " parameter(s) from '" + checkpoint_path + "' into '" + dir + "' in " + ms_since(start));
 }
