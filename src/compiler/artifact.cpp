@@ -98,8 +98,10 @@ json graph_json(const Graph& g) {
   }
   json params = json::array();
   for (const auto& p : g.params) {
-    params.push_back({{"value", p.value}, {"key", p.key}, {"full_shape", p.full_shape.dims()},
-                      {"shard_dim", p.shard_dim}});
+    json jp = {{"value", p.value}, {"key", p.key}, {"full_shape", p.full_shape.dims()},
+               {"shard_dim", p.shard_dim}};
+    if (p.constant) jp["constant"] = true;
+    params.push_back(std::move(jp));
   }
   return {{"tp_degree", g.tp_degree}, {"values", values},   {"nodes", nodes},
           {"inputs", inputs},         {"params", params},   {"outputs", g.outputs}};
@@ -137,7 +139,7 @@ Graph graph_from(const json& j) {
   for (const auto& jp : j.at("params")) {
     g.params.push_back({check_id(jp.at("value").get<int>(), "param"), jp.at("key").get<std::string>(),
                         Shape(jp.at("full_shape").get<std::vector<std::int64_t>>()),
-                        jp.at("shard_dim").get<int>()});
+                        jp.at("shard_dim").get<int>(), jp.value("constant", false)});
   }
   for (int id : j.at("outputs").get<std::vector<int>>()) g.outputs.push_back(check_id(id, "output"));
   return g;
@@ -401,6 +403,7 @@ void validate_stage_graph(const Graph& g, const ArtifactBucket& bucket, const Ma
   check_io("output", m.outputs, g.outputs);
   for (const auto& p : g.params) {
     if (p.shard_dim >= p.full_shape.rank()) fail("parameter '" + p.key + "' has shard_dim out of range");
+    if (p.constant && p.shard_dim >= 0) fail("constant '" + p.key + "' is marked sharded");
   }
 }
 

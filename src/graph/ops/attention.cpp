@@ -16,6 +16,17 @@ double attention_scale(const Attrs& attrs, std::int64_t head_dim) {
   return attrs.has("scale") ? attrs.f("scale") : 1.0 / std::sqrt(static_cast<double>(head_dim));
 }
 
+std::array<std::int64_t, 4> attention_mask_strides(const Shape& mask) {
+  std::array<std::int64_t, 4> st{};
+  std::int64_t stride = 1;
+  for (int d = 3, md = mask.rank() - 1; d >= 0 && md >= 0; --d, --md) {
+    const std::int64_t n = mask[static_cast<std::size_t>(md)];
+    st[static_cast<std::size_t>(d)] = n == 1 ? 0 : stride;
+    stride *= n;
+  }
+  return st;
+}
+
 namespace {
 
 std::vector<ValueInfo> infer_rotary(const std::vector<ValueInfo>& in, const Attrs& attrs) {
@@ -85,7 +96,12 @@ std::vector<ValueInfo> infer_sdpa(const std::vector<ValueInfo>& in, const Attrs&
                        std::string(dtype_name(m.dtype)));
     }
     const Shape full({in[0].shape[0], in[0].shape[1], in[0].shape[2], in[1].shape[2]});
-    if (m.shape.rank() > 4 || !(broadcast_shapes(op, full, m.shape) == full)) {
+    bool fits = m.shape.rank() <= 4;
+    for (int i = 0; fits && i < m.shape.rank(); ++i) {
+      const std::int64_t d = m.shape[static_cast<std::size_t>(m.shape.rank() - 1 - i)];
+      fits = d == 1 || d == full[static_cast<std::size_t>(3 - i)];
+    }
+    if (!fits) {
       throw ShapeError(std::string(op) + ": attn_mask " + m.shape.to_string() +
                        " does not broadcast to the scores " + full.to_string());
     }
@@ -201,14 +217,7 @@ void ref_sdpa(const std::vector<Tensor>& in, std::vector<Tensor>& out, const Att
     return;
   }
   // The mask broadcast to [B, Hq, T, S], addressed through its own strides.
-  const Shape& ms = in[3].shape();
-  std::int64_t st[4] = {0, 0, 0, 0};
-  std::int64_t stride = 1;
-  for (int d = 3, md = ms.rank() - 1; d >= 0 && md >= 0; --d, --md) {
-    const std::int64_t n = ms[static_cast<std::size_t>(md)];
-    st[d] = n == 1 ? 0 : stride;
-    stride *= n;
-  }
+  const auto st = attention_mask_strides(in[3].shape());
   auto at = [st](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
     return b * st[0] + h * st[1] + i * st[2] + j * st[3];
   };
