@@ -227,6 +227,10 @@ inline const std::vector<ToleranceRow>& tolerance_table() {
       {"rotary_embedding",    kF32,   kBF16,   kF16,   {},
        "cos/sin of the same float32 angle in float32 (kernel) vs double (reference), then two "
        "products and a sum in float32"},
+      {"state_write",         kExact, kExact,  kExact, {},
+       "copies rows of values into the state: both sides move the same elements"},
+      {"sample",              kExact, kExact,  kExact, {},
+       "a token id: both sides make the same float32 choice (sample_row) on the same logits"},
       {"attention",           kF32,   kBF16,   kF16,   {},
        "float32 dot products over D <= 64 and an online softmax over key blocks (rescaled "
        "partial sums, float32 exp) against the reference's double two-pass softmax"},
@@ -745,6 +749,47 @@ inline const std::vector<OpCase>& conformance_cases() {
              },
              mixed({f_in(a.q), f_in(a.kv), f_in(a.kv), fixed_i64(a.pos, pos_shape),
                     fixed_i64(a.len, len_shape)}));
+    }
+
+    // ---- state_write (into a state, in place) and sample ----
+    // The state is the graph's last input (states follow the data inputs); prefill rows with
+    // padding (-1), a decode step into the first rows of a larger cache, a write past the end.
+    struct StateCase {
+      std::string tag;
+      Shape state, values;
+      std::vector<std::int64_t> pos;
+    };
+    for (const StateCase& a : std::vector<StateCase>{
+             {"prefill", {3, 2, 8, 4}, {3, 2, 5, 4}, {0, 1, 2, 3, 4, 0, 1, 2, -1, -1, -1, -1, -1, -1, -1}},
+             {"decode", {4, 2, 8, 4}, {2, 2, 1, 4}, {5, 8}}}) {
+      const Shape pos_shape{a.values[0], a.values[2]};
+      c.push_back({"state_write_" + a.tag + "_s" + dims_tag(a.state.dims()) + "_v" + dims_tag(a.values.dims()),
+                   "state_write", floating_dtypes(),
+                   [a, pos_shape](DType dt) {
+                     TraceOptions o;
+                     o.dtype = dt;
+                     Tracer tr(o);
+                     Var v = tr.input("values", a.values, dt);
+                     Var p = tr.input("positions", pos_shape, DType::Int64);
+                     Var s = tr.state("cache", a.state, dt);
+                     return tr.finish({F::cache_write(s, v, p)});
+                   },
+                   mixed({f_in(a.values), fixed_i64(a.pos, pos_shape), f_in(a.state)})});
+    }
+    {
+      auto fixed_f32 = [](std::vector<float> v, Shape s) {
+        return [v, s](DType, std::uint64_t) { return Tensor::from_vector(v, s); };
+      };
+      traced("sample_greedy_topk_topp_x5x40", "sample", floating_dtypes(),
+             [](DType dt) {
+               return TraceInputs{{"logits", vi({5, 40}, dt)},
+                                  {"params", vi({5, 3}, DType::Float32)},
+                                  {"u", vi({5}, DType::Float32)}};
+             },
+             [](const std::vector<Var>& v) { return std::vector<Var>{F::sample(v[0], v[1], v[2])}; },
+             mixed({f_in({5, 40}),
+                    fixed_f32({0, 0, 1, 1, 0, 1, 0.7f, 5, 1, 1.3f, 0, 0.6f, 2, 1, 0.5f}, {5, 3}),
+                    fixed_f32({0.5f, 0.13f, 0.77f, 0.31f, 0.95f}, {5})}));
     }
 
     // ---- small graphs of several ops ----
