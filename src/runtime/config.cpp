@@ -145,12 +145,9 @@ InferenceConfig InferenceConfig::from_json(const std::string& text) {
       c.runtime_.buckets = json_int::members<ConfigError>(r, "buckets", 1, json_int::kMax, where, "runtime.buckets");
     }
     c.runtime_.device = device_kind_from_name(r.value("device", std::string("cpu")));
-    if (auto it = r.find("num_threads"); it != r.end()) {  // absent in configs before it existed
-      if (!it->is_number_unsigned() || it->get<std::uint64_t>() > RuntimeConfig::kMaxThreads) {
-        throw ConfigError("config JSON: runtime.num_threads must be an integer in [0, " +
-                          std::to_string(RuntimeConfig::kMaxThreads) + "], got " + it->dump());
-      }
-      c.runtime_.num_threads = static_cast<int>(it->get<std::uint64_t>());
+    if (r.contains("num_threads")) {  // absent in configs written before it existed
+      c.runtime_.num_threads = static_cast<int>(
+          json_int::member<ConfigError>(r, "num_threads", 0, RuntimeConfig::kMaxThreads, where, "runtime.num_threads"));
     }
     for (const auto& [k, v] : j.at("attributes").items()) {
       if (v.is_boolean()) {
