@@ -47,22 +47,6 @@ std::string write_ckpt(const TempDir& dir, const InferenceConfig& c,
   return dir.str("ckpt");
 }
 
-template <class E, class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw another exception type: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "did not throw";
-  return "";
-}
-
-#define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << "message: " << (msg)
-
 class Loaded : public ::testing::Test {
  protected:
   void SetUp() override {

@@ -257,9 +257,9 @@ TEST(Threads, BadNumThreadsIsAConfigError) {
       InferenceConfig::from_json(text);
       ADD_FAILURE() << "accepted num_threads " << bad;
     } catch (const ConfigError& e) {
-      EXPECT_NE(
-          std::string(e.what()).find("runtime.num_threads must be an integer in [0, 4096], got "),
-          std::string::npos)
+      // The value as nlohmann writes it back (1e300 reads back as 1e+300).
+      EXPECT_NE(std::string(e.what()).find("runtime.num_threads is "), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(", expected an integer in [0, 4096]"), std::string::npos)
           << e.what();
     }
   }

@@ -46,6 +46,25 @@ inline bool run_torch_script(const std::string& script, const std::string& args)
   return true;
 }
 
+/// The message of the exception of type E that `f` throws; a test failure (and "") when it
+/// throws another type or nothing.
+template <class E, class F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "threw another exception type: " << e.what();
+    return "";
+  }
+  ADD_FAILURE() << "did not throw";
+  return "";
+}
+
+/// Expects the text `msg` to contain `part`.
+#define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << "message: " << (msg)
+
 /// Asserts |actual - expected| <= atol + rtol * |expected| elementwise, reporting the worst.
 inline ::testing::AssertionResult tensors_close(const Tensor& actual, const Tensor& expected,
                                                double rtol, double atol) {

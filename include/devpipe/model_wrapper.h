@@ -4,9 +4,12 @@
 // pipeline flags and a tag, and supplies example inputs for compilation. compile() traces the
 // model per batch bucket, shards the checkpoint over tp_degree ranks and writes an artifact;
 // load() reads it back, checks it against this wrapper and warms every bucket up; forward()
-// runs it. Not thread-safe: call one wrapper from one thread at a time.
+// runs it. forward() may be called from several threads at once; load() while a forward() runs
+// on the same wrapper is refused with a StateError, as is a forward() that starts while load()
+// replaces the loaded artifact.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -161,7 +164,8 @@ class ModelWrapper {
   /// Reads the artifact in `dir`, refuses one that does not match this wrapper and config,
   /// builds every bucket on every rank, binds the stage's states (from the state store: see
   /// set_state_store) and runs each bucket once (warm-up, on scratch copies of the states, so
-  /// the real states are not touched). Blocking.
+  /// the real states are not touched). Blocking. On failure the wrapper keeps what it had
+  /// loaded before. StateError while forward() runs in another thread.
   void load(const std::string& dir, const ProgressFn& progress = {});
   bool is_loaded() const;
   /// The store this wrapper's states live in, used by the next load(): set it to share states
@@ -185,11 +189,16 @@ class ModelWrapper {
 
  private:
   struct Impl;
+  Output run_forward(Impl& impl, const std::vector<Input>& inputs);
   InferenceConfig config_;
   ModelFactory factory_;
   WrapperOptions options_;
   std::shared_ptr<StateStore> states_;
   std::unique_ptr<Impl> impl_;
+  // Calls reading impl_ that are running, and whether a load() is replacing impl_ (load()
+  // refuses while calls run; calls refuse while it runs).
+  mutable std::atomic<int> calls_in_flight_{0};
+  std::atomic<bool> loading_{false};
 };
 
 /// The seed's NeuronApplicationBase: a checkpoint path, a config and a list of wrappers.

@@ -17,7 +17,7 @@ class Shape {
 
   /// Number of dimensions.
   int rank() const { return static_cast<int>(dims_.size()); }
-  /// Product of all dimensions (1 for a scalar).
+  /// Product of all dimensions (1 for a scalar); ShapeError when it overflows an int64.
   std::int64_t numel() const;
   /// Dimension i; negative i counts from the end. Throws ShapeError when out of range.
   std::int64_t dim(int i) const;

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -17,6 +18,7 @@
 
 #include "devpipe/error.h"
 #include "graph/op_def.h"
+#include "io/json_int.h"
 
 #ifndef DEVPIPE_VERSION
 #define DEVPIPE_VERSION "0.0.0"
@@ -24,6 +26,7 @@
 
 namespace devpipe {
 
+namespace fs = std::filesystem;
 using nlohmann::json;
 
 const char* devpipe_version() { return DEVPIPE_VERSION; }
@@ -52,7 +55,7 @@ json attrs_to_json(const Attrs& attrs) {
   return j;
 }
 
-Attrs attrs_from_json(const json& j) {
+Attrs attrs_from_json(const json& j, const std::string& where, const std::string& key) {
   Attrs a;
   for (const auto& [k, v] : j.items()) {
     if (v.is_object()) {
@@ -68,11 +71,11 @@ Attrs attrs_from_json(const json& j) {
         a.set(k, f.get<double>());
       }
     } else if (v.is_number_integer()) {
-      a.set(k, v.get<std::int64_t>());
+      a.set(k, json_int::value<FormatError>(v, json_int::kMin, json_int::kMax, where, key + "." + k));
     } else if (v.is_string()) {
       a.set(k, v.get<std::string>());
     } else if (v.is_array()) {
-      a.set(k, v.get<std::vector<std::int64_t>>());
+      a.set(k, json_int::values<FormatError>(v, json_int::kMin, json_int::kMax, where, key + "." + k));
     } else {
       throw FormatError("attribute '" + k + "' has an unsupported JSON value " + v.dump());
     }
@@ -107,41 +110,86 @@ json graph_json(const Graph& g) {
           {"inputs", inputs},         {"params", params},   {"outputs", g.outputs}};
 }
 
-Graph graph_from(const json& j) {
-  Graph g;
-  g.tp_degree = j.at("tp_degree").get<int>();
-  for (const auto& v : j.at("values")) {
-    g.values.push_back({Shape(v.at(0).get<std::vector<std::int64_t>>()),
-                        dtype_from_name(v.at(1).get<std::string>())});
+/// "<key>[<i>]".
+std::string item(const std::string& key, std::size_t i) { return key + "[" + std::to_string(i) + "]"; }
+
+/// A shape read from `v`: non-negative integer dims whose element count, and byte size in
+/// `dtype`, fit an int64 (so that no size computed from it overflows). FormatError otherwise.
+Shape shape_from(const json& v, DType dtype, const std::string& where, const std::string& key) {
+  Shape s(json_int::values<FormatError>(v, 0, json_int::kMax, where, key));
+  std::int64_t bytes = 0;
+  bool fits = true;
+  try {
+    fits = !__builtin_mul_overflow(s.numel(), static_cast<std::int64_t>(dtype_size(dtype)), &bytes);
+  } catch (const ShapeError&) {
+    fits = false;
   }
-  auto check_id = [&](int id, const char* what) {
-    if (id < 0 || id >= static_cast<int>(g.values.size())) {
-      throw FormatError(std::string("graph ") + what + " refers to value %" + std::to_string(id) +
-                        ", but the graph has " + std::to_string(g.values.size()) + " values");
+  if (!fits) {
+    throw FormatError(where + ": " + key + " is " + s.to_string() + " " + std::string(dtype_name(dtype)) +
+                      ", whose size overflows (more than 2^63 bytes)");
+  }
+  return s;
+}
+
+Graph graph_from(const json& j, const std::string& where, const std::string& key) {
+  Graph g;
+  g.tp_degree = static_cast<int>(json_int::member<FormatError>(j, "tp_degree", 1, json_int::kIntMax, where, key + ".tp_degree"));
+  std::int64_t total_bytes = 0;  // every value at once must fit an int64 too (memory plans add them up)
+  for (const auto& v : j.at("values")) {
+    std::string vk = item(key + ".values", g.values.size());
+    DType dt = dtype_from_name(v.at(1).get<std::string>());
+    Shape s = shape_from(v.at(0), dt, where, vk);
+    if (__builtin_add_overflow(total_bytes, s.numel() * static_cast<std::int64_t>(dtype_size(dt)), &total_bytes)) {
+      throw FormatError(where + ": " + key + ".values need more than 2^63 bytes in all (" + vk + " is " +
+                        s.to_string() + ")");
     }
-    return id;
+    g.values.push_back({std::move(s), dt});
+  }
+  auto check_id = [&](std::int64_t id, const std::string& k) {
+    if (id < 0 || id >= static_cast<std::int64_t>(g.values.size())) {
+      throw FormatError(where + ": " + k + " refers to value %" + std::to_string(id) + ", but the graph has " +
+                        std::to_string(g.values.size()) + " values");
+    }
+    return static_cast<int>(id);
+  };
+  // A list of value ids, each checked.
+  auto ids = [&](const json& a, const std::string& k) {
+    std::vector<int> out;
+    for (auto id : json_int::values<FormatError>(a, json_int::kMin, json_int::kMax, where, k)) {
+      out.push_back(check_id(id, item(k, out.size())));
+    }
+    return out;
   };
   for (const auto& jn : j.at("nodes")) {
+    std::string nk = item(key + ".nodes", g.nodes.size());
     Node n;
     n.op = op_from_name(jn.at("op").get<std::string>());
-    for (int id : jn.at("in").get<std::vector<int>>()) n.inputs.push_back(check_id(id, "node input"));
-    for (int id : jn.at("out").get<std::vector<int>>()) n.outputs.push_back(check_id(id, "node output"));
-    n.attrs = attrs_from_json(jn.at("attrs"));
+    n.inputs = ids(jn.at("in"), nk + ".in");
+    n.outputs = ids(jn.at("out"), nk + ".out");
+    n.attrs = attrs_from_json(jn.at("attrs"), where, nk + ".attrs");
     n.scope = jn.value("scope", std::string());
     g.nodes.push_back(std::move(n));
   }
   for (const auto& ji : j.at("inputs")) {
+    std::string ik = item(key + ".inputs", g.inputs.size());
     const std::string kind = ji.value("kind", std::string("data"));
-    if (kind != "data" && kind != "state") throw FormatError("graph input kind '" + kind + "' is not data or state");
-    g.inputs.push_back({check_id(ji.at("value").get<int>(), "input"), ji.at("name").get<std::string>(),
+    if (kind != "data" && kind != "state") {
+      throw FormatError(where + ": " + ik + ".kind is '" + kind + "', not data or state");
+    }
+    g.inputs.push_back({check_id(json_int::member<FormatError>(ji, "value", json_int::kMin, json_int::kMax, where, ik + ".value"), ik + ".value"),
+                        ji.at("name").get<std::string>(),
                         kind == "state" ? GraphInput::Kind::State : GraphInput::Kind::Data});
   }
   for (const auto& jp : j.at("params")) {
-    g.params.push_back({check_id(jp.at("value").get<int>(), "param"), jp.at("key").get<std::string>(),
-                        Shape(jp.at("full_shape").get<std::vector<std::int64_t>>()),
-                        jp.at("shard_dim").get<int>(), jp.value("constant", false)});
+    std::string pk = item(key + ".params", g.params.size());
+    int value = check_id(json_int::member<FormatError>(jp, "value", json_int::kMin, json_int::kMax, where, pk + ".value"), pk + ".value");
+    Shape full = shape_from(jp.at("full_shape"), g.values[static_cast<std::size_t>(value)].dtype, where, pk + ".full_shape");
+    // -1: replicated; else the dim split over the ranks.
+    auto shard_dim = json_int::member<FormatError>(jp, "shard_dim", -1, full.rank() - 1, where, pk + ".shard_dim");
+    g.params.push_back({value, jp.at("key").get<std::string>(), std::move(full), static_cast<int>(shard_dim),
+                        jp.value("constant", false)});
   }
-  for (int id : j.at("outputs").get<std::vector<int>>()) g.outputs.push_back(check_id(id, "output"));
+  g.outputs = ids(j.at("outputs"), key + ".outputs");
   return g;
 }
 
@@ -156,21 +204,27 @@ json io_json(const std::vector<StageIO>& ios) {
   return a;
 }
 
-std::vector<StageIO> io_from(const json& a) {
+std::vector<StageIO> io_from(const json& a, const std::string& where, const std::string& key) {
   std::vector<StageIO> out;
   for (const auto& j : a) {
-    StageIO io{j.at("name").get<std::string>(), Shape(j.at("sample_shape").get<std::vector<std::int64_t>>()),
-               dtype_from_name(j.at("dtype").get<std::string>()),
-               j.value("dims", std::vector<std::string>{})};
+    std::string k = item(key, out.size());
+    DType dt = dtype_from_name(j.at("dtype").get<std::string>());
+    std::vector<std::string> dims = j.value("dims", std::vector<std::string>{});
+    // A named (bucketed) dim is -1 in sample_shape.
+    Shape sample = dims.empty() ? shape_from(j.at("sample_shape"), dt, where, k + ".sample_shape")
+                                : Shape(json_int::values<FormatError>(j.at("sample_shape"), -1, json_int::kMax, where,
+                                                                      k + ".sample_shape"));
+    StageIO io{j.at("name").get<std::string>(), std::move(sample), dt, std::move(dims)};
     if (!io.dims.empty() && io.dims.size() != io.sample_shape.dims().size()) {
-      throw FormatError("stage io '" + io.name + "' names " + std::to_string(io.dims.size()) + " dims for a sample shape " +
-                        io.sample_shape.to_string());
+      throw FormatError(where + ": " + k + " ('" + io.name + "') names " + std::to_string(io.dims.size()) +
+                        " dims for a sample shape " + io.sample_shape.to_string());
     }
-    for (std::size_t k = 0; k < io.sample_shape.dims().size(); ++k) {
-      const bool named = k < io.dims.size() && !io.dims[k].empty();
-      if (named != (io.sample_shape[k] == -1) || (!named && io.sample_shape[k] < 0)) {
-        throw FormatError("stage io '" + io.name + "': sample dim " + std::to_string(k + 1) + " is " +
-                          std::to_string(io.sample_shape[k]) + (named ? " but named '" + io.dims[k] + "'" : std::string()));
+    for (std::size_t d = 0; d < io.sample_shape.dims().size(); ++d) {
+      const bool named = d < io.dims.size() && !io.dims[d].empty();
+      if (named != (io.sample_shape[d] == -1)) {
+        throw FormatError(where + ": " + k + " ('" + io.name + "'): sample dim " + std::to_string(d + 1) + " is " +
+                          std::to_string(io.sample_shape[d]) +
+                          (named ? " but named '" + io.dims[d] + "'" : std::string(" (only a named dim is -1)")));
       }
     }
     out.push_back(std::move(io));
@@ -178,17 +232,71 @@ std::vector<StageIO> io_from(const json& a) {
   return out;
 }
 
+/// Closes a file descriptor when it goes out of scope.
+struct Fd {
+  int fd;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+/// fsync of a folder, so that a rename in it is durable (best effort).
+void sync_dir(const fs::path& dir) {
+  Fd d{::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)};
+  if (d.fd >= 0) ::fsync(d.fd);
+}
+
 void write_file_atomic(const std::string& path, const std::string& text) {
   std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  auto fail = [&](const std::string& what) {
+    int err = errno;
+    ::unlink(tmp.c_str());
+    throw IoError(what + ": " + std::strerror(err));
+  };
   {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw IoError("cannot write '" + tmp + "': " + std::strerror(errno));
-    f << text;
-    f.flush();
-    if (!f) throw IoError("failed writing '" + tmp + "'");
+    Fd f{::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)};
+    if (f.fd < 0) throw IoError("cannot write '" + tmp + "': " + std::strerror(errno));
+    for (std::size_t done = 0; done < text.size();) {
+      ssize_t n = ::write(f.fd, text.data() + done, text.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) fail("failed writing '" + tmp + "'");
+      done += static_cast<std::size_t>(n);
+    }
+    if (::fsync(f.fd) != 0) fail("failed writing '" + tmp + "' (fsync)");
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    throw IoError("cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno));
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("cannot rename '" + tmp + "' to '" + path + "'");
+  sync_dir(fs::path(path).parent_path());
+}
+
+/// The whole text of the regular file `path`; IoError when it cannot be read, FormatError when it
+/// is not a regular file (a FIFO is never waited on).
+std::string read_regular_file(const std::string& path, const std::string& missing_hint) {
+  Fd f{::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC)};
+  if (f.fd < 0) throw IoError("cannot open " + path + ": " + std::strerror(errno) + missing_hint);
+  struct stat st {};
+  if (::fstat(f.fd, &st) != 0) throw IoError("cannot stat " + path + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) throw FormatError(path + " is not a regular file");
+  std::string text;
+  char buf[65536];
+  for (;;) {
+    ssize_t n = ::read(f.fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw IoError("cannot read " + path + ": " + std::strerror(errno));
+    if (n == 0) break;
+    text.append(buf, static_cast<std::size_t>(n));
+  }
+  return text;
+}
+
+/// Refuses a weight file path that is not a plain relative path inside the artifact: absolute,
+/// empty, or leading out with "..". (Symlinks are checked when the file is opened.)
+void check_relative_inside(const std::string& file, const std::string& dir, const std::string& where,
+                           const std::string& key) {
+  fs::path p = fs::path(file).lexically_normal();
+  bool inside = !file.empty() && p.is_relative() && !p.empty() && p != "." && *p.begin() != "..";
+  if (!inside) {
+    throw FormatError(where + ": " + key + " '" + file + "' is outside the artifact folder '" + dir +
+                      "' (weight files are relative paths inside it)");
   }
 }
 
@@ -218,7 +326,7 @@ std::string bucket_text(std::int64_t batch, const std::map<std::string, std::int
 
 Graph graph_from_json(const std::string& text) {
   try {
-    return graph_from(json::parse(text));
+    return graph_from(json::parse(text), "graph JSON", "graph");
   } catch (const json::exception& e) {
     throw FormatError(std::string("graph JSON: ") + e.what());
   }
@@ -253,21 +361,20 @@ void write_manifest(const std::string& dir, const Manifest& m) {
             {"states", states},
             {"buckets", buckets},
             {"weights", weights}};
-  write_file_atomic((std::filesystem::path(dir) / "manifest.json").string(), j.dump(1) + "\n");
+  write_file_atomic((fs::path(dir) / "manifest.json").string(), j.dump(1) + "\n");
 }
 
 Manifest read_manifest(const std::string& dir) {
-  std::string path = (std::filesystem::path(dir) / "manifest.json").string();
-  std::ifstream f(path);
-  if (!f) {
-    throw IoError("no compiled artifact at '" + dir + "': cannot open " + path +
-                  " (run compile() first)");
+  std::string path = (fs::path(dir) / "manifest.json").string();
+  std::string text;
+  try {
+    text = read_regular_file(path, " (run compile() first)");
+  } catch (const IoError& e) {
+    throw IoError("no compiled artifact at '" + dir + "': " + e.what());
   }
-  std::stringstream ss;
-  ss << f.rdbuf();
   json j;
   try {
-    j = json::parse(ss.str());
+    j = json::parse(text);
   } catch (const json::exception& e) {
     throw FormatError(path + " is not valid JSON: " + e.what());
   }
@@ -276,7 +383,7 @@ Manifest read_manifest(const std::string& dir) {
     if (j.value("format", std::string()) != "devpipe-artifact") {
       throw FormatError(path + " is not a devpipe artifact manifest (missing \"format\": \"devpipe-artifact\")");
     }
-    m.format_version = j.at("format_version").get<int>();
+    m.format_version = static_cast<int>(json_int::member<FormatError>(j, "format_version", 0, json_int::kIntMax, path));
     m.devpipe_version = j.value("devpipe_version", std::string("?"));
     if (m.format_version != kArtifactFormatVersion) {
       throw ArtifactMismatch("artifact at '" + dir + "' has format version " +
@@ -287,23 +394,37 @@ Manifest read_manifest(const std::string& dir) {
     }
     m.tag = j.at("tag").get<std::string>();
     m.dtype = dtype_from_name(j.at("dtype").get<std::string>());
-    m.tp_degree = j.at("tp_degree").get<int>();
+    m.tp_degree = static_cast<int>(json_int::member<FormatError>(j, "tp_degree", 1, json_int::kIntMax, path));
     m.pipeline_execution = j.value("pipeline_execution", false);
     m.return_ranked_to_cpu = j.value("return_ranked_to_cpu", true);
     m.config_json = j.at("config").dump();
-    m.inputs = io_from(j.at("inputs"));
-    m.outputs = io_from(j.at("outputs"));
+    m.inputs = io_from(j.at("inputs"), path, "inputs");
+    m.outputs = io_from(j.at("outputs"), path, "outputs");
     for (const auto& st : j.value("states", json::array())) {
-      m.states.push_back({st.at("name").get<std::string>(), Shape(st.at("shape").get<std::vector<std::int64_t>>()),
-                          dtype_from_name(st.at("dtype").get<std::string>())});
+      std::string sk = item("states", m.states.size());
+      DType dt = dtype_from_name(st.at("dtype").get<std::string>());
+      m.states.push_back({st.at("name").get<std::string>(), shape_from(st.at("shape"), dt, path, sk + ".shape"), dt});
     }
     for (const auto& b : j.at("buckets")) {
-      m.buckets.push_back({b.at("batch").get<std::int64_t>(),
-                           b.value("dims", std::map<std::string, std::int64_t>{}), graph_from(b.at("graph"))});
+      std::string bk = item("buckets", m.buckets.size());
+      std::int64_t batch = json_int::member<FormatError>(b, "batch", 1, json_int::kMax, path, bk + ".batch");
+      std::map<std::string, std::int64_t> dims;
+      if (b.contains("dims")) {
+        for (const auto& [name, size] : b.at("dims").items()) {
+          dims[name] = json_int::member<FormatError>(b.at("dims"), name, 1, json_int::kMax, path, bk + ".dims." + name);
+        }
+      }
+      m.buckets.push_back({batch, std::move(dims), graph_from(b.at("graph"), path, bk + ".graph")});
     }
     for (const auto& w : j.at("weights")) {
-      m.weights.push_back({w.at("rank").get<int>(), w.at("file").get<std::string>(),
-                           w.at("checksum").get<std::string>(), w.at("bytes").get<std::uint64_t>()});
+      std::string wk = item("weights", m.weights.size());
+      WeightFileEntry e;
+      e.rank = static_cast<int>(json_int::member<FormatError>(w, "rank", 0, m.tp_degree - 1, path, wk + ".rank"));
+      e.file = w.at("file").get<std::string>();
+      check_relative_inside(e.file, dir, path, wk + ".file");
+      e.checksum = w.at("checksum").get<std::string>();
+      e.bytes = static_cast<std::uint64_t>(json_int::member<FormatError>(w, "bytes", 0, json_int::kMax, path, wk + ".bytes"));
+      m.weights.push_back(std::move(e));
     }
   } catch (const json::exception& e) {
     throw FormatError(path + ": missing or mistyped field: " + e.what());
@@ -407,13 +528,40 @@ void validate_stage_graph(const Graph& g, const ArtifactBucket& bucket, const Ma
   }
 }
 
+std::string resolve_artifact_file(const std::string& dir, const std::string& file) {
+  const std::string shown = (fs::path(dir) / file).string();
+  check_relative_inside(file, dir, "artifact at '" + dir + "'", "weight file");
+  std::error_code ec;
+  fs::path real_dir = fs::canonical(dir, ec);
+  if (ec) throw IoError("cannot resolve artifact folder '" + dir + "': " + ec.message());
+  fs::path real = fs::canonical(fs::path(dir) / file, ec);
+  if (ec) throw IoError("cannot open weight file '" + shown + "': " + ec.message());
+  // Component-wise prefix test: /a/art2 is not inside /a/art.
+  auto differ = std::mismatch(real_dir.begin(), real_dir.end(), real.begin(), real.end());
+  if (differ.first != real_dir.end()) {
+    throw FormatError("weight file '" + shown + "' leads to '" + real.string() + "', outside the artifact folder '" +
+                      dir + "' (weight files and the links to them stay inside it)");
+  }
+  struct stat st {};
+  if (::stat(real.c_str(), &st) != 0) throw IoError("cannot stat weight file '" + shown + "': " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) {
+    throw FormatError("weight file '" + shown + "' is not a regular file (a FIFO, device or folder cannot be a weight file)");
+  }
+  return real.string();
+}
+
 std::string file_checksum(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY);
+  // O_NONBLOCK: opening a FIFO does not wait for a writer (it is refused below).
+  int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) throw IoError("cannot open '" + path + "': " + std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     ::close(fd);
     throw IoError("cannot stat '" + path + "': " + std::strerror(errno));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw FormatError("'" + path + "' is not a regular file");
   }
   std::size_t n = static_cast<std::size_t>(st.st_size);
   std::uint64_t h = 0xcbf29ce484222325ull ^ n;
@@ -443,6 +591,108 @@ std::string file_checksum(const std::string& path) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "h64:%016llx", static_cast<unsigned long long>(h));
   return buf;
+}
+
+void replace_artifact_dir(const std::string& dir, const std::function<void(const std::string& tmp)>& write) {
+  std::error_code ec;
+  auto io_fail = [&](const std::string& what) {
+    throw IoError("compile(): " + what + ": " + ec.message());
+  };
+  fs::path target = fs::absolute(dir, ec).lexically_normal();
+  if (ec) io_fail("cannot resolve '" + dir + "'");
+  if (!target.has_filename()) target = target.parent_path();  // "art/" names "art"
+  if (!target.has_filename() || target.filename() == "..") {
+    throw InvalidArgument("compile(): cannot write an artifact to '" + dir + "': name a folder for it");
+  }
+  const fs::path parent = target.parent_path();
+  const bool exists = fs::exists(fs::symlink_status(target, ec));
+  if (exists) {
+    if (!fs::is_directory(target, ec)) {
+      throw InvalidArgument("compile(): '" + dir + "' exists and is not a folder; an artifact is a folder");
+    }
+    // The whole folder is replaced: refuse one that holds more than an artifact.
+    std::vector<std::string> foreign;
+    for (fs::directory_iterator it(target, ec), end; !ec && it != end; it.increment(ec)) {
+      std::string name = it->path().filename().string();
+      std::error_code ignored;
+      bool ours = name == "manifest.json" || (name == "weights" && it->is_directory(ignored)) ||
+                  name.rfind("manifest.json.tmp.", 0) == 0;
+      if (!ours) foreign.push_back(name);
+    }
+    if (ec) io_fail("cannot list '" + dir + "'");
+    if (!foreign.empty()) {
+      std::sort(foreign.begin(), foreign.end());
+      std::string list;
+      for (std::size_t i = 0; i < foreign.size() && i < 10; ++i) {
+        list += i ? ", '" : "'";
+        list += foreign[i];
+        list += "'";
+      }
+      if (foreign.size() > 10) list += ", ... (" + std::to_string(foreign.size() - 10) + " more)";
+      throw InvalidArgument("compile(): '" + dir + "' holds " + list +
+                            ", which is not part of an artifact; compiling replaces the whole folder, so it must be "
+                            "empty or hold a previous artifact: choose another folder");
+    }
+  }
+  fs::create_directories(parent, ec);
+  if (ec) io_fail("cannot create '" + parent.string() + "'");
+  // A hidden sibling "<parent>/.<name><suffix>XXXXXX" for mkdtemp.
+  auto sibling = [&](const char* suffix) {
+    std::string name(".");
+    name += target.filename().string();
+    name += suffix;
+    return (parent / name).string();
+  };
+  std::string tmpl = sibling(".tmp-XXXXXX");
+  if (!::mkdtemp(tmpl.data())) {
+    throw IoError("cannot create a folder beside '" + dir + "' (" + tmpl + "): " + std::strerror(errno));
+  }
+  const fs::path tmp = tmpl;
+  auto discard = [&](const fs::path& p) noexcept {
+    std::error_code ignored;
+    fs::remove_all(p, ignored);
+  };
+  try {
+    write(tmp.string());
+  } catch (...) {
+    discard(tmp);
+    throw;
+  }
+  // Commit: one rename. An existing artifact is swapped out atomically (readers see the old or
+  // the new one, never a mix or none), then removed.
+  if (!exists) {
+    if (::rename(tmp.c_str(), target.c_str()) != 0) {
+      int err = errno;
+      discard(tmp);
+      throw IoError("cannot rename '" + tmp.string() + "' to '" + target.string() + "': " + std::strerror(err));
+    }
+  } else if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) != 0) {
+    // No atomic exchange on this file system: move the old one aside, the new one in.
+    int err = errno;
+    if (err != EINVAL && err != ENOSYS && err != ENOTSUP) {
+      discard(tmp);
+      throw IoError("cannot replace '" + target.string() + "' with '" + tmp.string() + "': " + std::strerror(err));
+    }
+    std::string old = sibling(".old-XXXXXX");
+    const bool made = ::mkdtemp(old.data()) != nullptr;
+    if (!made || ::rename(target.c_str(), old.c_str()) != 0) {
+      err = errno;
+      if (made) discard(old);
+      discard(tmp);
+      throw IoError("cannot move the previous artifact '" + target.string() + "' aside: " + std::strerror(err));
+    }
+    if (::rename(tmp.c_str(), target.c_str()) != 0) {
+      err = errno;
+      ::rename(old.c_str(), target.c_str());  // put the previous one back
+      discard(tmp);
+      throw IoError("cannot rename '" + tmp.string() + "' to '" + target.string() + "': " + std::strerror(err));
+    }
+    discard(old);
+    sync_dir(parent);
+    return;
+  }
+  sync_dir(parent);
+  discard(tmp);  // after an exchange: the previous artifact
 }
 
 }  // namespace devpipe

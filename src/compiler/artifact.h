@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -98,7 +99,21 @@ Manifest read_manifest(const std::string& dir);
 void validate_stage_graph(const Graph& graph, const ArtifactBucket& bucket, const Manifest& m,
                           const std::string& where);
 
-/// A fast 64-bit checksum of a file's bytes: "h64:<hex>".
+/// A fast 64-bit checksum of a regular file's bytes: "h64:<hex>". A FIFO or device is refused
+/// (FormatError) without waiting on it.
 std::string file_checksum(const std::string& path);
+
+/// The path to open for the weight file `file` (relative, as the manifest records it) of the
+/// artifact in `dir`. Nothing is opened: a path that leads outside `dir` (absolute, "..", or a
+/// symlink pointing out) or that is not a regular file (a FIFO, a device, a folder) is a
+/// FormatError naming it; a missing one an IoError.
+std::string resolve_artifact_file(const std::string& dir, const std::string& file);
+
+/// Writes an artifact to `dir` atomically: `write` fills a fresh folder beside it (same parent),
+/// which then takes `dir`'s place in one rename (an existing artifact is swapped out, then
+/// removed). When `write` throws, its folder is removed and `dir` is left as it was. A `dir`
+/// holding anything but an artifact (manifest.json, weights/) is refused with InvalidArgument
+/// before anything is written, since the whole folder is replaced.
+void replace_artifact_dir(const std::string& dir, const std::function<void(const std::string& tmp)>& write);
 
 }  // namespace devpipe

@@ -6,7 +6,15 @@ namespace devpipe {
 
 std::int64_t Shape::numel() const {
   std::int64_t n = 1;
-  for (auto d : dims_) n *= d;
+  for (auto d : dims_) {
+    if (__builtin_mul_overflow(n, d, &n)) {
+      // [2^40, 2^40, 0] has no elements, whatever order the product is taken in.
+      for (auto z : dims_) {
+        if (z == 0) return 0;
+      }
+      throw ShapeError("shape " + to_string() + " has more elements than an int64 holds");
+    }
+  }
   return n;
 }
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <ostream>
 #include <random>
@@ -70,6 +71,7 @@ void copy_bytes(void* dst, Device dst_dev, const void* src, Device src_dev, std:
 
 void* detail::host_alloc(std::size_t bytes) noexcept {
   constexpr std::size_t kHuge = std::size_t{2} << 20;
+  if (bytes > std::numeric_limits<std::size_t>::max() - kHuge) return nullptr;  // rounding up would wrap
   if (bytes >= kHuge) {
     std::size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
     void* p = std::aligned_alloc(kHuge, rounded);
@@ -97,6 +99,8 @@ void free_aligned(void*, void* data, std::size_t) noexcept { std::free(data); }
 class HostPool {
  public:
   void* acquire(std::size_t bytes, std::size_t* cls_out) {
+    // Beyond this no allocation can succeed, and the size class arithmetic would overflow.
+    if (bytes > kMaxBytes) throw OutOfMemory("host allocation of " + std::to_string(bytes) + " bytes failed");
     const std::size_t cls = size_class(bytes);
     *cls_out = cls;
     {
@@ -150,6 +154,7 @@ class HostPool {
   }
 
  private:
+  static constexpr std::size_t kMaxBytes = std::size_t{1} << 62;
   static std::size_t size_class(std::size_t bytes) {
     if (bytes <= 64) return 64;
     std::size_t pow2 = 64;
@@ -209,11 +214,22 @@ void check_dims(const Shape& shape) {
   }
 }
 
+/// Bytes of a tensor of `shape` and `dtype`, checked: ShapeError for a negative dim or a size
+/// that overflows (never a wrapped-around, too small allocation).
+std::size_t checked_nbytes(const Shape& shape, DType dtype) {
+  check_dims(shape);
+  std::size_t bytes = 0;
+  if (__builtin_mul_overflow(static_cast<std::size_t>(shape.numel()), dtype_size(dtype), &bytes)) {
+    throw ShapeError("shape " + shape.to_string() + " of " + std::string(dtype_name(dtype)) +
+                     " needs more bytes than a size_t holds");
+  }
+  return bytes;
+}
+
 }  // namespace
 
 Tensor Tensor::empty(const Shape& shape, DType dtype) {
-  check_dims(shape);
-  void* p = aligned_alloc_bytes(static_cast<std::size_t>(shape.numel()) * dtype_size(dtype));
+  void* p = aligned_alloc_bytes(checked_nbytes(shape, dtype));
   Tensor t;
   detail::TensorAccess::rebind(t, p, shape, dtype, Device::cpu(), &free_aligned, nullptr, 0);
   return t;
@@ -285,12 +301,12 @@ Tensor Tensor::from_vector_i64(const std::vector<std::int64_t>& values, const Sh
 
 Tensor Tensor::from_blob(void* data, const Shape& shape, DType dtype, Device device,
                          std::shared_ptr<void> owner) {
-  check_dims(shape);
+  const std::size_t nbytes = checked_nbytes(shape, dtype);
   Tensor t;
   t.storage_ = detail::TensorAccess::make_storage();
   t.storage_->owner = std::move(owner);
   t.storage_->base = data;
-  t.storage_->nbytes = static_cast<std::size_t>(shape.numel()) * dtype_size(dtype);
+  t.storage_->nbytes = nbytes;
   t.storage_->device = device;
   t.shape_ = shape;
   t.dtype_ = dtype;
@@ -330,7 +346,7 @@ void TensorAccess::rebind(Tensor& t, void* data, const Shape& shape, DType dtype
 
 void TensorAccess::rebind_host_pool(Tensor& t, const Shape& shape, DType dtype, Device device) {
   std::size_t cls = 0;
-  void* p = host_pool().acquire(static_cast<std::size_t>(shape.numel()) * dtype_size(dtype), &cls);
+  void* p = host_pool().acquire(checked_nbytes(shape, dtype), &cls);
   rebind(t, p, shape, dtype, device, &release_to_host_pool, nullptr, cls);
 }
 

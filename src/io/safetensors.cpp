@@ -223,7 +223,8 @@ struct File::Impl {
 };
 
 File File::open(const std::string& path) {
-  FdCloser fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  // O_NONBLOCK: a FIFO is refused below instead of waited on (regular files ignore the flag).
+  FdCloser fd{::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC)};
   if (fd.fd < 0) {
     int err = errno;
     throw IoError("cannot open safetensors file " + in_quotes(path) + ": " + errno_text(err));

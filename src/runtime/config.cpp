@@ -11,10 +11,15 @@
 #include <sstream>
 
 #include "devpipe/error.h"
+#include "io/json_int.h"
 
 namespace devpipe {
 
 using nlohmann::json;
+
+namespace {
+constexpr int kMaxTpDegree = 64;
+}  // namespace
 
 std::vector<std::int64_t> RuntimeConfig::batch_buckets() const {
   std::vector<std::int64_t> b = buckets.empty() ? std::vector<std::int64_t>{batch_size} : buckets;
@@ -46,8 +51,8 @@ std::map<std::string, std::vector<std::int64_t>> RuntimeConfig::named_buckets() 
 
 void RuntimeConfig::validate() const {
   if (batch_size < 1) throw ConfigError("batch_size must be >= 1, got " + std::to_string(batch_size));
-  if (tp_degree < 1 || tp_degree > 64) {
-    throw ConfigError("tp_degree must be in [1, 64], got " + std::to_string(tp_degree));
+  if (tp_degree < 1 || tp_degree > kMaxTpDegree) {
+    throw ConfigError("tp_degree must be in [1, " + std::to_string(kMaxTpDegree) + "], got " + std::to_string(tp_degree));
   }
   if (!is_floating(dtype)) {
     throw ConfigError("dtype must be a floating type, got " + std::string(dtype_name(dtype)));
@@ -152,30 +157,30 @@ InferenceConfig InferenceConfig::from_json(const std::string& text) {
   InferenceConfig c;
   try {
     const json& r = j.at("runtime");
-    c.runtime_.batch_size = r.at("batch_size").get<std::int64_t>();
+    const std::string where = "config JSON";
+    c.runtime_.batch_size = json_int::member<ConfigError>(r, "batch_size", 1, json_int::kMax, where, "runtime.batch_size");
     c.runtime_.dtype = dtype_from_name(r.at("dtype").get<std::string>());
-    c.runtime_.tp_degree = r.at("tp_degree").get<int>();
-    c.runtime_.buckets = r.value("buckets", std::vector<std::int64_t>{});
+    c.runtime_.tp_degree = static_cast<int>(json_int::member<ConfigError>(r, "tp_degree", 1, kMaxTpDegree, where, "runtime.tp_degree"));
+    if (r.contains("buckets")) {
+      c.runtime_.buckets = json_int::members<ConfigError>(r, "buckets", 1, json_int::kMax, where, "runtime.buckets");
+    }
     c.runtime_.device = device_kind_from_name(r.value("device", std::string("cpu")));
     c.runtime_.dim_buckets = r.value("dim_buckets", std::map<std::string, std::vector<std::int64_t>>{});
-    if (auto it = r.find("num_threads"); it != r.end()) {  // absent in configs before it existed
-      if (!it->is_number_unsigned() || it->get<std::uint64_t>() > RuntimeConfig::kMaxThreads) {
-        throw ConfigError("config JSON: runtime.num_threads must be an integer in [0, " +
-                          std::to_string(RuntimeConfig::kMaxThreads) + "], got " + it->dump());
-      }
-      c.runtime_.num_threads = static_cast<int>(it->get<std::uint64_t>());
+    if (r.contains("num_threads")) {  // absent in configs written before it existed
+      c.runtime_.num_threads = static_cast<int>(
+          json_int::member<ConfigError>(r, "num_threads", 0, RuntimeConfig::kMaxThreads, where, "runtime.num_threads"));
     }
     for (const auto& [k, v] : j.at("attributes").items()) {
       if (v.is_boolean()) {
         c.attrs_.emplace(k, v.get<bool>());
       } else if (v.is_number_integer()) {
-        c.attrs_.emplace(k, v.get<std::int64_t>());
+        c.attrs_.emplace(k, json_int::value<ConfigError>(v, json_int::kMin, json_int::kMax, where, "attributes." + k));
       } else if (v.is_number()) {
         c.attrs_.emplace(k, v.get<double>());
       } else if (v.is_string()) {
         c.attrs_.emplace(k, v.get<std::string>());
       } else if (v.is_array() && std::all_of(v.begin(), v.end(), [](const json& e) { return e.is_number_integer(); })) {
-        c.attrs_.emplace(k, v.get<std::vector<std::int64_t>>());
+        c.attrs_.emplace(k, json_int::values<ConfigError>(v, json_int::kMin, json_int::kMax, where, "attributes." + k));
       } else if (v.is_array() && std::all_of(v.begin(), v.end(), [](const json& e) { return e.is_number(); })) {
         c.attrs_.emplace(k, v.get<std::vector<double>>());
       } else {
@@ -214,7 +219,11 @@ InferenceConfig InferenceConfig::load(const std::string& path) {
   if (!f) throw IoError("cannot read config file '" + path + "'");
   std::stringstream ss;
   ss << f.rdbuf();
-  return from_json(ss.str());
+  try {
+    return from_json(ss.str());
+  } catch (const ConfigError& e) {
+    throw ConfigError("config file '" + path + "': " + e.what());
+  }
 }
 
 }  // namespace devpipe

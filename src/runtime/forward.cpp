@@ -373,11 +373,16 @@ void run_rank(void* context, int r) {
 // tensor handles; each rank gets a plain StreamTask; the RankedTensors / Output returned alias
 // the job. Errors (exceptions, messages) may allocate: they are not the hot path.
 Output ModelWrapper::forward(const std::vector<Input>& inputs) {
-  const std::string& tag = options_.tag;
+  CallGuard guard(calls_in_flight_, loading_, options_.tag, "forward()");
   if (!impl_) {
-    throw StateError(prefix(tag) + "forward() called before load(): compile(path) and load(path) the model first");
+    throw StateError(prefix(options_.tag) +
+                     "forward() called before load(): compile(path) and load(path) the model first");
   }
-  Impl& im = *impl_;
+  return run_forward(*impl_, inputs);
+}
+
+Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
+  const std::string& tag = options_.tag;
   const Manifest& m = im.manifest;
   const int tp = m.tp_degree;
   const auto tpu = static_cast<std::size_t>(tp);

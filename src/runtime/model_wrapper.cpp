@@ -274,22 +274,25 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
     full.push_back(t.to_dtype(rc.dtype));
   }
 
-  fs::create_directories(fs::path(dir) / "weights");
-  fs::remove(fs::path(dir) / "manifest.json");  // a half-written artifact must not load
-  for (int r = 0; r < rc.tp_degree; ++r) {
-    std::vector<std::pair<std::string, Tensor>> shard_tensors;
-    for (std::size_t i = 0; i < g0.params.size(); ++i) {
-      shard_tensors.emplace_back(g0.params[i].key,
-                                 shard_tensor(full[i], g0.params[i].shard_dim, rc.tp_degree, r));
+  // Written beside `dir`, then renamed into place: a compile that fails half-way (a full disk,
+  // an exception) leaves the previous artifact there as it was.
+  replace_artifact_dir(dir, [&](const std::string& out) {
+    fs::create_directories(fs::path(out) / "weights");
+    for (int r = 0; r < rc.tp_degree; ++r) {
+      std::vector<std::pair<std::string, Tensor>> shard_tensors;
+      for (std::size_t i = 0; i < g0.params.size(); ++i) {
+        shard_tensors.emplace_back(g0.params[i].key,
+                                   shard_tensor(full[i], g0.params[i].shard_dim, rc.tp_degree, r));
+      }
+      std::string rel = "weights/rank" + std::to_string(r) + ".safetensors";
+      std::string path = (fs::path(out) / rel).string();
+      safetensors::save(path, shard_tensors,
+                        {{"tag", tag}, {"rank", std::to_string(r)}, {"tp_degree", std::to_string(rc.tp_degree)}});
+      m.weights.push_back({r, rel, file_checksum(path), static_cast<std::uint64_t>(fs::file_size(path))});
+      report("wrote weights for rank " + std::to_string(r));
     }
-    std::string rel = "weights/rank" + std::to_string(r) + ".safetensors";
-    std::string path = (fs::path(dir) / rel).string();
-    safetensors::save(path, shard_tensors,
-                      {{"tag", tag}, {"rank", std::to_string(r)}, {"tp_degree", std::to_string(rc.tp_degree)}});
-    m.weights.push_back({r, rel, file_checksum(path), static_cast<std::uint64_t>(fs::file_size(path))});
-    report("wrote weights for rank " + std::to_string(r));
-  }
-  write_manifest(dir, m);
+    write_manifest(out, m);
+  });
   report("wrote manifest");
   std::string bucket_list;
   for (const auto& b : m.buckets) {
@@ -306,6 +309,21 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
 void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
   const RuntimeConfig& rc = config_.runtime_config();
   const std::string& tag = options_.tag;
+  // No forward() may run while impl_ is replaced: refuse when one does, and make those that
+  // start from now on refuse (see CallGuard).
+  bool was_loading = false;
+  if (!loading_.compare_exchange_strong(was_loading, true)) {
+    throw StateError(prefix(tag) + "load('" + dir + "') called while another load() runs on this wrapper");
+  }
+  struct Done {
+    std::atomic<bool>& loading;
+    ~Done() { loading.store(false); }
+  } done{loading_};
+  if (int n = calls_in_flight_.load(); n > 0) {
+    throw StateError(prefix(tag) + "load('" + dir + "') called while " + std::to_string(n) +
+                     " forward() call(s) run on this wrapper in other threads: let them return first "
+                     "(or load into another wrapper)");
+  }
   auto impl = std::make_unique<Impl>();
   Manifest& m = impl->manifest;
   m = read_manifest(dir);
@@ -358,13 +376,15 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
     }
     if (!entry) throw FormatError(prefix(tag) + "manifest in '" + dir + "' lists no weight file for rank " + std::to_string(r));
     std::string path = (fs::path(dir) / entry->file).string();
-    std::string sum = file_checksum(path);
+    // Inside the artifact and a regular file, before anything is opened.
+    const std::string real = resolve_artifact_file(dir, entry->file);
+    std::string sum = file_checksum(real);
     if (sum != entry->checksum) {
       throw FormatError(prefix(tag) + "weight file '" + path + "' is corrupted or was modified: checksum " + sum +
                         ", the manifest records " + entry->checksum + " (" + std::to_string(entry->bytes) +
                         " bytes); recompile the model");
     }
-    auto file = safetensors::File::open(path);
+    auto file = safetensors::File::open(real);
     std::vector<Tensor> params;
     for (const auto& p : g0.params) {
       if (!file.contains(p.key)) {
@@ -461,24 +481,20 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
       impl->state_ptrs[r].push_back(scratch[r].back().raw_data());
     }
   }
-  impl_ = std::move(impl);
-  states_ = impl_->states;
 
-  // Warm-up: every bucket once on every rank, with zero inputs, waited for.
+  // Warm-up: every bucket once on every rank, with zero inputs, waited for. A failure leaves
+  // the wrapper as it was.
   for (const auto& b : m.buckets) {
     std::vector<Input> zeros;
     for (const auto& io : m.inputs) zeros.emplace_back(Tensor::zeros(bucket_shape(io, b), io.dtype));
-    try {
-      Output out = forward(zeros);
-      if (out.is_ranked()) out.ranked().wait();
-    } catch (...) {
-      impl_.reset();
-      throw;
-    }
+    Output out = run_forward(*impl, zeros);
+    if (out.is_ranked()) out.ranked().wait();
   }
   for (std::size_t r = 0; r < tpu; ++r) {
-    for (std::size_t k = 0; k < m.states.size(); ++k) impl_->state_ptrs[r][k] = impl_->state_bufs[r][k].raw_data();
+    for (std::size_t k = 0; k < m.states.size(); ++k) impl->state_ptrs[r][k] = impl->state_bufs[r][k].raw_data();
   }
+  impl_ = std::move(impl);
+  states_ = impl_->states;
   report("warmed up");
   log::info(prefix(tag) + "loaded '" + dir + "': bucket(s) " + Shape(art_buckets).to_string() + ", tp_degree " +
             std::to_string(rc.tp_degree) + " on " + std::string(device_kind_name(rc.device)) + ", " +
@@ -488,6 +504,7 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
 void ModelWrapper::set_state_store(std::shared_ptr<StateStore> store) { states_ = std::move(store); }
 
 std::vector<std::int64_t> ModelWrapper::loaded_buckets() const {
+  CallGuard guard(calls_in_flight_, loading_, options_.tag, "loaded_buckets()");
   std::vector<std::int64_t> out;
   if (impl_) {
     for (const auto& b : impl_->manifest.buckets) out.push_back(b.batch);
@@ -496,6 +513,7 @@ std::vector<std::int64_t> ModelWrapper::loaded_buckets() const {
 }
 
 std::string ModelWrapper::graph_text(std::int64_t bucket) const {
+  CallGuard guard(calls_in_flight_, loading_, options_.tag, "graph_text()");
   if (!impl_) throw StateError(prefix(options_.tag) + "graph_text() before load()");
   for (const auto& b : impl_->manifest.buckets) {
     if (b.batch == bucket) return b.graph.to_text();

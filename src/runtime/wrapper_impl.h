@@ -2,12 +2,14 @@
 // share: the loaded state of a wrapper and small shape/message helpers.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "compiler/artifact.h"
 #include "core/pool.h"
+#include "devpipe/error.h"
 #include "devpipe/model_wrapper.h"
 #include "devpipe/safetensors.h"
 #include "runtime/backend.h"
@@ -56,6 +58,29 @@ namespace wrapper_detail {
 
 
 inline std::string prefix(const std::string& tag) { return "[" + tag + "] "; }
+
+/// Marks a call that reads a wrapper's loaded state (forward(), graph_text(), ...) as in flight
+/// for its scope, so that load() refuses to replace that state meanwhile; throws StateError when
+/// a load() is replacing it now. Both sides use sequentially consistent operations: either the
+/// call sees the load, or the load sees the call.
+class CallGuard {
+ public:
+  CallGuard(std::atomic<int>& in_flight, const std::atomic<bool>& loading, const std::string& tag, const char* call)
+      : in_flight_(in_flight) {
+    in_flight_.fetch_add(1);
+    if (loading.load()) {
+      in_flight_.fetch_sub(1);
+      throw StateError(prefix(tag) + call + " called while load() replaces the loaded artifact in another thread: "
+                       "wait for load() to return");
+    }
+  }
+  ~CallGuard() { in_flight_.fetch_sub(1); }
+  CallGuard(const CallGuard&) = delete;
+  CallGuard& operator=(const CallGuard&) = delete;
+
+ private:
+  std::atomic<int>& in_flight_;
+};
 
 inline Shape sample_shape(const Shape& s) {
   return Shape(std::vector<std::int64_t>(s.dims().begin() + 1, s.dims().end()));
