@@ -7,6 +7,7 @@
 // with its description (op, dtype, shapes, attributes) through SCOPED_TRACE.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -88,6 +89,12 @@ std::vector<OpCase> load_cases(const std::string& path) {
 std::vector<std::int64_t> ints(const json& attrs, const char* name) {
   return attrs.at(name).get<std::vector<std::int64_t>>();
 }
+// A number attribute; JSON has no infinities, so the script spells them "inf" / "-inf".
+double number(const json& attrs, const char* name) {
+  const json& v = attrs.at(name);
+  if (v.is_string()) return std::stod(v.get<std::string>());
+  return v.get<double>();
+}
 std::optional<Var> opt(const std::vector<Var>& v, std::size_t i) {
   return i < v.size() ? std::optional<Var>(v[i]) : std::nullopt;
 }
@@ -134,6 +141,40 @@ Var apply_op(const OpCase& c, const std::vector<Var>& v) {
   if (op == "gelu") return F::gelu(v[0], a.at("approximate").get<std::string>());
   if (op == "silu") return F::silu(v[0]);
   if (op == "relu") return F::relu(v[0]);
+  if (op == "sub") return F::sub(v[0], v[1]);
+  if (op == "div") return F::div(v[0], v[1]);
+  if (op == "exp") return F::exp(v[0]);
+  if (op == "tanh") return F::tanh(v[0]);
+  if (op == "sigmoid") return F::sigmoid(v[0]);
+  if (op == "neg") return F::neg(v[0]);
+  if (op == "add_scalar") return F::add(v[0], a.at("value").get<double>());
+  if (op == "mul_scalar") return F::mul(v[0], a.at("value").get<double>());
+  if (op == "full") {
+    return F::full(ints(a, "shape"), a.at("value").get<double>(),
+                   dtype_from_name(a.at("dtype").get<std::string>()));
+  }
+  if (op == "arange") {
+    return F::arange(a.at("n").get<std::int64_t>(), dtype_from_name(a.at("dtype").get<std::string>()));
+  }
+  if (op == "sum") return F::sum(v[0], ints(a, "dims"), a.at("keepdim").get<int>() != 0);
+  if (op == "mean") return F::mean(v[0], ints(a, "dims"), a.at("keepdim").get<int>() != 0);
+  if (op == "argmax") return F::argmax(v[0], a.at("dim").get<int>(), a.at("keepdim").get<int>() != 0);
+  if (op == "index_select") return F::index_select(v[0], a.at("dim").get<int>(), v[1]);
+  if (op == "gather") return F::gather(v[0], a.at("dim").get<int>(), v[1]);
+  if (op == "where") return F::where(v[0], v[1], v[2]);
+  if (op == "masked_fill") return F::masked_fill(v[0], v[1], number(a, "value"));
+  if (op == "rotary_embedding") return F::rotary_embedding(v[0], v[1], a.at("theta").get<double>());
+  if (op == "scaled_dot_product_attention") {
+    std::optional<double> scale;
+    if (a.contains("scale")) scale = a.at("scale").get<double>();
+    return F::scaled_dot_product_attention(v[0], v[1], v[2], opt(v, 3),
+                                           a.at("is_causal").get<int>() != 0, scale);
+  }
+  if (op == "masked_attention") {
+    std::optional<double> scale;
+    if (a.contains("scale")) scale = a.at("scale").get<double>();
+    return F::masked_attention(v[0], v[1], v[2], v[3], v[4], scale);
+  }
   throw std::runtime_error("test_ops: no tracing rule for op '" + op + "'");
 }
 
@@ -152,12 +193,13 @@ std::int64_t reduction_length(const OpCase& c) {
   if (c.op == "linear") return c.inputs[1].dim(1);
   if (c.op == "matmul") return c.inputs[0].dim(-1);
   if (c.op == "conv2d") return c.inputs[1].dim(1) * c.inputs[1].dim(2) * c.inputs[1].dim(3);
+  if (c.op == "sum" || c.op == "mean") return c.inputs[0].numel() / std::max<std::int64_t>(c.expected.numel(), 1);
   return 0;
 }
 
 ::testing::AssertionResult check_output(const OpCase& c, const Tensor& actual) {
   const Tensor& e = c.expected;
-  if (c.dtype == "int64") {
+  if (c.dtype == "int64" || e.dtype() == DType::Int64) {  // int64 results (argmax) are exact
     if (actual.dtype() != DType::Int64 || actual.shape() != e.shape()) {
       return ::testing::AssertionFailure()
              << "got " << actual.shape().to_string() << " " << dtype_name(actual.dtype())

@@ -43,6 +43,57 @@ Var slice(Var x, int dim, std::int64_t start, std::int64_t end, std::int64_t ste
 
 Var add(Var a, Var b);
 Var mul(Var a, Var b);
+/// Broadcasting a - b (int64: exact, wrapping) and a / b (floating only: true division).
+Var sub(Var a, Var b);
+Var div(Var a, Var b);
+/// Floating-point x only.
+Var exp(Var x);
+Var tanh(Var x);
+Var sigmoid(Var x);
+/// -x (int64: exact).
+Var neg(Var x);
+/// x + s and x * s with a scalar constant (an attribute of the node, not a tensor); an int64 x
+/// takes only integral s. `x - s` is add(x, -s), `x / s` is mul(x, 1 / s).
+Var add(Var a, double s);
+Var mul(Var a, double s);
+/// A constant tensor of `shape` filled with `value` (integral for int64); no inputs.
+Var full(std::vector<std::int64_t> shape, double value, DType dtype);
+/// The constant [n] tensor 0, 1, ..., n-1.
+Var arange(std::int64_t n, DType dtype = DType::Int64);
+/// Sum / mean over `dims` (negative dims count from the end; empty: every dim), floating x.
+Var sum(Var x, std::vector<std::int64_t> dims, bool keepdim = false);
+Var mean(Var x, std::vector<std::int64_t> dims, bool keepdim = false);
+/// Index of the first maximum along `dim` (a NaN counts as the maximum), int64.
+Var argmax(Var x, int dim, bool keepdim = false);
+/// torch.index_select: rows `index` (1-D int64, each in [0, x.size(dim))) of x along dim.
+Var index_select(Var x, int dim, Var index);
+/// torch.gather: out[..., i, ...] = x[..., index[..., i, ...], ...] along dim; index int64 of
+/// x's rank, out has index's shape.
+Var gather(Var x, int dim, Var index);
+/// cond ? a : b elementwise, all three broadcast; cond is int64 (nonzero = true), a and b share
+/// a dtype. devpipe has no bool dtype: masks are int64.
+Var where(Var cond, Var a, Var b);
+/// x with `value` where mask (int64, nonzero = fill; broadcast to x) is set.
+Var masked_fill(Var x, Var mask, double value);
+/// torch's F.scaled_dot_product_attention: q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]
+/// -> [B, Hq, T, Dv]; Hq a multiple of Hkv is grouped-query attention (kv head h / (Hq / Hkv)
+/// serves query head h). attn_mask, broadcast to [B, Hq, T, S]: int64 (nonzero = attend) or of
+/// q's dtype (added to the scores). is_causal (no attn_mask then): query i sees keys j <= i.
+/// scale defaults to 1/sqrt(D). A query that sees no key gives zeros (PyTorch gives NaN).
+Var scaled_dot_product_attention(Var q, Var k, Var v, std::optional<Var> attn_mask = std::nullopt,
+                                 bool is_causal = false, std::optional<double> scale = std::nullopt);
+/// Attention over a KV cache: q [B, Hq, T, D], k/v [B, Hkv, S, D] (S: the cache length),
+/// q_positions [B, T] int64 (each query's absolute position), kv_lengths [B] int64 (in [0, S]):
+/// query (b, i) sees key j iff j <= q_positions[b, i] and j < kv_lengths[b]; one that sees no
+/// key (padding, e.g. position -1) gives zeros. GQA as scaled_dot_product_attention. The cpu
+/// kernel never materialises a [T, S] score matrix and reads keys only below kv_lengths[b].
+Var masked_attention(Var q, Var k, Var v, Var q_positions, Var kv_lengths,
+                     std::optional<double> scale = std::nullopt);
+/// Rotary position embedding, Hugging Face's rotate-half convention: x [B, H, T, D] (D even),
+/// positions [B, T] int64; inv_freq[i] = float32(theta^(-2i/D)), angle = float32(pos) * inv_freq
+/// (float32), out = x * cos(cat(angle, angle)) + rotate_half(x) * sin(...), computed in float32
+/// and rounded to x's dtype.
+Var rotary_embedding(Var x, Var positions, double theta);
 Var softmax(Var x, int dim);
 /// approximate: "none" (exact, erf) or "tanh".
 Var gelu(Var x, const std::string& approximate = "none");
@@ -59,4 +110,14 @@ Var all_gather(Var x, int dim);
 namespace devpipe {
 inline Var operator+(Var a, Var b) { return F::add(a, b); }
 inline Var operator*(Var a, Var b) { return F::mul(a, b); }
+inline Var operator-(Var a, Var b) { return F::sub(a, b); }
+inline Var operator/(Var a, Var b) { return F::div(a, b); }
+inline Var operator-(Var a) { return F::neg(a); }
+inline Var operator+(Var a, double s) { return F::add(a, s); }
+inline Var operator+(double s, Var a) { return F::add(a, s); }
+inline Var operator-(Var a, double s) { return F::add(a, -s); }
+inline Var operator-(double s, Var a) { return F::add(F::neg(a), s); }
+inline Var operator*(Var a, double s) { return F::mul(a, s); }
+inline Var operator*(double s, Var a) { return F::mul(a, s); }
+inline Var operator/(Var a, double s) { return F::mul(a, 1.0 / s); }
 }  // namespace devpipe

@@ -41,10 +41,30 @@ enum class OpKind {
   Relu,
   AllReduce,          // sum over ranks
   AllGather,          // concatenate the ranks' tensors along dim
+  Sub,                // broadcasting a - b (int64 exact)
+  Div,                // broadcasting a / b (floating)
+  Exp,
+  Tanh,
+  Sigmoid,
+  Neg,                // -x (int64 exact)
+  AddScalar,          // x + value; attr value (integral for int64 x)
+  MulScalar,          // x * value; attr value (integral for int64 x)
+  Full,               // no inputs -> a constant; attrs shape, value, dtype
+  Arange,             // no inputs -> [n] holding 0..n-1; attrs n, dtype
+  Sum,                // over dims; attrs dims, keepdim
+  Mean,               // over dims; attrs dims, keepdim
+  ArgMax,             // index of the first maximum along dim -> int64; attrs dim, keepdim
+  IndexSelect,        // x, index[n] int64 -> x with dim resized to n; attr dim
+  Gather,             // x, index int64 (same rank) -> index's shape (torch.gather); attr dim
+  Where,              // cond int64 (nonzero: a), a, b: all broadcast
+  MaskedFill,         // x, mask int64 (nonzero: value) broadcast to x; attr value
+  RotaryEmbedding,    // x[B, H, T, D], positions[B, T] int64; attr theta (HF rotate-half)
+  ScaledDotProductAttention,  // q, k, v, (mask); attrs is_causal, (scale)
+  MaskedAttention,    // q, k, v, q_positions[B, T], kv_lengths[B] (int64); attr (scale)
 };
 
 /// Number of OpKind values (for tables).
-inline constexpr int kNumOpKinds = static_cast<int>(OpKind::AllGather) + 1;
+inline constexpr int kNumOpKinds = static_cast<int>(OpKind::MaskedAttention) + 1;
 
 std::string_view op_name(OpKind op);
 /// Throws FormatError naming the text when it is not an op name.

@@ -7,10 +7,12 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -38,7 +40,12 @@ json attrs_to_json(const Attrs& attrs) {
         [&](const auto& x) {
           using T = std::decay_t<decltype(x)>;
           if constexpr (std::is_same_v<T, double>) {
-            j[k] = {{"f", x}};  // tagged so that 1.0 stays a float
+            // Tagged so that 1.0 stays a float; JSON has no inf/nan, so those are spelled.
+            if (std::isfinite(x)) {
+              j[k] = {{"f", x}};
+            } else {
+              j[k] = {{"f", std::isnan(x) ? "nan" : (x > 0 ? "inf" : "-inf")}};
+            }
           } else {
             j[k] = x;
           }
@@ -52,7 +59,17 @@ Attrs attrs_from_json(const json& j, const std::string& where, const std::string
   Attrs a;
   for (const auto& [k, v] : j.items()) {
     if (v.is_object()) {
-      a.set(k, v.at("f").get<double>());
+      const json& f = v.at("f");
+      if (f.is_string()) {
+        const std::string t = f.get<std::string>();
+        if (t != "inf" && t != "-inf" && t != "nan") {
+          throw FormatError("attribute '" + k + "' has an unknown float spelling '" + t + "'");
+        }
+        a.set(k, t == "nan" ? std::numeric_limits<double>::quiet_NaN()
+                            : (t == "inf" ? 1.0 : -1.0) * std::numeric_limits<double>::infinity());
+      } else {
+        a.set(k, f.get<double>());
+      }
     } else if (v.is_number_integer()) {
       a.set(k, json_int::value<FormatError>(v, json_int::kMin, json_int::kMax, where, key + "." + k));
     } else if (v.is_string()) {

@@ -179,6 +179,102 @@ Var slice(Var x, int dim, std::int64_t start, std::int64_t end, std::int64_t ste
 Var add(Var a, Var b) { return tr().emit(OpKind::Add, {a, b}); }
 Var mul(Var a, Var b) { return tr().emit(OpKind::Mul, {a, b}); }
 
+Var sub(Var a, Var b) { return tr().emit(OpKind::Sub, {a, b}); }
+Var div(Var a, Var b) { return tr().emit(OpKind::Div, {a, b}); }
+Var exp(Var x) { return tr().emit(OpKind::Exp, {x}); }
+Var tanh(Var x) { return tr().emit(OpKind::Tanh, {x}); }
+Var sigmoid(Var x) { return tr().emit(OpKind::Sigmoid, {x}); }
+Var neg(Var x) { return tr().emit(OpKind::Neg, {x}); }
+
+Var add(Var a, double s) {
+  Attrs at;
+  at.set("value", s);
+  return tr().emit(OpKind::AddScalar, {a}, at);
+}
+Var mul(Var a, double s) {
+  Attrs at;
+  at.set("value", s);
+  return tr().emit(OpKind::MulScalar, {a}, at);
+}
+
+Var full(std::vector<std::int64_t> shape, double value, DType dtype) {
+  Attrs at;
+  at.set("shape", std::move(shape)).set("value", value).set("dtype", std::string(dtype_name(dtype)));
+  return tr().emit(OpKind::Full, {}, at);
+}
+Var arange(std::int64_t n, DType dtype) {
+  Attrs at;
+  at.set("n", n).set("dtype", std::string(dtype_name(dtype)));
+  return tr().emit(OpKind::Arange, {}, at);
+}
+
+namespace {
+Var reduce(OpKind op, const char* name, Var x, std::vector<std::int64_t> dims, bool keepdim) {
+  if (dims.empty()) {
+    for (int i = 0; i < x.rank(); ++i) dims.push_back(i);
+  }
+  for (auto& d : dims) d = norm_axis(x, static_cast<int>(d), name);
+  std::sort(dims.begin(), dims.end());
+  Attrs at;
+  at.set("dims", std::move(dims)).set("keepdim", static_cast<std::int64_t>(keepdim));
+  return tr().emit(op, {x}, at);
+}
+}  // namespace
+
+Var sum(Var x, std::vector<std::int64_t> dims, bool keepdim) {
+  return reduce(OpKind::Sum, "sum", x, std::move(dims), keepdim);
+}
+Var mean(Var x, std::vector<std::int64_t> dims, bool keepdim) {
+  return reduce(OpKind::Mean, "mean", x, std::move(dims), keepdim);
+}
+
+Var argmax(Var x, int dim, bool keepdim) {
+  Attrs at;
+  at.set("dim", static_cast<std::int64_t>(norm_axis(x, dim, "argmax")))
+      .set("keepdim", static_cast<std::int64_t>(keepdim));
+  return tr().emit(OpKind::ArgMax, {x}, at);
+}
+
+Var index_select(Var x, int dim, Var index) {
+  Attrs at;
+  at.set("dim", static_cast<std::int64_t>(norm_axis(x, dim, "index_select")));
+  return tr().emit(OpKind::IndexSelect, {x, index}, at);
+}
+Var gather(Var x, int dim, Var index) {
+  Attrs at;
+  at.set("dim", static_cast<std::int64_t>(norm_axis(x, dim, "gather")));
+  return tr().emit(OpKind::Gather, {x, index}, at);
+}
+
+Var where(Var cond, Var a, Var b) { return tr().emit(OpKind::Where, {cond, a, b}); }
+
+Var masked_fill(Var x, Var mask, double value) {
+  Attrs at;
+  at.set("value", value);
+  return tr().emit(OpKind::MaskedFill, {x, mask}, at);
+}
+
+Var scaled_dot_product_attention(Var q, Var k, Var v, std::optional<Var> attn_mask,
+                                 bool is_causal, std::optional<double> scale) {
+  Attrs at;
+  at.set("is_causal", static_cast<std::int64_t>(is_causal));
+  if (scale) at.set("scale", *scale);
+  return tr().emit(OpKind::ScaledDotProductAttention, with_optional({q, k, v}, attn_mask), at);
+}
+
+Var masked_attention(Var q, Var k, Var v, Var q_positions, Var kv_lengths,
+                     std::optional<double> scale) {
+  Attrs at;
+  if (scale) at.set("scale", *scale);
+  return tr().emit(OpKind::MaskedAttention, {q, k, v, q_positions, kv_lengths}, at);
+}
+
+Var rotary_embedding(Var x, Var positions, double theta) {
+  Attrs at;
+  at.set("theta", theta);
+  return tr().emit(OpKind::RotaryEmbedding, {x, positions}, at);
+}
+
 Var softmax(Var x, int dim) {
   Attrs a;
   a.set("dim", static_cast<std::int64_t>(norm_axis(x, dim, "softmax")));

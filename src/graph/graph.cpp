@@ -15,7 +15,11 @@ const std::array<const OpDef*, kNumOpKinds>& table() {
          {&ops::kLinear, &ops::kMatmul, &ops::kConv2d, &ops::kAdaptiveAvgPool2d, &ops::kMaxPool2d,
           &ops::kEmbedding, &ops::kLayerNorm, &ops::kRmsNorm, &ops::kReshape, &ops::kPermute,
           &ops::kConcat, &ops::kSlice, &ops::kAdd, &ops::kMul, &ops::kSoftmax, &ops::kGelu,
-          &ops::kSilu, &ops::kRelu, &ops::kAllReduce, &ops::kAllGather}) {
+          &ops::kSilu, &ops::kRelu, &ops::kAllReduce, &ops::kAllGather, &ops::kSub, &ops::kDiv,
+          &ops::kExp, &ops::kTanh, &ops::kSigmoid, &ops::kNeg, &ops::kAddScalar,
+          &ops::kMulScalar, &ops::kFull, &ops::kArange, &ops::kSum, &ops::kMean, &ops::kArgMax,
+          &ops::kIndexSelect, &ops::kGather, &ops::kWhere, &ops::kMaskedFill,
+          &ops::kRotaryEmbedding, &ops::kScaledDotProductAttention, &ops::kMaskedAttention}) {
       a[static_cast<std::size_t>(d->op)] = d;
     }
     return a;
@@ -89,6 +93,44 @@ Shape broadcast_shapes(const char* op, const Shape& a, const Shape& b) {
     out[static_cast<std::size_t>(i)] = da == 1 ? db : da;
   }
   return Shape(out);
+}
+
+std::vector<std::int64_t> broadcast_index(const Shape& s, const Shape& os) {
+  const int r = os.rank(), off = os.rank() - s.rank();
+  std::vector<std::int64_t> map(static_cast<std::size_t>(os.numel()));
+  std::vector<std::int64_t> idx(static_cast<std::size_t>(r));
+  for (std::int64_t o = 0; o < os.numel(); ++o) {
+    std::int64_t rem = o;
+    for (int i = r - 1; i >= 0; --i) {
+      idx[static_cast<std::size_t>(i)] = rem % os[static_cast<std::size_t>(i)];
+      rem /= os[static_cast<std::size_t>(i)];
+    }
+    std::int64_t src = 0;
+    for (int i = 0; i < s.rank(); ++i) {
+      const std::int64_t d = s[static_cast<std::size_t>(i)];
+      src = src * d + (d == 1 ? 0 : idx[static_cast<std::size_t>(off + i)]);
+    }
+    map[static_cast<std::size_t>(o)] = src;
+  }
+  return map;
+}
+
+std::int64_t checked_dim(const char* op, std::int64_t dim, const Shape& shape) {
+  if (dim < 0 || dim >= shape.rank()) {
+    throw ShapeError(std::string(op) + ": dim " + std::to_string(dim) + " out of range for " +
+                     shape.to_string());
+  }
+  return dim;
+}
+
+DType dtype_attr(const char* op, const Attrs& attrs, const char* name) {
+  const std::string& text = attrs.s(name);
+  try {
+    return dtype_from_name(text);
+  } catch (const DTypeError&) {
+    throw FormatError(std::string(op) + ": attribute '" + name + "' is '" + text +
+                      "', not a dtype name");
+  }
 }
 
 // ---- Attrs ----

@@ -51,6 +51,12 @@ extern const OpDef kReshape, kPermute, kConcat, kSlice;
 extern const OpDef kAdd, kMul, kGelu, kSilu, kRelu;
 extern const OpDef kSoftmax;
 extern const OpDef kAllReduce, kAllGather;
+extern const OpDef kSub, kDiv, kExp, kTanh, kSigmoid, kNeg, kAddScalar, kMulScalar, kWhere,
+    kMaskedFill;
+extern const OpDef kFull, kArange;
+extern const OpDef kSum, kMean, kArgMax;
+extern const OpDef kIndexSelect, kGather;
+extern const OpDef kRotaryEmbedding, kScaledDotProductAttention, kMaskedAttention;
 }  // namespace ops
 
 /// The Linear "activation" attribute equivalent to an activation node ("relu", "gelu",
@@ -63,5 +69,17 @@ std::string shapes_to_string(const std::vector<ValueInfo>& infos);
 DType common_float_dtype(const char* op, const std::vector<ValueInfo>& infos);
 /// Numpy/PyTorch broadcasting of two shapes; throws ShapeError naming both.
 Shape broadcast_shapes(const char* op, const Shape& a, const Shape& b);
+/// For each element of `out` (row-major), the flat index into an operand of shape `s`
+/// broadcast to it (reference implementations).
+std::vector<std::int64_t> broadcast_index(const Shape& s, const Shape& out);
+/// A dim attribute in [0, rank); throws ShapeError naming the op, the dim and the shape.
+std::int64_t checked_dim(const char* op, std::int64_t dim, const Shape& shape);
+/// Rotary inverse frequency i of a head of `dim` elements: float32(1 / theta^(2i/dim)), computed
+/// in double (the one definition the reference and the kernels share).
+float rope_inv_freq(std::int64_t i, std::int64_t dim, double theta);
+/// The attention scale: attr "scale" when set, else 1/sqrt(head_dim).
+double attention_scale(const Attrs& attrs, std::int64_t head_dim);
+/// The dtype named by attribute `name` ("float32", ...); FormatError naming it otherwise.
+DType dtype_attr(const char* op, const Attrs& attrs, const char* name = "dtype");
 
 }  // namespace devpipe

@@ -38,10 +38,15 @@ def wide(t):
     return t.double() if t.is_floating_point() else t
 
 
+INT_RESULT_OPS = ("argmax",)  # floating inputs, int64 result
+
+
 def add_case(op, dtype, inputs, fn, attrs=None):
     """fn receives the inputs widened to float64 (int64 stays int64)."""
     i = len(cases)
     expected = fn(*[wide(t) for t in inputs])
+    if dtype in FLOAT_DTYPES and not expected.is_floating_point() and op not in INT_RESULT_OPS:
+        raise ValueError(f"{op}: expected an integer result only from {INT_RESULT_OPS}")
     expected = expected.float() if expected.is_floating_point() else expected
     for j, t in enumerate(inputs):
         tensors[f"case{i}.in{j}"] = t.contiguous()
@@ -215,6 +220,185 @@ for name, dt in FLOAT_DTYPES.items():
                      ([1], [7, 3]), ([7, 1, 1, 4], [1, 3, 5, 1])]:
         add_case("add", name, [randn(a_s, dt), randn(b_s, dt)], torch.add)
         add_case("mul", name, [randn(a_s, dt), randn(b_s, dt)], torch.mul)
+
+# ---- ops of decoder LLMs (issue 10) ----
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rope(x, pos, theta):
+    """Hugging Face's rotate-half rotary embedding with inv_freq rounded to float32 and the
+    angle as one float32 multiply (how LlamaRotaryEmbedding computes them), cos/sin in float64."""
+    d = x.shape[-1]
+    inv = (1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)).float()
+    angle = pos.float()[..., None] * inv          # [B, T, D/2], float32
+    emb = torch.cat((angle, angle), dim=-1).double()[:, None]   # [B, 1, T, D]
+    return x * emb.cos() + rotate_half(x) * emb.sin()
+
+
+def attention(q, k, v, visible=None, bias=None, scale=None):
+    """softmax(q k^T * scale + bias) v over the visible keys, by hand (PyTorch 1.13 has no
+    F.scaled_dot_product_attention); GQA by repeat_interleave; a row with no visible key -> 0."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        s = s + bias
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows that see nothing
+    return p @ v
+
+
+def positions_visible(pos, lens, s):
+    j = torch.arange(s)
+    return (j[None, None, :] <= pos[:, :, None]) & (j[None, None, :] < lens[:, None, None])
+
+
+for name, dt in FLOAT_DTYPES.items():
+    for a_s, b_s in [([3, 1, 5], [4, 1]), ([3, 7, 10], [3, 7, 10]), ([2, 3, 4], [4]),
+                     ([1], [7, 3])]:
+        add_case("sub", name, [randn(a_s, dt), randn(b_s, dt)], torch.sub)
+        den = randn(b_s, dt)
+        den = (den.sign() + (den == 0).to(dt)) * (den.abs() + 0.5)   # |den| >= 0.5
+        add_case("div", name, [randn(a_s, dt), den], torch.div)
+    for xs in [[3, 7, 10], [1, 13]]:
+        add_case("exp", name, [randn(xs, dt, 2.0)], torch.exp)
+        add_case("tanh", name, [randn(xs, dt, 3.0)], torch.tanh)
+        add_case("sigmoid", name, [randn(xs, dt, 4.0)], torch.sigmoid)
+        add_case("neg", name, [randn(xs, dt)], torch.neg)
+    for value in [0.5, -3.25, 1e-3]:
+        add_case("add_scalar", name, [randn([4, 9], dt)], lambda x, v=value: x + v, {"value": value})
+        add_case("mul_scalar", name, [randn([4, 9], dt)], lambda x, v=value: x * v, {"value": value})
+    for shape, value in [([3, 4], 1.5), ([2, 1, 5], -0.125), ([7], 0.0)]:
+        add_case("full", name, [], lambda s=shape, v=value: torch.full(s, v, dtype=torch.float64),
+                 {"shape": shape, "value": value, "dtype": name})
+    for n in [1, 17, 256]:
+        add_case("arange", name, [], lambda n=n: torch.arange(n, dtype=torch.float64),
+                 {"n": n, "dtype": name})
+    for xs, dims, keep in [([3, 7, 10], [2], False), ([3, 7, 10], [0, 2], True),
+                           ([4, 300], [1], False), ([2, 3, 4, 5], [1, 2, 3], False),
+                           ([5, 6], [0], True)]:
+        add_case("sum", name, [randn(xs, dt)],
+                 lambda x, d=dims, k=keep: torch.sum(x, d, keepdim=k), {"dims": dims, "keepdim": int(keep)})
+        add_case("mean", name, [randn(xs, dt)],
+                 lambda x, d=dims, k=keep: torch.mean(x, d, keepdim=k), {"dims": dims, "keepdim": int(keep)})
+    for xs, dim, keep in [([3, 7, 10], 2, False), ([3, 7, 10], 0, True), ([2, 32000], 1, False),
+                          ([6, 5], 1, True)]:
+        add_case("argmax", name, [randn(xs, dt)],
+                 lambda x, d=dim, k=keep: torch.argmax(x, d, keepdim=k), {"dim": dim, "keepdim": int(keep)})
+    ties = torch.tensor([[1.0, 3.0, 3.0, -2.0], [5.0, 5.0, 5.0, 5.0]], dtype=dt)  # first max wins
+    add_case("argmax", name, [ties], lambda x: torch.argmax(x, 1), {"dim": 1, "keepdim": 0})
+    for xs, dim, idx in [([5, 7], 0, [4, 0, 0, 2]), ([3, 6, 4], 1, [5, 1]), ([2, 3, 8], 2, [7])]:
+        add_case("index_select", name, [randn(xs, dt), torch.tensor(idx, dtype=torch.int64)],
+                 lambda x, i, d=dim: torch.index_select(x, d, i), {"dim": dim})
+    for xs, dim, ishape in [([4, 6], 1, [4, 3]), ([4, 6], 0, [2, 6]), ([2, 3, 5], 2, [2, 2, 7]),
+                            ([3, 9], 1, [3, 1])]:
+        idx = torch.randint(0, xs[dim], ishape, dtype=torch.int64)
+        add_case("gather", name, [randn(xs, dt), idx],
+                 lambda x, i, d=dim: torch.gather(x, d, i), {"dim": dim})
+    for cs, a_s, b_s in [([3, 4], [3, 4], [3, 4]), ([1, 4], [3, 1], [4]), ([2, 1, 5], [5], [2, 3, 1])]:
+        cond = torch.randint(-1, 2, cs, dtype=torch.int64)  # -1, 0, 1: nonzero is true
+        add_case("where", name, [cond, randn(a_s, dt), randn(b_s, dt)],
+                 lambda c, a, b: torch.where(c != 0, a, b))
+    for xs, ms, value in [([3, 4, 5], [3, 4, 5], -1.5), ([2, 3, 4], [4], float("-inf")),
+                          ([2, 3, 4], [2, 1, 4], 7.0)]:
+        mask = torch.randint(0, 2, ms, dtype=torch.int64)
+        add_case("masked_fill", name, [randn(xs, dt), mask],
+                 lambda x, m, v=value: x.masked_fill(m != 0, v),
+                 {"value": value if math.isfinite(value) else str(value)})  # JSON has no inf
+
+    # ---- rotary_embedding ----
+    for b, h, t, d, theta, pos in [
+        (2, 3, 5, 8, 10000.0, None),
+        (1, 4, 7, 64, 500000.0, None),
+        (3, 2, 1, 16, 10000.0, [[0], [1000], [4095]]),   # decode steps, large positions
+        (2, 1, 4, 128, 10000.0, [[-1, -1, 0, 1], [0, 1, 2, 3]]),  # left padding (-1)
+    ]:
+        p = torch.randint(0, 50, [b, t], dtype=torch.int64) if pos is None else torch.tensor(pos)
+        add_case("rotary_embedding", name, [randn([b, h, t, d], dt), p],
+                 lambda x, p, th=theta: rope(x, p, th), {"theta": theta})
+
+    # ---- scaled_dot_product_attention ----
+    def sdpa_case(qs, ks, dv, mask=None, causal=False, scale=None):
+        b, hq, t, d = qs
+        hkv, s = ks
+        ins = [randn(qs, dt), randn([b, hkv, s, d], dt), randn([b, hkv, s, dv], dt)]
+        attrs = {"is_causal": int(causal)}
+        if scale is not None:
+            attrs["scale"] = scale
+        if mask is None:
+            vis = torch.ones(t, s, dtype=torch.bool).tril() if causal else None
+            add_case("scaled_dot_product_attention", name, ins,
+                     lambda q, k, v: attention(q, k, v, visible=vis, scale=scale), attrs)
+            return
+        kind, mshape = mask
+        if kind == "int":
+            m = torch.randint(0, 2, mshape, dtype=torch.int64)
+            m[..., 0] = 1  # every row sees a key (PyTorch would give NaN otherwise)
+            add_case("scaled_dot_product_attention", name, ins + [m],
+                     lambda q, k, v, m: attention(q, k, v, visible=m != 0, scale=scale), attrs)
+        else:
+            m = randn(mshape, dt)
+            m = m.masked_fill(torch.rand(mshape) < 0.2, float("-inf"))
+            m[..., 0] = 0.0
+            add_case("scaled_dot_product_attention", name, ins + [m],
+                     lambda q, k, v, m: attention(q, k, v, bias=m, scale=scale), attrs)
+
+    sdpa_case([2, 4, 5, 8], [4, 5], 8)
+    sdpa_case([2, 4, 5, 8], [4, 5], 8, causal=True)
+    sdpa_case([1, 6, 3, 16], [2, 9], 16, causal=True)              # GQA, T < S (top-left)
+    sdpa_case([2, 4, 7, 8], [2, 7], 12, mask=("int", [2, 1, 7, 7]))  # Dv != D
+    sdpa_case([1, 4, 6, 32], [1, 10], 32, mask=("int", [6, 10]))   # multi-query
+    sdpa_case([2, 2, 5, 8], [2, 6], 8, mask=("float", [2, 2, 5, 6]))
+    sdpa_case([1, 3, 4, 8], [3, 40], 8, mask=("float", [1, 3, 1, 40]), scale=0.3)
+    sdpa_case([1, 2, 70, 16], [2, 70], 16, causal=True)            # several key blocks
+
+    # ---- masked_attention ----
+    def masked_case(b, hq, hkv, t, s, d, pos, lens, scale=None):
+        ins = [randn([b, hq, t, d], dt), randn([b, hkv, s, d], dt), randn([b, hkv, s, d], dt),
+               torch.tensor(pos, dtype=torch.int64), torch.tensor(lens, dtype=torch.int64)]
+        attrs = {} if scale is None else {"scale": scale}
+        add_case("masked_attention", name, ins,
+                 lambda q, k, v, p, n: attention(q, k, v, visible=positions_visible(p, n, s)[:, None],
+                                                 scale=scale), attrs)
+
+    # prefill of 3 prompts of lengths 5, 3, 1 right-padded to 5 (padding rows at position -1)
+    masked_case(3, 4, 2, 5, 8, 16, [[0, 1, 2, 3, 4], [0, 1, 2, -1, -1], [0, -1, -1, -1, -1]],
+                [5, 3, 1])
+    # decode: one token per sequence at positions 6, 2, 40 of a 48-slot cache
+    masked_case(3, 6, 2, 1, 48, 32, [[6], [2], [40]], [7, 3, 41])
+    # decode with a padded batch slot (kv length 0) and an explicit scale
+    masked_case(2, 2, 2, 1, 16, 8, [[-1], [9]], [0, 10], scale=0.25)
+    # chunked prefill: queries at positions 4..7 over a cache already holding 4 tokens
+    masked_case(1, 4, 4, 4, 12, 16, [[4, 5, 6, 7]], [8])
+    # long sequence: T = S = 512, half of the second sequence padding
+    long_pos = [list(range(512)), list(range(256)) + [-1] * 256]
+    masked_case(2, 4, 2, 512, 512, 64, long_pos, [512, 256])
+
+# ---- int64 arithmetic of the new ops ----
+big = lambda s: torch.randint(-(1 << 40), 1 << 40, s, dtype=torch.int64)  # noqa: E731
+add_case("sub", "int64", [big([3, 4]), big([4])], torch.sub)
+add_case("neg", "int64", [big([2, 5])], torch.neg)
+add_case("add_scalar", "int64", [big([2, 5])], lambda x: x + 7, {"value": 7.0})
+add_case("mul_scalar", "int64", [big([2, 5])], lambda x: x * -3, {"value": -3.0})
+add_case("full", "int64", [], lambda: torch.full([2, 3], -4, dtype=torch.int64),
+         {"shape": [2, 3], "value": -4.0, "dtype": "int64"})
+add_case("arange", "int64", [], lambda: torch.arange(9), {"n": 9, "dtype": "int64"})
+add_case("index_select", "int64", [big([4, 3]), torch.tensor([3, 3, 0])],
+         lambda x, i: torch.index_select(x, 0, i), {"dim": 0})
+add_case("gather", "int64", [big([3, 5]), torch.randint(0, 5, [3, 2])],
+         lambda x, i: torch.gather(x, 1, i), {"dim": 1})
+add_case("where", "int64", [torch.randint(0, 2, [3, 4]), big([3, 4]), big([4])],
+         lambda c, a, b: torch.where(c != 0, a, b))
+add_case("masked_fill", "int64", [big([3, 4]), torch.randint(0, 2, [3, 1])],
+         lambda x, m: x.masked_fill(m != 0, -1), {"value": -1.0})
 
 # ---- data-movement ops, float32 / bfloat16 / int64 ----
 DATA_DTYPES = dict(FLOAT_DTYPES, int64=torch.int64)

@@ -179,13 +179,44 @@ std::unique_ptr<Kernel> make_kernel(const BuildContext& cx) {
       return make_slice_kernel(cx);
     case OpKind::Add:
     case OpKind::Mul:
+    case OpKind::Sub:
+    case OpKind::Div:
       return make_binary_kernel(cx);
     case OpKind::Softmax:
       return make_softmax_kernel(cx);
     case OpKind::Gelu:
     case OpKind::Silu:
     case OpKind::Relu:
+    case OpKind::Exp:
+    case OpKind::Tanh:
+    case OpKind::Sigmoid:
       return make_eltwise_kernel(cx);
+    case OpKind::Neg:
+    case OpKind::AddScalar:
+    case OpKind::MulScalar:
+      if (cx.out().dtype == DType::Int64) return make_int64_affine_kernel(cx);
+      return make_eltwise_kernel(cx);
+    case OpKind::Full:
+    case OpKind::Arange:
+      return make_constant_kernel(cx);
+    case OpKind::Sum:
+    case OpKind::Mean:
+      return make_reduce_kernel(cx);
+    case OpKind::ArgMax:
+      return make_argmax_kernel(cx);
+    case OpKind::IndexSelect:
+      return make_index_select_kernel(cx);
+    case OpKind::Gather:
+      return make_gather_kernel(cx);
+    case OpKind::Where:
+      return make_where_kernel(cx);
+    case OpKind::MaskedFill:
+      return make_masked_fill_kernel(cx);
+    case OpKind::RotaryEmbedding:
+      return make_rotary_kernel(cx);
+    case OpKind::ScaledDotProductAttention:
+    case OpKind::MaskedAttention:
+      return make_attention_kernel(cx);
     case OpKind::AllReduce:
     case OpKind::AllGather:
       return make_collective_kernel(cx);

@@ -188,6 +188,18 @@ void add_primitive(DnnlKernel& k, const BuildContext& cx, const dnnl::primitive_
 void add_reorder(DnnlKernel& k, const DnnlDesc& src_md, const BufRef& src, const DnnlDesc& dst_md,
                  const BufRef& dst);
 
+/// Runs `body(i)` for i in [0, n), over the calling thread's OpenMP team when the work
+/// (n * work_per_item) is big enough to pay for it.
+template <class Body>
+void parallel_for(std::int64_t n, std::int64_t work_per_item, Body&& body) {
+  if (n * work_per_item < 32768 || n < 2) {
+    for (std::int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < n; ++i) body(i);
+}
+
 /// Builds the kernel of cx.node; throws Unsupported for an op/dtype it cannot run.
 std::unique_ptr<Kernel> make_kernel(const BuildContext& cx);
 
@@ -207,5 +219,17 @@ std::unique_ptr<Kernel> make_slice_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_embedding_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_rms_norm_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_collective_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_reduce_kernel(const BuildContext& cx);
+// kernels_select.cpp
+std::unique_ptr<Kernel> make_constant_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_argmax_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_index_select_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_gather_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_where_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_masked_fill_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_int64_affine_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_rotary_kernel(const BuildContext& cx);
+// kernels_attention.cpp
+std::unique_ptr<Kernel> make_attention_kernel(const BuildContext& cx);
 
 }  // namespace devpipe::cpu

@@ -233,16 +233,47 @@ std::unique_ptr<Kernel> make_softmax_kernel(const BuildContext& cx) {
   return k;
 }
 
+namespace {
+
+/// The eltwise algorithm and alpha/beta of a unary node (activations, exp, tanh, sigmoid, and
+/// neg/add_scalar/mul_scalar as alpha * x + beta).
+struct Eltwise {
+  algorithm alg;
+  float alpha, beta;
+};
+Eltwise eltwise_of(const BuildContext& cx) {
+  switch (cx.node.op) {
+    case OpKind::Exp:
+      return {algorithm::eltwise_exp, 0.f, 0.f};
+    case OpKind::Tanh:
+      return {algorithm::eltwise_tanh, 0.f, 0.f};
+    case OpKind::Sigmoid:
+      return {algorithm::eltwise_logistic, 0.f, 0.f};
+    case OpKind::Neg:
+      return {algorithm::eltwise_linear, -1.f, 0.f};
+    case OpKind::AddScalar:
+      return {algorithm::eltwise_linear, 1.f, static_cast<float>(cx.node.attrs.f("value"))};
+    case OpKind::MulScalar:
+      return {algorithm::eltwise_linear, static_cast<float>(cx.node.attrs.f("value")), 0.f};
+    default:
+      break;
+  }
+  const std::string name = activation_attr_of(cx.node);
+  if (name.empty()) throw Unsupported("cpu backend: not an elementwise op: " + cx.where);
+  const Activation a = activation_of(name, cx.where);
+  return {a.alg, a.alpha, 0.f};
+}
+
+}  // namespace
+
 std::unique_ptr<Kernel> make_eltwise_kernel(const BuildContext& cx) {
   DType dt = cx.out().dtype;
-  const std::string name = activation_attr_of(cx.node);
-  if (name.empty()) throw Unsupported("cpu backend: not an activation: " + cx.where);
-  const Activation a = activation_of(name, cx.where);
+  const Eltwise a = eltwise_of(cx);
   const DnnlDims x = {cx.out().shape.numel()};
   auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
     return dnnl::eltwise_forward::primitive_desc(
         dnnl::eltwise_forward::desc(prop_kind::forward_inference, a.alg, plain_desc(x, t), a.alpha,
-                                    0.f),
+                                    a.beta),
         user_scratch_attr(), cpu_engine());
   });
   DnnlType t = dnnl_type(dt, cx.where);
@@ -262,12 +293,16 @@ std::unique_ptr<Kernel> make_binary_kernel(const BuildContext& cx) {
   DnnlDims b = pad_leading(to_dims(cx.in(1).shape), r);
   const DnnlDims c = to_dims(cx.out().shape);
   int ia = cx.in_id(0), ib = cx.in_id(1);
-  // oneDNN broadcasts src1 cheaply; both ops commute, so put the full-size operand first.
-  if (a != c && b == c) {
+  const OpKind op = cx.node.op;
+  // oneDNN broadcasts src1 cheaply; add and mul commute, so put the full-size operand first.
+  if (a != c && b == c && (op == OpKind::Add || op == OpKind::Mul)) {
     std::swap(a, b);
     std::swap(ia, ib);
   }
-  const algorithm alg = cx.node.op == OpKind::Add ? algorithm::binary_add : algorithm::binary_mul;
+  const algorithm alg = op == OpKind::Add   ? algorithm::binary_add
+                        : op == OpKind::Mul ? algorithm::binary_mul
+                        : op == OpKind::Sub ? algorithm::binary_sub
+                                            : algorithm::binary_div;
   auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
     return dnnl::binary::primitive_desc(
         dnnl::binary::desc(alg, plain_desc(a, t), plain_desc(b, t), plain_desc(c, t)),
@@ -278,6 +313,26 @@ std::unique_ptr<Kernel> make_binary_kernel(const BuildContext& cx) {
   add_primitive(*k, cx, pd,
                 {{DNNL_ARG_SRC_0, ia, plain_desc(a, t)}, {DNNL_ARG_SRC_1, ib, plain_desc(b, t)}},
                 {{DNNL_ARG_DST, cx.out_id(), plain_desc(c, t)}});
+  return k;
+}
+
+// Sum and mean over a set of dims: a oneDNN reduction with the reduced dims kept as 1.
+std::unique_ptr<Kernel> make_reduce_kernel(const BuildContext& cx) {
+  DType dt = cx.out().dtype;
+  const DnnlDims x = to_dims(cx.in(0).shape);
+  DnnlDims y = x;
+  for (auto d : cx.node.attrs.ints("dims")) y[static_cast<std::size_t>(d)] = 1;
+  const algorithm alg =
+      cx.node.op == OpKind::Sum ? algorithm::reduction_sum : algorithm::reduction_mean;
+  auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
+    return dnnl::reduction::primitive_desc(
+        dnnl::reduction::desc(alg, plain_desc(x, t), plain_desc(y, t), 0.f, 0.f),
+        user_scratch_attr(), cpu_engine());
+  });
+  DnnlType t = dnnl_type(dt, cx.where);
+  auto k = std::make_unique<DnnlKernel>();
+  add_primitive(*k, cx, pd, {{DNNL_ARG_SRC, cx.in_id(0), plain_desc(x, t)}},
+                {{DNNL_ARG_DST, cx.out_id(), plain_desc(y, t)}});
   return k;
 }
 

@@ -1,5 +1,5 @@
 // Kernels written as plain loops (OpenMP over rows): embedding, RMS norm, adaptive average
-// pooling with uneven windows, int64 add/mul, and the collectives.
+// pooling with uneven windows, int64 add/mul/sub, and the collectives.
 #include <omp.h>
 
 #include <array>
@@ -12,17 +12,6 @@
 namespace devpipe::cpu {
 
 namespace {
-
-/// Runs `body(i)` for i in [0, n), over the calling thread's OpenMP team when the work is big.
-template <class Body>
-void parallel_for(std::int64_t n, std::int64_t work_per_item, Body&& body) {
-  if (n * work_per_item < 32768 || n < 2) {
-    for (std::int64_t i = 0; i < n; ++i) body(i);
-    return;
-  }
-#pragma omp parallel for schedule(static)
-  for (std::int64_t i = 0; i < n; ++i) body(i);
-}
 
 // ---- Embedding ----
 
@@ -160,15 +149,15 @@ class AdaptiveAvgPoolKernel : public Kernel {
   std::int64_t planes_, h_, w_, oh_, ow_;
 };
 
-// ---- int64 Add/Mul ----
+// ---- int64 Add/Mul/Sub ----
 
 constexpr int kMaxRank = 12;
 
-/// Broadcasting add/mul on int64 (wrapping like PyTorch).
+/// Broadcasting add/mul/sub on int64 (wrapping like PyTorch).
 class BinaryI64Kernel : public Kernel {
  public:
   explicit BinaryI64Kernel(const BuildContext& cx)
-      : a_(cx.in_id(0)), b_(cx.in_id(1)), out_(cx.out_id()), mul_(cx.node.op == OpKind::Mul) {
+      : a_(cx.in_id(0)), b_(cx.in_id(1)), out_(cx.out_id()), op_(cx.node.op) {
     const Shape& out = cx.out().shape;
     rank_ = out.rank();
     if (rank_ > kMaxRank) {
@@ -203,13 +192,15 @@ class BinaryI64Kernel : public Kernel {
         ib += c * sb_[u];
       }
       const auto ua = static_cast<std::uint64_t>(a[ia]), ub = static_cast<std::uint64_t>(b[ib]);
-      y[i] = static_cast<std::int64_t>(mul_ ? ua * ub : ua + ub);
+      y[i] = static_cast<std::int64_t>(op_ == OpKind::Mul ? ua * ub
+                                       : op_ == OpKind::Sub ? ua - ub
+                                                            : ua + ub);
     }
   }
 
  private:
   int a_, b_, out_;
-  bool mul_;
+  OpKind op_;
   int rank_ = 0;
   std::int64_t numel_ = 0;
   std::array<std::int64_t, kMaxRank> dims_{}, sa_{}, sb_{};
