@@ -28,6 +28,7 @@
 #include <ostream>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -204,6 +205,31 @@ inline const std::vector<ToleranceRow>& tolerance_table() {
       {"slice",               kExact, kExact,  kExact, {}, "moves elements bit for bit"},
       {"int64",               {},     {},      {},     kExact,
        "integer data movement and (wrapping) arithmetic are exact"},
+      {"sub_div",             kExact, kExact,  kExact, {},
+       "one IEEE operation per element (division included), rounded to float32 like the "
+       "reference's double result, then the same rounding to the dtype"},
+      {"unary_math",          kF32,   kBF16,   kF16,   {},
+       "exp/tanh/sigmoid of oneDNN's eltwise or the device math library: a few float32 ulps "
+       "from glibc's double ones"},
+      {"scalar",              kF32,   kBF16,   kF16,   {},
+       "x * a + b with the scalar rounded to float32 by the kernels (the reference keeps the "
+       "double), fused or not"},
+      {"constant",            kExact, kExact,  kExact, kExact,
+       "full/arange store values exactly representable in the dtype"},
+      {"reduce",              kF32,   kBF16,   kF16,   {},
+       "sum/mean by vectorised/parallel float32 reductions over up to 6000 elements (the "
+       "reference sums in double)"},
+      {"argmax",              kExact, kExact,  kExact, {},
+       "an index: both sides compare the same widened values and keep the first maximum"},
+      {"select",              kExact, kExact,  kExact, kExact,
+       "index_select/gather/where/masked_fill copy input elements (or the fill value rounded "
+       "once to the dtype)"},
+      {"rotary_embedding",    kF32,   kBF16,   kF16,   {},
+       "cos/sin of the same float32 angle in float32 (kernel) vs double (reference), then two "
+       "products and a sum in float32"},
+      {"attention",           kF32,   kBF16,   kF16,   {},
+       "float32 dot products over D <= 64 and an online softmax over key blocks (rescaled "
+       "partial sums, float32 exp) against the reference's double two-pass softmax"},
   };
   // clang-format on
   return table;
@@ -558,6 +584,168 @@ inline const std::vector<OpCase>& conformance_cases() {
                    return std::vector<Tensor>{Tensor::randint({2, 3, 4}, 1000000007LL * 3, 5),
                                               Tensor::randint({2, 1, 4}, 1000, 6)};
                  }});
+
+    // ---- ops of decoder LLMs ----
+    // Inputs: floating ones N(0, 1) in the case's dtype, int64 ones given per case.
+    using Inputs = std::function<std::vector<Tensor>(const Graph&)>;
+    auto mixed = [](std::vector<std::function<Tensor(DType, std::uint64_t)>> makers) -> Inputs {
+      return [makers](const Graph& g) {
+        std::vector<Tensor> out;
+        for (std::size_t i = 0; i < makers.size(); ++i) {
+          out.push_back(makers[i](g.value(g.inputs[i].value).dtype, 11 + i));
+        }
+        return out;
+      };
+    };
+    auto f_in = [](Shape s) {
+      return [s](DType dt, std::uint64_t seed) { return Tensor::randn(s, seed, dt); };
+    };
+    auto i_in = [](Shape s, std::int64_t high, std::int64_t low = 0) {
+      return [s, high, low](DType, std::uint64_t seed) {
+        Tensor t = Tensor::randint(s, high - low, seed);
+        for (std::int64_t i = 0; i < t.numel(); ++i) t.data<std::int64_t>()[i] += low;
+        return t;
+      };
+    };
+    auto fixed_i64 = [](std::vector<std::int64_t> v, Shape s) {
+      return [v, s](DType, std::uint64_t) { return Tensor::from_vector_i64(v, s); };
+    };
+    auto traced = [&c](std::string name, std::string op, std::vector<DType> dtypes,
+                       std::function<TraceInputs(DType)> inputs_of, TraceBody body,
+                       Inputs inputs) {
+      c.push_back({std::move(name), std::move(op), std::move(dtypes),
+                   [inputs_of, body](DType dt) { return trace(dt, inputs_of(dt), body); },
+                   std::move(inputs)});
+    };
+    for (const auto& [a, b] : std::vector<std::pair<Shape, Shape>>{
+             {{3, 4, 5}, {5}}, {{3, 1, 5}, {1, 4, 1}}, {{5}, {3, 4, 5}}, {{2, 3}, {2, 3}}}) {
+      add("sub_div_" + dims_tag(a) + "_and_" + dims_tag(b), "sub_div", two(a, b),
+          [](const std::vector<Var>& v) { return std::vector<Var>{v[0] - v[1], v[0] / v[1]}; });
+    }
+    add("unary_math_exp_tanh_sigmoid_x" + dims_tag(act_x), "unary_math", one(act_x),
+        [](const std::vector<Var>& v) {
+          return std::vector<Var>{F::exp(v[0]), F::tanh(v[0]), F::sigmoid(v[0])};
+        });
+    add("scalar_neg_add_mul_sub_div_x" + dims_tag(act_x), "scalar", one(act_x),
+        [](const std::vector<Var>& v) {
+          return std::vector<Var>{-v[0], v[0] + 0.1, v[0] * -2.5, 1.5 - v[0], v[0] / 3.0};
+        });
+    c.push_back({"constant_full_2x3_arange_6", "constant",
+                 {DType::Float32, DType::BFloat16, DType::Float16, DType::Int64},
+                 [](DType dt) {
+                   return trace(DType::Float32, {}, [dt](const std::vector<Var>&) {
+                     return std::vector<Var>{F::full({2, 3}, dt == DType::Int64 ? -3.0 : -0.75, dt),
+                                             F::arange(6, dt)};
+                   });
+                 }});
+    for (const auto& [x, dims, keep] : std::vector<std::tuple<Shape, I64s, bool>>{
+             {{3, 7, 16}, {1}, false}, {{3, 7, 16}, {0, 2}, true}, {{4, 1500}, {}, false},
+             {{2, 6000}, {1}, true}}) {
+      add("reduce_sum_mean_x" + dims_tag(x) + "_dims" + dims_tag(dims) + (keep ? "_keepdim" : ""),
+          "reduce", one(x), [dims = dims, keep = keep](const std::vector<Var>& v) {
+            return std::vector<Var>{F::sum(v[0], dims, keep), F::mean(v[0], dims, keep)};
+          });
+    }
+    for (const auto& [x, dim] : std::vector<std::pair<Shape, int>>{
+             {{3, 7, 10}, 2}, {{3, 7, 10}, 0}, {{4, 3000}, 1}}) {
+      add("argmax_x" + dims_tag(x) + "_dim" + std::to_string(dim), "argmax", one(x),
+          [dim = dim](const std::vector<Var>& v) {
+            return std::vector<Var>{F::argmax(v[0], dim), F::argmax(v[0], dim, true)};
+          });
+    }
+    const std::vector<DType> select_dtypes{DType::Float32, DType::BFloat16, DType::Float16,
+                                           DType::Int64};
+    auto any_in = [](Shape s) {
+      return [s](DType dt, std::uint64_t seed) {
+        return dt == DType::Int64 ? Tensor::randint(s, 1000000, seed) : Tensor::randn(s, seed, dt);
+      };
+    };
+    traced("select_index_select_gather_x5x7", "select", select_dtypes,
+           [](DType dt) {
+             return TraceInputs{{"x", vi({5, 7}, dt)},
+                                {"rows", vi({4}, DType::Int64)},
+                                {"idx", vi({5, 3}, DType::Int64)}};
+           },
+           [](const std::vector<Var>& v) {
+             return std::vector<Var>{F::index_select(v[0], 0, v[1]),
+                                     F::index_select(v[0], 1, v[1]), F::gather(v[0], 1, v[2])};
+           },
+           mixed({any_in({5, 7}), fixed_i64({4, 0, 0, 2}, {4}), i_in({5, 3}, 7)}));
+    traced("select_where_masked_fill_x3x4x5", "select", select_dtypes,
+           [](DType dt) {
+             return TraceInputs{{"cond", vi({3, 1, 5}, DType::Int64)},
+                                {"a", vi({3, 4, 5}, dt)},
+                                {"b", vi({4, 1}, dt)}};
+           },
+           [](const std::vector<Var>& v) {
+             return std::vector<Var>{F::where(v[0], v[1], v[2]), F::masked_fill(v[1], v[0], -7)};
+           },
+           mixed({i_in({3, 1, 5}, 2, -1), any_in({3, 4, 5}), any_in({4, 1})}));
+    traced("rotary_embedding_x2x3x5x64_theta1e4", "rotary_embedding", floating_dtypes(),
+           [](DType dt) {
+             return TraceInputs{{"x", vi({2, 3, 5, 64}, dt)}, {"pos", vi({2, 5}, DType::Int64)}};
+           },
+           [](const std::vector<Var>& v) {
+             return std::vector<Var>{F::rotary_embedding(v[0], v[1], 10000.0)};
+           },
+           mixed({f_in({2, 3, 5, 64}), i_in({2, 5}, 2048, -1)}));
+    struct SdpaCase {
+      std::string tag;
+      Shape q, kv;
+      std::optional<Shape> mask;
+      bool int_mask, causal;
+    };
+    for (const SdpaCase& a : std::vector<SdpaCase>{
+             {"causal_gqa", {2, 4, 33, 32}, {2, 2, 33, 32}, std::nullopt, false, true},
+             {"nomask", {1, 2, 5, 16}, {1, 2, 40, 16}, std::nullopt, false, false},
+             {"int_mask", {2, 4, 7, 16}, {2, 4, 9, 16}, Shape{2, 1, 7, 9}, true, false},
+             {"float_mask", {1, 3, 7, 8}, {1, 3, 9, 8}, Shape{7, 9}, false, false}}) {
+      std::vector<std::function<Tensor(DType, std::uint64_t)>> makers{f_in(a.q), f_in(a.kv),
+                                                                       f_in(a.kv)};
+      if (a.mask && a.int_mask) makers.push_back(i_in(*a.mask, 2));
+      if (a.mask && !a.int_mask) makers.push_back(f_in(*a.mask));
+      traced("attention_sdpa_" + a.tag + "_q" + dims_tag(a.q) + "_kv" + dims_tag(a.kv),
+             "attention", floating_dtypes(),
+             [a](DType dt) {
+               TraceInputs in{{"q", vi(a.q, dt)}, {"k", vi(a.kv, dt)}, {"v", vi(a.kv, dt)}};
+               if (a.mask) in.push_back({"mask", vi(*a.mask, a.int_mask ? DType::Int64 : dt)});
+               return in;
+             },
+             [a](const std::vector<Var>& v) {
+               std::optional<Var> m;
+               if (a.mask) m = v[3];
+               return std::vector<Var>{F::scaled_dot_product_attention(v[0], v[1], v[2], m, a.causal)};
+             },
+             mixed(makers));
+    }
+    struct MaskedCase {
+      std::string tag;
+      Shape q, kv;
+      std::vector<std::int64_t> pos, len;
+    };
+    std::vector<std::int64_t> prefill_pos;
+    for (std::int64_t b = 0; b < 2; ++b) {
+      for (std::int64_t t = 0; t < 40; ++t) prefill_pos.push_back(b == 1 && t >= 23 ? -1 : t);
+    }
+    for (const MaskedCase& a : std::vector<MaskedCase>{
+             {"prefill_padded", {2, 4, 40, 64}, {2, 2, 64, 64}, prefill_pos, {40, 23}},
+             {"decode", {3, 6, 1, 32}, {3, 2, 100, 32}, {36, 99, -1}, {37, 100, 0}}}) {
+      const Shape pos_shape{a.q[0], a.q[2]}, len_shape{a.q[0]};
+      traced("attention_masked_" + a.tag + "_q" + dims_tag(a.q) + "_kv" + dims_tag(a.kv),
+             "attention", floating_dtypes(),
+             [a, pos_shape, len_shape](DType dt) {
+               return TraceInputs{{"q", vi(a.q, dt)},
+                                  {"k", vi(a.kv, dt)},
+                                  {"v", vi(a.kv, dt)},
+                                  {"pos", vi(pos_shape, DType::Int64)},
+                                  {"len", vi(len_shape, DType::Int64)}};
+             },
+             [](const std::vector<Var>& v) {
+               return std::vector<Var>{F::masked_attention(v[0], v[1], v[2], v[3], v[4])};
+             },
+             mixed({f_in(a.q), f_in(a.kv), f_in(a.kv), fixed_i64(a.pos, pos_shape),
+                    fixed_i64(a.len, len_shape)}));
+    }
 
     // ---- small graphs of several ops ----
     c.push_back(
