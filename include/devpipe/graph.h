@@ -15,6 +15,7 @@
 
 #include "devpipe/dtype.h"
 #include "devpipe/shape.h"
+#include "devpipe/tensor.h"
 
 namespace devpipe {
 
@@ -128,6 +129,10 @@ struct GraphParam {
   std::string key;        // checkpoint key exactly as PyTorch names it ("fc.weight")
   Shape full_shape;       // unsharded shape in the checkpoint
   int shard_dim = -1;     // -1: replicated; else split into tp_degree equal parts on this dim
+  /// A module buffer (nn::Module::register_buffer, not persistent): its value comes from the
+  /// model (Graph::constants), not from the checkpoint, and is baked into the artifact's
+  /// weight files; always replicated.
+  bool constant = false;
 };
 
 /// A traced graph.
@@ -138,6 +143,9 @@ struct Graph {
   std::vector<GraphParam> params;
   std::vector<int> outputs;
   int tp_degree = 1;
+  /// Host values of the constant params by key, in the params' dtype, as traced. Not part of
+  /// the graph text/JSON: a compiled artifact stores them in its weight files.
+  std::map<std::string, Tensor> constants;
 
   int add_value(ValueInfo info) {
     values.push_back(std::move(info));

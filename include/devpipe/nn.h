@@ -25,6 +25,13 @@ struct Size2 {
   std::vector<std::int64_t> vec() const { return {h, w}; }
 };
 
+/// A registered buffer, as named_buffers() lists it.
+struct NamedBuffer {
+  std::string key;  // full dotted key ("model.rotary_emb.inv_freq")
+  Tensor value;
+  bool persistent = false;
+};
+
 /// A declared parameter, as named_parameters() lists it.
 struct NamedParameter {
   std::string key;     // full state-dict key
@@ -67,6 +74,18 @@ class Module {
   /// Every parameter of this module and its descendants, PyTorch's order (own first).
   std::vector<NamedParameter> named_parameters() const;
 
+  /// Registers a buffer (torch's register_buffer) holding `value`. Not persistent (the
+  /// default, as Hugging Face's rotary inv_freq): the traced graph uses it as a constant whose
+  /// values are baked into the compiled artifact; it is never a checkpoint key. Persistent: a
+  /// checkpoint key like a parameter (floating point only; the checkpoint's value is used, and
+  /// random_state_dict() gives `value`).
+  void register_buffer(const std::string& name, Tensor value, bool persistent = false);
+  /// The buffer's value in the current trace (throws StateError outside a trace).
+  Var buffer(const std::string& name) const;
+  bool has_buffer(const std::string& name) const;
+  /// Every buffer of this module and its descendants, own first.
+  std::vector<NamedBuffer> named_buffers() const;
+
  protected:
   /// While alive, names this module in trace error messages. Layers open one in forward().
   class Scope {
@@ -83,12 +102,14 @@ class Module {
  private:
   void add_child(const std::string& name, Module* child);
   void collect(const std::string& prefix, std::vector<NamedParameter>& out) const;
+  void collect_buffers(const std::string& prefix, std::vector<NamedBuffer>& out) const;
 
   const Module* parent_ = nullptr;
   std::string name_;
   std::vector<std::pair<std::string, Module*>> children_;
   std::vector<std::unique_ptr<Module>> owned_;
   std::vector<NamedParameter> params_;  // key = local name here
+  std::vector<NamedBuffer> buffers_;    // key = local name here
 };
 
 /// A list of submodules named "0", "1", ... (torch.nn.ModuleList).
@@ -113,7 +134,8 @@ class ModuleList : public Module {
 /// A state dict with every parameter of `module` (full, unsharded shapes) drawn like PyTorch's
 /// default initialisation: uniform in [-1/sqrt(fan_in), 1/sqrt(fan_in)] where fan_in is the
 /// product of a weight's dims after the first (biases use their weight's fan_in); norm weights
-/// are 1 and norm biases 0. Deterministic for a given seed. Host float32 tensors.
+/// are 1 and norm biases 0. Deterministic for a given seed. Host float32 tensors. Persistent
+/// buffers follow with their registered values.
 std::vector<std::pair<std::string, Tensor>> random_state_dict(const Module& module,
                                                               std::uint64_t seed);
 

@@ -66,6 +66,10 @@ class Tracer {
   Var emit(OpKind op, const std::vector<Var>& inputs, Attrs attrs = {});
   /// The Var of parameter `key` (created on first use with the per-rank shape).
   Var parameter(const std::string& key, const Shape& full_shape, int shard_dim);
+  /// The Var of constant `key` holding `value` (created on first use): a replicated graph
+  /// param marked constant, in the trace's dtype (int64 values stay int64), whose value is kept
+  /// in Graph::constants.
+  Var constant(const std::string& key, const Tensor& value);
   /// Ends the trace: sets the graph outputs and returns the graph.
   Graph finish(const std::vector<Var>& outputs);
 

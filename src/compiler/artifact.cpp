@@ -97,8 +97,10 @@ json graph_json(const Graph& g) {
   for (const auto& i : g.inputs) inputs.push_back({{"value", i.value}, {"name", i.name}});
   json params = json::array();
   for (const auto& p : g.params) {
-    params.push_back({{"value", p.value}, {"key", p.key}, {"full_shape", p.full_shape.dims()},
-                      {"shard_dim", p.shard_dim}});
+    json jp = {{"value", p.value}, {"key", p.key}, {"full_shape", p.full_shape.dims()},
+               {"shard_dim", p.shard_dim}};
+    if (p.constant) jp["constant"] = true;
+    params.push_back(std::move(jp));
   }
   return {{"tp_degree", g.tp_degree}, {"values", values},   {"nodes", nodes},
           {"inputs", inputs},         {"params", params},   {"outputs", g.outputs}};
@@ -175,7 +177,15 @@ Graph graph_from(const json& j, const std::string& where, const std::string& key
     Shape full = shape_from(jp.at("full_shape"), g.values[static_cast<std::size_t>(value)].dtype, where, pk + ".full_shape");
     // -1: replicated; else the dim split over the ranks.
     auto shard_dim = json_int::member<FormatError>(jp, "shard_dim", -1, full.rank() - 1, where, pk + ".shard_dim");
-    g.params.push_back({value, jp.at("key").get<std::string>(), std::move(full), static_cast<int>(shard_dim)});
+    // A module buffer whose value the weight files hold (absent: false).
+    bool constant = false;
+    if (jp.contains("constant")) {
+      if (!jp.at("constant").is_boolean()) {
+        throw FormatError(where + ": " + pk + ".constant is " + jp.at("constant").dump() + ", not true or false");
+      }
+      constant = jp.at("constant").get<bool>();
+    }
+    g.params.push_back({value, jp.at("key").get<std::string>(), std::move(full), static_cast<int>(shard_dim), constant});
   }
   g.outputs = ids(j.at("outputs"), key + ".outputs");
   return g;
@@ -432,6 +442,7 @@ void validate_stage_graph(const Graph& g, std::int64_t batch, const Manifest& m,
   check_io("output", m.outputs, g.outputs);
   for (const auto& p : g.params) {
     if (p.shard_dim >= p.full_shape.rank()) fail("parameter '" + p.key + "' has shard_dim out of range");
+    if (p.constant && p.shard_dim >= 0) fail("constant '" + p.key + "' is marked sharded");
   }
 }
 

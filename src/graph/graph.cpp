@@ -215,6 +215,7 @@ std::string Graph::to_text() const {
     if (p.shard_dim >= 0) {
       os << " shard(dim=" << p.shard_dim << ", full=" << p.full_shape.to_string() << ")";
     }
+    if (p.constant) os << " constant";
     os << "\n";
   }
   for (const auto& n : nodes) {

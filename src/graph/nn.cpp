@@ -59,6 +59,55 @@ Var Module::param(const std::string& name) const {
   throw InvalidArgument("module '" + path() + "' (" + type_name() + ") has no parameter '" + name + "'");
 }
 
+void Module::register_buffer(const std::string& name, Tensor value, bool persistent) {
+  if (name.empty() || name.find('.') != std::string::npos) {
+    throw InvalidArgument("buffer name '" + name + "' in '" + path() +
+                          "' must be non-empty and contain no '.'");
+  }
+  if (has_buffer(name) || has_param(name)) {
+    throw InvalidArgument("buffer '" + name + "' in '" + path() +
+                          "' clashes with a buffer or parameter of that name");
+  }
+  if (!value.defined()) {
+    throw InvalidArgument("buffer '" + name + "' in '" + path() + "' is an undefined tensor");
+  }
+  if (persistent && !is_floating(value.dtype())) {
+    throw DTypeError("persistent buffer '" + name + "' in '" + path() + "' is " +
+                     std::string(dtype_name(value.dtype())) +
+                     "; checkpoint tensors are floating point (register it non-persistent)");
+  }
+  buffers_.push_back({name, value.to_host().clone(), persistent});
+}
+
+bool Module::has_buffer(const std::string& name) const {
+  for (const auto& b : buffers_) {
+    if (b.key == name) return true;
+  }
+  return false;
+}
+
+Var Module::buffer(const std::string& name) const {
+  for (const auto& b : buffers_) {
+    if (b.key != name) continue;
+    std::string base = path();
+    std::string key = base.empty() ? name : base + "." + name;
+    if (b.persistent) return Tracer::current().parameter(key, b.value.shape(), -1);
+    return Tracer::current().constant(key, b.value);
+  }
+  throw InvalidArgument("module '" + path() + "' (" + type_name() + ") has no buffer '" + name + "'");
+}
+
+void Module::collect_buffers(const std::string& prefix, std::vector<NamedBuffer>& out) const {
+  for (const auto& b : buffers_) out.push_back({prefix + b.key, b.value, b.persistent});
+  for (const auto& [n, m] : children_) m->collect_buffers(prefix + n + ".", out);
+}
+
+std::vector<NamedBuffer> Module::named_buffers() const {
+  std::vector<NamedBuffer> out;
+  collect_buffers("", out);
+  return out;
+}
+
 void Module::collect(const std::string& prefix, std::vector<NamedParameter>& out) const {
   for (const auto& p : params_) out.push_back({prefix + p.key, p.full_shape, p.shard_dim});
   for (const auto& [n, m] : children_) m->collect(prefix + n + ".", out);
@@ -102,6 +151,9 @@ std::vector<std::pair<std::string, Tensor>> random_state_dict(const Module& modu
     }
     out.emplace_back(p.key, std::move(t));
     ++i;
+  }
+  for (const auto& b : module.named_buffers()) {
+    if (b.persistent) out.emplace_back(b.key, b.value.to_dtype(DType::Float32));
   }
   return out;
 }

@@ -108,6 +108,18 @@ Var Tracer::parameter(const std::string& key, const Shape& full_shape, int shard
   return Var(this, id);
 }
 
+Var Tracer::constant(const std::string& key, const Tensor& value) {
+  auto it = params_.find(key);
+  if (it != params_.end()) return Var(this, it->second);
+  if (!value.defined()) throw InvalidArgument(where() + "constant '" + key + "' is an undefined tensor");
+  const DType dt = value.dtype() == DType::Int64 ? DType::Int64 : options_.dtype;
+  int id = graph_.add_value({value.shape(), dt});
+  graph_.params.push_back({id, key, value.shape(), -1, true});
+  graph_.constants[key] = value.to_host().to_dtype(dt).clone();
+  params_[key] = id;
+  return Var(this, id);
+}
+
 Graph Tracer::finish(const std::vector<Var>& outputs) {
   if (outputs.empty()) throw InvalidArgument(where() + "a traced model must return at least one output");
   graph_.outputs.clear();

@@ -125,15 +125,24 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
   // Weights: every parameter the graphs use, from the checkpoint, checked, converted, sharded.
   const Graph& g0 = m.buckets.front().graph;
   Checkpoint ckpt = Checkpoint::open(checkpoint_path);
+  // Module buffers (constant params) take their values from the model, not the checkpoint.
   std::vector<std::string> model_keys;
-  for (const auto& p : g0.params) model_keys.push_back(p.key);
+  for (const auto& p : g0.params) {
+    if (!p.constant) model_keys.push_back(p.key);
+  }
   const std::vector<std::string> source = match_checkpoint_keys(
       ckpt, model_keys, make_key_rules(options_.ignore_checkpoint_keys, options_.checkpoint_key_map), prefix(tag));
   std::vector<Tensor> full;
+  std::size_t next_source = 0;
   for (std::size_t i = 0; i < g0.params.size(); ++i) {
     const auto& p = g0.params[i];
-    const std::string named = source[i] == p.key ? "'" + p.key + "'" : "'" + source[i] + "' (for '" + p.key + "')";
-    Tensor t = ckpt.get(source[i]);
+    if (p.constant) {
+      full.push_back(g0.constants.at(p.key));
+      continue;
+    }
+    const std::string& src = source[next_source++];
+    const std::string named = src == p.key ? "'" + p.key + "'" : "'" + src + "' (for '" + p.key + "')";
+    Tensor t = ckpt.get(src);
     if (t.shape() != p.full_shape) {
       throw ShapeError(prefix(tag) + "checkpoint tensor " + named + " has shape " + t.shape().to_string() +
                        " but the model declares " + p.full_shape.to_string());
