@@ -6,10 +6,12 @@
 // One test per (op, arm): OpsVsTorch/OpVsTorch.Run/<op>_<arm>; each case inside is reported
 // with its description (op, dtype, shapes, attributes) through SCOPED_TRACE.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -235,10 +237,21 @@ using Param = std::tuple<std::string, std::string>;  // op name, arm ("reference
 
 class OpVsTorch : public ::testing::TestWithParam<Param> {
  public:
+  // ctest runs every (op, arm) in its own process: the cases are generated once per version
+  // of the script (its content hash names the file in the working directory) and reused;
+  // written beside and renamed, so concurrent processes never read a partial file.
   static void SetUpTestSuite() {
-    devpipe::testing::TempDir dir;
-    std::string path = dir.str("ops.safetensors");
-    if (!devpipe::testing::run_torch_script("ops_ref.py", path)) return;
+    std::ifstream script(std::string(DEVPIPE_REFERENCE_DIR) + "/ops_ref.py", std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(script)), std::istreambuf_iterator<char>());
+    const std::string path = (std::filesystem::current_path() /
+                              ("ops_ref." + std::to_string(std::hash<std::string>{}(text)) +
+                               ".safetensors"))
+                                 .string();
+    if (!std::filesystem::exists(path)) {
+      const std::string tmp = path + ".tmp" + std::to_string(::getpid());
+      if (!devpipe::testing::run_torch_script("ops_ref.py", tmp)) return;
+      std::filesystem::rename(tmp, path);
+    }
     try {
       cases_ = std::make_unique<std::vector<OpCase>>(load_cases(path));
     } catch (const std::exception& e) {
