@@ -353,11 +353,23 @@ void DeviceState::check_error_record_locked() {
   if (r.code == 0) return;
   DEVPIPE_CUDA_CHECK(cudaMemsetAsync(rec, 0, sizeof(DeviceErrorRecord), cs));
   sync_copies("clear the error record");
-  throw InvalidArgument("cuda backend: " + tag_description(r.tag) + ": index " +
-                        std::to_string(r.value) + " (at position " + std::to_string(r.position) +
-                        ") is out of range for vocabulary size " + std::to_string(r.limit) +
-                        "; found on cuda:" + std::to_string(device_) +
-                        " by a kernel of an earlier run, whose outputs are invalid");
+  std::string what;
+  switch (r.code) {
+    case kErrIndexOutOfRange:
+      what = "index " + std::to_string(r.value) + " (at position " + std::to_string(r.position) +
+             ") is outside [0, " + std::to_string(r.limit) + ") of the indexed dim";
+      break;
+    case kErrKvLength:
+      what = "kv_lengths[" + std::to_string(r.position) + "] = " + std::to_string(r.value) +
+             " is outside [0, " + std::to_string(r.limit) + "] (the cache length)";
+      break;
+    default:
+      what = "index " + std::to_string(r.value) + " (at position " + std::to_string(r.position) +
+             ") is out of range for vocabulary size " + std::to_string(r.limit);
+      break;
+  }
+  throw InvalidArgument("cuda backend: " + tag_description(r.tag) + ": " + what + "; found on cuda:" +
+                        std::to_string(device_) + " by a kernel of an earlier run, whose outputs are invalid");
 }
 
 // ---------------------------------------------------------------------------- RankContext

@@ -265,6 +265,25 @@ std::unique_ptr<Step> make_step(const BuildContext& cx) {
     case OpKind::AllReduce:
     case OpKind::AllGather:
       return make_collective_step(cx);
+    case OpKind::Exp:
+    case OpKind::Tanh:
+    case OpKind::Sigmoid:
+    case OpKind::Neg:
+    case OpKind::AddScalar:
+    case OpKind::MulScalar:
+    case OpKind::Full:
+    case OpKind::Arange:
+    case OpKind::Sum:
+    case OpKind::Mean:
+    case OpKind::ArgMax:
+    case OpKind::IndexSelect:
+    case OpKind::Gather:
+    case OpKind::Where:
+    case OpKind::MaskedFill:
+    case OpKind::RotaryEmbedding:
+    case OpKind::ScaledDotProductAttention:
+    case OpKind::MaskedAttention:
+      return make_llm_step(cx);
     default:
       return make_basic_step(cx);
   }

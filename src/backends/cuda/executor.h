@@ -70,6 +70,7 @@ std::unique_ptr<Step> make_linear_step(const BuildContext& cx);
 std::unique_ptr<Step> make_matmul_step(const BuildContext& cx);
 std::unique_ptr<Step> make_conv2d_step(const BuildContext& cx);
 std::unique_ptr<Step> make_collective_step(const BuildContext& cx);
+std::unique_ptr<Step> make_llm_step(const BuildContext& cx);    // ops of decoder LLMs
 std::unique_ptr<Step> make_basic_step(const BuildContext& cx);  // every other op
 
 /// The cuda backend's Executable. See executor.cpp for the memory plan and the graph policy.

@@ -25,10 +25,12 @@ enum class Act : int { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3, Silu = 4 };
 /// Throws devpipe::Error naming `kernel` when the last launch failed (cudaGetLastError).
 void check_launch(const char* kernel);
 
-/// y[i] = a[a_off(i)] (+|*) b[b_off(i)] over dims.size (contiguous y); offsets from
-/// dims.stride0 (a) and dims.stride1 (b). Int64 is exact (wrapping) arithmetic. `y` may be `a`
-/// when a is not broadcast.
-void launch_binary(bool mul, DType dt, const void* a, const void* b, void* y,
+enum class BinOp : int { Add = 0, Mul = 1, Sub = 2, Div = 3 };
+
+/// y[i] = a[a_off(i)] (+|*|-|/) b[b_off(i)] over dims.size (contiguous y); offsets from
+/// dims.stride0 (a) and dims.stride1 (b). Int64 is exact (wrapping) arithmetic (no Div). `y`
+/// may be `a` when a is not broadcast.
+void launch_binary(BinOp op, DType dt, const void* a, const void* b, void* y,
                    const StridedDims& dims, cudaStream_t stream);
 
 /// y[r, c] = act(x[r, c] + bias[c]) for a [rows, cols] tensor; bias may be null; y may be x.
@@ -73,6 +75,77 @@ void launch_embedding(std::size_t elem_bytes, const std::int64_t* idx, const voi
 /// y (contiguous, dims.size) [i] = x[sum_d idx_d * dims.stride0[d]] (permute, strided slice).
 void launch_strided_copy(std::size_t elem_bytes, const void* x, void* y, const StridedDims& dims,
                          cudaStream_t stream);
+
+// ---- ops of decoder LLMs (kernels_llm.cu) ----
+
+enum class UnaryOp : int { Exp = 0, Tanh = 1, Sigmoid = 2, Affine = 3 };
+/// y[i] = op(x[i]) for i < n (Affine: x * a + b). Floating dtypes compute in float; int64 takes
+/// only Affine, in wrapping integer arithmetic with a and b truncated to integers.
+void launch_unary(UnaryOp op, DType dt, const void* x, void* y, std::int64_t n, double a,
+                  double b, cudaStream_t stream);
+/// y[i] = the element whose raw little-endian bits are `bits` (elem_bytes of them), i < n.
+void launch_fill(std::size_t elem_bytes, unsigned long long bits, void* y, std::int64_t n,
+                 cudaStream_t stream);
+/// y[i] = i in dtype dt, i < n.
+void launch_arange(DType dt, void* y, std::int64_t n, cudaStream_t stream);
+
+/// An iteration space with three operand strides (cond, a, b), like StridedDims.
+struct SelectDims {
+  int ndim = 0;
+  std::int64_t size[kMaxDims] = {};
+  std::int64_t sc[kMaxDims] = {}, sa[kMaxDims] = {}, sb[kMaxDims] = {};
+};
+/// y[i] = cond != 0 ? a : b elementwise over d (contiguous y); a null: the element `fill_bits`
+/// instead (masked_fill: cond is the mask, b the input).
+void launch_select(std::size_t elem_bytes, const std::int64_t* cond, const void* a,
+                   unsigned long long fill_bits, const void* b, void* y, const SelectDims& d,
+                   cudaStream_t stream);
+
+/// Error codes of DeviceErrorRecord beyond 1 (an embedding index).
+inline constexpr int kErrIndexOutOfRange = 2;  // index_select/gather: limit = the dim's size
+inline constexpr int kErrKvLength = 3;         // masked_attention: limit = the cache length
+
+/// y[o, j, i] = x[o, idx[j], i] (x [outer, n, inner], y [outer, m, inner]); an index outside
+/// [0, n) gives zeros and is recorded in *err (code kErrIndexOutOfRange, tagged `tag`).
+void launch_index_select(std::size_t elem_bytes, const void* x, const std::int64_t* idx, void* y,
+                         std::int64_t outer, std::int64_t n, std::int64_t inner, std::int64_t m,
+                         DeviceErrorRecord* err, int tag, cudaStream_t stream);
+/// torch.gather: y (index's shape d.size, contiguous) [i] = x[coords of i with dim replaced by
+/// idx[i]]; d.stride0 holds x's strides. Bad indices as launch_index_select.
+void launch_gather(std::size_t elem_bytes, const void* x, const std::int64_t* idx, void* y,
+                   const StridedDims& d, int dim, std::int64_t limit, DeviceErrorRecord* err,
+                   int tag, cudaStream_t stream);
+/// y[o, i] = index of the first maximum of x[o, :, i] (x [outer, n, inner]); NaN wins.
+void launch_argmax(DType dt, const void* x, std::int64_t* y, std::int64_t outer, std::int64_t n,
+                   std::int64_t inner, cudaStream_t stream);
+/// y[o] = scale * sum over the reduced space of x: `kept` spans the outputs (size, stride0 =
+/// x's strides of the kept dims), `reduced` the reduced dims likewise.
+void launch_reduce(DType dt, const void* x, void* y, const StridedDims& kept,
+                   const StridedDims& reduced, float scale, cudaStream_t stream);
+
+inline constexpr int kMaxRopeHalf = 256;
+struct RopeParams {
+  std::int64_t rows = 0;  // B * H * T
+  std::int64_t h = 0, t = 0, half = 0;
+  float inv_freq[kMaxRopeHalf] = {};
+};
+/// Hugging Face rotate-half rotary embedding of x [B, H, T, 2 * half] at positions [B, T].
+void launch_rotary(DType dt, const void* x, const std::int64_t* pos, void* y, const RopeParams& p,
+                   cudaStream_t stream);
+
+/// 0 none, 1 causal, 2 int64 mask (nonzero: attend), 3 additive mask, 4 q_positions/kv_lengths.
+struct AttnParams {
+  std::int64_t b = 0, hq = 0, hkv = 0, t = 0, s = 0, d = 0, dv = 0, group = 1;
+  int kind = 0;
+  std::int64_t mst[4] = {};  // mask strides over [B, Hq, T, S]
+  float scale = 1.f;
+};
+inline constexpr int kMaxAttnHeadDim = 256;
+/// Attention with an online softmax, one block per query row (see the cpu kernel for the
+/// semantics); kv_lengths outside [0, S] are clamped and recorded (code kErrKvLength).
+void launch_attention(DType dt, const void* q, const void* k, const void* v, void* y,
+                      const void* mask, const std::int64_t* pos, const std::int64_t* len,
+                      const AttnParams& p, DeviceErrorRecord* err, int tag, cudaStream_t stream);
 
 /// Buffers of the ranks sharing one reduction.
 struct RankBuffers {

@@ -9,22 +9,33 @@ namespace {
 
 template <class T>
 struct BinaryOp {
-  __device__ __forceinline__ static T apply(T a, T b, bool mul) {
+  __device__ __forceinline__ static T apply(T a, T b, BinOp op) {
     const float x = to_float(a), y = to_float(b);
-    return from_float<T>(mul ? x * y : x + y);
+    switch (op) {
+      case BinOp::Add:
+        return from_float<T>(x + y);
+      case BinOp::Mul:
+        return from_float<T>(x * y);
+      case BinOp::Sub:
+        return from_float<T>(x - y);
+      case BinOp::Div:
+        return from_float<T>(x / y);
+    }
+    return from_float<T>(x + y);
   }
 };
 template <>
 struct BinaryOp<std::int64_t> {
-  __device__ __forceinline__ static std::int64_t apply(std::int64_t a, std::int64_t b, bool mul) {
+  __device__ __forceinline__ static std::int64_t apply(std::int64_t a, std::int64_t b, BinOp op) {
     const auto x = static_cast<unsigned long long>(a), y = static_cast<unsigned long long>(b);
-    return static_cast<std::int64_t>(mul ? x * y : x + y);  // wraps like the host's int64
+    // Wraps like the host's int64; Div is rejected for int64 by the op's inference.
+    return static_cast<std::int64_t>(op == BinOp::Mul ? x * y : op == BinOp::Sub ? x - y : x + y);
   }
 };
 
 template <class T>
 __global__ void binary_kernel(const T* a, const T* b, T* y, StridedDims d, std::int64_t n,
-                              bool mul) {
+                              BinOp mul) {
   for (std::int64_t i = global_index(); i < n; i += global_stride()) {
     std::int64_t rem = i, oa = 0, ob = 0;
     for (int k = d.ndim - 1; k >= 0; --k) {
@@ -39,7 +50,7 @@ __global__ void binary_kernel(const T* a, const T* b, T* y, StridedDims d, std::
 
 /// Same-shape fast path: no index arithmetic.
 template <class T>
-__global__ void binary_flat_kernel(const T* a, const T* b, T* y, std::int64_t n, bool mul) {
+__global__ void binary_flat_kernel(const T* a, const T* b, T* y, std::int64_t n, BinOp mul) {
   for (std::int64_t i = global_index(); i < n; i += global_stride()) {
     y[i] = BinaryOp<T>::apply(a[i], b[i], mul);
   }
@@ -109,8 +120,10 @@ bool same_shape_contiguous(const StridedDims& d) {
 
 }  // namespace
 
-void launch_binary(bool mul, DType dt, const void* a, const void* b, void* y,
+void launch_binary(BinOp mul, DType dt, const void* a, const void* b, void* y,
                    const StridedDims& dims, cudaStream_t stream) {
+  static const char* const kNames[] = {"add", "mul", "sub", "div"};
+  const char* name = kNames[static_cast<int>(mul)];
   std::int64_t n = 1;
   for (int k = 0; k < dims.ndim; ++k) n *= dims.size[k];
   if (n == 0) return;
@@ -128,9 +141,9 @@ void launch_binary(bool mul, DType dt, const void* a, const void* b, void* y,
   if (dt == DType::Int64) {
     go(std::int64_t{});
   } else {
-    dispatch_float(dt, mul ? "mul" : "add", go);
+    dispatch_float(dt, name, go);
   }
-  check_launch(mul ? "mul" : "add");
+  check_launch(name);
 }
 
 void launch_bias_act(DType dt, const void* x, const void* bias, void* y, std::int64_t rows,

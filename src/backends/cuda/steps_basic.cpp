@@ -14,7 +14,10 @@ namespace {
 class BinaryStep final : public Step {
  public:
   explicit BinaryStep(const BuildContext& cx)
-      : mul_(cx.node.op == OpKind::Mul),
+      : op_(cx.node.op == OpKind::Mul   ? BinOp::Mul
+            : cx.node.op == OpKind::Sub ? BinOp::Sub
+            : cx.node.op == OpKind::Div ? BinOp::Div
+                                        : BinOp::Add),
         dt_(cx.out().dtype),
         a_(cx.in_id(0)),
         b_(cx.in_id(1)),
@@ -24,11 +27,11 @@ class BinaryStep final : public Step {
                           broadcast_strides(cx.in(1).shape, os));
   }
   void launch(const LaunchContext& cx) override {
-    launch_binary(mul_, dt_, cx.at(a_), cx.at(b_), cx.at(y_), dims_, cx.stream);
+    launch_binary(op_, dt_, cx.at(a_), cx.at(b_), cx.at(y_), dims_, cx.stream);
   }
 
  private:
-  bool mul_;
+  BinOp op_;
   DType dt_;
   int a_, b_, y_;
   StridedDims dims_;
@@ -324,6 +327,8 @@ std::unique_ptr<Step> make_basic_step(const BuildContext& cx) {
   switch (cx.node.op) {
     case OpKind::Add:
     case OpKind::Mul:
+    case OpKind::Sub:
+    case OpKind::Div:
       return std::make_unique<BinaryStep>(cx);
     case OpKind::Gelu:
       require_float(cx, cx.out().dtype);

@@ -71,7 +71,7 @@ class ConvStep final : public Step {
                             h, &alpha, x_desc_.get(), x, w_desc_.get(), w, conv_desc_.get(), algo_,
                             workspace_ ? cx.scratch : nullptr, workspace_, &beta, y_desc_.get(), y),
                         where);
-    if (b_ >= 0) launch_binary(false, dt_, y, cx.at(b_), y, bias_dims_, cx.stream);
+    if (b_ >= 0) launch_binary(BinOp::Add, dt_, y, cx.at(b_), y, bias_dims_, cx.stream);
   }
 
  private:
