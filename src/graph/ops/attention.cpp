@@ -85,7 +85,12 @@ std::vector<ValueInfo> infer_sdpa(const std::vector<ValueInfo>& in, const Attrs&
                        std::string(dtype_name(m.dtype)));
     }
     const Shape full({in[0].shape[0], in[0].shape[1], in[0].shape[2], in[1].shape[2]});
-    if (m.shape.rank() > 4 || !(broadcast_shapes(op, full, m.shape) == full)) {
+    bool fits = m.shape.rank() <= 4;
+    for (int i = 0; fits && i < m.shape.rank(); ++i) {
+      const std::int64_t d = m.shape[static_cast<std::size_t>(m.shape.rank() - 1 - i)];
+      fits = d == 1 || d == full[static_cast<std::size_t>(3 - i)];
+    }
+    if (!fits) {
       throw ShapeError(std::string(op) + ": attn_mask " + m.shape.to_string() +
                        " does not broadcast to the scores " + full.to_string());
     }

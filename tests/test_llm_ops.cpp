@@ -1,0 +1,257 @@
+// The decoder-LLM ops beyond their PyTorch comparison (test_ops) and conformance
+// (test_cpu_backend): manifest round trips with re-inference, errors that name the values,
+// the attention kernel's cache bounds (keys past kv_lengths are never read), and
+// masked_attention against scaled_dot_product_attention with the equivalent explicit mask.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+
+#include "backend_conformance.h"
+#include "compiler/artifact.h"
+#include "graph/op_def.h"
+
+using namespace devpipe;
+using namespace devpipe::testing;
+
+namespace {
+
+template <class E, class Fn>
+std::string message_of(Fn&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "threw another exception type: " << e.what();
+    return "";
+  }
+  ADD_FAILURE() << "did not throw";
+  return "";
+}
+
+#define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << "message: " << (msg)
+
+Backend& cpu() { return backend_for(DeviceKind::Cpu); }
+
+/// A graph using every new op and attribute kind (optional scale, -inf, dims, dtype names).
+Graph every_new_op() {
+  return trace(DType::Float32,
+               {{"x", vi({2, 4, 6, 6}, DType::Float32)},
+                {"pos", vi({2, 6}, DType::Int64)},
+                {"len", vi({2}, DType::Int64)},
+                {"mask", vi({6, 6}, DType::Int64)}},
+               [](const std::vector<Var>& v) {
+                 Var x = F::rotary_embedding(v[0], v[1], 500000.0);
+                 Var kv = F::slice(x, 1, 0, 2);  // 2 kv heads for 4 query heads
+                 Var a = F::masked_attention(x, kv, kv, v[1], v[2], 0.125);
+                 Var s = F::scaled_dot_product_attention(x, x, x, std::nullopt, true);
+                 Var m = F::scaled_dot_product_attention(x, x, x, v[3]);
+                 Var e = F::sigmoid(F::exp(a) / (F::tanh(s) + 2.0)) - (-m) * 0.5;
+                 Var f = F::masked_fill(e, v[3], -std::numeric_limits<double>::infinity());
+                 Var g = F::where(v[3], f, F::full({1}, 3.0, DType::Float32));
+                 Var r = F::sum(g, {-1}) + F::mean(g, {3});                     // [2, 4, 6]
+                 Var top = F::index_select(F::argmax(r, -1), 0, F::arange(1));  // [1, 4]
+                 Var idx = F::reshape(top, {1, 4, 1}) * F::full({2, 4, 2}, 1.0, DType::Int64);
+                 return std::vector<Var>{F::gather(r, 2, idx), F::sub(F::arange(4), F::neg(F::arange(4)))};
+               });
+}
+
+}  // namespace
+
+TEST(LlmOps, EveryNewOpRoundTripsThroughTheManifestJsonAndReinfers) {
+  const Graph g = every_new_op();
+  const Graph back = graph_from_json(graph_to_json(g));
+  EXPECT_EQ(back.to_text(), g.to_text());
+  ASSERT_EQ(back.nodes.size(), g.nodes.size());
+  std::set<OpKind> seen;
+  for (std::size_t i = 0; i < back.nodes.size(); ++i) {
+    const Node& n = back.nodes[i];
+    seen.insert(n.op);
+    EXPECT_EQ(n.attrs, g.nodes[i].attrs) << op_name(n.op);
+    std::vector<ValueInfo> ins;
+    for (int id : n.inputs) ins.push_back(back.value(id));
+    const auto outs = infer_op(n.op, ins, n.attrs);
+    ASSERT_EQ(outs.size(), 1u);
+    EXPECT_EQ(outs[0], back.value(n.outputs[0])) << op_name(n.op);
+  }
+  for (OpKind op : {OpKind::Sub, OpKind::Div, OpKind::Exp, OpKind::Tanh, OpKind::Sigmoid,
+                    OpKind::Neg, OpKind::AddScalar, OpKind::MulScalar, OpKind::Full,
+                    OpKind::Arange, OpKind::Sum, OpKind::Mean, OpKind::ArgMax,
+                    OpKind::IndexSelect, OpKind::Gather, OpKind::Where, OpKind::MaskedFill,
+                    OpKind::RotaryEmbedding, OpKind::ScaledDotProductAttention,
+                    OpKind::MaskedAttention}) {
+    EXPECT_TRUE(seen.count(op)) << op_name(op) << " is not in the round-trip graph";
+  }
+  // -inf survives JSON (which has no infinities).
+  bool found_inf = false;
+  for (const Node& n : back.nodes) {
+    if (n.op == OpKind::MaskedFill) found_inf = std::isinf(n.attrs.f("value")) && n.attrs.f("value") < 0;
+  }
+  EXPECT_TRUE(found_inf);
+  // And the cpu backend runs the whole graph like the reference.
+  std::vector<Tensor> in{Tensor::randn({2, 4, 6, 6}, 1),
+                         Tensor::from_vector_i64({0, 1, 2, 3, 4, 5, 0, 1, 2, 3, -1, -1}, {2, 6}),
+                         Tensor::from_vector_i64({6, 4}, {2}), Tensor::randint({6, 6}, 2, 3)};
+  for (std::int64_t i = 0; i < 6; ++i) in[3].data<std::int64_t>()[i * 6] = 1;
+  expect_matches_reference(cpu(), g, in, {}, {1e-4, 1e-5});
+}
+
+TEST(LlmOps, ShapeAndDtypeErrorsNameTheValues) {
+  auto heads = message_of<ShapeError>([] {
+    trace(DType::Float32, {{"q", vi({1, 6, 3, 8}, DType::Float32)}, {"k", vi({1, 4, 3, 8}, DType::Float32)}},
+          [](const std::vector<Var>& v) {
+            return std::vector<Var>{F::scaled_dot_product_attention(v[0], v[1], v[1])};
+          });
+  });
+  EXPECT_HAS(heads, "6 query heads");
+  EXPECT_HAS(heads, "4 key/value heads");
+  auto both = message_of<InvalidArgument>([] {
+    trace(DType::Float32, {{"q", vi({1, 2, 3, 8}, DType::Float32)}, {"m", vi({3, 3}, DType::Int64)}},
+          [](const std::vector<Var>& v) {
+            return std::vector<Var>{F::scaled_dot_product_attention(v[0], v[0], v[0], v[1], true)};
+          });
+  });
+  EXPECT_HAS(both, "not both");
+  auto mask = message_of<ShapeError>([] {
+    trace(DType::Float32, {{"q", vi({1, 2, 3, 8}, DType::Float32)}, {"m", vi({3, 4}, DType::Int64)}},
+          [](const std::vector<Var>& v) {
+            return std::vector<Var>{F::scaled_dot_product_attention(v[0], v[0], v[0], v[1])};
+          });
+  });
+  EXPECT_HAS(mask, "attn_mask [3, 4]");
+  EXPECT_HAS(mask, "[1, 2, 3, 3]");
+  auto pos = message_of<ShapeError>([] {
+    trace(DType::Float32,
+          {{"q", vi({2, 2, 3, 8}, DType::Float32)}, {"p", vi({2, 4}, DType::Int64)}, {"l", vi({2}, DType::Int64)}},
+          [](const std::vector<Var>& v) {
+            return std::vector<Var>{F::masked_attention(v[0], v[0], v[0], v[1], v[2])};
+          });
+  });
+  EXPECT_HAS(pos, "q_positions [2, 4] must be [B, T] = [2, 3]");
+  auto odd = message_of<ShapeError>([] {
+    trace(DType::Float32, {{"x", vi({1, 1, 2, 7}, DType::Float32)}, {"p", vi({1, 2}, DType::Int64)}},
+          [](const std::vector<Var>& v) { return std::vector<Var>{F::rotary_embedding(v[0], v[1], 1e4)}; });
+  });
+  EXPECT_HAS(odd, "D even, got [1, 1, 2, 7]");
+  auto cond = message_of<DTypeError>([] {
+    trace(DType::Float32, {{"x", vi({3}, DType::Float32)}},
+          [](const std::vector<Var>& v) { return std::vector<Var>{F::where(v[0], v[0], v[0])}; });
+  });
+  EXPECT_HAS(cond, "condition must be int64");
+  auto frac = message_of<DTypeError>([] {
+    trace(DType::Float32, {{"i", vi({3}, DType::Int64)}},
+          [](const std::vector<Var>& v) { return std::vector<Var>{v[0] * 0.5}; });
+  });
+  EXPECT_HAS(frac, "integral value");
+}
+
+TEST(LlmOps, RunTimeIndexErrorsNameTheIndexOnReferenceAndCpu) {
+  Graph g = trace(DType::Float32, {{"x", vi({4, 3}, DType::Float32)}, {"i", vi({2}, DType::Int64)}},
+                  [](const std::vector<Var>& v) { return std::vector<Var>{F::index_select(v[0], 0, v[1])}; });
+  const std::vector<Tensor> in{Tensor::randn({4, 3}, 1), Tensor::from_vector_i64({1, 4}, {2})};
+  auto ref = message_of<InvalidArgument>([&] { run_reference(g, in, {}); });
+  EXPECT_HAS(ref, "index 4 at position 1 is outside [0, 4)");
+  auto got = message_of<InvalidArgument>([&] { run_graph_once(cpu(), g, in, {}); });
+  EXPECT_HAS(got, "index 4 at position 1 is outside [0, 4)");
+
+  Graph a = trace(DType::Float32,
+                  {{"q", vi({2, 1, 1, 8}, DType::Float32)}, {"kv", vi({2, 1, 5, 8}, DType::Float32)},
+                   {"p", vi({2, 1}, DType::Int64)}, {"l", vi({2}, DType::Int64)}},
+                  [](const std::vector<Var>& v) {
+                    return std::vector<Var>{F::masked_attention(v[0], v[1], v[1], v[2], v[3])};
+                  });
+  const std::vector<Tensor> ain{Tensor::randn({2, 1, 1, 8}, 1), Tensor::randn({2, 1, 5, 8}, 2),
+                                Tensor::from_vector_i64({3, 5}, {2, 1}), Tensor::from_vector_i64({4, 6}, {2})};
+  EXPECT_HAS(message_of<InvalidArgument>([&] { run_reference(a, ain, {}); }), "kv_lengths[1] = 6 is outside [0, 5]");
+  EXPECT_HAS(message_of<InvalidArgument>([&] { run_graph_once(cpu(), a, ain, {}); }),
+             "kv_lengths[1] = 6 is outside [0, 5]");
+}
+
+// Cache slots at and past kv_lengths[b] (and past each query's position) hold NaN: a kernel
+// that read them, even to mask them afterwards, would produce NaN (0 * NaN). Padding query
+// rows (position -1) and an empty sequence (length 0) give zeros.
+TEST(LlmOps, MaskedAttentionNeverReadsPastTheVisibleKeys) {
+  for (DType dt : {DType::Float32, DType::BFloat16}) {
+    SCOPED_TRACE(std::string(dtype_name(dt)));
+    const std::int64_t B = 3, Hq = 8, Hkv = 2, T = 5, S = 300, D = 64;
+    Graph g = trace(dt,
+                    {{"q", vi({B, Hq, T, D}, dt)}, {"k", vi({B, Hkv, S, D}, dt)}, {"v", vi({B, Hkv, S, D}, dt)},
+                     {"p", vi({B, T}, DType::Int64)}, {"l", vi({B}, DType::Int64)}},
+                    [](const std::vector<Var>& v) {
+                      return std::vector<Var>{F::masked_attention(v[0], v[1], v[2], v[3], v[4])};
+                    });
+    const std::vector<std::int64_t> len{290, 37, 0};
+    // b = 0: positions past its length (only keys < 290 are visible); b = 1: two padding rows.
+    const std::vector<std::int64_t> pos{287, 289, 295, 298, 299, 30, 31, 32, -1, -1, -1, -1, -1, -1, -1};
+    Tensor k = Tensor::randn({B, Hkv, S, D}, 2).to_dtype(DType::Float32);
+    Tensor v = Tensor::randn({B, Hkv, S, D}, 3).to_dtype(DType::Float32);
+    Tensor kz = k.clone(), vz = v.clone();
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t h = 0; h < Hkv; ++h) {
+        for (std::int64_t j = len[static_cast<std::size_t>(b)]; j < S; ++j) {
+          for (std::int64_t d = 0; d < D; ++d) {
+            const std::int64_t i = ((b * Hkv + h) * S + j) * D + d;
+            k.data<float>()[i] = v.data<float>()[i] = nan;
+            kz.data<float>()[i] = vz.data<float>()[i] = 0.f;
+          }
+        }
+      }
+    }
+    const Tensor q = Tensor::randn({B, Hq, T, D}, 1, dt);
+    const Tensor p = Tensor::from_vector_i64(pos, {B, T}), l = Tensor::from_vector_i64(len, {B});
+    const auto got = run_graph_once(cpu(), g, {q, k.to_dtype(dt), v.to_dtype(dt), p, l}, {});
+    const auto want = run_reference(g, {q, kz.to_dtype(dt), vz.to_dtype(dt), p, l}, {});
+    const auto y = got[0].to_float_vector();
+    for (float e : y) ASSERT_TRUE(std::isfinite(e));
+    EXPECT_TRUE(tensors_close(got[0], want[0], dt == DType::Float32 ? 1e-4 : 2e-2, dt == DType::Float32 ? 1e-5 : 2e-2));
+    // Row (b=1, t>=3) and all of b=2 are padding: zeros.
+    for (std::int64_t h = 0; h < Hq; ++h) {
+      for (std::int64_t d = 0; d < D; ++d) {
+        EXPECT_EQ(y[static_cast<std::size_t>(((1 * Hq + h) * T + 4) * D + d)], 0.f);
+        EXPECT_EQ(y[static_cast<std::size_t>(((2 * Hq + h) * T + 0) * D + d)], 0.f);
+      }
+    }
+  }
+}
+
+// Two code paths of the fused kernel (positions/lengths vs an explicit int64 mask) and the
+// additive form (0 / -inf) agree on the same visibility, with GQA and several key blocks.
+TEST(LlmOps, MaskedAttentionEqualsSdpaWithTheEquivalentMask) {
+  const std::int64_t B = 2, Hq = 6, Hkv = 3, T = 40, S = 70, D = 32;
+  const std::vector<std::int64_t> len{70, 45};
+  std::vector<std::int64_t> pos;
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t t = 0; t < T; ++t) pos.push_back(b == 0 ? 30 + t : (t < 20 ? 25 + t : -1));
+  }
+  std::vector<std::int64_t> mask;
+  std::vector<float> bias;
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t t = 0; t < T; ++t) {
+      for (std::int64_t j = 0; j < S; ++j) {
+        const bool vis = j <= pos[static_cast<std::size_t>(b * T + t)] && j < len[static_cast<std::size_t>(b)];
+        mask.push_back(vis ? 1 : 0);
+        bias.push_back(vis ? 0.f : -std::numeric_limits<float>::infinity());
+      }
+    }
+  }
+  const Shape qs{B, Hq, T, D}, kvs{B, Hkv, S, D};
+  Graph g = trace(DType::Float32,
+                  {{"q", vi(qs, DType::Float32)}, {"k", vi(kvs, DType::Float32)}, {"v", vi(kvs, DType::Float32)},
+                   {"p", vi({B, T}, DType::Int64)}, {"l", vi({B}, DType::Int64)},
+                   {"m", vi({B, 1, T, S}, DType::Int64)}, {"bias", vi({B, 1, T, S}, DType::Float32)}},
+                  [](const std::vector<Var>& v) {
+                    return std::vector<Var>{F::masked_attention(v[0], v[1], v[2], v[3], v[4]),
+                                            F::scaled_dot_product_attention(v[0], v[1], v[2], v[5]),
+                                            F::scaled_dot_product_attention(v[0], v[1], v[2], v[6])};
+                  });
+  const auto out = run_graph_once(cpu(), g,
+                                  {Tensor::randn(qs, 1), Tensor::randn(kvs, 2), Tensor::randn(kvs, 3),
+                                   Tensor::from_vector_i64(pos, {B, T}), Tensor::from_vector_i64(len, {B}),
+                                   Tensor::from_vector_i64(mask, {B, 1, T, S}),
+                                   Tensor::from_vector(bias, {B, 1, T, S})},
+                                  {});
+  EXPECT_TRUE(tensors_close(out[1], out[0], 1e-5, 1e-6));
+  EXPECT_TRUE(tensors_close(out[2], out[0], 1e-5, 1e-6));
+}
