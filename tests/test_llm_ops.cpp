@@ -7,7 +7,10 @@
 #include <cmath>
 #include <limits>
 
+#include <cstdlib>
+
 #include "backend_conformance.h"
+#include "backends/cpu/kernel.h"
 #include "compiler/artifact.h"
 #include "graph/op_def.h"
 
@@ -32,7 +35,7 @@ std::string message_of(Fn&& f) {
 
 #define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << "message: " << (msg)
 
-Backend& cpu() { return backend_for(DeviceKind::Cpu); }
+Backend& cpu_backend() { return backend_for(DeviceKind::Cpu); }
 
 /// A graph using every new op and attribute kind (optional scale, -inf, dims, dtype names).
 Graph every_new_op() {
@@ -94,7 +97,7 @@ TEST(LlmOps, EveryNewOpRoundTripsThroughTheManifestJsonAndReinfers) {
                          Tensor::from_vector_i64({0, 1, 2, 3, 4, 5, 0, 1, 2, 3, -1, -1}, {2, 6}),
                          Tensor::from_vector_i64({6, 4}, {2}), Tensor::randint({6, 6}, 2, 3)};
   for (std::int64_t i = 0; i < 6; ++i) in[3].data<std::int64_t>()[i * 6] = 1;
-  expect_matches_reference(cpu(), g, in, {}, {1e-4, 1e-5});
+  expect_matches_reference(cpu_backend(), g, in, {}, {1e-4, 1e-5});
 }
 
 TEST(LlmOps, ShapeAndDtypeErrorsNameTheValues) {
@@ -152,7 +155,7 @@ TEST(LlmOps, RunTimeIndexErrorsNameTheIndexOnReferenceAndCpu) {
   const std::vector<Tensor> in{Tensor::randn({4, 3}, 1), Tensor::from_vector_i64({1, 4}, {2})};
   auto ref = message_of<InvalidArgument>([&] { run_reference(g, in, {}); });
   EXPECT_HAS(ref, "index 4 at position 1 is outside [0, 4)");
-  auto got = message_of<InvalidArgument>([&] { run_graph_once(cpu(), g, in, {}); });
+  auto got = message_of<InvalidArgument>([&] { run_graph_once(cpu_backend(), g, in, {}); });
   EXPECT_HAS(got, "index 4 at position 1 is outside [0, 4)");
 
   Graph a = trace(DType::Float32,
@@ -164,7 +167,7 @@ TEST(LlmOps, RunTimeIndexErrorsNameTheIndexOnReferenceAndCpu) {
   const std::vector<Tensor> ain{Tensor::randn({2, 1, 1, 8}, 1), Tensor::randn({2, 1, 5, 8}, 2),
                                 Tensor::from_vector_i64({3, 5}, {2, 1}), Tensor::from_vector_i64({4, 6}, {2})};
   EXPECT_HAS(message_of<InvalidArgument>([&] { run_reference(a, ain, {}); }), "kv_lengths[1] = 6 is outside [0, 5]");
-  EXPECT_HAS(message_of<InvalidArgument>([&] { run_graph_once(cpu(), a, ain, {}); }),
+  EXPECT_HAS(message_of<InvalidArgument>([&] { run_graph_once(cpu_backend(), a, ain, {}); }),
              "kv_lengths[1] = 6 is outside [0, 5]");
 }
 
@@ -201,7 +204,7 @@ TEST(LlmOps, MaskedAttentionNeverReadsPastTheVisibleKeys) {
     }
     const Tensor q = Tensor::randn({B, Hq, T, D}, 1, dt);
     const Tensor p = Tensor::from_vector_i64(pos, {B, T}), l = Tensor::from_vector_i64(len, {B});
-    const auto got = run_graph_once(cpu(), g, {q, k.to_dtype(dt), v.to_dtype(dt), p, l}, {});
+    const auto got = run_graph_once(cpu_backend(), g, {q, k.to_dtype(dt), v.to_dtype(dt), p, l}, {});
     const auto want = run_reference(g, {q, kz.to_dtype(dt), vz.to_dtype(dt), p, l}, {});
     const auto y = got[0].to_float_vector();
     for (float e : y) ASSERT_TRUE(std::isfinite(e));
@@ -246,7 +249,7 @@ TEST(LlmOps, MaskedAttentionEqualsSdpaWithTheEquivalentMask) {
                                             F::scaled_dot_product_attention(v[0], v[1], v[2], v[5]),
                                             F::scaled_dot_product_attention(v[0], v[1], v[2], v[6])};
                   });
-  const auto out = run_graph_once(cpu(), g,
+  const auto out = run_graph_once(cpu_backend(), g,
                                   {Tensor::randn(qs, 1), Tensor::randn(kvs, 2), Tensor::randn(kvs, 3),
                                    Tensor::from_vector_i64(pos, {B, T}), Tensor::from_vector_i64(len, {B}),
                                    Tensor::from_vector_i64(mask, {B, 1, T, S}),
@@ -254,4 +257,44 @@ TEST(LlmOps, MaskedAttentionEqualsSdpaWithTheEquivalentMask) {
                                   {});
   EXPECT_TRUE(tensors_close(out[1], out[0], 1e-5, 1e-6));
   EXPECT_TRUE(tensors_close(out[2], out[0], 1e-5, 1e-6));
+}
+
+// Every instruction-set path of the fused kernel (AVX-512, AVX2+FMA, baseline x86-64, as far
+// as this CPU has them) matches the reference, float32 and bfloat16, causal GQA prefill and
+// decode over several key blocks.
+TEST(LlmOps, AttentionMatchesTheReferenceOnEveryInstructionSetPath) {
+  const char* before = std::getenv("DEVPIPE_CPU_ISA");
+  const std::string saved = before ? before : "";
+  const std::string best = cpu::attention_isa();
+  for (const std::string isa : {"avx512", "avx2", "baseline"}) {
+    ::setenv("DEVPIPE_CPU_ISA", isa.c_str(), 1);
+    const std::string got = cpu::attention_isa();
+    if (isa == "baseline" || (isa == "avx2" && best != "baseline") || best == isa) {
+      EXPECT_EQ(got, isa);
+    } else {
+      std::cout << "[ isa ] this CPU has no " << isa << "; runs " << got << "\n";
+    }
+    for (DType dt : {DType::Float32, DType::BFloat16}) {
+      SCOPED_TRACE(isa + " " + std::string(dtype_name(dt)));
+      Graph g = trace(dt,
+                      {{"q", vi({2, 6, 37, 64}, dt)}, {"kv", vi({2, 2, 37, 64}, dt)},
+                       {"dq", vi({2, 6, 1, 64}, dt)}, {"cache", vi({2, 2, 100, 64}, dt)},
+                       {"p", vi({2, 1}, DType::Int64)}, {"l", vi({2}, DType::Int64)}},
+                      [](const std::vector<Var>& v) {
+                        return std::vector<Var>{
+                            F::scaled_dot_product_attention(v[0], v[1], v[1], std::nullopt, true),
+                            F::masked_attention(v[2], v[3], v[3], v[4], v[5])};
+                      });
+      std::vector<Tensor> in{Tensor::randn({2, 6, 37, 64}, 1, dt), Tensor::randn({2, 2, 37, 64}, 2, dt),
+                             Tensor::randn({2, 6, 1, 64}, 3, dt), Tensor::randn({2, 2, 100, 64}, 4, dt),
+                             Tensor::from_vector_i64({66, 99}, {2, 1}), Tensor::from_vector_i64({67, 100}, {2})};
+      expect_matches_reference(cpu_backend(), g, in, {},
+                               dt == DType::Float32 ? Tol{1e-4, 1e-5} : Tol{2e-2, 2e-2});
+    }
+  }
+  if (before) {
+    ::setenv("DEVPIPE_CPU_ISA", saved.c_str(), 1);
+  } else {
+    ::unsetenv("DEVPIPE_CPU_ISA");
+  }
 }

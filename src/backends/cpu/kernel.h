@@ -231,5 +231,8 @@ std::unique_ptr<Kernel> make_int64_affine_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_rotary_kernel(const BuildContext& cx);
 // kernels_attention.cpp
 std::unique_ptr<Kernel> make_attention_kernel(const BuildContext& cx);
+/// The instruction set attention kernels built now use: "avx512", "avx2" or "baseline" (the
+/// best the CPU supports, capped by DEVPIPE_CPU_ISA).
+std::string attention_isa();
 
 }  // namespace devpipe::cpu

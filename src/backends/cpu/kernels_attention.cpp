@@ -9,8 +9,10 @@
 // reads the cache only up to each sequence's length. bfloat16/float16 keys and values are
 // widened block by block; all math is float32. Work items run in parallel over the OpenMP team.
 //
-// The hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 (GCC target_clones):
-// the loader picks the best one the CPU supports at run time.
+// The tile routine is compiled three times, for AVX-512 (F/BW/VL/DQ), AVX2+FMA
+// and baseline x86-64, and the kernel picks the best the CPU supports when it is built
+// (__builtin_cpu_supports); DEVPIPE_CPU_ISA=baseline|avx2|avx512 asks for a lower one (tests
+// run every path on one machine). Other compilers/architectures get the portable path only.
 #include <omp.h>
 
 #include <algorithm>
@@ -21,10 +23,15 @@
 #include "backends/cpu/kernel.h"
 #include "graph/op_def.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DEVPIPE_ISA_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#include <cstdlib>
+#include <string>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DEVPIPE_X86_DISPATCH 1
+#define DEVPIPE_INLINE inline __attribute__((always_inline))
 #else
-#define DEVPIPE_ISA_CLONES
+#define DEVPIPE_X86_DISPATCH 0
+#define DEVPIPE_INLINE inline
 #endif
 
 namespace devpipe::cpu {
@@ -80,8 +87,7 @@ inline void store_elem(void* base, std::int64_t i, int dtype, float f) {
 
 /// `n` elements of row `row` (of `width`) of a [.., width] tensor as float32 into `dst`; for
 /// float32 returns the tensor's own memory instead.
-DEVPIPE_ISA_CLONES
-const float* widen_rows(const void* base, std::int64_t first_elem, std::int64_t n, int dtype,
+DEVPIPE_INLINE const float* widen_rows(const void* base, std::int64_t first_elem, std::int64_t n, int dtype,
                         float* dst) {
   if (dtype == 0) return static_cast<const float*>(base) + first_elem;
   if (dtype == 1) {
@@ -98,8 +104,7 @@ const float* widen_rows(const void* base, std::int64_t first_elem, std::int64_t 
 }
 
 /// One tile: kv head `hk` of batch `b`, rows [r0, r1) of the group's (head, position) rows.
-DEVPIPE_ISA_CLONES
-void attend_tile(const AttnArgs& a, std::int64_t b, std::int64_t hk, std::int64_t r0,
+DEVPIPE_INLINE void attend_tile_body(const AttnArgs& a, std::int64_t b, std::int64_t hk, std::int64_t r0,
                  std::int64_t r1) {
   alignas(64) float qf[kRows][kMaxHeadDim];
   alignas(64) float acc[kRows][kMaxHeadDim];
@@ -207,6 +212,57 @@ void attend_tile(const AttnArgs& a, std::int64_t b, std::int64_t hk, std::int64_
   }
 }
 
+using TileFn = void (*)(const AttnArgs&, std::int64_t, std::int64_t, std::int64_t, std::int64_t);
+
+void attend_tile_baseline(const AttnArgs& a, std::int64_t b, std::int64_t hk, std::int64_t r0,
+                          std::int64_t r1) {
+  attend_tile_body(a, b, hk, r0, r1);
+}
+#if DEVPIPE_X86_DISPATCH
+__attribute__((target("avx2,fma"))) void attend_tile_avx2(const AttnArgs& a, std::int64_t b,
+                                                              std::int64_t hk, std::int64_t r0,
+                                                              std::int64_t r1) {
+  attend_tile_body(a, b, hk, r0, r1);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void attend_tile_avx512(
+    const AttnArgs& a, std::int64_t b, std::int64_t hk, std::int64_t r0, std::int64_t r1) {
+  attend_tile_body(a, b, hk, r0, r1);
+}
+#endif
+
+/// The widest tile routine this CPU runs, capped by DEVPIPE_CPU_ISA; `isa` gets its name.
+TileFn pick_tile_fn(std::string& isa) {
+  int best = 0;  // 0 baseline, 1 avx2, 2 avx512
+#if DEVPIPE_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
+  if (best == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    best = 2;
+  }
+#endif
+  if (const char* env = std::getenv("DEVPIPE_CPU_ISA")) {
+    const std::string want(env);
+    const int cap = want == "baseline" ? 0 : want == "avx2" ? 1 : want == "avx512" ? 2 : -1;
+    if (cap < 0) {
+      throw ConfigError("DEVPIPE_CPU_ISA is '" + want + "'; expected baseline, avx2 or avx512");
+    }
+    best = std::min(best, cap);
+  }
+#if DEVPIPE_X86_DISPATCH
+  if (best == 2) {
+    isa = "avx512";
+    return attend_tile_avx512;
+  }
+  if (best == 1) {
+    isa = "avx2";
+    return attend_tile_avx2;
+  }
+#endif
+  isa = "baseline";
+  return attend_tile_baseline;
+}
+
 class AttentionKernel : public Kernel {
  public:
   explicit AttentionKernel(const BuildContext& cx)
@@ -260,6 +316,8 @@ class AttentionKernel : public Kernel {
     }
     rows_ = a.group * a.T;
     tiles_ = (rows_ + kRows - 1) / kRows;
+    std::string isa;
+    tile_ = pick_tile_fn(isa);
   }
 
   void run(const RunContext& cx) override {
@@ -282,10 +340,11 @@ class AttentionKernel : public Kernel {
     }
     const std::int64_t items = a.B * a.Hkv * tiles_;
     const std::int64_t rows = rows_, tiles = tiles_, hkv = a.Hkv;
+    const TileFn tile_fn = tile_;
     auto body = [&](std::int64_t it) {
       const std::int64_t tile = it % tiles, bh = it / tiles;
       const std::int64_t r0 = tile * kRows;
-      attend_tile(a, bh / hkv, bh % hkv, r0, std::min(rows, r0 + kRows));
+      tile_fn(a, bh / hkv, bh % hkv, r0, std::min(rows, r0 + kRows));
     };
     if (items < 2 || a.S * a.D * rows < 16384) {
       for (std::int64_t it = 0; it < items; ++it) body(it);
@@ -299,12 +358,19 @@ class AttentionKernel : public Kernel {
   int q_, k_, v_, out_, mask_ = -1, pos_ = -1, len_ = -1;
   AttnArgs args_;
   std::int64_t rows_ = 0, tiles_ = 0;
+  TileFn tile_ = nullptr;
 };
 
 }  // namespace
 
 std::unique_ptr<Kernel> make_attention_kernel(const BuildContext& cx) {
   return std::make_unique<AttentionKernel>(cx);
+}
+
+std::string attention_isa() {
+  std::string isa;
+  pick_tile_fn(isa);
+  return isa;
 }
 
 }  // namespace devpipe::cpu
