@@ -1,6 +1,8 @@
 // Internal: the single definition of each op.
 #pragma once
 
+#include <array>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -79,6 +81,9 @@ std::int64_t checked_dim(const char* op, std::int64_t dim, const Shape& shape);
 float rope_inv_freq(std::int64_t i, std::int64_t dim, double theta);
 /// The attention scale: attr "scale" when set, else 1/sqrt(head_dim).
 double attention_scale(const Attrs& attrs, std::int64_t head_dim);
+/// Element strides of an attention mask of shape `mask` (rank <= 4) broadcast to the scores
+/// [B, Hq, T, S]: 0 along broadcast dims.
+std::array<std::int64_t, 4> attention_mask_strides(const Shape& mask);
 /// The dtype named by attribute `name` ("float32", ...); FormatError naming it otherwise.
 DType dtype_attr(const char* op, const Attrs& attrs, const char* name = "dtype");
 

@@ -304,13 +304,8 @@ class AttentionKernel : public Kernel {
     } else if (cx.num_inputs() == 4) {
       mask_ = cx.in_id(3);
       a.kind = cx.in(3).dtype == DType::Int64 ? MaskKind::Int : MaskKind::Float;
-      const Shape& ms = cx.in(3).shape;
-      std::int64_t stride = 1;
-      for (int d = 3, md = ms.rank() - 1; d >= 0 && md >= 0; --d, --md) {
-        const std::int64_t n = ms[static_cast<std::size_t>(md)];
-        a.mst[d] = n == 1 ? 0 : stride;
-        stride *= n;
-      }
+      const auto st = attention_mask_strides(cx.in(3).shape);
+      std::copy(st.begin(), st.end(), a.mst);
     } else {
       a.kind = cx.node.attrs.i("is_causal", 0) != 0 ? MaskKind::Causal : MaskKind::None;
     }

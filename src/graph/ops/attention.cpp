@@ -16,6 +16,17 @@ double attention_scale(const Attrs& attrs, std::int64_t head_dim) {
   return attrs.has("scale") ? attrs.f("scale") : 1.0 / std::sqrt(static_cast<double>(head_dim));
 }
 
+std::array<std::int64_t, 4> attention_mask_strides(const Shape& mask) {
+  std::array<std::int64_t, 4> st{};
+  std::int64_t stride = 1;
+  for (int d = 3, md = mask.rank() - 1; d >= 0 && md >= 0; --d, --md) {
+    const std::int64_t n = mask[static_cast<std::size_t>(md)];
+    st[static_cast<std::size_t>(d)] = n == 1 ? 0 : stride;
+    stride *= n;
+  }
+  return st;
+}
+
 namespace {
 
 std::vector<ValueInfo> infer_rotary(const std::vector<ValueInfo>& in, const Attrs& attrs) {
@@ -206,14 +217,7 @@ void ref_sdpa(const std::vector<Tensor>& in, std::vector<Tensor>& out, const Att
     return;
   }
   // The mask broadcast to [B, Hq, T, S], addressed through its own strides.
-  const Shape& ms = in[3].shape();
-  std::int64_t st[4] = {0, 0, 0, 0};
-  std::int64_t stride = 1;
-  for (int d = 3, md = ms.rank() - 1; d >= 0 && md >= 0; --d, --md) {
-    const std::int64_t n = ms[static_cast<std::size_t>(md)];
-    st[d] = n == 1 ? 0 : stride;
-    stride *= n;
-  }
+  const auto st = attention_mask_strides(in[3].shape());
   auto at = [st](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
     return b * st[0] + h * st[1] + i * st[2] + j * st[3];
   };
