@@ -59,16 +59,15 @@ Attrs attrs_from_json(const json& j, const std::string& where, const std::string
   Attrs a;
   for (const auto& [k, v] : j.items()) {
     if (v.is_object()) {
-      const json& f = v.at("f");
-      if (f.is_string()) {
-        const std::string t = f.get<std::string>();
-        if (t != "inf" && t != "-inf" && t != "nan") {
-          throw FormatError("attribute '" + k + "' has an unknown float spelling '" + t + "'");
-        }
+      const std::string t = v.contains("f") && v.at("f").is_string() ? v.at("f").get<std::string>() : "";
+      if (v.size() == 1 && v.contains("f") && v.at("f").is_number()) {
+        a.set(k, v.at("f").get<double>());
+      } else if (t == "inf" || t == "-inf" || t == "nan") {
         a.set(k, t == "nan" ? std::numeric_limits<double>::quiet_NaN()
                             : (t == "inf" ? 1.0 : -1.0) * std::numeric_limits<double>::infinity());
       } else {
-        a.set(k, f.get<double>());
+        throw FormatError(where + ": " + key + "." + k + " is " + v.dump() +
+                          "; a float attribute is {\"f\": number}, or \"inf\", \"-inf\", \"nan\"");
       }
     } else if (v.is_number_integer()) {
       a.set(k, json_int::value<FormatError>(v, json_int::kMin, json_int::kMax, where, key + "." + k));
