@@ -83,20 +83,6 @@ Tensor expected(const Tensor& x, const std::map<std::string, Tensor>& sd) {
   return Tensor::from_vector(y, {kBatch, kDim});
 }
 
-template <class E, class Fn>
-std::string message_of(Fn&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw another exception type: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "did not throw";
-  return "";
-}
-
 }  // namespace
 
 TEST(Buffers, NonPersistentAreConstantsPersistentComeFromTheCheckpoint) {

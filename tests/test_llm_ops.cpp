@@ -19,22 +19,6 @@ using namespace devpipe::testing;
 
 namespace {
 
-template <class E, class Fn>
-std::string message_of(Fn&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw another exception type: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "did not throw";
-  return "";
-}
-
-#define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << "message: " << (msg)
-
 Backend& cpu_backend() { return backend_for(DeviceKind::Cpu); }
 
 /// A graph using every new op and attribute kind (optional scale, -inf, dims, dtype names).
@@ -297,4 +281,27 @@ TEST(LlmOps, AttentionMatchesTheReferenceOnEveryInstructionSetPath) {
   } else {
     ::unsetenv("DEVPIPE_CPU_ISA");
   }
+}
+
+TEST(LlmOps, MalformedFloatAttributesAndConstantFlagsAreFormatErrors) {
+  const Graph g = every_new_op();
+  std::string text = graph_to_json(g);
+  auto spoil = [&](const std::string& from, const std::string& to) {
+    std::string t = text;
+    const auto at = t.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    if (at != std::string::npos) t.replace(at, from.size(), to);
+    return t;
+  };
+  EXPECT_HAS(message_of<FormatError>([&] { graph_from_json(spoil("\"-inf\"", "\"-infinity\"")); }),
+             "a float attribute is");
+  EXPECT_HAS(message_of<FormatError>([&] { graph_from_json(spoil("{\"f\":0.125}", "{\"f\":true}")); }),
+             "a float attribute is");
+  Graph c = trace(DType::Float32, {{"x", vi({2}, DType::Float32)}}, [](const std::vector<Var>& v) {
+    return std::vector<Var>{v[0] + Tracer::current().constant("c", Tensor::zeros({2}))};
+  });
+  text = graph_to_json(c);
+  EXPECT_TRUE(graph_from_json(text).params.at(0).constant);
+  EXPECT_HAS(message_of<FormatError>([&] { graph_from_json(spoil("\"constant\":true", "\"constant\":1")); }),
+             ".constant is 1, not true or false");
 }

@@ -59,16 +59,15 @@ Attrs attrs_from_json(const json& j, const std::string& where, const std::string
   Attrs a;
   for (const auto& [k, v] : j.items()) {
     if (v.is_object()) {
-      const json& f = v.at("f");
-      if (f.is_string()) {
-        const std::string t = f.get<std::string>();
-        if (t != "inf" && t != "-inf" && t != "nan") {
-          throw FormatError("attribute '" + k + "' has an unknown float spelling '" + t + "'");
-        }
+      const std::string t = v.contains("f") && v.at("f").is_string() ? v.at("f").get<std::string>() : "";
+      if (v.size() == 1 && v.contains("f") && v.at("f").is_number()) {
+        a.set(k, v.at("f").get<double>());
+      } else if (t == "inf" || t == "-inf" || t == "nan") {
         a.set(k, t == "nan" ? std::numeric_limits<double>::quiet_NaN()
                             : (t == "inf" ? 1.0 : -1.0) * std::numeric_limits<double>::infinity());
       } else {
-        a.set(k, f.get<double>());
+        throw FormatError(where + ": " + key + "." + k + " is " + v.dump() +
+                          "; a float attribute is {\"f\": number}, or \"inf\", \"-inf\", \"nan\"");
       }
     } else if (v.is_number_integer()) {
       a.set(k, json_int::value<FormatError>(v, json_int::kMin, json_int::kMax, where, key + "." + k));
@@ -186,8 +185,15 @@ Graph graph_from(const json& j, const std::string& where, const std::string& key
     Shape full = shape_from(jp.at("full_shape"), g.values[static_cast<std::size_t>(value)].dtype, where, pk + ".full_shape");
     // -1: replicated; else the dim split over the ranks.
     auto shard_dim = json_int::member<FormatError>(jp, "shard_dim", -1, full.rank() - 1, where, pk + ".shard_dim");
-    g.params.push_back({value, jp.at("key").get<std::string>(), std::move(full), static_cast<int>(shard_dim),
-                        jp.value("constant", false)});
+    // A module buffer whose value the weight files hold (absent: false).
+    bool constant = false;
+    if (jp.contains("constant")) {
+      if (!jp.at("constant").is_boolean()) {
+        throw FormatError(where + ": " + pk + ".constant is " + jp.at("constant").dump() + ", not true or false");
+      }
+      constant = jp.at("constant").get<bool>();
+    }
+    g.params.push_back({value, jp.at("key").get<std::string>(), std::move(full), static_cast<int>(shard_dim), constant});
   }
   g.outputs = ids(j.at("outputs"), key + ".outputs");
   return g;
