@@ -10,6 +10,11 @@
 // the packed files to that file's real checksum (the JSON is re-serialised for that). With
 // "raw:" the manifest's bytes are used as they are.
 //
+// A manifest that read_manifest accepts must say what its JSON says: the integers it reads
+// (format_version, tp_degree, each bucket's batch and graph tp_degree, each weight's rank and
+// bytes, each parameter's shard_dim) must equal the JSON values, else a bad value was silently
+// wrapped or truncated (format_version 2^32+1 read as 1): a finding.
+//
 // The wrapper is built to match the manifest's tag, dtype, tp_degree and buckets (read with
 // read_manifest, as load() reads them), so that mutations reach past the mismatch checks;
 // manifests beyond a small resource bound (tp_degree <= 4, at most 4 buckets of at most 64)
@@ -61,6 +66,38 @@ std::string fix_checksums(std::string_view manifest, const fs::path& dir, std::s
   return j.dump(1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
+/// Aborts when `read` (what read_manifest made of a field) differs from the JSON value.
+void same(const nlohmann::json& value, const nlohmann::json& read, const std::string& field) {
+  // nlohmann compares a negative integer and an unsigned one after a cast (-1 == 2^64-1).
+  const bool sign_lost = value.is_number_integer() && !value.is_number_unsigned() && value.get<std::int64_t>() < 0 &&
+                         read.is_number_unsigned();
+  if (sign_lost || !(value == read)) {
+    std::fprintf(stderr, "read_manifest accepted %s = %s but read %s\n", field.c_str(), value.dump().c_str(),
+                 read.dump().c_str());
+    std::abort();
+  }
+}
+
+void check_read_as_written(const Manifest& m, const fs::path& manifest_path) {
+  const auto j = nlohmann::json::parse(fuzz::read_file(manifest_path));
+  same(j.at("format_version"), m.format_version, "format_version");
+  same(j.at("tp_degree"), m.tp_degree, "tp_degree");
+  for (std::size_t b = 0; b < m.buckets.size(); ++b) {
+    const auto& jb = j.at("buckets").at(b);
+    const std::string at = "buckets[" + std::to_string(b) + "]";
+    same(jb.at("batch"), m.buckets[b].batch, at + ".batch");
+    same(jb.at("graph").at("tp_degree"), m.buckets[b].graph.tp_degree, at + ".graph.tp_degree");
+    for (std::size_t p = 0; p < m.buckets[b].graph.params.size(); ++p) {
+      same(jb.at("graph").at("params").at(p).at("shard_dim"), m.buckets[b].graph.params[p].shard_dim,
+           at + ".graph.params[" + std::to_string(p) + "].shard_dim");
+    }
+  }
+  for (std::size_t w = 0; w < m.weights.size(); ++w) {
+    same(j.at("weights").at(w).at("rank"), m.weights[w].rank, "weights[" + std::to_string(w) + "].rank");
+    same(j.at("weights").at(w).at("bytes"), m.weights[w].bytes, "weights[" + std::to_string(w) + "].bytes");
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -79,6 +116,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   fuzz::expect_only_devpipe_errors("ModelWrapper::load", [&] {
     Manifest m = read_manifest(dir.string());
+    check_read_as_written(m, dir / "manifest.json");
     if (m.tp_degree < 1 || m.tp_degree > 4 || m.buckets.size() > 4 || m.tag.empty()) return;
     std::vector<std::int64_t> buckets;
     for (const auto& b : m.buckets) {

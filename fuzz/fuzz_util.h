@@ -22,6 +22,14 @@
 #include <typeinfo>
 #include <vector>
 
+/// ASan defaults of the fuzzers: a request for more than 1 GiB fails the way it fails on a
+/// machine without that memory (malloc returns null; devpipe throws OutOfMemory) instead of
+/// being reported as a crash, so that a manifest declaring a large model is not a "finding"
+/// (C++ `new` of that size is still reported: devpipe sizes its containers by what it read).
+extern "C" const char* __asan_default_options() {
+  return "allocator_may_return_null=1:max_allocation_size_mb=1024";
+}
+
 namespace devpipe::fuzz {
 
 inline constexpr std::string_view kFileSeparator = "\n--devpipe-fuzz-next-file--\n";

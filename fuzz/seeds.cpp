@@ -3,11 +3,16 @@
 // The artifacts are compiled from small models with random weights: the vision and text
 // stages of the example (conv2d, pooling, concat, linear) and the tensor-parallel MLP of the
 // tests (column/row-parallel linears with an all-reduce, RMSNorm), in several dtypes, tp
-// degrees and buckets, each packed as fuzz_artifact reads it.
+// degrees and buckets, each packed as fuzz_artifact reads it. Beside them, "edge_*" seeds: those
+// valid files with one integer field set to a value a reader must refuse (a float, one past
+// int's range, a negative size), the cases issue 9 found by hand, so that every short CI run
+// checks them.
 #include <devpipe/devpipe.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -26,6 +31,17 @@ void seed(const fs::path& dir, const std::string& name, const std::string& bytes
   fs::create_directories(dir);
   fuzz::write_file(dir / name, bytes);
   ++g_written;
+}
+
+/// `text` with the value of the first `"key": <number>` replaced by `value` (aborts when there
+/// is none: the seeds must follow the writers' format).
+std::string with_number(const std::string& text, const std::string& key, const std::string& value) {
+  const std::regex re("\"" + key + "\": *-?[0-9][0-9.eE+-]*");
+  if (!std::regex_search(text, re)) {
+    std::fprintf(stderr, "fuzz_seeds: no number field \"%s\" to edit\n", key.c_str());
+    std::abort();
+  }
+  return std::regex_replace(text, re, "\"" + key + "\": " + value, std::regex_constants::format_first_only);
 }
 
 /// The artifact in `art` packed as fuzz_artifact reads it; "raw:" keeps the checksums as they
@@ -49,7 +65,15 @@ void write_artifact(ModelWrapper& w, const nn::Module& model, const fs::path& wo
     seed(out / "safetensors", name + "_rank" + std::to_string(r),
          fuzz::read_file(art / ("weights/rank" + std::to_string(r) + ".safetensors")));
   }
-  if (name == "mlp_tp2") seed(out / "artifact", name + "_raw", pack_artifact(art, tp, true));
+  if (name != "mlp_tp2") return;
+  const std::string packed = pack_artifact(art, tp, false);
+  seed(out / "artifact", name + "_raw", pack_artifact(art, tp, true));
+  seed(out / "artifact", "edge_format_version_2p32_plus_1", with_number(packed, "format_version", "4294967297"));
+  seed(out / "artifact", "edge_format_version_1e300", with_number(packed, "format_version", "1e300"));
+  seed(out / "artifact", "edge_rank_1e300", with_number(packed, "rank", "1e300"));
+  seed(out / "artifact", "edge_bytes_negative", with_number(packed, "bytes", "-1"));
+  seed(out / "artifact", "edge_shard_dim_negative", with_number(packed, "shard_dim", "-7"));
+  seed(out / "artifact", "edge_batch_1e300", with_number(packed, "batch", "1e300"));
 }
 
 InferenceConfig small_config(std::int64_t batch, int tp, DType dtype, std::vector<std::int64_t> buckets = {}) {
@@ -104,6 +128,11 @@ int main(int argc, char** argv) {
   seed(out / "config", "seed_config", vision_text::seed_config().to_json());
   seed(out / "config", "rich", rich.to_json());
   seed(out / "config", "minimal", InferenceConfig(RuntimeConfig{}).to_json());
+  const std::string example = vision_text::seed_config().to_json();
+  seed(out / "config", "edge_batch_1e300", with_number(example, "batch_size", "1e300"));
+  seed(out / "config", "edge_batch_4.9", with_number(example, "batch_size", "4.9"));
+  seed(out / "config", "edge_tp_2p32_plus_2", with_number(example, "tp_degree", "4294967298"));
+  seed(out / "config", "edge_tp_1e300", with_number(example, "tp_degree", "1e300"));
 
   // Artifacts.
   {

@@ -7,6 +7,7 @@
 #   build-asan/fuzz/corpus/<fuzzer>/   what the fuzzer found interesting (kept between runs)
 #   build-asan/fuzz/crashes/<fuzzer>-* inputs that crashed, leaked, timed out or ran out of memory;
 #                                      reproduce with build-asan/fuzz/<fuzzer> <file>
+#   fuzz/*.dict                        libFuzzer dictionaries (JSON keys, op names, edge numbers)
 # Exits non-zero when any fuzzer found something. FUZZERS selects some (default: all three),
 # FUZZ_TIMEOUT is the seconds one input may take (default 10).
 set -euo pipefail
@@ -24,12 +25,14 @@ rm -rf "$out/seeds"
 failed=()
 for f in $FUZZERS; do
   corpus=${f#fuzz_}
+  dict=fuzz/json.dict
+  [ "$f" = fuzz_safetensors ] && dict=fuzz/safetensors.dict
   mkdir -p "$out/corpus/$f" "$out/crashes"
   echo "fuzz: $f for ${FUZZ_SECONDS}s (seeds: $out/seeds/$corpus)"
   log="$out/$f.log"
   code=0
   "$out/$f" -max_total_time="$FUZZ_SECONDS" -timeout="$FUZZ_TIMEOUT" -rss_limit_mb=3072 \
-    -print_final_stats=1 -artifact_prefix="$out/crashes/$f-" "$out/corpus/$f" "$out/seeds/$corpus" \
+    -print_final_stats=1 -dict="$dict" -artifact_prefix="$out/crashes/$f-" "$out/corpus/$f" "$out/seeds/$corpus" \
     >"$log" 2>&1 || code=$?
   execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
   if [ "$code" -ne 0 ]; then
