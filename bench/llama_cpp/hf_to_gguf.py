@@ -3,6 +3,7 @@ tests/reference/llama_ref.py writes it) as a GGUF v3 file with float32 tensors, 
 
   /usr/bin/python3 bench/llama_cpp/hf_to_gguf.py HF_DIR OUT.gguf
   /usr/bin/python3 bench/llama_cpp/hf_to_gguf.py --check OUT.gguf   # parse it back, print a summary
+  /usr/bin/python3 bench/llama_cpp/hf_to_gguf.py --selftest          # asserts below; exit 0 = ok
 
 Written from the GGUF documentation (ggml docs/gguf.md) without the gguf package:
   header     "GGUF", u32 version 3, u64 tensor count, u64 metadata count
@@ -229,6 +230,8 @@ def read_gguf(path):
     base = pos + (-pos) % align
     out = {}
     for name, dims, ty, off in infos:
+        if off % align:
+            raise SystemExit(f"hf_to_gguf: {name}: data offset {off} is not a multiple of the alignment {align}")
         if ty != GGML_TYPE_F32:
             raise SystemExit(f"hf_to_gguf: {name}: ggml type {ty}, this reader knows only F32")
         n = 1
@@ -239,11 +242,96 @@ def read_gguf(path):
     return meta, out
 
 
+def rope_adjacent(x, positions, theta):
+    """llama.cpp's rope (mode 0): rotates (x[2i], x[2i+1]) by position * theta^(-2i/d)."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = positions.to(torch.float64)[:, None] * inv[None]
+    c, s = ang.cos(), ang.sin()
+    e, o = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = e * c - o * s
+    out[..., 1::2] = e * s + o * c
+    return out
+
+
+def selftest():
+    """Asserts: (1) the file parses back with the metadata and every tensor bit-exact (q/k after
+    undoing the permutation), tensor data aligned; (2) the permutation makes llama.cpp's
+    adjacent-pair rope on the permuted projection equal HF's rotate-half rope on the original,
+    up to the same permutation of the head dims (which q.k and so attention do not see)."""
+    import tempfile
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for tie in (False, True):
+            cfg = llama_ref.make_config(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=300,
+                                        tie=tie, rope_theta=5000.0)
+            folder = os.path.join(tmp, f"m{int(tie)}")
+            llama_ref.write_model(folder, cfg, seed=2, shards=2)
+            path = os.path.join(tmp, f"m{int(tie)}.gguf")
+            write_gguf(folder, path)
+            meta, tensors = read_gguf(path)
+            sd = llama_ref.read_state_dict(folder)
+            want = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.block_count": 2,
+                    "llama.feed_forward_length": 96, "llama.attention.head_count": 4,
+                    "llama.attention.head_count_kv": 2, "llama.context_length": cfg["max_position_embeddings"],
+                    "llama.rope.dimension_count": 16, "llama.rope.freq_base": 5000.0,
+                    "tokenizer.ggml.model": "llama", "tokenizer.ggml.eos_token_id": 2}
+            for k, v in want.items():
+                assert meta[k] == v, f"{k}: {meta[k]!r} != {v!r}"
+            assert abs(meta["llama.attention.layer_norm_rms_epsilon"] - 1e-5) < 1e-12
+            toks = meta["tokenizer.ggml.tokens"]
+            assert len(toks) == 300 and len(set(toks)) == 300 and toks[3] == "<0x00>" and toks[258] == "<0xFF>"
+            assert meta["tokenizer.ggml.token_type"][3:259] == [TOKEN_BYTE] * 256
+            assert ("output.weight" in tensors) == (not tie), sorted(tensors)
+            assert len(tensors) == 2 + 9 * 2 + (0 if tie else 1)
+            for name, (dims, _, t) in tensors.items():
+                assert dims == list(reversed(t.shape))
+            hd = llama_ref.head_dim(cfg)
+            for i in range(2):
+                q_hf = sd[f"model.layers.{i}.self_attn.q_proj.weight"]
+                q_gg = tensors[f"blk.{i}.attn_q.weight"][2]
+                assert torch.equal(q_gg, permute_rope_rows(q_hf, 4))
+                k_gg = tensors[f"blk.{i}.attn_k.weight"][2]
+                assert torch.equal(k_gg, permute_rope_rows(sd[f"model.layers.{i}.self_attn.k_proj.weight"], 2))
+                assert torch.equal(tensors[f"blk.{i}.ffn_down.weight"][2], sd[f"model.layers.{i}.mlp.down_proj.weight"])
+            assert torch.equal(tensors["token_embd.weight"][2], sd["model.embed_tokens.weight"])
+            # (2) rope equivalence on layer 0's q projection, head by head
+            x = torch.randn(7, 64, dtype=torch.float64)
+            pos = torch.tensor([0, 1, 2, 5, 9, 100, 1000])
+            yh = (x @ sd["model.layers.0.self_attn.q_proj.weight"].double().T).reshape(7, 4, hd).transpose(0, 1)
+            yg = (x @ tensors["blk.0.attn_q.weight"][2].double().T).reshape(7, 4, hd).transpose(0, 1)
+            inv_f = 1.0 / (5000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+            ang = torch.cat([pos[:, None] * inv_f[None]] * 2, dim=-1)  # HF: cos/sin of cat(angle, angle)
+            cos, sin = ang.cos()[None], ang.sin()[None]
+            rh = llama_ref.apply_rope(yh, cos[0], sin[0])  # HF rotate-half
+            rg = rope_adjacent(yg, pos, 5000.0)
+            # within a head, gguf dim 2j holds HF dim j and 2j+1 holds HF dim j + hd/2
+            idx = torch.stack([torch.arange(hd // 2), torch.arange(hd // 2) + hd // 2], 1).reshape(-1)
+            err = float((rg - rh[..., idx]).abs().max())
+            assert err < 1e-9, f"rope after permutation differs from HF by {err}"
+            no_perm = float((rope_adjacent(yh, pos, 5000.0) - rh).abs().max())
+            assert no_perm > 1e-3, "rope check cannot tell the layouts apart"
+            # attention scores are invariant: q.k with both permuted
+            kh = (x @ sd["model.layers.0.self_attn.k_proj.weight"].double().T).reshape(7, 2, hd).transpose(0, 1)
+            kg = (x @ tensors["blk.0.attn_k.weight"][2].double().T).reshape(7, 2, hd).transpose(0, 1)
+            sh = rh[:2] @ llama_ref.apply_rope(kh, cos[0], sin[0]).transpose(1, 2)
+            sg = rg[:2] @ rope_adjacent(kg, pos, 5000.0).transpose(1, 2)
+            assert float((sh - sg).abs().max()) < 1e-9
+            print(f"hf_to_gguf selftest tie={tie}: {len(tensors)} tensors round-trip, rope |diff| {err:.2g} "
+                  f"(unpermuted: {no_perm:.3g})")
+    print("hf_to_gguf selftest ok")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("paths", nargs="+", help="HF_DIR OUT.gguf, or with --check: FILE.gguf")
+    ap.add_argument("paths", nargs="*", help="HF_DIR OUT.gguf, or with --check: FILE.gguf")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--selftest", action="store_true")
     a = ap.parse_args()
+    if a.selftest:
+        selftest()
+        return
     if a.check:
         meta, t = read_gguf(a.paths[0])
         print(json.dumps({"tensors": len(t), "metadata": {k: (v if not isinstance(v, list) else f"[{len(v)}]")

@@ -4,14 +4,14 @@
 //   node bench/llama_cpp/peer.mjs generate --model M.gguf --prompts "1,17,42;5,6" --max-new-tokens 32
 //       greedy generation (temperature 0: argmax); each prompt in its own context sequence, all
 //       sequences stepped together. Prints {"generated": [[ids], ...], ...}. Does not stop at eos.
-//   node bench/llama_cpp/peer.mjs bench --model M.gguf [--prompt-len 128] [--decode-tokens 64]
-//       [--batches 1,8] [--iters 3] [--warmup 1] [--seed 0]
-//       prefill: one sequence evaluates a prompt of --prompt-len random ids (one llama_decode,
-//       batch size >= prompt); decode at batch B: B sequences, each with a prompt of
-//       --prompt-len ids, then --decode-tokens greedy steps in which all B sequences' tokens are
+//   node bench/llama_cpp/peer.mjs bench --model M.gguf --prompts "ids;ids;..." [--decode-tokens 64]
+//       [--batches 1,8] [--iters 3] [--warmup 1]
+//       prefill: one sequence evaluates prompt 0 (one llama_decode, batch size >= prompt, no
+//       sampling); decode at batch B: B sequences with prompts 0..B-1 (prefilled untimed), then
+//       --decode-tokens greedy steps in which all B sequences' tokens are
 //       queued together, so node-llama-cpp evaluates them in one llama_decode batch per step.
 //       Prints {"prefill_ms": [...], "prefill_tokens_per_s", "decode": {"1": {"step_ms": [...],
-//       "tokens_per_s"}, "8": ...}, ...}; tokens_per_s from the median sample.
+//       "tokens_per_s", "generated_seq0"}, "8": ...}, ...}; tokens_per_s from the median sample.
 //   Common: [--threads N] (default: all cores) [--kv-type F32|F16] (default F32: float32 cache)
 //
 // Run with the packages install.sh put in build/llama_cpp (or DEVPIPE_LLAMA_CPP_DIR): the script
@@ -115,7 +115,6 @@ async function main() {
   const llama = await getLlama({gpu: false, build: "never", usePrebuiltBinaries: true, skipDownload: true,
                                 maxThreads: threads, logLevel: LlamaLogLevel.error, progressLogs: false});
   const model = await llama.loadModel({modelPath: a.model, gpuLayers: 0});
-  const vocab = model.fileInsights.metadata?.llama?.vocab_size ?? model.tokens?.length;
 
   const common = {threads: {ideal: threads, min: threads}, experimentalKvCacheKeyType: kvType,
                   experimentalKvCacheValueType: kvType, flashAttention: false};
@@ -133,26 +132,27 @@ async function main() {
     console.log(JSON.stringify({...info, generated: r.out}));
     await ctx.dispose();
   } else {
-    const promptLen = intArg(a, "prompt-len", 128);
+    const prompts = parsePrompts(a.prompts || fail("--prompts is required"));
+    const promptLen = prompts[0].length;
     const decodeTokens = intArg(a, "decode-tokens", 64);
     const iters = intArg(a, "iters", 3);
     const warmup = intArg(a, "warmup", 1);
     const batches = (a.batches || "1,8").split(",").map(Number);
-    let rng = intArg(a, "seed", 0) + 1;
-    const randIds = (n) => Array.from({length: n}, () => {
-      rng = (rng * 1103515245 + 12345) % 2147483648;
-      return 3 + (rng % (vocab - 3));
-    });
+    if (batches.some((b) => !Number.isInteger(b) || b < 1 || b > prompts.length)) {
+      fail(`--batches ${a.batches}: each must be an integer in [1, ${prompts.length}] (the number of --prompts)`);
+    }
+    if (decodeTokens < 2 || iters < 1 || warmup < 0) fail("--decode-tokens >= 2, --iters >= 1, --warmup >= 0");
     const maxB = Math.max(...batches);
-    const ctx = await model.createContext({...common, sequences: maxB, contextSize: promptLen + decodeTokens + 8,
-                                           batchSize: Math.max(512, promptLen * maxB)});
+    const longest = Math.max(...prompts.map((p) => p.length));
+    const ctx = await model.createContext({...common, sequences: maxB, contextSize: longest + decodeTokens + 8,
+                                           batchSize: Math.max(512, longest * maxB)});
     const seqs = Array.from({length: maxB}, () => ctx.getSequence());
     const result = {...info, prompt_len: promptLen, decode_tokens: decodeTokens, iters, warmup,
                     prefill_ms: [], decode: {}};
     // prefill at batch 1: the whole prompt in one evaluation (no sampling)
     for (let it = 0; it < warmup + iters; it++) {
       await seqs[0].clearHistory();
-      const ids = randIds(promptLen);
+      const ids = prompts[0];
       const t0 = performance.now();
       await seqs[0].evaluateWithoutGeneratingNewTokens(ids);
       const ms = performance.now() - t0;
@@ -165,12 +165,12 @@ async function main() {
       for (let it = 0; it < warmup + iters; it++) {
         const use = seqs.slice(0, b);
         await Promise.all(use.map((s) => s.clearHistory()));
-        const r = await generate(use, use.map(() => randIds(promptLen)), decodeTokens);
+        const r = await generate(use, prompts.slice(0, b), decodeTokens);
         if (it >= warmup) steps.push(...r.stepMs);
-        generated = r.out[0].slice(0, 8);
+        generated = r.out[0];
       }
       result.decode[String(b)] = {step_ms: steps, step_ms_median: median(steps),
-                                  tokens_per_s: b / (median(steps) / 1e3), first_ids_seq0: generated};
+                                  tokens_per_s: b / (median(steps) / 1e3), generated_seq0: generated};
     }
     console.log(JSON.stringify(result));
     await ctx.dispose();
