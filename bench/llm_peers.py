@@ -17,7 +17,7 @@ with a message on error):
                                  --small: hidden 64, 2 layers, vocab 300 (for quick checks)
   pytorch DIR --dtype float32|bfloat16 [--prompt-len 128 --decode-tokens 32 --batches 1,8
                                  --iters 3 --warmup 1 --prompt-seed 0]
-                                 [--linear eager|mkldnn]
+                                 [--linear eager|mkldnn] [--threads N (default: all cores)]
       The twin, torch.set_num_threads(os.cpu_count()), inference_mode(), its own KV cache.
       prefill: samples_ms of whole 128-token prefills (batch 1); decode: for each batch B, one
       untimed prefill of B prompts, then per iteration --decode-tokens greedy steps from a copy
@@ -118,6 +118,8 @@ def check_args(a):
     if a.prompt_len < 1 or a.decode_tokens < 2 or a.iters < 1 or a.warmup < 0:
         fail(f"--prompt-len {a.prompt_len} must be >= 1, --decode-tokens {a.decode_tokens} >= 2, "
              f"--iters {a.iters} >= 1, --warmup {a.warmup} >= 0")
+    if a.threads < 1:
+        fail(f"--threads must be >= 1, got {a.threads}")
     batches = [int(b) for b in a.batches.split(",")]
     if any(b < 1 for b in batches):
         fail(f"--batches {a.batches}: each batch must be >= 1")
@@ -130,7 +132,7 @@ def check_args(a):
 
 def run_pytorch(a):
     batches = check_args(a)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(a.threads)
     model = llama_ref.load_model(a.dir, a.dtype)
     cfg = model.cfg
     if a.prompt_len + a.decode_tokens > cfg["max_position_embeddings"]:
@@ -224,7 +226,7 @@ def run_llama_cpp(a):
     prompts = prompt_ids(max(batches), a.prompt_len, cfg["vocab_size"], a.prompt_seed)
     r = node_peer(["bench", "--model", gguf_for(a.dir), "--prompts", ";".join(",".join(map(str, p)) for p in prompts),
                    "--decode-tokens", str(a.decode_tokens), "--batches", a.batches, "--iters", str(a.iters),
-                   "--warmup", str(a.warmup), "--threads", str(os.cpu_count() or 1), "--kv-type", a.kv_type],
+                   "--warmup", str(a.warmup), "--threads", str(a.threads), "--kv-type", a.kv_type],
                   "llama-cpp bench")
     out = {"mode": "llama_cpp", "workload": "llm", "dtype": "float32", "threads": r["threads"], "device": "cpu",
            "device_name": cpu_name(), "node_llama_cpp": r["node_llama_cpp"], "kv_cache_type": r["kv_cache_type"],
@@ -293,6 +295,7 @@ def main():
         p.add_argument("--warmup", type=int, default=1)
         p.add_argument("--prompt-seed", type=int, default=0)
         p.add_argument("--kv-type", choices=["F32", "F16"], default="F32")
+        p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: all cores")
         if name != "llama-cpp":
             p.add_argument("--linear", choices=["eager", "mkldnn"], default="eager")
     c = sub.add_parser("check")
