@@ -50,3 +50,17 @@ install: build
 # and pkg-config).
 check-consumer: build
 	@bash scripts/check_consumer.sh $(BUILD_DIR)
+
+# The whole suite under ASan + UBSan and the threaded tests under TSan, built with clang 14 in
+# build-asan and build-tsan (scripts/sanitize.sh); the fuzzers of fuzz/, each for FUZZ_SECONDS
+# (scripts/fuzz.sh). Both fail on any finding.
+FUZZ_SECONDS ?= 300
+.PHONY: sanitize fuzz
+
+sanitize:
+	@bash scripts/install_deps.sh sanitize
+	@JOBS=$(JOBS) bash scripts/sanitize.sh
+
+fuzz:
+	@bash scripts/install_deps.sh sanitize
+	@JOBS=$(JOBS) FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh

@@ -17,9 +17,14 @@ with a message on error):
                                  --small: hidden 64, 2 layers, vocab 300 (for quick checks)
   pytorch DIR --dtype float32|bfloat16 [--prompt-len 128 --decode-tokens 32 --batches 1,8
                                  --iters 3 --warmup 1 --prompt-seed 0]
-      The twin, torch.set_num_threads(os.cpu_count()), eval() + inference_mode(), its own KV
-      cache. prefill: samples_ms of whole 128-token prefills (batch 1); decode: for each batch B,
-      prefill B prompts (untimed), then --decode-tokens greedy steps, each step timed.
+                                 [--linear eager|mkldnn] [--threads N (default: all cores)]
+      The twin, torch.set_num_threads(os.cpu_count()), inference_mode(), its own KV cache.
+      prefill: samples_ms of whole 128-token prefills (batch 1); decode: for each batch B, one
+      untimed prefill of B prompts, then per iteration --decode-tokens greedy steps from a copy
+      of that cache, each step timed. --linear eager (mode pytorch_eager): nn.Linear as is;
+      Debian's torch 1.13 does float32 matmuls with its generic BLAS (netlib libblas3: slow, about
+      50x below oneDNN here). --linear mkldnn (mode pytorch_mkldnn): every nn.Linear converted by
+      torch.utils.mkldnn.to_mkldnn (oneDNN inner product, the library devpipe's cpu backend uses).
   llama-cpp DIR [same options; --kv-type F32|F16, default F32]
       Writes DIR/model-f32.gguf once (bench/llama_cpp/hf_to_gguf.py) and runs
       bench/llama_cpp/peer.mjs bench on the same prompt ids. float32 weights only.
@@ -27,11 +32,12 @@ with a message on error):
                                  writes small random folders (vocab 300; untied and tied) and
                                  asserts llama.cpp's greedy ids equal the twin's for a batch of 3
                                  prompts of different lengths, --new-tokens each.
-  all DIR [--iters 3 ...]        write-model if DIR has no config.json, then pytorch float32,
-                                 pytorch bfloat16 and llama-cpp; prints {"pytorch_float32": ...,
-                                 "pytorch_bfloat16": ..., "llama_cpp_float32": ..., "summary": ...}
+  all DIR [--iters 3 ...]        write-model if DIR has no config.json, then llama-cpp, pytorch
+                                 mkldnn float32 / bfloat16, eager bfloat16 / float32; prints
+                                 {"llama_cpp_float32": ..., "pytorch_mkldnn_float32": ..., ...,
+                                 "summary": {...}}
 
-Output of pytorch / llama-cpp: {"mode": "pytorch_eager" | "llama_cpp", "workload": "llm",
+Output of pytorch / llama-cpp: {"mode": "pytorch_eager" | "pytorch_mkldnn" | "llama_cpp", "workload": "llm",
 "dtype", "threads", "device_name", "prompt_len", "decode_tokens", "iters", "warmup",
 "weight_bytes", "prefill": {"batch": 1, "samples_ms": [...], "tokens_per_s"},
 "decode": {"1": {"samples_ms": [per step], "tokens_per_s", "generated_seq0": [...]}, "8": ...}}
@@ -82,6 +88,10 @@ def prompt_ids(n_seq, length, vocab, seed=0):
             for b in range(n_seq)]
 
 
+def progress(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
 def median(xs):
     s = sorted(xs)
     n = len(s)
@@ -108,6 +118,8 @@ def check_args(a):
     if a.prompt_len < 1 or a.decode_tokens < 2 or a.iters < 1 or a.warmup < 0:
         fail(f"--prompt-len {a.prompt_len} must be >= 1, --decode-tokens {a.decode_tokens} >= 2, "
              f"--iters {a.iters} >= 1, --warmup {a.warmup} >= 0")
+    if a.threads < 1:
+        fail(f"--threads must be >= 1, got {a.threads}")
     batches = [int(b) for b in a.batches.split(",")]
     if any(b < 1 for b in batches):
         fail(f"--batches {a.batches}: each batch must be >= 1")
@@ -120,7 +132,7 @@ def check_args(a):
 
 def run_pytorch(a):
     batches = check_args(a)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(a.threads)
     model = llama_ref.load_model(a.dir, a.dtype)
     cfg = model.cfg
     if a.prompt_len + a.decode_tokens > cfg["max_position_embeddings"]:
@@ -128,11 +140,20 @@ def run_pytorch(a):
              f"{cfg['max_position_embeddings']}")
     dt = model.lm_head.weight.dtype
     prompts = prompt_ids(max(batches), a.prompt_len, cfg["vocab_size"], a.prompt_seed)
-    out = {"mode": "pytorch_eager", "workload": "llm", "dtype": a.dtype, "threads": torch.get_num_threads(),
+    out = {"mode": "pytorch_eager" if a.linear == "eager" else "pytorch_mkldnn", "workload": "llm", "dtype": a.dtype,
+           "threads": torch.get_num_threads(),
            "device": "cpu", "device_name": cpu_name(), "torch_version": torch.__version__,
            "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens, "iters": a.iters, "warmup": a.warmup,
            "weight_bytes": weight_bytes(cfg, 4 if a.dtype == "float32" else 2), "decode": {}}
     with torch.inference_mode():
+        if a.linear == "mkldnn":
+            # every nn.Linear becomes torch.utils.mkldnn.MkldnnLinear (oneDNN inner product);
+            # the embedding, norms, rope and attention stay as they are
+            from torch.utils import mkldnn as torch_mkldnn
+            for layer in model.model.layers:
+                torch_mkldnn.to_mkldnn(layer.self_attn, dt)
+                torch_mkldnn.to_mkldnn(layer.mlp, dt)
+            model.lm_head = torch_mkldnn.to_mkldnn(torch.nn.Sequential(model.lm_head), dt)[0]
         ids = torch.tensor(prompts[:1])
         lengths = torch.tensor([a.prompt_len])
         samples = []
@@ -143,25 +164,33 @@ def run_pytorch(a):
             ms = (time.perf_counter() - t0) * 1e3
             if it >= a.warmup:
                 samples.append(ms)
+            progress(f"pytorch {a.dtype} {a.linear} prefill {it}: {ms:.1f} ms")
         out["prefill"] = {"batch": 1, "samples_ms": samples, "tokens_per_s": a.prompt_len / (median(samples) / 1e3),
                           "next_id": int(torch.argmax(logits[0, -1]))}
         for b in batches:
+            # one (untimed) prefill of the b prompts; every iteration decodes from a copy of its cache
             ids = torch.tensor(prompts[:b])
             lengths = torch.full((b,), a.prompt_len, dtype=torch.int64)
+            cache0 = llama_ref.KVCache(cfg, b, a.prompt_len + a.decode_tokens, dt)
+            first = torch.argmax(model.prefill(cache0, ids, lengths)[:, -1], dim=-1)
             samples = []
             for it in range(a.warmup + a.iters):
                 cache = llama_ref.KVCache(cfg, b, a.prompt_len + a.decode_tokens, dt)
-                nxt = torch.argmax(model.prefill(cache, ids, lengths)[:, -1], dim=-1)
-                gen = [[int(nxt[0])]]
+                cache.layers = [(k.clone(), v.clone()) for k, v in cache0.layers]
+                cache.lengths = cache0.lengths.clone()
+                nxt = first
+                gen = [int(nxt[0])]
                 for _ in range(a.decode_tokens - 1):
                     t0 = time.perf_counter()
                     nxt = torch.argmax(model.decode(cache, nxt), dim=-1)
                     ms = (time.perf_counter() - t0) * 1e3
-                    gen[0].append(int(nxt[0]))
+                    gen.append(int(nxt[0]))
                     if it >= a.warmup:
                         samples.append(ms)
+                progress(f"pytorch {a.dtype} {a.linear} decode b{b} iteration {it}: median step "
+                         f"{median(samples or [ms]):.1f} ms")
             out["decode"][str(b)] = {"samples_ms": samples, "tokens_per_s": b / (median(samples) / 1e3),
-                                     "generated_seq0": gen[0]}
+                                     "generated_seq0": gen}
     return out
 
 
@@ -197,7 +226,7 @@ def run_llama_cpp(a):
     prompts = prompt_ids(max(batches), a.prompt_len, cfg["vocab_size"], a.prompt_seed)
     r = node_peer(["bench", "--model", gguf_for(a.dir), "--prompts", ";".join(",".join(map(str, p)) for p in prompts),
                    "--decode-tokens", str(a.decode_tokens), "--batches", a.batches, "--iters", str(a.iters),
-                   "--warmup", str(a.warmup), "--threads", str(os.cpu_count() or 1), "--kv-type", a.kv_type],
+                   "--warmup", str(a.warmup), "--threads", str(a.threads), "--kv-type", a.kv_type],
                   "llama-cpp bench")
     out = {"mode": "llama_cpp", "workload": "llm", "dtype": "float32", "threads": r["threads"], "device": "cpu",
            "device_name": cpu_name(), "node_llama_cpp": r["node_llama_cpp"], "kv_cache_type": r["kv_cache_type"],
@@ -266,6 +295,9 @@ def main():
         p.add_argument("--warmup", type=int, default=1)
         p.add_argument("--prompt-seed", type=int, default=0)
         p.add_argument("--kv-type", choices=["F32", "F16"], default="F32")
+        p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: all cores")
+        if name != "llama-cpp":
+            p.add_argument("--linear", choices=["eager", "mkldnn"], default="eager")
     c = sub.add_parser("check")
     c.add_argument("--new-tokens", type=int, default=32)
     c.add_argument("--skip-if-not-installed", action="store_true",
@@ -284,10 +316,12 @@ def main():
         if not os.path.isfile(os.path.join(a.dir, "config.json")):
             write_model(a.dir)
         res = {}
-        for key, runner, dtype in (("pytorch_float32", run_pytorch, "float32"),
-                                   ("llama_cpp_float32", run_llama_cpp, "float32"),
-                                   ("pytorch_bfloat16", run_pytorch, "bfloat16")):
-            a.dtype = dtype
+        for key, runner, dtype, linear in (("llama_cpp_float32", run_llama_cpp, "float32", None),
+                                           ("pytorch_mkldnn_float32", run_pytorch, "float32", "mkldnn"),
+                                           ("pytorch_mkldnn_bfloat16", run_pytorch, "bfloat16", "mkldnn"),
+                                           ("pytorch_eager_bfloat16", run_pytorch, "bfloat16", "eager"),
+                                           ("pytorch_eager_float32", run_pytorch, "float32", "eager")):
+            a.dtype, a.linear = dtype, linear
             res[key] = runner(a)
         res["summary"] = {k: {"prefill_tokens_per_s": round(v["prefill"]["tokens_per_s"], 1),
                               **{f"decode_b{b}_tokens_per_s": round(d["tokens_per_s"], 1)

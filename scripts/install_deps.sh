@@ -3,6 +3,9 @@
 #   scripts/install_deps.sh demo   what building the library, the CLI and the demo needs
 #   scripts/install_deps.sh        (or `test`) that, plus the test suites' GoogleTest and the
 #                                  PyTorch the reference tests run
+#   scripts/install_deps.sh sanitize   `test`, plus clang 14 with its sanitizer and libFuzzer
+#                                  runtimes, LLVM's OpenMP (libomp, and its TSan support
+#                                  libarcher) and llvm-symbolizer: `make sanitize`, `make fuzz`
 # ocl-icd-opencl-dev: Debian's libdnnl-dev is built with oneDNN's OpenCL runtime, so its CMake
 # config looks for OpenCL; the package is only a "Recommends" of libdnnl-dev, and we install
 # with --no-install-recommends.
@@ -12,7 +15,8 @@ pkgs=(build-essential cmake ninja-build pkg-config libdnnl-dev ocl-icd-opencl-de
 case "$profile" in
   demo) ;;
   test) pkgs+=(libgtest-dev python3-torch python3-numpy) ;;
-  *) echo "install_deps.sh: unknown profile '$profile' (expected demo or test)" >&2; exit 2 ;;
+  sanitize) pkgs+=(libgtest-dev python3-torch python3-numpy clang-14 libclang-rt-14-dev libomp-14-dev llvm-14) ;;
+  *) echo "install_deps.sh: unknown profile '$profile' (expected demo, test or sanitize)" >&2; exit 2 ;;
 esac
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,7 +1,7 @@
-// Heap allocations on the hot path, counted (not timed): a global operator new override counts
-// every allocation made by any thread of this process while counting is on, and tells apart
-// the ones made inside oneDNN's dnnl_primitive_execute (interposed below: the executable's
-// definition wins over libdnnl.so's, and forwards to it).
+// Heap allocations on the hot path, counted (not timed): a global operator new override (every
+// form of it, see replace_new.h) counts every allocation made by any thread of this process
+// while counting is on, and tells apart the ones made inside oneDNN's dnnl_primitive_execute
+// (interposed below: the executable's definition wins over libdnnl.so's, and forwards to it).
 //
 // What is asserted:
 //  - a compiled graph's run() makes no allocation in steady state (graphs of devpipe's own
@@ -23,6 +23,7 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "pipeline_util.h"
+#include "replace_new.h"
 #include "runtime/backend.h"
 #include "test_util.h"
 
@@ -34,18 +35,15 @@ std::atomic<std::uint64_t> g_dnnl_executes{0};
 thread_local int t_in_dnnl = 0;
 }  // namespace
 
-void* operator new(std::size_t n) {
+namespace {
+void* counted_alloc(std::size_t n, std::size_t align) noexcept {
   if (g_counting.load(std::memory_order_relaxed)) {
     (t_in_dnnl ? g_dnnl_allocs : g_allocs).fetch_add(1, std::memory_order_relaxed);
   }
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
+  return devpipe::testing::heap_alloc(n, align);
 }
-void* operator new[](std::size_t n) { return operator new(n); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+}  // namespace
+DEVPIPE_REPLACE_GLOBAL_NEW(counted_alloc)
 
 // oneDNN's C entry point for executing a primitive (dnnl.hpp's primitive::execute calls it).
 // Opaque argument types: this file does not include the oneDNN headers.

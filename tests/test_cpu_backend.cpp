@@ -14,6 +14,7 @@
 #include "backends/cpu/cpu_backend.h"
 #include "backends/cpu/executor.h"
 #include "devpipe/error.h"
+#include "replace_new.h"
 #include "test_util.h"
 
 // Counts heap allocations made while g_count_allocations is set (the whole process, oneDNN
@@ -21,31 +22,12 @@
 namespace {
 std::atomic<bool> g_count_allocations{false};
 std::atomic<long> g_allocations{0};
-void* counted_alloc(std::size_t n, std::size_t align) {
+void* counted_alloc(std::size_t n, std::size_t align) noexcept {
   if (g_count_allocations.load(std::memory_order_relaxed)) ++g_allocations;
-  void* p = align > alignof(std::max_align_t)
-                ? std::aligned_alloc(align, (n + align - 1) / align * align)
-                : std::malloc(n ? n : 1);
-  if (!p) throw std::bad_alloc();
-  return p;
+  return devpipe::testing::heap_alloc(n, align);
 }
 }  // namespace
-void* operator new(std::size_t n) { return counted_alloc(n, 0); }
-void* operator new[](std::size_t n) { return counted_alloc(n, 0); }
-void* operator new(std::size_t n, std::align_val_t a) {
-  return counted_alloc(n, static_cast<std::size_t>(a));
-}
-void* operator new[](std::size_t n, std::align_val_t a) {
-  return counted_alloc(n, static_cast<std::size_t>(a));
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+DEVPIPE_REPLACE_GLOBAL_NEW(counted_alloc)
 
 namespace devpipe {
 namespace {

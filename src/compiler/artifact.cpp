@@ -35,7 +35,8 @@ namespace {
 
 json attrs_to_json(const Attrs& attrs) {
   json j = json::object();
-  for (const auto& [k, v] : attrs.items()) {
+  for (const auto& [name, v] : attrs.items()) {
+    const std::string& k = name;  // a variable, not a structured binding: clang 14 cannot capture those
     std::visit(
         [&](const auto& x) {
           using T = std::decay_t<decltype(x)>;

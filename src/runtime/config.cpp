@@ -140,7 +140,8 @@ std::string InferenceConfig::to_json() const {
                   {"num_threads", runtime_.num_threads}};
   if (!runtime_.dim_buckets.empty()) j["runtime"]["dim_buckets"] = runtime_.dim_buckets;
   json a = json::object();
-  for (const auto& [k, v] : attrs_) {
+  for (const auto& [name, v] : attrs_) {
+    const std::string& k = name;  // a variable, not a structured binding: clang 14 cannot capture those
     std::visit([&](const auto& x) { a[k] = x; }, v.storage());
   }
   j["attributes"] = a;

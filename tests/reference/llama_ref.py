@@ -185,7 +185,7 @@ class Attention(nn.Module):
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.d)
+        w = torch.matmul(q, k.transpose(2, 3)) * self.d**-0.5  # as HF: times scaling = head_dim^-0.5
         w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
         w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
         o = torch.matmul(w, v).transpose(1, 2).reshape(b, t, self.heads * self.d)
