@@ -1,17 +1,24 @@
-// devpipe bench — the benchmark workloads in pipeline and round-trip mode, side by side with
-// PyTorch and with bare oneDNN kernels, in one run; writes a JSON report.
+// devpipe bench — the benchmark workloads through devpipe (pipeline and round-trip mode), the
+// bare oneDNN floor, PyTorch and ONNX Runtime, as persistent workers timed in alternating rounds
+// on the same weights and inputs, every output checked against devpipe's; the machine's limits
+// (peak FMA throughput, memory bandwidth) measured first and each workload's roofline reported.
+// Writes a JSON report and a latency plot. See bench/README.md.
 #include <omp.h>
 #include <sys/utsname.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
@@ -20,7 +27,10 @@
 #include "compiler/artifact.h"
 #include "devpipe/devpipe.h"
 #include "devpipe/timeline.h"
+#include "graph/cost.h"
 #include "kernels_bare.h"
+#include "machine_limits.h"
+#include "peers.h"
 #include "svg_plot.h"
 #include "vision_text/models.h"
 #include "workloads.h"
@@ -38,30 +48,41 @@ struct Stage {
   std::string weights_file;  // relative to the workload's weights dir
   std::function<std::unique_ptr<nn::Module>(const InferenceConfig&)> model;
   std::function<std::unique_ptr<ModelWrapper>(const InferenceConfig&, WrapperOptions)> wrapper;
+  std::function<Graph(const InferenceConfig&)> trace;  // the stage's graph at tp 1
 };
 
 struct Workload {
   std::string name;        // report key
-  std::string torch_name;  // pytorch_bench.py --workload
+  std::string peer_name;   // the peers' --workload and kernels_bare's workload
   InferenceConfig config;
   std::vector<Stage> stages;
   std::vector<std::vector<Tensor>> extra;  // host inputs of each stage (stage i>0 also gets stage i-1's output)
   bool boundary_overhead = false;
+  bool time_peers = true;  // false: the peers and kernels_bare run once, for the output check only
 };
 
 template <class M>
-Stage stage(const std::string& tag, const std::string& file, std::vector<Tensor> example_fn_inputs) {
-  return Stage{tag, file,
-               [](const InferenceConfig& c) { return model_cls<M>().create(c); },
-               [example_fn_inputs](const InferenceConfig& c, WrapperOptions o) -> std::unique_ptr<ModelWrapper> {
-                 return std::make_unique<bench::BenchWrapper<M>>(c, std::move(o), example_fn_inputs);
+Stage stage(const std::string& tag, const std::string& file, std::vector<Tensor> example) {
+  return Stage{tag, file, [](const InferenceConfig& c) { return model_cls<M>().create(c); },
+               [example](const InferenceConfig& c, WrapperOptions o) -> std::unique_ptr<ModelWrapper> {
+                 return std::make_unique<bench::BenchWrapper<M>>(c, std::move(o), example);
+               },
+               [example, tag](const InferenceConfig& c) {
+                 const ModelFactory f = model_cls<M>();
+                 std::unique_ptr<nn::Module> m = f.create(c);
+                 Tracer tracer({1, DType::Float32, tag});
+                 std::vector<Var> vars;
+                 for (std::size_t i = 0; i < example.size(); ++i) {
+                   vars.push_back(tracer.input("input" + std::to_string(i), example[i].shape(), example[i].dtype()));
+                 }
+                 return tracer.finish(f.call(*m, vars));
                }};
 }
 
 Workload make_workload(const std::string& name) {
   if (name == "seed_tp1" || name == "seed_tp2") {
     int tp = name == "seed_tp1" ? 1 : 2;
-    Workload w{name, "seed", vision_text::seed_config(32, tp), {}, {}, false};
+    Workload w{name, "seed", vision_text::seed_config(32, tp), {}, {}, false, tp == 1};
     Tensor image = Tensor::randn({32, 3, 224, 224}, 42), text = Tensor::randn({32, 256}, 43);
     w.stages.push_back(stage<vision_text::VisionModel>("vision_model", "vision.safetensors", {image}));
     w.stages.push_back(stage<vision_text::TextModel>("text_model", "text.safetensors",
@@ -70,7 +91,7 @@ Workload make_workload(const std::string& name) {
     return w;
   }
   if (name == "large") {
-    Workload w{name, "large", InferenceConfig(RuntimeConfig{.batch_size = 32, .tp_degree = 1}), {}, {}, false};
+    Workload w{name, "large", InferenceConfig(RuntimeConfig{.batch_size = 32, .tp_degree = 1}), {}, {}, false, true};
     Tensor x = Tensor::randn({32, 1440, 8}, 44);
     w.stages.push_back(stage<bench::Expand>("expand", "expand.safetensors", {x}));
     w.stages.push_back(stage<bench::Reduce>("reduce", "reduce.safetensors", {Tensor::zeros({32, 1440, 1280})}));
@@ -78,7 +99,7 @@ Workload make_workload(const std::string& name) {
     return w;
   }
   if (name == "chain8") {
-    Workload w{name, "chain8", InferenceConfig(RuntimeConfig{.batch_size = 1, .tp_degree = 2}), {}, {}, true};
+    Workload w{name, "chain8", InferenceConfig(RuntimeConfig{.batch_size = 1, .tp_degree = 2}), {}, {}, true, true};
     Tensor x = Tensor::randn({1, 64}, 45);
     for (int i = 0; i < 8; ++i) {
       w.stages.push_back(stage<bench::ChainStage>("stage" + std::to_string(i), "stage" + std::to_string(i) + ".safetensors", {x}));
@@ -87,6 +108,13 @@ Workload make_workload(const std::string& name) {
     return w;
   }
   throw InvalidArgument("unknown workload '" + name + "' (seed_tp1, seed_tp2, large, chain8; 'seed' means both seed ones)");
+}
+
+/// The workload's host inputs in the order the whole pipeline takes them (input0, input1, ...).
+std::vector<Tensor> pipeline_inputs(const Workload& w) {
+  std::vector<Tensor> v;
+  for (const auto& e : w.extra) v.insert(v.end(), e.begin(), e.end());
+  return v;
 }
 
 json latency_json(const std::vector<double>& samples) {
@@ -138,22 +166,179 @@ std::vector<std::unique_ptr<ModelWrapper>> build_stages(const Workload& w, bool 
   return ws;
 }
 
-struct ModeRun {
-  std::vector<std::unique_ptr<ModelWrapper>> wrappers;
-  std::vector<double> samples_ms;
-  TransferStats bytes{};
-  std::map<std::string, double> compute_us;  // stage tag -> summed "compute" span time on rank 0
-  std::uint64_t between = 0;                 // bytes copied at stage boundaries (all iterations)
-  std::string suffix;
-};
-
 void add_bytes(TransferStats& acc, const TransferStats& a, const TransferStats& b) {
   acc.host_to_device_bytes += b.host_to_device_bytes - a.host_to_device_bytes;
   acc.device_to_host_bytes += b.device_to_host_bytes - a.device_to_host_bytes;
   acc.device_to_device_bytes += b.device_to_device_bytes - a.device_to_device_bytes;
 }
 
-json machine_json() {
+double process_cpu_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) / 1e6;
+}
+
+// ---- the workers: one per mode, built once, run round after round ----------------------------
+
+/// One timed round: a wall-clock sample per forward and the CPU time the whole round took.
+struct Round {
+  std::vector<double> samples_ms;
+  double cpu_ms = 0;
+};
+
+class Worker {
+ public:
+  explicit Worker(std::string mode) : mode_(std::move(mode)) {}
+  virtual ~Worker() = default;
+  const std::string& mode() const { return mode_; }
+  /// Runs `iters` forwards back to back.
+  virtual Round run(int iters) = 0;
+  /// The final output of the last run, row-major float32.
+  virtual std::vector<float> output() = 0;
+  /// What the report says about this worker besides its times (threads, version, ...).
+  virtual json info() { return json::object(); }
+
+ private:
+  std::string mode_;
+};
+
+/// pipeline / roundtrip: the compiled stages in this process.
+class DevpipeWorker : public Worker {
+ public:
+  DevpipeWorker(const std::string& mode, const Workload& w, const std::string& work)
+      : Worker(mode), w_(w), wrappers_(build_stages(w, mode == "pipeline", work, mode, "@" + mode)) {}
+  Round run(int iters) override {
+    Round r;
+    const TransferStats before = transfer_stats();
+    const double c0 = process_cpu_ms();
+    for (int i = 0; i < iters; ++i) {
+      const auto t0 = Clock::now();
+      last_ = run_chain(wrappers_, w_, &between_);
+      r.samples_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    }
+    r.cpu_ms = process_cpu_ms() - c0;
+    add_bytes(bytes_, before, transfer_stats());
+    forwards_ += static_cast<std::uint64_t>(iters);
+    return r;
+  }
+  std::vector<float> output() override { return last_.to_float_vector(); }
+  json info() override {
+    json j{{"threads", "one thread per rank, " + std::to_string(w_.config.runtime_config().tp_degree) + " rank(s)"}};
+    if (forwards_ > 0) {
+      j["bytes_host_device"] = (bytes_.host_to_device_bytes + bytes_.device_to_host_bytes) / forwards_;
+      j["bytes_between_stages"] = between_ / forwards_;
+    }
+    return j;
+  }
+  /// Per-stage compute ms of rank 0 over `iters` forwards recorded with the timeline (untimed).
+  json stage_compute_ms(int iters) {
+    timeline::start(false);
+    for (int i = 0; i < iters; ++i) run_chain(wrappers_, w_);
+    timeline::stop();
+    std::map<std::string, double> us;
+    for (const auto& e : timeline::events()) {
+      if (e.category != "compute" || e.track != 1) continue;
+      const auto at = e.name.find('@');
+      if (at != std::string::npos && e.name.substr(at + 1) == mode()) us[e.name.substr(0, at)] += e.dur_us;
+    }
+    json j = json::object();
+    for (const auto& [tag, v] : us) j[tag] = v / iters / 1000.0;
+    return j;
+  }
+
+ private:
+  const Workload& w_;
+  std::vector<std::unique_ptr<ModelWrapper>> wrappers_;
+  Tensor last_;
+  TransferStats bytes_{};
+  std::uint64_t between_ = 0, forwards_ = 0;
+};
+
+/// kernels_bare: the oneDNN primitives alone, on the same weights and inputs.
+class BareWorker : public Worker {
+ public:
+  BareWorker(const Workload& w, const bench::BareData& data, int threads)
+      : Worker("kernels_bare"), bare_(w.peer_name, threads, data), threads_(threads) {}
+  Round run(int iters) override {
+    Round r;
+    const double c0 = process_cpu_ms();
+    r.samples_ms = bare_.run(iters);
+    r.cpu_ms = process_cpu_ms() - c0;
+    return r;
+  }
+  std::vector<float> output() override { return bare_.output(); }
+  json info() override { return {{"what", bare_.what()}, {"threads", threads_}}; }
+
+ private:
+  bench::KernelsBare bare_;
+  int threads_;
+};
+
+/// pytorch_eager / onnxruntime: a child process on the worker protocol.
+class PeerWorker : public Worker {
+ public:
+  PeerWorker(const std::string& mode, const std::vector<std::string>& argv, const std::string& log,
+             std::string output_path)
+      : Worker(mode), child_(mode, argv, log), output_path_(std::move(output_path)) {}
+  Round run(int iters) override {
+    json r = child_.request({{"cmd", "run"}, {"iters", iters}});
+    return {r.at("samples_ms").get<std::vector<double>>(), r.at("cpu_ms").get<double>()};
+  }
+  std::vector<float> output() override {
+    child_.request({{"cmd", "output"}, {"path", output_path_}});
+    auto all = safetensors::load_all(output_path_);
+    auto it = all.find("output");
+    if (it == all.end()) throw StateError("bench: peer " + mode() + " wrote no tensor 'output' to " + output_path_);
+    return it->second.to_float_vector();
+  }
+  json info() override {
+    return {{"threads", child_.hello().value("threads", 0)},
+            {"version", child_.hello().value("version", std::string("?"))}};
+  }
+
+ private:
+  bench::ChildWorker child_;
+  std::string output_path_;
+};
+
+// ---- the machine and the run -----------------------------------------------------------------
+
+/// A number for the tables: 3 significant decimals below 10, fewer above.
+std::string fmt_number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, std::fabs(v) < 10 ? "%.3f" : (std::fabs(v) < 1000 ? "%.1f" : "%.0f"), v);
+  return buf;
+}
+
+/// Runs `cmd` through the shell; returns its exit status and its stdout+stderr in `out`.
+int run_command(const std::string& cmd, std::string& out) {
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (!p) return -1;
+  char buf[4096];
+  while (std::fgets(buf, sizeof buf, p)) out += buf;
+  int rc = ::pclose(p);
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+std::string last_lines(const std::string& s, std::size_t max_chars = 600) {
+  std::string t = s;
+  while (!t.empty() && (t.back() == '\n' || t.back() == ' ')) t.pop_back();
+  return t.size() > max_chars ? "..." + t.substr(t.size() - max_chars) : t;
+}
+
+std::string shell_quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+json load_average() {
+  double l[3] = {0, 0, 0};
+  if (getloadavg(l, 3) != 3) return nullptr;
+  return {l[0], l[1], l[2]};
+}
+
+json machine_json(const bench::MachineLimits& lim) {
   utsname u{};
   uname(&u);
   std::string cpu = "?";
@@ -164,137 +349,262 @@ json machine_json() {
       break;
     }
   }
-  return {{"cores", std::thread::hardware_concurrency()}, {"cpu", cpu}, {"kernel", u.release},
-          {"devpipe_version", devpipe_version()}};
+  return {{"cpu", cpu},
+          {"cores", std::thread::hardware_concurrency()},
+          {"isa_flags", bench::cpu_isa_flags()},
+          {"kernel", u.release},
+          {"hostname", u.nodename},
+          {"limits",
+           {{"peak_fp32_gflops", lim.peak_gflops},
+            {"fma_loop", lim.fma_isa},
+            {"triad_gb_per_s", lim.triad_gbs},
+            {"triad_bytes", lim.triad_bytes},
+            {"threads", lim.threads},
+            {"measured_in_s", lim.seconds}}}};
 }
 
-json run_pytorch(const Workload& w, const std::string& weights, int iters, int warmup) {
-  std::string cmd = std::string(DEVPIPE_TORCH_PYTHON) + " " + DEVPIPE_BENCH_DIR + "/pytorch_bench.py --workload " +
-                    w.torch_name + " --weights " + weights + " --iters " + std::to_string(iters) + " --warmup " +
-                    std::to_string(warmup) + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (!p) return {{"error", "cannot start " + cmd}};
+json run_json(int threads) {
+  std::string commit, dirty;
+  const std::string src = shell_quote((fs::path(DEVPIPE_BENCH_DIR) / "..").lexically_normal().string());
+  bool have = run_command("git -C " + src + " rev-parse HEAD", commit) == 0;
+  if (have) run_command("git -C " + src + " status --porcelain --untracked-files=no", dirty);
+  while (!commit.empty() && commit.back() == '\n') commit.pop_back();
+  char when[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  return {{"commit", have ? commit : std::string("unknown (git rev-parse failed)")},
+          {"worktree_dirty", have && !dirty.empty()},
+          {"time_utc", when},
+          {"devpipe_version", devpipe_version()},
+          {"threads", {{"hardware", std::thread::hardware_concurrency()},
+                       {"omp_max", omp_get_max_threads()},
+                       {"kernels_bare", threads},
+                       {"pytorch", threads},
+                       {"onnxruntime_intra_op", threads}}},
+          {"load_average_start", load_average()}};
+}
+
+/// The ONNX Runtime peer's install: the folder holding node_modules, or why there is none.
+struct OrtInstall {
+  std::string dir;
+  std::string skipped;  // non-empty: the reason the onnxruntime mode is skipped
+};
+
+OrtInstall install_ort(const std::string& dest) {
   std::string out;
-  char buf[4096];
-  while (std::fgets(buf, sizeof buf, p)) out += buf;
-  int rc = ::pclose(p);
-  auto brace = out.rfind("\n{");
-  std::string js = brace == std::string::npos ? out : out.substr(brace + 1);
-  try {
-    if (rc != 0) throw std::runtime_error("exit code " + std::to_string(rc));
-    return json::parse(js);
-  } catch (const std::exception& e) {
-    return {{"error", std::string("pytorch_bench.py failed: ") + e.what() + ": " + out.substr(0, 2000)}};
-  }
+  const std::string script = (fs::path(DEVPIPE_BENCH_DIR) / "ort" / "install.sh").string();
+  std::cerr << "installing ONNX Runtime (npm onnxruntime-node) into " << dest << " ...\n";
+  int rc = run_command("bash " + shell_quote(script) + " " + shell_quote(dest), out);
+  if (rc != 0) return {"", "bench/ort/install.sh failed (exit " + std::to_string(rc) + "): " + last_lines(out)};
+  return {dest, ""};
 }
 
-json run_workload(const std::string& name, const Args& a, const std::string& work,
-                  std::vector<std::pair<std::string, std::vector<double>>>& plot) {
+/// Writes an in-process mode's final output to work/outputs/<workload>.<mode>.safetensors (key
+/// "output", flat), beside the peers' own, for a look after a mismatch.
+void save_output(const std::string& work, const std::string& workload, const std::string& mode,
+                 const std::vector<float>& values) {
+  safetensors::save((fs::path(work) / "outputs" / (workload + "." + mode + ".safetensors")).string(),
+                    {{"output", Tensor::from_vector(values, Shape{static_cast<std::int64_t>(values.size())})}});
+}
+
+// ---- one workload ----------------------------------------------------------------------------
+
+json run_workload(const std::string& name, const Args& a, const std::string& work, const bench::MachineLimits& lim,
+                  const OrtInstall& ort, std::vector<std::pair<std::string, std::vector<double>>>& plot,
+                  std::vector<std::string>& mismatches) {
   Workload w = make_workload(name);
-  int iters = static_cast<int>(a.get_int("iters", name == "chain8" ? 200 : 20));
-  int warmup = static_cast<int>(a.get_int("warmup", name == "chain8" ? 20 : 3));
-  std::string wdir = (fs::path(work) / "weights" / name).string();
+  const int iters = static_cast<int>(a.get_int("iters", name == "chain8" ? 200 : 20));
+  const int warmup = static_cast<int>(a.get_int("warmup", name == "chain8" ? 20 : 3));
+  const int rounds = std::min(iters, static_cast<int>(a.get_int("rounds", 5)));
+  const int threads = static_cast<int>(std::thread::hardware_concurrency());
+  const std::string wdir = (fs::path(work) / "weights" / name).string();
+  for (const char* sub : {"inputs", "outputs", "logs", "onnx"}) fs::create_directories(fs::path(work) / sub);
   fs::create_directories(wdir);
+
+  // The same weights and the same inputs for every mode and peer, on disk.
+  bench::BareData bare_data;
   for (std::size_t i = 0; i < w.stages.size(); ++i) {
     auto m = w.stages[i].model(w.config);
-    safetensors::save(wdir + "/" + w.stages[i].weights_file, nn::random_state_dict(*m, 100 + i));
+    auto sd = nn::random_state_dict(*m, 100 + i);
+    safetensors::save(wdir + "/" + w.stages[i].weights_file, sd);
+    for (const auto& [key, t] : sd) bare_data[w.stages[i].tag + "." + key] = t.to_float_vector();
   }
-
-  // Both modes: compiled from the same checkpoints, differing only in the pipeline flags.
-  std::map<std::string, ModeRun> modes;
-  std::vector<std::string> mode_names;
-  for (const std::string& m : a.get_list("modes", "pipeline,roundtrip")) {
-    if (std::find(mode_names.begin(), mode_names.end(), m) == mode_names.end()) mode_names.push_back(m);
-  }
-  for (const std::string& mode : mode_names) {
-    ModeRun& mr = modes[mode];
-    mr.wrappers = build_stages(w, mode == "pipeline", work, mode, "@" + mode);
-  }
-
-  // Warm-up, then interleaved timed iterations (pipeline, roundtrip, pipeline, ...).
-  for (int i = 0; i < warmup; ++i) {
-    for (auto& [mode, mr] : modes) run_chain(mr.wrappers, w);
-  }
-  Tensor ref_out = run_chain(modes.begin()->second.wrappers, w);
-  double max_mode_diff = max_abs_diff(ref_out, run_chain(modes.rbegin()->second.wrappers, w));
-  timeline::start(false);
-  int total = iters * static_cast<int>(modes.size());
-  int done = 0;
-  for (int i = 0; i < iters; ++i) {
-    for (auto& [mode, mr] : modes) {
-      TransferStats before = transfer_stats();
-      auto t0 = Clock::now();
-      run_chain(mr.wrappers, w, &mr.between);
-      mr.samples_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
-      add_bytes(mr.bytes, before, transfer_stats());
-      if (++done % std::max(1, total / 20) == 0 || done == total) {
-        print_progress(name, done, total, mode);
-      }
+  const std::string inputs_path = (fs::path(work) / "inputs" / (name + ".safetensors")).string();
+  {
+    std::vector<std::pair<std::string, Tensor>> named;
+    const auto ins = pipeline_inputs(w);
+    for (std::size_t i = 0; i < ins.size(); ++i) {
+      named.emplace_back("input" + std::to_string(i), ins[i]);
+      bare_data["input" + std::to_string(i)] = ins[i].to_float_vector();
     }
+    safetensors::save(inputs_path, named);
   }
-  timeline::stop();
-  for (const auto& e : timeline::events()) {
-    if (e.category != "compute" || e.track != 1) continue;
-    auto at = e.name.find('@');
-    modes[e.name.substr(at + 1)].compute_us[e.name.substr(0, at)] += e.dur_us;
-  }
+
+  // The roofline: the FLOPs and the bytes of the problem (traced at tp 1; seed_tp2 is seed_tp1's
+  // problem), at the measured peak and bandwidth.
+  const Workload cost_w = name == "seed_tp2" ? make_workload("seed_tp1") : make_workload(name);
+  GraphCost cost;
+  for (const auto& s : cost_w.stages) cost += graph_cost(s.trace(cost_w.config));
+  const double compute_ms = cost.flops / (lim.peak_gflops * 1e9) * 1e3;
+  const double memory_ms = static_cast<double>(cost.min_bytes()) / (lim.triad_gbs * 1e9) * 1e3;
+  const double roofline_ms = std::max(compute_ms, memory_ms);
 
   json report;
   report["config"] = json::parse(w.config.to_json());
   report["config"]["iterations"] = iters;
   report["config"]["warmup"] = warmup;
+  report["config"]["rounds"] = rounds;
   report["config"]["stages"] = json::array();
   for (const auto& s : w.stages) report["config"]["stages"].push_back(s.tag);
-  report["config"]["max_abs_diff_pipeline_vs_roundtrip"] = max_mode_diff;
+  report["config"]["inputs"] = inputs_path;
+  report["cost"] = {{"flops", cost.flops},
+                    {"param_bytes", cost.param_bytes},
+                    {"input_bytes", cost.input_bytes},
+                    {"output_bytes", cost.output_bytes},
+                    {"intermediate_bytes_within_stages", cost.intermediate_bytes},
+                    {"min_bytes", cost.min_bytes()}};
+  report["roofline"] = {{"compute_ms", compute_ms},
+                        {"memory_ms", memory_ms},
+                        {"time_ms", roofline_ms},
+                        {"bound", compute_ms >= memory_ms ? "compute" : "memory"}};
 
-  for (auto& [mode, mr] : modes) {
-    double n = static_cast<double>(iters);
-    json m;
-    m["latency_ms"] = latency_json(mr.samples_ms);
-    m["throughput_per_s"] = 1000.0 * static_cast<double>(w.config.runtime_config().batch_size) / summarize(mr.samples_ms).p50;
-    json stage_ms;
-    double compute_total_us = 0;
-    for (const auto& [tag, us] : mr.compute_us) {
-      stage_ms[tag] = us / n / 1000.0;
-      compute_total_us += us / n;
-    }
-    m["stage_ms"] = stage_ms;
-    m["bytes_host_device"] =
-        (mr.bytes.host_to_device_bytes + mr.bytes.device_to_host_bytes) / static_cast<std::uint64_t>(iters);
-    m["bytes_between_stages"] = mr.between / static_cast<std::uint64_t>(iters);
-    if (w.boundary_overhead) {
-      double boundaries = static_cast<double>(w.stages.size() - 1);
-      m["boundary_overhead_us"] = (summarize(mr.samples_ms).p50 * 1000.0 - compute_total_us) / boundaries;
-      m["compute_us_per_forward"] = compute_total_us;
-    }
-    report["modes"][mode] = m;
-    plot.emplace_back(name + " " + mode, mr.samples_ms);
+  // The workers, built once. A peer that cannot start is reported as skipped.
+  const auto wanted = a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime");
+  auto want = [&](const std::string& m) { return std::find(wanted.begin(), wanted.end(), m) != wanted.end(); };
+  std::vector<std::unique_ptr<Worker>> timed, check_only;
+  auto peers = [&]() -> std::vector<std::unique_ptr<Worker>>& { return w.time_peers ? timed : check_only; };
+  for (const char* m : {"pipeline", "roundtrip"}) {
+    if (want(m)) timed.push_back(std::make_unique<DevpipeWorker>(m, w, work));
   }
-  modes.clear();  // free the artifacts' memory before the peers run
-
-  if (!a.has("no-pytorch")) {
-    std::cerr << "  running PyTorch on the same weights...\n";
-    json pt = run_pytorch(w, wdir, iters, warmup);
-    if (pt.contains("samples_ms")) {
-      auto samples = pt["samples_ms"].get<std::vector<double>>();
-      json m{{"latency_ms", latency_json(samples)},
-             {"throughput_per_s", 1000.0 * static_cast<double>(w.config.runtime_config().batch_size) / summarize(samples).p50},
-             {"threads", pt.value("threads", 0)},
-             {"torch_version", pt.value("torch_version", std::string("?"))}};
-      report["modes"][pt.value("mode", std::string("pytorch_eager"))] = m;
-      plot.emplace_back(name + " pytorch", samples);
+  if (timed.empty()) throw UsageError("option --modes: name pipeline or roundtrip too (the reference output)");
+  auto skip = [&](const std::string& mode, const std::string& why) {
+    report["modes"][mode] = {{"skipped", why}};
+    std::cerr << "  " << mode << " skipped: " << why << "\n";
+  };
+  if (want("kernels_bare")) peers().push_back(std::make_unique<BareWorker>(w, bare_data, threads));
+  if (want("pytorch") && !a.has("no-pytorch")) {
+    std::cerr << "  starting the PyTorch worker...\n";
+    try {
+      peers().push_back(std::make_unique<PeerWorker>(
+          "pytorch_eager",
+          std::vector<std::string>{DEVPIPE_TORCH_PYTHON, std::string(DEVPIPE_BENCH_DIR) + "/pytorch_bench.py",
+                                   "--serve", "--workload", w.peer_name, "--weights", wdir, "--inputs", inputs_path},
+          (fs::path(work) / "logs" / (name + ".pytorch_eager.log")).string(),
+          (fs::path(work) / "outputs" / (name + ".pytorch_eager.safetensors")).string()));
+    } catch (const Error& e) {
+      skip("pytorch_eager", e.what());
+    }
+  }
+  if (want("onnxruntime")) {
+    if (!ort.skipped.empty()) {
+      skip("onnxruntime", ort.skipped);
     } else {
-      report["modes"]["pytorch_eager"] = {{"error", pt.value("error", std::string("unknown"))}};
+      std::cerr << "  exporting the ONNX model and starting the ONNX Runtime worker...\n";
+      const std::string model = (fs::path(work) / "onnx" / (name + ".onnx")).string();
+      std::string out;
+      int rc = run_command(std::string(DEVPIPE_TORCH_PYTHON) + " " + shell_quote(std::string(DEVPIPE_BENCH_DIR) + "/ort/export_onnx.py") +
+                               " --workload " + w.peer_name + " --weights " + shell_quote(wdir) + " --inputs " +
+                               shell_quote(inputs_path) + " --out " + shell_quote(model),
+                           out);
+      if (rc != 0) {
+        skip("onnxruntime", "bench/ort/export_onnx.py failed (exit " + std::to_string(rc) + "): " + last_lines(out));
+      } else {
+        try {
+          peers().push_back(std::make_unique<PeerWorker>(
+              "onnxruntime",
+              std::vector<std::string>{"node", std::string(DEVPIPE_BENCH_DIR) + "/ort/worker.js", "--ort", ort.dir,
+                                       "--model", model, "--inputs", inputs_path, "--threads", std::to_string(threads)},
+              (fs::path(work) / "logs" / (name + ".onnxruntime.log")).string(),
+              (fs::path(work) / "outputs" / (name + ".onnxruntime.safetensors")).string()));
+        } catch (const Error& e) {
+          skip("onnxruntime", e.what());
+        }
+      }
     }
   }
-  if (name != "seed_tp2") {
-    std::string bare_name = name == "seed_tp1" ? "seed" : name;
-    auto bare = bench::run_kernels_bare(bare_name, iters, warmup, static_cast<int>(std::thread::hardware_concurrency()));
-    report["modes"]["kernels_bare"] = {{"latency_ms", latency_json(bare.samples_ms)}, {"what", bare.what}};
-    plot.emplace_back(name + " kernels_bare", bare.samples_ms);
+
+  // Warm-up, then the timed rounds: every worker runs iters/rounds forwards in turn, the order
+  // rotating from round to round, so that each mode sees the same machine.
+  std::map<std::string, Round> times;
+  std::map<std::string, std::string> failed;
+  auto safely = [&](Worker& wk, const std::function<void()>& fn) {
+    if (failed.count(wk.mode())) return;
+    try {
+      fn();
+    } catch (const Error& e) {
+      failed[wk.mode()] = e.what();
+      std::cerr << "  " << wk.mode() << " failed: " << e.what() << "\n";
+    }
+  };
+  if (warmup > 0) {
+    for (auto& wk : timed) safely(*wk, [&] { wk->run(warmup); });
   }
+  const int total = rounds * static_cast<int>(timed.size());
+  int done = 0;
+  for (int r = 0; r < rounds; ++r) {
+    const int n = iters / rounds + (r < iters % rounds ? 1 : 0);
+    for (std::size_t k = 0; k < timed.size(); ++k) {
+      Worker& wk = *timed[(k + static_cast<std::size_t>(r)) % timed.size()];
+      safely(wk, [&] {
+        Round got = wk.run(n);
+        Round& acc = times[wk.mode()];
+        acc.samples_ms.insert(acc.samples_ms.end(), got.samples_ms.begin(), got.samples_ms.end());
+        acc.cpu_ms += got.cpu_ms;
+      });
+      print_progress(name, ++done, total, "round " + std::to_string(r + 1) + " " + wk.mode());
+    }
+  }
+  for (auto& wk : check_only) safely(*wk, [&] { wk->run(1); });
+
+  // Every output against devpipe's (pipeline mode when it ran, else roundtrip).
+  Worker& ref = *timed.front();
+  std::vector<float> want_out;
+  safely(ref, [&] {
+    want_out = ref.output();
+    save_output(work, name, ref.mode(), want_out);
+  });
+  auto check = [&](Worker& wk, json& m) {
+    if (&wk == &ref || failed.count(ref.mode())) return;
+    safely(wk, [&] {
+      const std::vector<float> got = wk.output();
+      if (!dynamic_cast<PeerWorker*>(&wk)) save_output(work, name, wk.mode(), got);
+      const bench::OutputCheck c = bench::check_output(wk.mode(), name, want_out, got);
+      m["output_check"] = {{"against", ref.mode()}, {"ok", c.ok},           {"max_abs_diff", c.max_abs},
+                           {"max_rel_diff", c.max_rel}, {"message", c.message}};
+      if (!c.ok) mismatches.push_back(c.message);
+    });
+  };
+
+  const double bare_p50 =
+      times.count("kernels_bare") ? summarize(times["kernels_bare"].samples_ms).p50 : std::nan("");
+  auto describe = [&](Worker& wk, bool was_timed) {
+    json m = wk.info();
+    m["timed"] = was_timed;
+    check(wk, m);
+    if (was_timed && times.count(wk.mode())) {
+      const Round& t = times[wk.mode()];
+      const double p50 = summarize(t.samples_ms).p50;
+      m["latency_ms"] = latency_json(t.samples_ms);
+      m["cpu_ms_per_forward"] = t.cpu_ms / static_cast<double>(t.samples_ms.size());
+      m["throughput_per_s"] = 1000.0 * static_cast<double>(w.config.runtime_config().batch_size) / p50;
+      m["roofline_ratio"] = p50 / roofline_ms;
+      if (auto* dw = dynamic_cast<DevpipeWorker*>(&wk)) {
+        m["stage_compute_ms"] = dw->stage_compute_ms(std::min(iters, 3));
+        if (w.boundary_overhead && std::isfinite(bare_p50)) {
+          m["boundary_overhead_us"] = (p50 - bare_p50) * 1000.0 / static_cast<double>(w.stages.size() - 1);
+        }
+      }
+      plot.emplace_back(name + " " + wk.mode(), t.samples_ms);
+    }
+    if (failed.count(wk.mode())) m["error"] = failed[wk.mode()];
+    report["modes"][wk.mode()] = m;
+  };
+  for (auto& wk : timed) describe(*wk, true);
+  for (auto& wk : check_only) describe(*wk, false);
   return report;
 }
+
+// ---- the targets -----------------------------------------------------------------------------
 
 double p50_of(const json& r, const std::string& wl, const std::string& mode) {
   try {
@@ -304,23 +614,65 @@ double p50_of(const json& r, const std::string& wl, const std::string& mode) {
   }
 }
 
-void print_targets(const json& r) {
-  std::printf("\n%-44s %10s %10s  %s\n", "target (issue 4)", "measured", "limit", "holds");
-  auto row = [](const char* what, double v, double lim, bool ok) {
-    std::printf("%-44s %10.3f %10.3f  %s\n", what, v, lim, std::isnan(v) ? "n/a" : (ok ? "yes" : "NO"));
+/// Issue 12's "Done when" list, measured: one entry per target with measured, target, status
+/// (PASS, FAIL or "n/a" when a figure is missing).
+json evaluate_targets(const json& r) {
+  json out = json::array();
+  auto add = [&](const std::string& what, double v, double target, bool at_most, const std::string& note = "") {
+    std::string status = std::isnan(v) ? "n/a" : ((at_most ? v <= target : v >= target) ? "PASS" : "FAIL");
+    out.push_back({{"target", what}, {"measured", std::isnan(v) ? json(nullptr) : json(v)},
+                   {"limit", target}, {"at_most", at_most}, {"status", status}, {"note", note}});
   };
-  double pipe = p50_of(r, "seed_tp1", "pipeline"), bare = p50_of(r, "seed_tp1", "kernels_bare");
-  double torch = p50_of(r, "seed_tp1", "pytorch_eager");
-  row("seed tp1: pipeline p50 / kernels_bare p50", pipe / bare, 1.10, pipe / bare <= 1.10);
-  row("seed tp1: pytorch_eager p50 / pipeline p50", torch / pipe, 2.5, torch / pipe >= 2.5);
-  double lp = p50_of(r, "large", "pipeline"), lr = p50_of(r, "large", "roundtrip");
-  row("large: roundtrip p50 / pipeline p50", lr / lp, 1.3, lr / lp >= 1.3);
-  double bo = std::nan("");
-  try {
-    bo = r.at("workloads").at("chain8").at("modes").at("pipeline").at("boundary_overhead_us").get<double>();
-  } catch (const json::exception&) {
+  auto roof = [&](const std::string& wl) {
+    try {
+      return r.at("workloads").at(wl).at("modes").at("pipeline").at("roofline_ratio").get<double>();
+    } catch (const json::exception&) {
+      return std::nan("");
+    }
+  };
+  add("seed_tp1: pipeline p50 / roofline", roof("seed_tp1"), 1.15, true);
+  add("large: pipeline p50 / roofline", roof("large"), 1.5, true);
+  add("seed: tp2 pipeline p50 / tp1 pipeline p50", p50_of(r, "seed_tp2", "pipeline") / p50_of(r, "seed_tp1", "pipeline"),
+      1.1, true);
+  add("chain8: pipeline p50 / kernels_bare p50", p50_of(r, "chain8", "pipeline") / p50_of(r, "chain8", "kernels_bare"),
+      1.3, true);
+  for (const char* peer : {"onnxruntime", "pytorch_eager"}) {
+    for (const char* wl : {"seed_tp1", "large", "chain8"}) {
+      add(std::string(wl) + ": " + peer + " p50 / pipeline p50 (devpipe faster)",
+          p50_of(r, wl, peer) / p50_of(r, wl, "pipeline"), 1.0, false);
+    }
   }
-  row("chain8 tp2: pipeline boundary_overhead_us", bo, 20.0, bo <= 20.0);
+  // Every peer's output checked and matching.
+  int checked = 0, expected = 0;
+  std::string missing;
+  if (r.contains("workloads")) {
+    for (const auto& [wl, wj] : r["workloads"].items()) {
+      for (const auto& [mode, mj] : wj["modes"].items()) {
+        if (mode == "pipeline") continue;
+        ++expected;
+        if (mj.contains("output_check") && mj["output_check"].value("ok", false)) {
+          ++checked;
+        } else {
+          missing += (missing.empty() ? "" : ", ") + wl + " " + mode;
+        }
+      }
+    }
+  }
+  add("every peer's output checked against devpipe's (fraction matching)",
+      expected ? static_cast<double>(checked) / expected : std::nan(""), 1.0, false,
+      missing.empty() ? "" : "not checked or not matching: " + missing);
+  return out;
+}
+
+void print_targets(const json& targets) {
+  std::printf("\n%-66s %10s %8s  %s\n", "target (issue 12)", "measured", "target", "status");
+  for (const auto& t : targets) {
+    const std::string lim = (t["at_most"].get<bool>() ? "<= " : ">= ") + fmt_number(t["limit"].get<double>());
+    std::printf("%-66s %10s %8s  %s%s\n", t["target"].get<std::string>().c_str(),
+                t["measured"].is_null() ? "-" : fmt_number(t["measured"].get<double>()).c_str(), lim.c_str(),
+                t["status"].get<std::string>().c_str(),
+                t["note"].get<std::string>().empty() ? "" : ("  (" + t["note"].get<std::string>() + ")").c_str());
+  }
 }
 
 }  // namespace
@@ -328,18 +680,21 @@ void print_targets(const json& r) {
 const Command& bench_command() {
   static const Command c{
       .name = "bench",
-      .summary = "run the benchmark workloads and write a JSON report and a latency plot",
+      .summary = "run the benchmark workloads against the machine's limits and their peers; write a JSON report and a latency plot",
       .options =
           {{.name = "all", .help = "all workloads (the default without --workload)"},
            {.name = "workload", .kind = OptionKind::ChoiceList, .value = "W,...",
             .help = "workloads to run ('seed' is seed_tp1 and seed_tp2)",
             .choices = {"seed", "seed_tp1", "seed_tp2", "large", "chain8"}},
            {.name = "modes", .kind = OptionKind::ChoiceList, .value = "M,...",
-            .help = "devpipe modes to time (default both)", .choices = {"pipeline", "roundtrip"}},
+            .help = "modes to run (default all)",
+            .choices = {"pipeline", "roundtrip", "kernels_bare", "pytorch", "onnxruntime"}},
            {.name = "iters", .kind = OptionKind::Int, .value = "N",
             .help = "timed iterations per mode (default 20; chain8 200)", .min = 1, .max = 1000000},
            {.name = "warmup", .kind = OptionKind::Int, .value = "N",
-            .help = "untimed iterations before (default 3; chain8 20)", .min = 0, .max = 1000000},
+            .help = "untimed iterations per mode before (default 3; chain8 20)", .min = 0, .max = 1000000},
+           {.name = "rounds", .kind = OptionKind::Int, .value = "N",
+            .help = "alternating rounds the iterations are split into (default 5)", .min = 1, .max = 100000},
            {.name = "out", .kind = OptionKind::String, .value = "FILE",
             .help = "the JSON report (default build/bench/report.json)"},
            {.name = "plot", .kind = OptionKind::String, .value = "FILE",
@@ -347,9 +702,13 @@ const Command& bench_command() {
            {.name = "trace", .kind = OptionKind::String, .value = "FILE",
             .help = "also write one forward of the first workload as a Chrome trace"},
            {.name = "work", .kind = OptionKind::String, .value = "DIR",
-            .help = "weights and artifacts (default work/ beside --out)"},
-           {.name = "no-pytorch", .help = "skip the PyTorch baseline"}},
-      .notes = "See bench/README.md for the workloads, the modes and the report's fields.\n"};
+            .help = "weights, inputs, outputs, models and logs (default work/ beside --out)"},
+           {.name = "ort-dir", .kind = OptionKind::String, .value = "DIR",
+            .help = "where bench/ort/install.sh installs onnxruntime-node (default ort/ beside --out)"},
+           {.name = "no-pytorch", .help = "skip the PyTorch peer"}},
+      .notes = "Exits 1 when a peer's output differs from devpipe's beyond the tolerance; missed speed\n"
+               "targets are reported (FAIL) but do not change the exit status.\n"
+               "See bench/README.md for the workloads, the modes, the worker protocol and the report.\n"};
   return c;
 }
 
@@ -365,31 +724,79 @@ int bench_main(const Args& a) {
     }
   }
   std::string out = a.get("out", "build/bench/report.json");
-  std::string work = a.get("work", (fs::path(out).parent_path() / "work").string());
-  fs::create_directories(fs::path(out).parent_path().empty() ? fs::path(".") : fs::path(out).parent_path());
+  const fs::path out_dir = fs::path(out).parent_path().empty() ? fs::path(".") : fs::path(out).parent_path();
+  std::string work = a.get("work", (out_dir / "work").string());
+  fs::create_directories(out_dir);
+  const int threads = static_cast<int>(std::thread::hardware_concurrency());
+
   json report;
-  report["machine"] = machine_json();
+  report["run"] = run_json(threads);
+  std::cerr << "measuring the machine's limits on " << threads << " threads...\n";
+  const bench::MachineLimits lim = bench::measure_machine_limits(threads);
+  report["machine"] = machine_json(lim);
+  std::printf("machine: %s, %d threads: peak fp32 FMA %.1f GFLOP/s (%s loop), triad %.1f GB/s; load average %s\n",
+              report["machine"]["cpu"].get<std::string>().c_str(), threads, lim.peak_gflops, lim.fma_isa.c_str(),
+              lim.triad_gbs, report["run"]["load_average_start"].dump().c_str());
+  std::fflush(stdout);
+
+  const auto modes = a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime");
+  OrtInstall ort{"", "not requested (--modes)"};
+  if (std::find(modes.begin(), modes.end(), "onnxruntime") != modes.end()) {
+    ort = install_ort(a.get("ort-dir", (out_dir / "ort").string()));
+  }
+
   std::vector<std::pair<std::string, std::vector<double>>> plot;
+  std::vector<std::string> mismatches;
   for (const auto& n : names) {
     std::cerr << "workload " << n << "\n";
-    report["workloads"][n] = run_workload(n, a, work, plot);
+    report["workloads"][n] = run_workload(n, a, work, lim, ort, plot, mismatches);
   }
-  std::ofstream f(out);
-  f << report.dump(2) << "\n";
-  if (!f) throw IoError("cannot write report '" + out + "'");
+  report["run"]["load_average_end"] = load_average();
+  report["targets"] = evaluate_targets(report);
+  report["correctness_failures"] = mismatches;
+  {
+    const std::string tmp = out + ".tmp";
+    std::ofstream f(tmp);
+    f << report.dump(2) << "\n";
+    f.close();
+    if (!f) throw IoError("cannot write report '" + tmp + "'");
+    fs::rename(tmp, out);
+  }
   std::cout << "wrote " << out << "\n";
 
-  std::printf("\n%-10s %-14s %10s %10s %10s\n", "workload", "mode", "p50 ms", "p90 ms", "mean ms");
+  std::printf("\n%-10s %-14s %10s %10s %10s %12s %10s  %s\n", "workload", "mode", "p50 ms", "p90 ms", "mean ms",
+              "cpu ms/fwd", "/roofline", "output");
   for (const auto& [wl, wj] : report["workloads"].items()) {
+    std::printf("%-10s %-14s %10.3f %34s  (%s-bound: compute %.3f ms, memory %.3f ms)\n", wl.c_str(), "roofline",
+                wj["roofline"]["time_ms"].get<double>(), "", wj["roofline"]["bound"].get<std::string>().c_str(),
+                wj["roofline"]["compute_ms"].get<double>(), wj["roofline"]["memory_ms"].get<double>());
     for (const auto& [mode, mj] : wj["modes"].items()) {
-      if (!mj.contains("latency_ms")) continue;
-      std::printf("%-10s %-14s %10.3f %10.3f %10.3f\n", wl.c_str(), mode.c_str(), mj["latency_ms"]["p50"].get<double>(),
-                  mj["latency_ms"]["p90"].get<double>(), mj["latency_ms"]["mean"].get<double>());
+      std::string check = mode == "pipeline" ? "reference"
+                          : mj.contains("output_check")
+                              ? (mj["output_check"]["ok"].get<bool>() ? "matches" : "MISMATCH")
+                              : "not checked";
+      if (mj.contains("skipped")) {
+        std::printf("%-10s %-14s skipped: %s\n", wl.c_str(), mode.c_str(), mj["skipped"].get<std::string>().c_str());
+      } else if (mj.contains("error")) {
+        std::printf("%-10s %-14s error: %s\n", wl.c_str(), mode.c_str(), mj["error"].get<std::string>().c_str());
+      } else if (mj.contains("latency_ms")) {
+        std::printf("%-10s %-14s %10.3f %10.3f %10.3f %12.3f %10.2f  %s\n", wl.c_str(), mode.c_str(),
+                    mj["latency_ms"]["p50"].get<double>(), mj["latency_ms"]["p90"].get<double>(),
+                    mj["latency_ms"]["mean"].get<double>(), mj["cpu_ms_per_forward"].get<double>(),
+                    mj["roofline_ratio"].get<double>(), check.c_str());
+      } else {
+        std::printf("%-10s %-14s %10s %10s %10s %12s %10s  %s (not timed here)\n", wl.c_str(), mode.c_str(), "-", "-",
+                    "-", "-", "-", check.c_str());
+      }
+      if (mj.contains("boundary_overhead_us")) {
+        std::printf("%-10s %-14s boundary overhead vs kernels_bare: %.2f us per boundary\n", "", "",
+                    mj["boundary_overhead_us"].get<double>());
+      }
     }
   }
-  print_targets(report);
+  print_targets(report["targets"]);
 
-  std::string plot_path = a.get("plot", (fs::path(out).parent_path() / "latency.svg").string());
+  std::string plot_path = a.get("plot", (out_dir / "latency.svg").string());
   std::ofstream(plot_path) << bench::latency_svg("devpipe bench: latency per workload and mode (ms)", plot);
   std::cout << "wrote " << plot_path << "\n";
 
@@ -399,6 +806,11 @@ int bench_main(const Args& a) {
     auto ws = build_stages(w, /*pipeline=*/true, work, "trace", "");
     run_chain(ws, w);
     write_trace_of([&] { run_chain(ws, w); }, a.get("trace", ""));
+  }
+  if (!mismatches.empty()) {
+    std::cerr << "\ndevpipe bench: " << mismatches.size() << " output mismatch(es):\n";
+    for (const auto& m : mismatches) std::cerr << "  " << m << "\n";
+    return 1;
   }
   return 0;
 }

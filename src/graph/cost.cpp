@@ -1,0 +1,85 @@
+// FLOP and byte counts of a graph (see cost.h).
+#include "graph/cost.h"
+
+#include <set>
+
+namespace devpipe {
+namespace {
+
+double numel(const ValueInfo& v) { return static_cast<double>(v.shape.numel()); }
+
+std::uint64_t bytes(const ValueInfo& v) {
+  return static_cast<std::uint64_t>(v.shape.numel()) * dtype_size(v.dtype);
+}
+
+double node_flops(const Graph& g, const Node& n) {
+  const ValueInfo& out = g.value(n.outputs.at(0));
+  const ValueInfo& in0 = g.value(n.inputs.at(0));
+  switch (n.op) {
+    case OpKind::Linear: {
+      const double k = static_cast<double>(in0.shape.dim(-1));
+      double f = 2.0 * numel(out) * k;
+      if (n.inputs.size() == 3) f += numel(out);
+      if (n.attrs.s("activation", "none") != "none") f += numel(out);
+      return f;
+    }
+    case OpKind::Matmul:
+      return 2.0 * numel(out) * static_cast<double>(in0.shape.dim(-1));
+    case OpKind::Conv2d: {
+      const Shape& w = g.value(n.inputs.at(1)).shape;  // [O, C/groups, kh, kw]
+      double f = 2.0 * numel(out) * static_cast<double>(w[1] * w[2] * w[3]);
+      if (n.inputs.size() == 3) f += numel(out);
+      return f;
+    }
+    case OpKind::AdaptiveAvgPool2d:
+    case OpKind::MaxPool2d:
+      return numel(in0);
+    case OpKind::Add:
+    case OpKind::Mul:
+    case OpKind::Gelu:
+    case OpKind::Silu:
+    case OpKind::Relu:
+    case OpKind::AllReduce:
+      return numel(out);
+    case OpKind::Softmax:
+    case OpKind::LayerNorm:
+    case OpKind::RmsNorm:
+      return 5.0 * numel(out);
+    case OpKind::Embedding:
+    case OpKind::Reshape:
+    case OpKind::Permute:
+    case OpKind::Concat:
+    case OpKind::Slice:
+    case OpKind::AllGather:
+      return 0;
+  }
+  return 0;
+}
+
+}  // namespace
+
+GraphCost& GraphCost::operator+=(const GraphCost& o) {
+  flops += o.flops;
+  param_bytes += o.param_bytes;
+  input_bytes += o.input_bytes;
+  output_bytes += o.output_bytes;
+  intermediate_bytes += o.intermediate_bytes;
+  return *this;
+}
+
+GraphCost graph_cost(const Graph& graph) {
+  GraphCost c;
+  std::set<int> outputs(graph.outputs.begin(), graph.outputs.end());
+  for (const GraphParam& p : graph.params) c.param_bytes += bytes(graph.value(p.value));
+  for (const GraphInput& in : graph.inputs) c.input_bytes += bytes(graph.value(in.value));
+  for (int o : outputs) c.output_bytes += bytes(graph.value(o));
+  for (const Node& n : graph.nodes) {
+    c.flops += node_flops(graph, n);
+    for (int o : n.outputs) {
+      if (!outputs.count(o)) c.intermediate_bytes += bytes(graph.value(o));
+    }
+  }
+  return c;
+}
+
+}  // namespace devpipe

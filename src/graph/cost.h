@@ -1,0 +1,34 @@
+// Internal: the work a graph asks for — floating-point operations and the bytes it must move —
+// for roofline estimates (devpipe bench).
+#pragma once
+
+#include <cstdint>
+
+#include "devpipe/graph.h"
+
+namespace devpipe {
+
+/// What one run of a graph costs, counted from its nodes' shapes.
+struct GraphCost {
+  /// Floating-point operations: 2 per multiply-add in Linear, Matmul and Conv2d (plus 1 per
+  /// output for a bias and 1 per output for a fused activation), 1 per input element for
+  /// pooling, 1 per output element for Add, Mul, Relu, Gelu, Silu, 5 per element for Softmax,
+  /// LayerNorm and RmsNorm, 1 per output element for AllReduce; 0 for data movement (Reshape,
+  /// Permute, Concat, Slice, Embedding, AllGather).
+  double flops = 0;
+  std::uint64_t param_bytes = 0;         ///< the parameters read (each distinct value once)
+  std::uint64_t input_bytes = 0;         ///< the graph inputs read
+  std::uint64_t output_bytes = 0;        ///< the graph outputs written
+  std::uint64_t intermediate_bytes = 0;  ///< every other node output (could be fused away)
+
+  /// Bytes a run must move at least: parameters + inputs + outputs (intermediates inside one
+  /// graph are not counted: a fused kernel need not materialise them).
+  std::uint64_t min_bytes() const { return param_bytes + input_bytes + output_bytes; }
+  GraphCost& operator+=(const GraphCost& o);
+};
+
+/// Counts `graph`'s FLOPs and bytes (see GraphCost). Values are per rank: a graph traced at
+/// tp_degree > 1 has per-rank parameter shapes.
+GraphCost graph_cost(const Graph& graph);
+
+}  // namespace devpipe
