@@ -156,12 +156,24 @@ std::vector<Panel> make_panels(
   return panels;
 }
 
+/// A panel's axis: linear, or logarithmic when the samples span a factor of kLogSpan or more
+/// (then the fast modes' boxes stay visible beside the slow ones). `ticks` are the gridlines.
 struct Axis {
-  double lo, hi, step;
+  double lo, hi;
+  bool log;
+  std::vector<std::pair<double, std::string>> ticks;  // value, label
+  /// The position of `ms` in [0, 1] along the axis.
+  double frac(double ms) const {
+    if (!log) return (ms - lo) / (hi - lo);
+    return (std::log10(std::max(ms, lo)) - std::log10(lo)) / (std::log10(hi) - std::log10(lo));
+  }
 };
 
+constexpr double kLogSpan = 5.0;
+
 /// A linear axis with "nice" ticks covering the samples of `series`: from 0 unless every
-/// sample sits far from it (then zoomed to the data).
+/// sample sits far from it (then zoomed to the data); a log axis with 1-2-5 ticks when every
+/// sample is positive and the largest is kLogSpan times the smallest or more.
 Axis make_axis(const std::vector<Series>& series) {
   double lo = INFINITY, hi = -INFINITY;
   for (const Series& s : series) {
@@ -170,6 +182,31 @@ Axis make_axis(const std::vector<Series>& series) {
     hi = std::max(hi, s.st.max);
   }
   if (!(lo <= hi)) lo = 0, hi = 1;  // no samples at all
+  if (lo > 0 && hi / lo >= kLogSpan) {
+    // Decades widened to the 1-2-5 marks around the data.
+    double a = std::pow(10.0, std::floor(std::log10(lo)));
+    for (double m : {5.0, 2.0}) {
+      if (a * m <= lo) {
+        a *= m;
+        break;
+      }
+    }
+    double b = std::pow(10.0, std::ceil(std::log10(hi)));
+    for (double m : {0.2, 0.5}) {
+      if (b * m >= hi) {
+        b *= m;
+        break;
+      }
+    }
+    Axis ax{a, b, true, {}};
+    for (double dec = std::pow(10.0, std::floor(std::log10(a))); dec <= b * 1.0001; dec *= 10) {
+      for (double m : {1.0, 2.0, 5.0}) {
+        const double v = dec * m;
+        if (v >= a * 0.9999 && v <= b * 1.0001) ax.ticks.emplace_back(v, fmt_tick(v, v));
+      }
+    }
+    return ax;
+  }
   double a = lo > 0.5 * hi ? lo : std::min(0.0, lo);
   double b = hi;
   if (b - a <= 0) {
@@ -182,7 +219,10 @@ Axis make_axis(const std::vector<Series>& series) {
   a = std::floor(a / step + 1e-9) * step;
   b = std::ceil(b / step - 1e-9) * step;
   if (b <= a) b = a + step;
-  return {a, b, step};
+  Axis ax{a, b, false, {}};
+  const int n_ticks = static_cast<int>(std::llround((b - a) / step));
+  for (int t = 0; t <= n_ticks; ++t) ax.ticks.emplace_back(a + step * t, fmt_tick(a + step * t, step));
+  return ax;
 }
 
 }  // namespace
@@ -223,13 +263,14 @@ std::string latency_svg(const std::string& title,
     << "font-weight=\"bold\" fill=\"#222\">" << xml_escape(title) << "</text>\n"
     << "<text x=\"" << width / 2 << "\" y=\"53\" text-anchor=\"middle\" font-size=\"12\" "
     << "fill=\"#666\">latency per iteration in milliseconds, lower is better"
-    << (panels.size() > 1 ? "; each panel has its own linear axis" : "") << "</text>\n";
+    << (panels.size() > 1 ? "; each panel has its own axis" : "")
+    << " (logarithmic where a panel's samples span a factor of " << static_cast<int>(kLogSpan) << " or more)</text>\n";
 
   double y = 70;
   const std::vector<Panel> fallback{Panel{"", {}}};
   for (const Panel& panel : panels.empty() ? fallback : panels) {
     const Axis ax = make_axis(panel.series);
-    auto X = [&](double ms) { return left + (ms - ax.lo) / (ax.hi - ax.lo) * (right - left); };
+    auto X = [&](double ms) { return left + ax.frac(ms) * (right - left); };
     if (headers) {
       o << "<text x=\"16\" y=\"" << y + 20 << "\" font-size=\"14\" font-weight=\"bold\" "
         << "fill=\"#333\">" << xml_escape(panel.group) << "</text>\n"
@@ -244,21 +285,19 @@ std::string latency_svg(const std::string& title,
     for (std::size_t r = 1; r < panel.series.size(); r += 2)
       o << "<rect x=\"8\" y=\"" << top + row_h * static_cast<double>(r) << "\" width=\""
         << width - 16 << "\" height=\"" << row_h << "\" fill=\"#f6f7f9\"/>\n";
-    const int n_ticks = static_cast<int>(std::llround((ax.hi - ax.lo) / ax.step));
-    for (int t = 0; t <= n_ticks; ++t) {
-      const double v = ax.lo + ax.step * t;
+    for (const auto& [v, tick_label] : ax.ticks) {
       const double x = X(v);
       o << "<line x1=\"" << x << "\" y1=\"" << top << "\" x2=\"" << x << "\" y2=\"" << axis_y
         << "\" stroke=\"#e1e4e8\" stroke-width=\"1\"/>\n"
         << "<line x1=\"" << x << "\" y1=\"" << axis_y << "\" x2=\"" << x << "\" y2=\""
         << axis_y + 5 << "\" stroke=\"#555\" stroke-width=\"1\"/>\n"
         << "<text x=\"" << x << "\" y=\"" << axis_y + 19 << "\" text-anchor=\"middle\" "
-        << "font-size=\"11\" fill=\"#444\">" << fmt_tick(v, ax.step) << "</text>\n";
+        << "font-size=\"11\" fill=\"#444\">" << tick_label << "</text>\n";
     }
     o << "<line x1=\"" << left << "\" y1=\"" << axis_y << "\" x2=\"" << right << "\" y2=\""
       << axis_y << "\" stroke=\"#555\" stroke-width=\"1\"/>\n"
       << "<text x=\"" << right + 6 << "\" y=\"" << axis_y + 4
-      << "\" font-size=\"11\" fill=\"#444\">ms</text>\n";
+      << "\" font-size=\"11\" fill=\"#444\">" << (ax.log ? "ms (log)" : "ms") << "</text>\n";
 
     // One box plot per series.
     for (std::size_t r = 0; r < panel.series.size(); ++r) {

@@ -1,10 +1,12 @@
 // Latency plot for `devpipe bench`: a standalone SVG (no scripts, fonts or other external
-// assets) with one horizontal box plot per series on a shared linear millisecond axis.
+// assets) with one horizontal box plot per series.
 //
 // Series whose names all read "GROUP LABEL" (e.g. "seed_tp1 pipeline", "chain8 pipeline")
 // with at least two distinct GROUPs are drawn in one panel per GROUP, each panel with its own
-// shared linear axis (workloads differ by orders of magnitude; one axis would flatten the fast
-// ones to a dot). Equal LABELs get the same colour in every panel. Otherwise: one panel.
+// axis (workloads differ by orders of magnitude; one axis would flatten the fast ones to a
+// dot). A panel's axis is logarithmic (1-2-5 ticks) when its samples span a factor of 5 or
+// more, so that a fast mode's box stays visible beside a slow peer's; linear otherwise. Equal
+// LABELs get the same colour in every panel. Otherwise: one panel.
 //
 // Per series: box p25..p75, a thick median line, a whisker from min to p99 with end caps, a
 // diamond at p90, and every sample as a faint dot jittered vertically; the label on the left

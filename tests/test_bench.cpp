@@ -1,0 +1,162 @@
+// The benchmark's own arithmetic and checks: the FLOP/byte count of a graph (against a hand
+// count), the peer-output check (fails on a perturbed output), the worker protocol's error
+// paths, and the bare-kernel floor's output on given weights (against a float64 reference).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "devpipe/devpipe.h"
+#include "graph/cost.h"
+#include "kernels_bare.h"
+#include "peers.h"
+#include "test_util.h"
+
+namespace devpipe {
+namespace {
+
+// conv(3->4, 3x3, pad 1) on [2,3,8,8] -> global avg pool -> flatten -> linear(4->5) -> gelu.
+Graph small_vision_graph() {
+  return trace_function({1, DType::Float32, "cost"}, {{"image", {Shape{2, 3, 8, 8}, DType::Float32}}},
+                        [](const std::vector<Var>& in) {
+                          Tracer& t = Tracer::current();
+                          Var cw = t.parameter("conv.weight", Shape{4, 3, 3, 3}, -1);
+                          Var cb = t.parameter("conv.bias", Shape{4}, -1);
+                          Var lw = t.parameter("fc.weight", Shape{5, 4}, -1);
+                          Var lb = t.parameter("fc.bias", Shape{5}, -1);
+                          Var x = F::conv2d(in[0], cw, cb, {1, 1}, {1, 1});
+                          x = F::flatten(F::adaptive_avg_pool2d(x, {1, 1}), 1);
+                          return std::vector<Var>{F::gelu(F::linear(x, lw, lb))};
+                        });
+}
+
+TEST(GraphCost, CountsFlopsAndBytesOfAKnownGraph) {
+  const Graph g = small_vision_graph();
+  const GraphCost c = graph_cost(g);
+  // conv: 2 x (2*4*8*8 outputs) x (3*3*3 taps) + one bias add per output
+  const double conv = 2.0 * 512 * 27 + 512;
+  const double pool = 2 * 4 * 8 * 8;     // one add per input element
+  const double linear = 2.0 * 10 * 4 + 10;  // [2,5] outputs, k = 4, plus bias
+  const double gelu = 10;
+  EXPECT_DOUBLE_EQ(c.flops, conv + pool + linear + gelu);
+  EXPECT_EQ(c.param_bytes, (108u + 4 + 20 + 5) * 4);
+  EXPECT_EQ(c.input_bytes, 2u * 3 * 8 * 8 * 4);
+  EXPECT_EQ(c.output_bytes, 10u * 4);
+  // conv out [2,4,8,8], pool out [2,4,1,1], flatten [2,4], linear [2,5]
+  EXPECT_EQ(c.intermediate_bytes, (512u + 8 + 8 + 10) * 4);
+  EXPECT_EQ(c.min_bytes(), c.param_bytes + c.input_bytes + c.output_bytes);
+}
+
+TEST(GraphCost, SumsOverStages) {
+  GraphCost a = graph_cost(small_vision_graph());
+  GraphCost total = a;
+  total += a;
+  EXPECT_DOUBLE_EQ(total.flops, 2 * a.flops);
+  EXPECT_EQ(total.min_bytes(), 2 * a.min_bytes());
+}
+
+TEST(PeerCheck, MatchingOutputPassesAndAPerturbedOneFailsNamingPeerWorkloadAndDiffs) {
+  std::vector<float> want(100);
+  for (std::size_t i = 0; i < want.size(); ++i) want[i] = std::sin(static_cast<float>(i)) * 2.0f;
+  std::vector<float> close = want;
+  close[3] += 1e-5f;  // well inside 1e-5 + 1e-4 * 2
+  const bench::OutputCheck ok = bench::check_output("onnxruntime", "large", want, close);
+  EXPECT_TRUE(ok.ok) << ok.message;
+
+  std::vector<float> off = want;
+  off[42] += 0.01f;
+  const bench::OutputCheck bad = bench::check_output("onnxruntime", "large", want, off);
+  EXPECT_FALSE(bad.ok);
+  EXPECT_EQ(bad.worst, 42u);
+  EXPECT_NEAR(bad.max_abs, 0.01, 1e-6);
+  double scale = 0;
+  for (float v : want) scale = std::max(scale, static_cast<double>(std::fabs(v)));
+  EXPECT_NEAR(bad.max_rel, 0.01 / scale, 1e-6);
+  for (const char* part : {"peer onnxruntime", "workload large", "differs", "max abs diff 0.0099",
+                           "max rel diff", "index 42"}) {
+    EXPECT_NE(bad.message.find(part), std::string::npos) << part << " missing from: " << bad.message;
+  }
+}
+
+TEST(PeerCheck, SizeMismatchAndNonFiniteValuesFail) {
+  const std::vector<float> want{1, 2, 3};
+  const bench::OutputCheck size = bench::check_output("pytorch_eager", "seed_tp1", want, {1, 2});
+  EXPECT_FALSE(size.ok);
+  EXPECT_NE(size.message.find("has 2 values, devpipe's has 3"), std::string::npos) << size.message;
+  const bench::OutputCheck nan = bench::check_output("pytorch_eager", "seed_tp1", want, {1, NAN, 3});
+  EXPECT_FALSE(nan.ok);
+  EXPECT_NE(nan.message.find("not finite"), std::string::npos) << nan.message;
+}
+
+TEST(PeerWorker, ErrorsNameThePeerAndTheReply) {
+  testing::TempDir t;
+  const std::string log = (t.path() / "w.log").string();
+  {
+    bench::ChildWorker w("toy", {"/bin/sh", "-c", "echo '{\"ready\": true, \"threads\": 3}'; read l; "
+                                                  "echo '{\"error\": \"boom\"}'"},
+                         log);
+    EXPECT_EQ(w.hello().value("threads", 0), 3);
+    try {
+      w.request({{"cmd", "run"}, {"iters", 1}});
+      FAIL() << "an error reply must throw";
+    } catch (const StateError& e) {
+      EXPECT_NE(std::string(e.what()).find("peer toy"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("boom"), std::string::npos) << e.what();
+    }
+  }
+  try {
+    bench::ChildWorker w("quitter", {"/bin/sh", "-c", "echo no torch here >&2; exit 3"}, log);
+    FAIL() << "a worker that exits before its ready line must throw";
+  } catch (const StateError& e) {
+    EXPECT_NE(std::string(e.what()).find("peer quitter"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("exit status 3"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("no torch here"), std::string::npos) << e.what();
+  }
+}
+
+TEST(KernelsBare, Chain8OnGivenWeightsMatchesAFloat64ReferenceOnEveryRun) {
+  bench::BareData data;
+  std::vector<std::vector<double>> w(8), b(8);
+  std::vector<double> x(64);
+  for (int i = 0; i < 64; ++i) x[i] = std::cos(0.37 * i);
+  data["input0"] = std::vector<float>(x.begin(), x.end());
+  for (int s = 0; s < 8; ++s) {
+    std::vector<float> wf(64 * 64), bf(64);
+    for (int j = 0; j < 64 * 64; ++j) wf[j] = 0.6f * std::sin(0.11f * static_cast<float>(j + 97 * s));
+    for (int j = 0; j < 64; ++j) bf[j] = 0.05f * std::cos(0.3f * static_cast<float>(j + s));
+    w[s].assign(wf.begin(), wf.end());
+    b[s].assign(bf.begin(), bf.end());
+    data["stage" + std::to_string(s) + ".fc.weight"] = wf;
+    data["stage" + std::to_string(s) + ".fc.bias"] = bf;
+  }
+  // Reference: y = gelu(W x + b), W stored [out, in] as PyTorch does, exact (erf) GELU.
+  std::vector<double> h = x;
+  for (int s = 0; s < 8; ++s) {
+    std::vector<double> y(64);
+    for (int o = 0; o < 64; ++o) {
+      double acc = b[s][o];
+      for (int k = 0; k < 64; ++k) acc += w[s][o * 64 + k] * h[k];
+      y[o] = 0.5 * acc * (1 + std::erf(acc / std::sqrt(2.0)));
+    }
+    h = y;
+  }
+  bench::KernelsBare bare("chain8", 1, data);
+  for (int run = 0; run < 2; ++run) {  // the second run must compute on the input again
+    bare.run(1);
+    const std::vector<float> got = bare.output();
+    ASSERT_EQ(got.size(), 64u);
+    double max_diff = 0, scale = 0;
+    for (int i = 0; i < 64; ++i) {
+      max_diff = std::max(max_diff, std::fabs(got[i] - h[i]));
+      scale = std::max(scale, std::fabs(h[i]));
+    }
+    EXPECT_GT(scale, 0.1);
+    EXPECT_LT(max_diff, 1e-5 * scale) << "run " << run;
+  }
+  data.erase("stage5.fc.bias");
+  EXPECT_THROW(bench::KernelsBare("chain8", 1, data), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace devpipe
