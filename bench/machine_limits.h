@@ -8,12 +8,22 @@
 namespace devpipe::bench {
 
 struct MachineLimits {
-  double peak_gflops = 0;    ///< float32, best of the timed runs, all threads together
-  std::string fma_isa;       ///< the FMA loop that ran: "avx512f" or "avx2+fma"
-  double triad_gbs = 0;      ///< a[i] = b[i] + s * c[i], 12 bytes per element counted, best run
+  /// float32 GFLOP/s of all threads together, each thread's rate taken per second of its own
+  /// CPU time (best run): what the cores reach while they run, even when other processes take
+  /// turns on them. The roofline uses this one.
+  double peak_gflops = 0;
+  double peak_gflops_wall = 0;  ///< the same by wall-clock time (lower on a loaded machine)
+  std::string fma_isa;          ///< the FMA loop that ran: "avx512f" or "avx2+fma"
+  /// a[i] = b[i] + s * c[i], 12 bytes per element counted, GB/s of all threads, per CPU second
+  /// as above (best run). Memory stalls count as CPU time, so this is not inflated by waiting.
+  double triad_gbs = 0;
+  double triad_gbs_wall = 0;    ///< the same by wall-clock time
   std::size_t triad_bytes = 0;  ///< the three arrays together
   int threads = 0;
-  double seconds = 0;        ///< wall time the measurement took
+  double seconds = 0;           ///< wall time the measurement took
+  /// True when the wall-clock figures fall more than 15% below the per-CPU-second ones: other
+  /// processes were using the cores, and every wall-clock figure of this run is inflated.
+  bool contended() const { return peak_gflops_wall < peak_gflops / 1.15 || triad_gbs_wall < triad_gbs / 1.15; }
 };
 
 /// Measures both limits on `threads` OpenMP threads in a few hundred milliseconds: the FMA loop

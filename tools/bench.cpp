@@ -356,8 +356,11 @@ json machine_json(const bench::MachineLimits& lim) {
           {"hostname", u.nodename},
           {"limits",
            {{"peak_fp32_gflops", lim.peak_gflops},
+            {"peak_fp32_gflops_wall_clock", lim.peak_gflops_wall},
             {"fma_loop", lim.fma_isa},
             {"triad_gb_per_s", lim.triad_gbs},
+            {"triad_gb_per_s_wall_clock", lim.triad_gbs_wall},
+            {"contended", lim.contended()},
             {"triad_bytes", lim.triad_bytes},
             {"threads", lim.threads},
             {"measured_in_s", lim.seconds}}}};
@@ -737,6 +740,11 @@ int bench_main(const Args& a) {
   std::printf("machine: %s, %d threads: peak fp32 FMA %.1f GFLOP/s (%s loop), triad %.1f GB/s; load average %s\n",
               report["machine"]["cpu"].get<std::string>().c_str(), threads, lim.peak_gflops, lim.fma_isa.c_str(),
               lim.triad_gbs, report["run"]["load_average_start"].dump().c_str());
+  if (lim.contended()) {
+    std::printf("machine: LOADED: by wall clock only %.1f GFLOP/s and %.1f GB/s; other processes share the cores,\n"
+                "         so every wall-clock figure of this run (and its ratio to the roofline) is inflated\n",
+                lim.peak_gflops_wall, lim.triad_gbs_wall);
+  }
   std::fflush(stdout);
 
   const auto modes = a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime");
