@@ -320,10 +320,14 @@ int run_command(const std::string& cmd, std::string& out) {
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }
 
-std::string last_lines(const std::string& s, std::size_t max_chars = 600) {
+/// The last non-empty line of a command's output (where the scripts put their message), at
+/// most `max_chars` long: a skip reason fits on one line of the table.
+std::string last_line(const std::string& s, std::size_t max_chars = 400) {
   std::string t = s;
   while (!t.empty() && (t.back() == '\n' || t.back() == ' ')) t.pop_back();
-  return t.size() > max_chars ? "..." + t.substr(t.size() - max_chars) : t;
+  const auto nl = t.rfind('\n');
+  if (nl != std::string::npos) t = t.substr(nl + 1);
+  return t.size() > max_chars ? t.substr(0, max_chars) + "..." : t;
 }
 
 std::string shell_quote(const std::string& s) {
@@ -398,7 +402,7 @@ OrtInstall install_ort(const std::string& dest) {
   const std::string script = (fs::path(DEVPIPE_BENCH_DIR) / "ort" / "install.sh").string();
   std::cerr << "installing ONNX Runtime (npm onnxruntime-node) into " << dest << " ...\n";
   int rc = run_command("bash " + shell_quote(script) + " " + shell_quote(dest), out);
-  if (rc != 0) return {"", "bench/ort/install.sh failed (exit " + std::to_string(rc) + "): " + last_lines(out)};
+  if (rc != 0) return {"", "bench/ort/install.sh failed (exit " + std::to_string(rc) + "): " + last_line(out)};
   return {dest, ""};
 }
 
@@ -510,7 +514,7 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
                                shell_quote(inputs_path) + " --out " + shell_quote(model),
                            out);
       if (rc != 0) {
-        skip("onnxruntime", "bench/ort/export_onnx.py failed (exit " + std::to_string(rc) + "): " + last_lines(out));
+        skip("onnxruntime", "bench/ort/export_onnx.py failed (exit " + std::to_string(rc) + "): " + last_line(out));
       } else {
         try {
           peers().push_back(std::make_unique<PeerWorker>(
@@ -750,7 +754,7 @@ int bench_main(const Args& a) {
   const auto modes = a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime");
   OrtInstall ort{"", "not requested (--modes)"};
   if (std::find(modes.begin(), modes.end(), "onnxruntime") != modes.end()) {
-    ort = install_ort(a.get("ort-dir", (out_dir / "ort").string()));
+    ort = install_ort(fs::absolute(a.get("ort-dir", (out_dir / "ort").string())).lexically_normal().string());
   }
 
   std::vector<std::pair<std::string, std::vector<double>>> plot;

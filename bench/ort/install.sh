@@ -9,6 +9,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 dest="${1:-$here/../../build/bench/ort}"
 version=1.30.0
 mkdir -p "$dest"
+dest="$(cd "$dest" && pwd)"
 cp "$here/package.json" "$dest/package.json"
 if ! command -v npm >/dev/null 2>&1; then
   echo "install.sh: npm not found (Debian package npm)" >&2
