@@ -172,7 +172,8 @@ struct Axis {
 constexpr double kLogSpan = 5.0;
 
 /// A linear axis with "nice" ticks covering the samples of `series`: from 0 unless every
-/// sample sits far from it (then zoomed to the data); a log axis with 1-2-5 ticks when every
+/// sample sits far from it (then zoomed to the data); a log axis with 1-2-5 ticks (powers of
+/// ten only beyond 4 decades) when every
 /// sample is positive and the largest is kLogSpan times the smallest or more.
 Axis make_axis(const std::vector<Series>& series) {
   double lo = INFINITY, hi = -INFINITY;
@@ -199,8 +200,11 @@ Axis make_axis(const std::vector<Series>& series) {
       }
     }
     Axis ax{a, b, true, {}};
+    // 1-2-5 ticks over up to 4 decades; only the powers of ten over more (labels stay apart).
+    const bool wide = std::log10(b / a) > 4.0001;
+    const std::vector<double> marks = wide ? std::vector<double>{1.0} : std::vector<double>{1.0, 2.0, 5.0};
     for (double dec = std::pow(10.0, std::floor(std::log10(a))); dec <= b * 1.0001; dec *= 10) {
-      for (double m : {1.0, 2.0, 5.0}) {
+      for (double m : marks) {
         const double v = dec * m;
         if (v >= a * 0.9999 && v <= b * 1.0001) ax.ticks.emplace_back(v, fmt_tick(v, v));
       }
