@@ -2,6 +2,7 @@
 #include "peers.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -28,6 +29,33 @@ std::string tail_of(const std::string& path, std::size_t max_chars = 1500) {
   ss << f.rdbuf();
   std::string s = ss.str();
   return s.size() > max_chars ? "..." + s.substr(s.size() - max_chars) : s;
+}
+
+/// Writes all of `text` to `fd`; false when the reader is gone (EPIPE) or on another error.
+/// SIGPIPE is blocked in this thread for the write and a pending one consumed, so a worker that
+/// exited does not kill the bench.
+bool write_all(int fd, const std::string& text) {
+  sigset_t pipe_set, old;
+  sigemptyset(&pipe_set);
+  sigaddset(&pipe_set, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe_set, &old);
+  bool ok = true;
+  for (std::size_t done = 0; done < text.size();) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      ok = false;
+      break;
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  if (!ok) {
+    const timespec zero{0, 0};
+    while (sigtimedwait(&pipe_set, nullptr, &zero) == SIGPIPE) {
+    }
+  }
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  return ok;
 }
 
 }  // namespace
@@ -57,29 +85,41 @@ ChildWorker::ChildWorker(std::string name, const std::vector<std::string>& argv,
     pid_ = -1;
     throw StateError("bench: " + name_ + ": cannot start '" + command_ + "': " + std::strerror(rc));
   }
-  to_ = ::fdopen(in[1], "w");
+  to_ = in[1];
   from_ = ::fdopen(out[0], "r");
-  std::string line = read_line();
   try {
-    hello_ = json::parse(line);
-  } catch (const json::exception&) {
-    throw StateError(failure("its first line is not JSON: '" + line + "'"));
+    std::string line = read_line();
+    try {
+      hello_ = json::parse(line);
+    } catch (const json::exception&) {
+      throw StateError(failure("its first line is not JSON: '" + line + "'"));
+    }
+    if (hello_.contains("error")) throw StateError(failure(hello_["error"].get<std::string>()));
+    if (!hello_.value("ready", false)) throw StateError(failure("its first line is not {\"ready\": true}: " + line));
+  } catch (...) {
+    shut();
+    throw;
   }
-  if (hello_.contains("error")) throw StateError(failure(hello_["error"].get<std::string>()));
-  if (!hello_.value("ready", false)) throw StateError(failure("its first line is not {\"ready\": true}: " + line));
 }
 
-ChildWorker::~ChildWorker() {
-  if (to_) {
-    std::fputs("{\"cmd\": \"quit\"}\n", to_);
-    std::fclose(to_);
+void ChildWorker::shut() noexcept {
+  if (to_ >= 0) {
+    write_all(to_, "{\"cmd\": \"quit\"}\n");
+    ::close(to_);
+    to_ = -1;
   }
-  if (from_) std::fclose(from_);
+  if (from_) {
+    std::fclose(from_);
+    from_ = nullptr;
+  }
   if (pid_ > 0) {
     int status = 0;
     ::waitpid(pid_, &status, 0);
+    pid_ = -1;
   }
 }
+
+ChildWorker::~ChildWorker() { shut(); }
 
 std::string ChildWorker::failure(const std::string& what) const {
   return "bench: peer " + name_ + " (" + command_ + "): " + what + "; its log " + log_path_ + " ends:\n" +
@@ -105,7 +145,7 @@ std::string ChildWorker::read_line() {
 
 json ChildWorker::request(const json& req) {
   const std::string text = req.dump();
-  if (std::fputs((text + "\n").c_str(), to_) < 0 || std::fflush(to_) != 0) {
+  if (!write_all(to_, text + "\n")) {
     throw StateError(failure("cannot send " + text));
   }
   std::string line = read_line();

@@ -33,13 +33,15 @@ class ChildWorker {
 
  private:
   std::string read_line();
+  /// Sends quit, closes the pipes and waits for the process (its stdin closed, it ends).
+  void shut() noexcept;
   std::string failure(const std::string& what) const;
 
   std::string name_;
   std::string command_;
   std::string log_path_;
   pid_t pid_ = -1;
-  std::FILE* to_ = nullptr;    // the child's stdin
+  int to_ = -1;                // the child's stdin
   std::FILE* from_ = nullptr;  // the child's stdout
   nlohmann::json hello_;
 };

@@ -3,6 +3,8 @@
 // paths, and the bare-kernel floor's output on given weights (against a float64 reference).
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cmath>
 #include <string>
 #include <vector>
@@ -94,7 +96,7 @@ TEST(PeerWorker, ErrorsNameThePeerAndTheReply) {
   const std::string log = (t.path() / "w.log").string();
   {
     bench::ChildWorker w("toy", {"/bin/sh", "-c", "echo '{\"ready\": true, \"threads\": 3}'; read l; "
-                                                  "echo '{\"error\": \"boom\"}'"},
+                                                  "echo '{\"error\": \"boom\"}'; exit 1"},
                          log);
     EXPECT_EQ(w.hello().value("threads", 0), 3);
     try {
@@ -104,6 +106,7 @@ TEST(PeerWorker, ErrorsNameThePeerAndTheReply) {
       EXPECT_NE(std::string(e.what()).find("peer toy"), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find("boom"), std::string::npos) << e.what();
     }
+    ::usleep(100000);  // the worker has exited: the destructor's quit must not raise SIGPIPE
   }
   try {
     bench::ChildWorker w("quitter", {"/bin/sh", "-c", "echo no torch here >&2; exit 3"}, log);
