@@ -50,6 +50,18 @@ TEST(GraphCost, CountsFlopsAndBytesOfAKnownGraph) {
   EXPECT_EQ(c.min_bytes(), c.param_bytes + c.input_bytes + c.output_bytes);
 }
 
+TEST(GraphCost, CountsAttentionAsItsTwoMatmulsAndSoftmax) {
+  const Graph g = trace_function({1, DType::Float32, "attn"},
+                                 {{"q", {Shape{1, 2, 3, 4}, DType::Float32}},
+                                  {"k", {Shape{1, 2, 5, 4}, DType::Float32}},
+                                  {"v", {Shape{1, 2, 5, 6}, DType::Float32}}},
+                                 [](const std::vector<Var>& in) {
+                                   return std::vector<Var>{F::scaled_dot_product_attention(in[0], in[1], in[2])};
+                                 });
+  // 2 heads x 3 queries x 5 keys: q.k (2 x 4), p.v (2 x 6) and 5 for the softmax, per pair
+  EXPECT_DOUBLE_EQ(graph_cost(g).flops, 2.0 * 3 * 5 * (2 * 4 + 2 * 6 + 5));
+}
+
 TEST(GraphCost, SumsOverStages) {
   GraphCost a = graph_cost(small_vision_graph());
   GraphCost total = a;

@@ -12,19 +12,31 @@ std::uint64_t bytes(const ValueInfo& v) {
   return static_cast<std::uint64_t>(v.shape.numel()) * dtype_size(v.dtype);
 }
 
+/// Attention on q [..., T, D], k [..., S, D], v [..., S, Dv]: the two matmuls and the softmax
+/// over every (query, key) pair (a causal or padding mask is not discounted).
+double attention_flops(const Graph& g, const Node& n) {
+  const Shape& q = g.value(n.inputs.at(0)).shape;
+  const Shape& k = g.value(n.inputs.at(1)).shape;
+  const Shape& v = g.value(n.inputs.at(2)).shape;
+  const double t = static_cast<double>(q.dim(-2)), d = static_cast<double>(q.dim(-1));
+  const double s = static_cast<double>(k.dim(-2)), dv = static_cast<double>(v.dim(-1));
+  const double heads = static_cast<double>(q.numel()) / (t * d);
+  return heads * t * s * (2 * d + 2 * dv + 5);
+}
+
 double node_flops(const Graph& g, const Node& n) {
   const ValueInfo& out = g.value(n.outputs.at(0));
-  const ValueInfo& in0 = g.value(n.inputs.at(0));
+  auto in0 = [&]() -> const ValueInfo& { return g.value(n.inputs.at(0)); };
   switch (n.op) {
     case OpKind::Linear: {
-      const double k = static_cast<double>(in0.shape.dim(-1));
+      const double k = static_cast<double>(in0().shape.dim(-1));
       double f = 2.0 * numel(out) * k;
       if (n.inputs.size() == 3) f += numel(out);
       if (n.attrs.s("activation", "none") != "none") f += numel(out);
       return f;
     }
     case OpKind::Matmul:
-      return 2.0 * numel(out) * static_cast<double>(in0.shape.dim(-1));
+      return 2.0 * numel(out) * static_cast<double>(in0().shape.dim(-1));
     case OpKind::Conv2d: {
       const Shape& w = g.value(n.inputs.at(1)).shape;  // [O, C/groups, kh, kw]
       double f = 2.0 * numel(out) * static_cast<double>(w[1] * w[2] * w[3]);
@@ -33,24 +45,46 @@ double node_flops(const Graph& g, const Node& n) {
     }
     case OpKind::AdaptiveAvgPool2d:
     case OpKind::MaxPool2d:
-      return numel(in0);
+    case OpKind::Sum:
+    case OpKind::Mean:
+    case OpKind::ArgMax:
+      return numel(in0());
     case OpKind::Add:
     case OpKind::Mul:
+    case OpKind::Sub:
+    case OpKind::Div:
+    case OpKind::Neg:
+    case OpKind::AddScalar:
+    case OpKind::MulScalar:
+    case OpKind::Exp:
+    case OpKind::Tanh:
+    case OpKind::Sigmoid:
     case OpKind::Gelu:
     case OpKind::Silu:
     case OpKind::Relu:
+    case OpKind::Where:
+    case OpKind::MaskedFill:
     case OpKind::AllReduce:
       return numel(out);
+    case OpKind::RotaryEmbedding:
+      return 3.0 * numel(out);
     case OpKind::Softmax:
     case OpKind::LayerNorm:
     case OpKind::RmsNorm:
       return 5.0 * numel(out);
+    case OpKind::ScaledDotProductAttention:
+    case OpKind::MaskedAttention:
+      return attention_flops(g, n);
     case OpKind::Embedding:
     case OpKind::Reshape:
     case OpKind::Permute:
     case OpKind::Concat:
     case OpKind::Slice:
     case OpKind::AllGather:
+    case OpKind::IndexSelect:
+    case OpKind::Gather:
+    case OpKind::Full:
+    case OpKind::Arange:
       return 0;
   }
   return 0;

@@ -11,10 +11,13 @@ namespace devpipe {
 /// What one run of a graph costs, counted from its nodes' shapes.
 struct GraphCost {
   /// Floating-point operations: 2 per multiply-add in Linear, Matmul and Conv2d (plus 1 per
-  /// output for a bias and 1 per output for a fused activation), 1 per input element for
-  /// pooling, 1 per output element for Add, Mul, Relu, Gelu, Silu, 5 per element for Softmax,
-  /// LayerNorm and RmsNorm, 1 per output element for AllReduce; 0 for data movement (Reshape,
-  /// Permute, Concat, Slice, Embedding, AllGather).
+  /// output for a bias and 1 per output for a fused activation); attention: both matmuls plus 5
+  /// per (query, key) pair for the softmax, masks not discounted; 1 per input element for
+  /// pooling and the reductions (Sum, Mean, ArgMax); 1 per output element for the elementwise
+  /// ops (Add, Sub, Mul, Div, Neg, the scalar ops, Exp, Tanh, Sigmoid, Relu, Gelu, Silu, Where,
+  /// MaskedFill) and AllReduce; 3 per output element for RotaryEmbedding; 5 per element for
+  /// Softmax, LayerNorm and RmsNorm; 0 for data movement and constants (Reshape, Permute,
+  /// Concat, Slice, Embedding, IndexSelect, Gather, AllGather, Full, Arange).
   double flops = 0;
   std::uint64_t param_bytes = 0;         ///< the parameters read (each distinct value once)
   std::uint64_t input_bytes = 0;         ///< the graph inputs read
