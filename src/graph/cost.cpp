@@ -72,6 +72,8 @@ double node_flops(const Graph& g, const Node& n) {
     case OpKind::LayerNorm:
     case OpKind::RmsNorm:
       return 5.0 * numel(out);
+    case OpKind::Sample:  // a softmax over the logits, nominally (top-k/top-p selection not counted)
+      return 5.0 * numel(in0());
     case OpKind::ScaledDotProductAttention:
     case OpKind::MaskedAttention:
       return attention_flops(g, n);
@@ -85,6 +87,7 @@ double node_flops(const Graph& g, const Node& n) {
     case OpKind::Gather:
     case OpKind::Full:
     case OpKind::Arange:
+    case OpKind::StateWrite:
       return 0;
   }
   return 0;

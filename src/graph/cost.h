@@ -16,8 +16,9 @@ struct GraphCost {
   /// pooling and the reductions (Sum, Mean, ArgMax); 1 per output element for the elementwise
   /// ops (Add, Sub, Mul, Div, Neg, the scalar ops, Exp, Tanh, Sigmoid, Relu, Gelu, Silu, Where,
   /// MaskedFill) and AllReduce; 3 per output element for RotaryEmbedding; 5 per element for
-  /// Softmax, LayerNorm and RmsNorm; 0 for data movement and constants (Reshape, Permute,
-  /// Concat, Slice, Embedding, IndexSelect, Gather, AllGather, Full, Arange).
+  /// Softmax, LayerNorm and RmsNorm and per logit for Sample; 0 for data movement and
+  /// constants (Reshape, Permute, Concat, Slice, Embedding, IndexSelect, Gather, AllGather,
+  /// StateWrite, Full, Arange).
   double flops = 0;
   std::uint64_t param_bytes = 0;         ///< the parameters read (each distinct value once)
   std::uint64_t input_bytes = 0;         ///< the graph inputs read
