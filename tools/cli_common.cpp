@@ -8,13 +8,7 @@
 #include "devpipe/model_wrapper.h"
 #include "devpipe/timeline.h"
 
-#ifndef DEVPIPE_VERSION
-#error "the devpipe program is built with DEVPIPE_VERSION (CMake's PROJECT_VERSION)"
-#endif
-
 namespace devpipe::cli {
-
-const char* version() { return DEVPIPE_VERSION; }
 
 void print_progress(const std::string& tag, int done, int total, const std::string& what) {
   std::cout.flush();

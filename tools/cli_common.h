@@ -10,8 +10,6 @@
 
 namespace devpipe::cli {
 
-/// The version of this devpipe (CMake's PROJECT_VERSION).
-const char* version();
 
 /// The library's progress bar (devpipe/model_wrapper.h), drawn on stderr after flushing
 /// stdout, so that what the program printed before comes first when both go to one place.

@@ -425,7 +425,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (first == "--version") {
-    std::cout << "devpipe " << cli::version() << "\n";
+    std::cout << "devpipe " << devpipe::version() << "\n";
     return 0;
   }
   const Entry* entry = find_command(first);

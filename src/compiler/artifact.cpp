@@ -17,19 +17,16 @@
 #include <sstream>
 
 #include "devpipe/error.h"
+#include "devpipe/version.h"
 #include "graph/op_def.h"
 #include "io/json_int.h"
-
-#ifndef DEVPIPE_VERSION
-#define DEVPIPE_VERSION "0.0.0"
-#endif
 
 namespace devpipe {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-const char* devpipe_version() { return DEVPIPE_VERSION; }
+const char* devpipe_version() { return version(); }
 
 namespace {
 
