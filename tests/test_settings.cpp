@@ -264,3 +264,36 @@ TEST(Threads, BadNumThreadsIsAConfigError) {
     }
   }
 }
+
+// Found by fuzz_config: "attributes": [] was read as no attributes (and written back as {}),
+// and dim_buckets went through nlohmann's converting get<int64_t> (4.9 read as 4).
+TEST(ConfigJson, MistypedContainersAreConfigErrors) {
+  const std::string runtime = R"("runtime": {"batch_size": 1, "dtype": "float32", "tp_degree": 1)";
+  struct Case {
+    std::string text, expect;
+  };
+  const std::vector<Case> cases = {
+      {"{" + runtime + "}, \"attributes\": []}", "'attributes' must be an object of name: value, got []"},
+      {"{" + runtime + "}, \"attributes\": 3}", "'attributes' must be an object of name: value, got 3"},
+      {R"({"runtime": [1], "attributes": {}})", "'runtime' must be an object, got [1]"},
+      {"[1, 2]", "config JSON must be an object with 'runtime' and 'attributes', got [1,2]"},
+      {"{" + runtime + R"(, "dim_buckets": {"seq": [16, 4.9]}}, "attributes": {}})",
+       "runtime.dim_buckets.seq[1] is 4.9, expected an integer >= 1"},
+      {"{" + runtime + R"(, "dim_buckets": {"seq": 16}}, "attributes": {}})",
+       "runtime.dim_buckets.seq is 16, expected an array of integers"},
+      {"{" + runtime + R"(, "dim_buckets": [16]}, "attributes": {}})",
+       "runtime.dim_buckets must be an object of name: [sizes], got [16]"},
+  };
+  for (const Case& c : cases) {
+    try {
+      InferenceConfig::from_json(c.text);
+      ADD_FAILURE() << "accepted " << c.text;
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find(c.expect), std::string::npos) << e.what();
+    }
+  }
+  // Well-typed dim_buckets still read and round-trip.
+  InferenceConfig ok = InferenceConfig::from_json("{" + runtime + R"(, "dim_buckets": {"seq": [16, 64]}}, "attributes": {}})");
+  EXPECT_EQ(ok.runtime_config().dim_buckets.at("seq"), (std::vector<std::int64_t>{16, 64}));
+  EXPECT_EQ(InferenceConfig::from_json(ok.to_json()), ok);
+}

@@ -157,7 +157,9 @@ InferenceConfig InferenceConfig::from_json(const std::string& text) {
   }
   InferenceConfig c;
   try {
+    if (!j.is_object()) throw ConfigError("config JSON must be an object with 'runtime' and 'attributes', got " + j.dump());
     const json& r = j.at("runtime");
+    if (!r.is_object()) throw ConfigError("config JSON: 'runtime' must be an object, got " + r.dump());
     const std::string where = "config JSON";
     c.runtime_.batch_size = json_int::member<ConfigError>(r, "batch_size", 1, json_int::kMax, where, "runtime.batch_size");
     c.runtime_.dtype = dtype_from_name(r.at("dtype").get<std::string>());
@@ -166,12 +168,23 @@ InferenceConfig InferenceConfig::from_json(const std::string& text) {
       c.runtime_.buckets = json_int::members<ConfigError>(r, "buckets", 1, json_int::kMax, where, "runtime.buckets");
     }
     c.runtime_.device = device_kind_from_name(r.value("device", std::string("cpu")));
-    c.runtime_.dim_buckets = r.value("dim_buckets", std::map<std::string, std::vector<std::int64_t>>{});
+    if (r.contains("dim_buckets")) {
+      const json& d = r.at("dim_buckets");
+      if (!d.is_object()) throw ConfigError("config JSON: runtime.dim_buckets must be an object of name: [sizes], got " + d.dump());
+      for (const auto& [name, sizes] : d.items()) {
+        c.runtime_.dim_buckets[name] =
+            json_int::values<ConfigError>(sizes, 1, json_int::kMax, where, "runtime.dim_buckets." + name);
+      }
+    }
     if (r.contains("num_threads")) {  // absent in configs written before it existed
       c.runtime_.num_threads = static_cast<int>(
           json_int::member<ConfigError>(r, "num_threads", 0, RuntimeConfig::kMaxThreads, where, "runtime.num_threads"));
     }
-    for (const auto& [k, v] : j.at("attributes").items()) {
+    const json& attributes = j.at("attributes");
+    if (!attributes.is_object()) {
+      throw ConfigError("config JSON: 'attributes' must be an object of name: value, got " + attributes.dump());
+    }
+    for (const auto& [k, v] : attributes.items()) {
       if (v.is_boolean()) {
         c.attrs_.emplace(k, v.get<bool>());
       } else if (v.is_number_integer()) {
