@@ -25,6 +25,14 @@ with a message on error):
       Debian's torch 1.13 does float32 matmuls with its generic BLAS (netlib libblas3: slow, about
       50x below oneDNN here). --linear mkldnn (mode pytorch_mkldnn): every nn.Linear converted by
       torch.utils.mkldnn.to_mkldnn (oneDNN inner product, the library devpipe's cpu backend uses).
+      prefill times the lm_head at the prompt's last position only (what a generator needs).
+  serve DIR --dtype D --linear eager|mkldnn [the options of pytorch]
+      The twin as a persistent worker of `devpipe bench --workload llm` (bench/README.md, "The
+      llm workload"): prints {"ready": true, "peer", "version", "threads", ...}, then answers one
+      JSON line per request line: {"cmd": "prefill", "iters": N} -> {"samples_ms", "cpu_ms",
+      "tokens": [[next id]]}; {"cmd": "decode", "batch": B, "iters": N} -> {"samples_ms" (every
+      step of the N runs), "cpu_ms", "tokens": [[ids of sequence b] for b < B] (the last run)};
+      {"cmd": "quit"}. A failure is answered {"error": ...} and the worker exits 1.
   llama-cpp DIR [same options; --kv-type F32|F16, default F32]
       Writes DIR/model-f32.gguf once (bench/llama_cpp/hf_to_gguf.py) and runs
       bench/llama_cpp/peer.mjs bench on the same prompt ids. float32 weights only.
@@ -130,68 +138,135 @@ def check_args(a):
 
 # --- PyTorch twin ------------------------------------------------------------------------
 
-def run_pytorch(a):
-    batches = check_args(a)
-    torch.set_num_threads(a.threads)
-    model = llama_ref.load_model(a.dir, a.dtype)
-    cfg = model.cfg
-    if a.prompt_len + a.decode_tokens > cfg["max_position_embeddings"]:
-        fail(f"--prompt-len {a.prompt_len} + --decode-tokens {a.decode_tokens} > max_position_embeddings "
-             f"{cfg['max_position_embeddings']}")
-    dt = model.lm_head.weight.dtype
-    prompts = prompt_ids(max(batches), a.prompt_len, cfg["vocab_size"], a.prompt_seed)
-    out = {"mode": "pytorch_eager" if a.linear == "eager" else "pytorch_mkldnn", "workload": "llm", "dtype": a.dtype,
-           "threads": torch.get_num_threads(),
-           "device": "cpu", "device_name": cpu_name(), "torch_version": torch.__version__,
-           "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens, "iters": a.iters, "warmup": a.warmup,
-           "weight_bytes": weight_bytes(cfg, 4 if a.dtype == "float32" else 2), "decode": {}}
-    with torch.inference_mode():
+class Twin:
+    """The PyTorch twin of one (dtype, linear) mode, loaded once: prefill(iters) and decode(b, iters)
+    as the bench times them (see the module docstring)."""
+
+    def __init__(self, a):
+        self.batches = check_args(a)
+        self.a = a
+        torch.set_num_threads(a.threads)
+        self.model = llama_ref.load_model(a.dir, a.dtype)
+        self.cfg = cfg = self.model.cfg
+        if a.prompt_len + a.decode_tokens > cfg["max_position_embeddings"]:
+            fail(f"--prompt-len {a.prompt_len} + --decode-tokens {a.decode_tokens} > max_position_embeddings "
+                 f"{cfg['max_position_embeddings']}")
+        self.dt = self.model.lm_head.weight.dtype
+        self.prompts = prompt_ids(max(self.batches), a.prompt_len, cfg["vocab_size"], a.prompt_seed)
+        self.mode = "pytorch_eager" if a.linear == "eager" else "pytorch_mkldnn"
+        self.caches = {}  # batch -> (cache after the prompts' prefill, first greedy ids)
         if a.linear == "mkldnn":
             # every nn.Linear becomes torch.utils.mkldnn.MkldnnLinear (oneDNN inner product);
             # the embedding, norms, rope and attention stay as they are
             from torch.utils import mkldnn as torch_mkldnn
-            for layer in model.model.layers:
-                torch_mkldnn.to_mkldnn(layer.self_attn, dt)
-                torch_mkldnn.to_mkldnn(layer.mlp, dt)
-            model.lm_head = torch_mkldnn.to_mkldnn(torch.nn.Sequential(model.lm_head), dt)[0]
-        ids = torch.tensor(prompts[:1])
+            with torch.inference_mode():
+                for layer in self.model.model.layers:
+                    torch_mkldnn.to_mkldnn(layer.self_attn, self.dt)
+                    torch_mkldnn.to_mkldnn(layer.mlp, self.dt)
+                self.model.lm_head = torch_mkldnn.to_mkldnn(torch.nn.Sequential(self.model.lm_head), self.dt)[0]
+
+    def prefill(self, iters, log=True):
+        """iters whole prefills of prompt 0 (batch 1, a fresh cache each, the lm_head at the last
+        position only): (samples_ms, cpu_ms of the samples, the next greedy id)."""
+        a = self.a
+        ids = torch.tensor(self.prompts[:1])
         lengths = torch.tensor([a.prompt_len])
-        samples = []
-        for it in range(a.warmup + a.iters):
-            cache = llama_ref.KVCache(cfg, 1, a.prompt_len, dt)
-            t0 = time.perf_counter()
-            logits = model.prefill(cache, ids, lengths)
-            ms = (time.perf_counter() - t0) * 1e3
-            if it >= a.warmup:
-                samples.append(ms)
-            progress(f"pytorch {a.dtype} {a.linear} prefill {it}: {ms:.1f} ms")
-        out["prefill"] = {"batch": 1, "samples_ms": samples, "tokens_per_s": a.prompt_len / (median(samples) / 1e3),
-                          "next_id": int(torch.argmax(logits[0, -1]))}
-        for b in batches:
-            # one (untimed) prefill of the b prompts; every iteration decodes from a copy of its cache
-            ids = torch.tensor(prompts[:b])
-            lengths = torch.full((b,), a.prompt_len, dtype=torch.int64)
-            cache0 = llama_ref.KVCache(cfg, b, a.prompt_len + a.decode_tokens, dt)
-            first = torch.argmax(model.prefill(cache0, ids, lengths)[:, -1], dim=-1)
-            samples = []
-            for it in range(a.warmup + a.iters):
-                cache = llama_ref.KVCache(cfg, b, a.prompt_len + a.decode_tokens, dt)
+        samples, cpu = [], 0.0
+        with torch.inference_mode():
+            for it in range(iters):
+                cache = llama_ref.KVCache(self.cfg, 1, a.prompt_len, self.dt)
+                c0, t0 = time.process_time(), time.perf_counter()
+                logits = self.model.prefill(cache, ids, lengths, last_only=True)
+                nxt = int(torch.argmax(logits[0, -1]))
+                samples.append((time.perf_counter() - t0) * 1e3)
+                cpu += (time.process_time() - c0) * 1e3
+                if log:
+                    progress(f"{self.mode} {a.dtype} prefill {it}: {samples[-1]:.1f} ms")
+        return samples, cpu, nxt
+
+    def decode(self, b, iters, log=True):
+        """iters runs of --decode-tokens greedy tokens for sequences 0..b-1, each from a copy of
+        the cache after one (untimed, cached) prefill of their prompts; each step timed:
+        (samples_ms, cpu_ms of the steps, every sequence's ids of the last run)."""
+        a = self.a
+        with torch.inference_mode():
+            if b not in self.caches:
+                ids = torch.tensor(self.prompts[:b])
+                lengths = torch.full((b,), a.prompt_len, dtype=torch.int64)
+                cache0 = llama_ref.KVCache(self.cfg, b, a.prompt_len + a.decode_tokens, self.dt)
+                first = torch.argmax(self.model.prefill(cache0, ids, lengths, last_only=True)[:, -1], dim=-1)
+                self.caches[b] = (cache0, first)
+            cache0, first = self.caches[b]
+            samples, cpu, gen = [], 0.0, []
+            for it in range(iters):
+                cache = llama_ref.KVCache(self.cfg, b, a.prompt_len + a.decode_tokens, self.dt)
                 cache.layers = [(k.clone(), v.clone()) for k, v in cache0.layers]
                 cache.lengths = cache0.lengths.clone()
                 nxt = first
-                gen = [int(nxt[0])]
+                gen = [[int(t)] for t in nxt]
                 for _ in range(a.decode_tokens - 1):
-                    t0 = time.perf_counter()
-                    nxt = torch.argmax(model.decode(cache, nxt), dim=-1)
-                    ms = (time.perf_counter() - t0) * 1e3
-                    gen.append(int(nxt[0]))
-                    if it >= a.warmup:
-                        samples.append(ms)
-                progress(f"pytorch {a.dtype} {a.linear} decode b{b} iteration {it}: median step "
-                         f"{median(samples or [ms]):.1f} ms")
-            out["decode"][str(b)] = {"samples_ms": samples, "tokens_per_s": b / (median(samples) / 1e3),
-                                     "generated_seq0": gen}
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    nxt = torch.argmax(self.model.decode(cache, nxt), dim=-1)
+                    ids = nxt.tolist()
+                    samples.append((time.perf_counter() - t0) * 1e3)
+                    cpu += (time.process_time() - c0) * 1e3
+                    for s, t in enumerate(ids):
+                        gen[s].append(int(t))
+                if log:
+                    progress(f"{self.mode} {a.dtype} decode b{b} iteration {it}: median step {median(samples):.1f} ms")
+        return samples, cpu, gen
+
+
+def run_pytorch(a):
+    twin = Twin(a)
+    out = {"mode": twin.mode, "workload": "llm", "dtype": a.dtype, "threads": torch.get_num_threads(),
+           "device": "cpu", "device_name": cpu_name(), "torch_version": torch.__version__,
+           "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens, "iters": a.iters, "warmup": a.warmup,
+           "weight_bytes": weight_bytes(twin.cfg, 4 if a.dtype == "float32" else 2), "decode": {}}
+    if a.warmup:
+        twin.prefill(a.warmup)
+    samples, _, nxt = twin.prefill(a.iters)
+    out["prefill"] = {"batch": 1, "samples_ms": samples, "tokens_per_s": a.prompt_len / (median(samples) / 1e3),
+                      "next_id": nxt}
+    for b in twin.batches:
+        if a.warmup:
+            twin.decode(b, a.warmup)
+        samples, _, gen = twin.decode(b, a.iters)
+        out["decode"][str(b)] = {"samples_ms": samples, "tokens_per_s": b / (median(samples) / 1e3),
+                                 "generated_seq0": gen[0]}
     return out
+
+
+def reply(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def serve_pytorch(a):
+    """The twin as a persistent worker of `devpipe bench` (bench/README.md, the llm protocol):
+    one JSON request per line on stdin, one reply per line on stdout."""
+    twin = Twin(a)
+    reply({"ready": True, "peer": twin.mode, "version": f"torch {torch.__version__}",
+           "threads": torch.get_num_threads(), "dtype": a.dtype,
+           "weight_bytes": weight_bytes(twin.cfg, 4 if a.dtype == "float32" else 2)})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        cmd = req.get("cmd")
+        if cmd == "prefill":
+            samples, cpu, nxt = twin.prefill(int(req["iters"]))
+            reply({"samples_ms": samples, "cpu_ms": cpu, "tokens": [[nxt]]})
+        elif cmd == "decode":
+            b = int(req["batch"])
+            if b not in twin.batches:
+                fail(f"decode batch {b} is not among --batches {a.batches}")
+            samples, cpu, gen = twin.decode(b, int(req["iters"]))
+            reply({"samples_ms": samples, "cpu_ms": cpu, "tokens": gen})
+        elif cmd == "quit":
+            break
+        else:
+            fail(f"unknown command {cmd!r} (prefill, decode, quit)")
 
 
 # --- llama.cpp ---------------------------------------------------------------------------
@@ -283,7 +358,7 @@ def main():
     w.add_argument("dir")
     w.add_argument("--small", action="store_true")
     w.add_argument("--seed", type=int, default=0)
-    for name in ("pytorch", "llama-cpp", "all"):
+    for name in ("pytorch", "llama-cpp", "all", "serve"):
         p = sub.add_parser(name)
         p.add_argument("dir")
         if name != "all":
@@ -296,7 +371,7 @@ def main():
         p.add_argument("--prompt-seed", type=int, default=0)
         p.add_argument("--kv-type", choices=["F32", "F16"], default="F32")
         p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: all cores")
-        if name != "llama-cpp":
+        if name not in ("llama-cpp", "all"):
             p.add_argument("--linear", choices=["eager", "mkldnn"], default="eager")
     c = sub.add_parser("check")
     c.add_argument("--new-tokens", type=int, default=32)
@@ -312,6 +387,9 @@ def main():
         res = run_llama_cpp(a)
     elif a.cmd == "check":
         res = run_check(a)
+    elif a.cmd == "serve":
+        serve_pytorch(a)
+        return
     else:
         if not os.path.isfile(os.path.join(a.dir, "config.json")):
             write_model(a.dir)
@@ -332,4 +410,14 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if e.code not in (None, 0) and sys.argv[1:2] == ["serve"]:
+            reply({"error": str(e.code)})
+        raise
+    except Exception as e:  # noqa: BLE001  (a serving worker answers every failure, then exits)
+        if sys.argv[1:2] == ["serve"]:
+            reply({"error": f"llm_peers: {type(e).__name__}: {e}"})
+            sys.exit(1)
+        raise

@@ -12,7 +12,18 @@
 //       queued together, so node-llama-cpp evaluates them in one llama_decode batch per step.
 //       Prints {"prefill_ms": [...], "prefill_tokens_per_s", "decode": {"1": {"step_ms": [...],
 //       "tokens_per_s", "generated_seq0"}, "8": ...}, ...}; tokens_per_s from the median sample.
+//   node bench/llama_cpp/peer.mjs serve --model M.gguf --prompts "ids;ids;..." [--decode-tokens 32]
+//       [--batches 1,8]
+//       a persistent worker of `devpipe bench --workload llm` (bench/README.md): prints
+//       {"ready": true, "peer", "version", "threads", ...}, then one JSON reply per request line:
+//       {"cmd": "prefill", "iters": N} -> {"samples_ms", "cpu_ms", "tokens": [[next greedy id]]}
+//       (the prefill as in bench, then one greedy step on it, untimed, for the check);
+//       {"cmd": "decode", "batch": B, "iters": N} -> {"samples_ms" (every step of the N runs),
+//       "cpu_ms", "tokens": [[ids of sequence b] for b < B] (the last run)}; {"cmd": "quit"}.
+//       Errors are answered {"error": ...} and the process exits 2.
 //   Common: [--threads N] (default: all cores) [--kv-type F32|F16] (default F32: float32 cache)
+//       [--llama-cpp-dir DIR] (where install.sh put node_modules; default DEVPIPE_LLAMA_CPP_DIR
+//       or build/llama_cpp)
 //
 // Run with the packages install.sh put in build/llama_cpp (or DEVPIPE_LLAMA_CPP_DIR): the script
 // resolves node-llama-cpp from there.
@@ -22,10 +33,11 @@ import {createRequire} from "node:module";
 import {pathToFileURL, fileURLToPath} from "node:url";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const pkgDir = process.env.DEVPIPE_LLAMA_CPP_DIR || path.join(here, "..", "..", "build", "llama_cpp");
+let serving = false;
 
 function fail(msg) {
   process.stderr.write(`peer.mjs: ${msg}\n`);
+  if (serving) process.stdout.write(JSON.stringify({error: `peer.mjs: ${msg}`.slice(0, 4000)}) + "\n");
   process.exit(2);
 }
 
@@ -87,18 +99,26 @@ async function generate(seqs, prompts, maxNew) {
   const prefillMs = performance.now() - t0;
   const out = cur.map((t) => [t]);
   const stepMs = [];
+  let stepCpuMs = 0;
   for (let step = 1; step < maxNew; step++) {
+    const c0 = process.cpuUsage();
     const ts = performance.now();
     cur = await Promise.all(seqs.map((s, i) => greedyNext(s, [cur[i]])));
     stepMs.push(performance.now() - ts);
+    stepCpuMs += cpuMs(c0);
     cur.forEach((t, i) => out[i].push(t));
   }
-  return {out, prefillMs, stepMs};
+  return {out, prefillMs, stepMs, stepCpuMs};
 }
 
 async function main() {
   const [cmd, a] = parseArgs(process.argv.slice(2));
-  if (cmd !== "generate" && cmd !== "bench") fail(`first argument must be generate or bench, got ${JSON.stringify(cmd)}`);
+  serving = cmd === "serve";
+  if (cmd !== "generate" && cmd !== "bench" && cmd !== "serve") {
+    fail(`first argument must be generate, bench or serve, got ${JSON.stringify(cmd)}`);
+  }
+  const pkgDir = path.resolve(a["llama-cpp-dir"] || process.env.DEVPIPE_LLAMA_CPP_DIR ||
+                              path.join(here, "..", "..", "build", "llama_cpp"));
   if (!a.model) fail("--model is required");
   const threads = intArg(a, "threads", os.cpus().length);
   const kvType = a["kv-type"] || "F32";
@@ -131,6 +151,8 @@ async function main() {
     const r = await generate(seqs, prompts, maxNew);
     console.log(JSON.stringify({...info, generated: r.out}));
     await ctx.dispose();
+  } else if (cmd === "serve") {
+    await serve(model, common, info, a);
   } else {
     const prompts = parsePrompts(a.prompts || fail("--prompts is required"));
     const promptLen = prompts[0].length;
@@ -177,6 +199,70 @@ async function main() {
   }
   await model.dispose();
   await llama.dispose();
+}
+
+function cpuMs(from) {
+  const u = process.cpuUsage(from);
+  return (u.user + u.system) / 1e3;
+}
+
+async function serve(model, common, info, a) {
+  const prompts = parsePrompts(a.prompts || fail("--prompts is required"));
+  const decodeTokens = intArg(a, "decode-tokens", 32);
+  const batches = (a.batches || "1,8").split(",").map(Number);
+  if (batches.some((b) => !Number.isInteger(b) || b < 1 || b > prompts.length)) {
+    fail(`--batches ${a.batches}: each must be an integer in [1, ${prompts.length}] (the number of --prompts)`);
+  }
+  if (decodeTokens < 2) fail(`--decode-tokens must be >= 2, got ${decodeTokens}`);
+  const maxB = Math.max(...batches);
+  const longest = Math.max(...prompts.map((p) => p.length));
+  const ctx = await model.createContext({...common, sequences: maxB, contextSize: longest + decodeTokens + 8,
+                                         batchSize: Math.max(512, longest * maxB)});
+  const seqs = Array.from({length: maxB}, () => ctx.getSequence());
+  process.stdout.write(JSON.stringify({ready: true, ...info, version: `node-llama-cpp ${info.node_llama_cpp}`}) + "\n");
+  const {createInterface} = await import("node:readline");
+  for await (const line of createInterface({input: process.stdin, crlfDelay: Infinity})) {
+    if (!line.trim()) continue;
+    let req;
+    try {
+      req = JSON.parse(line);
+    } catch {
+      fail(`request is not JSON: ${JSON.stringify(line.slice(0, 200))}`);
+    }
+    const iters = Number(req.iters);
+    if (req.cmd === "quit") break;
+    if (req.cmd !== "prefill" && req.cmd !== "decode") fail(`unknown command ${JSON.stringify(req.cmd)} (prefill, decode, quit)`);
+    if (!Number.isInteger(iters) || iters < 1) fail(`${req.cmd}: iters must be an integer >= 1, got ${JSON.stringify(req.iters)}`);
+    const samples = [];
+    let cpu = 0;
+    let tokens = null;
+    if (req.cmd === "prefill") {
+      for (let it = 0; it < iters; it++) {
+        await seqs[0].clearHistory();
+        const c0 = process.cpuUsage();
+        const t0 = performance.now();
+        await seqs[0].evaluateWithoutGeneratingNewTokens(prompts[0]);
+        samples.push(performance.now() - t0);
+        cpu += cpuMs(c0);
+      }
+      // the check: the greedy id after the prompt, from a fresh evaluation (untimed)
+      await seqs[0].clearHistory();
+      tokens = [[await greedyNext(seqs[0], prompts[0])]];
+    } else {
+      const b = Number(req.batch);
+      if (!batches.includes(b)) fail(`decode batch ${JSON.stringify(req.batch)} is not among --batches ${batches}`);
+      const use = seqs.slice(0, b);
+      for (let it = 0; it < iters; it++) {
+        await Promise.all(use.map((s) => s.clearHistory()));
+        const r = await generate(use, prompts.slice(0, b), decodeTokens);
+        samples.push(...r.stepMs);
+        cpu += r.stepCpuMs;
+        tokens = r.out;
+      }
+    }
+    process.stdout.write(JSON.stringify({samples_ms: samples, cpu_ms: cpu, tokens}) + "\n");
+  }
+  await ctx.dispose();
 }
 
 main().catch((e) => fail(e?.stack || String(e)));

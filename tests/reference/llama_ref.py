@@ -251,11 +251,14 @@ class LlamaForCausalLM(nn.Module):
             sd.pop("lm_head.weight")
         return sd
 
-    def _run(self, ids, positions, mask, cache=None):
+    def _run(self, ids, positions, mask, cache=None, rows=None):
+        """rows [B] (optional): the lm_head runs only at x[b, rows[b]] -> logits [B, 1, V]."""
         x = self.model.embed_tokens(ids.clamp(min=0))
         cos, sin = rope_cos_sin(positions.clamp(min=0), head_dim(self.cfg), self.cfg["rope_theta"], x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache.layers[i], positions)
+        if rows is not None:
+            x = x[torch.arange(x.shape[0]), rows][:, None]
         return self.lm_head(self.model.norm(x))
 
     def forward_full(self, ids):
@@ -265,17 +268,18 @@ class LlamaForCausalLM(nn.Module):
         mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None].expand(b, 1, t, t)
         return self._run(ids, pos, mask)
 
-    def prefill(self, cache, ids, lengths):
+    def prefill(self, cache, ids, lengths, last_only=False):
         """ids [B, T] right-padded (pads anything >= 0 or -1), lengths [B]: writes positions
         0..T-1 of the cache (padding rows are overwritten by later decode steps before they are
-        ever visible) and returns logits [B, T, V]."""
+        ever visible) and returns logits [B, T, V] (last_only: [B, 1, V], each prompt's last
+        position only, as a generator needs)."""
         b, t = ids.shape
         if t > cache.max_len:
             raise ValueError(f"prompt length {t} > cache length {cache.max_len}")
         pos = torch.arange(t)[None].expand(b, t)
         j = torch.arange(t)
         mask = (j[None, :] <= j[:, None])[None] & (j[None, None, :] < lengths[:, None, None])
-        logits = self._run(ids, pos, mask[:, None], cache)
+        logits = self._run(ids, pos, mask[:, None], cache, rows=lengths - 1 if last_only else None)
         cache.lengths = lengths.clone()
         return logits
 
