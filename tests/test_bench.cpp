@@ -1,11 +1,18 @@
 // The benchmark's own arithmetic and checks: the FLOP/byte count of a graph (against a hand
 // count), the peer-output check (fails on a perturbed output), the worker protocol's error
-// paths, and the bare-kernel floor's output on given weights (against a float64 reference).
+// paths, the bare-kernel floor's output on given weights (against a float64 reference), and the
+// llm workload end to end on a small Llama (devpipe, the PyTorch twin, llama.cpp when installed).
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -171,6 +178,111 @@ TEST(KernelsBare, Chain8OnGivenWeightsMatchesAFloat64ReferenceOnEveryRun) {
   }
   data.erase("stage5.fc.bias");
   EXPECT_THROW(bench::KernelsBare("chain8", 1, data), std::invalid_argument);
+}
+
+// ---- the llm workload, end to end through `devpipe bench` on the small model -----------------
+
+struct BenchRun {
+  int code = -1;
+  std::string log;
+  nlohmann::json report;
+};
+
+/// `devpipe bench --workload llm --llm-small` with 1 iteration, 4 decode tokens, in `dir`.
+BenchRun run_llm_bench(const testing::TempDir& dir, const std::string& extra) {
+  const std::string cmd = "cd " + dir.str() + " && '" + DEVPIPE_CLI +
+                          "' bench --workload llm --llm-small --iters 1 --warmup 0 --llm-decode-tokens 4 --out " +
+                          dir.str("report.json") + " " + extra + " >" + dir.str("log") + " 2>&1 </dev/null";
+  BenchRun r;
+  const int status = std::system(cmd.c_str());
+  if (status != -1 && WIFEXITED(status)) r.code = WEXITSTATUS(status);
+  std::ifstream lf(dir.str("log"));
+  std::stringstream ss;
+  ss << lf.rdbuf();
+  r.log = ss.str();
+  std::ifstream rf(dir.str("report.json"));
+  if (rf) r.report = nlohmann::json::parse(rf);
+  return r;
+}
+
+// The small model of `llm_peers.py write-model --small`: hidden 64, intermediate 128, 2 layers,
+// 4 heads (head_dim 16), 2 KV heads, vocab 300, untied: per layer q,o 64x64, k,v 64x32, the MLP
+// 3 x 64x128, two norms; the embedding and lm_head 300x64 each; the final norm.
+constexpr double kSmallParams = 2 * (64.0 * 64 * 2 + 64.0 * 32 * 2 + 3 * 64.0 * 128 + 2 * 64) + 2 * 300.0 * 64 + 64;
+// Greedy ids checked per mode: the prefill's next id, 4 at batch 1, 4 for each of 8 sequences.
+constexpr long long kSmallIds = 1 + 4 + 4 * 8;
+
+void expect_timed(const nlohmann::json& m, const std::string& what) {
+  for (const char* ph : {"prefill", "decode_b1", "decode_b8"}) {
+    ASSERT_TRUE(m.contains(ph)) << what << " has no " << ph << ": " << m.dump();
+    EXPECT_GT(m[ph]["tokens_per_s"].get<double>(), 0) << what << " " << ph;
+    EXPECT_GT(m[ph]["latency_ms"]["p50"].get<double>(), 0) << what << " " << ph;
+  }
+  // one prefill; 3 timed steps per decode run (the first new token comes from the prefill)
+  EXPECT_EQ(m["prefill"]["samples"].get<int>(), 1) << what;
+  EXPECT_EQ(m["decode_b1"]["samples"].get<int>(), 3) << what;
+  EXPECT_EQ(m["decode_b8"]["samples"].get<int>(), 3) << what;
+}
+
+TEST(LlmBench, SmallModelDevpipeAndTwinHaveTokensPerSecondAndEqualGreedyIds) {
+  testing::TempDir t;
+  const BenchRun r = run_llm_bench(t, "--modes pipeline,pytorch");
+  ASSERT_EQ(r.code, 0) << r.log;
+  const nlohmann::json& llm = r.report["workloads"]["llm"];
+  EXPECT_DOUBLE_EQ(llm["config"]["parameters"].get<double>(), kSmallParams);
+  const double triad = r.report["machine"]["limits"]["triad_gb_per_s"].get<double>();
+  for (const char* dt : {"float32", "bfloat16"}) {
+    const nlohmann::json& run = llm["runs"][dt];
+    const double elem = std::string(dt) == "float32" ? 4 : 2;
+    // the bound: every weight read once per step, at the measured bandwidth
+    EXPECT_DOUBLE_EQ(run["bound"]["weight_bytes_per_decode_step"].get<double>(), elem * kSmallParams);
+    EXPECT_NEAR(run["bound"]["decode_step_ms"].get<double>(), elem * kSmallParams / (triad * 1e9) * 1e3, 1e-12);
+    const nlohmann::json& dev = run["modes"]["devpipe"];
+    expect_timed(dev, std::string(dt) + " devpipe");
+    EXPECT_NEAR(dev["decode_b1"]["bandwidth_bound_ratio"].get<double>(),
+                dev["decode_b1"]["latency_ms"]["p50"].get<double>() / run["bound"]["decode_step_ms"].get<double>(),
+                1e-9);
+    std::vector<std::string> twins{"pytorch_mkldnn"};
+    if (std::string(dt) == "bfloat16") {
+      twins.push_back("pytorch_eager");
+    } else {
+      EXPECT_NE(run["modes"]["pytorch_eager"].value("skipped", "").find("--llm-eager-float32"), std::string::npos)
+          << run["modes"]["pytorch_eager"].dump();
+    }
+    for (const std::string& mode : twins) {
+      const nlohmann::json& m = run["modes"][mode];
+      expect_timed(m, std::string(dt) + " " + mode);
+      const nlohmann::json& c = m["token_check"];
+      EXPECT_EQ(c["total"].get<long long>(), kSmallIds) << c.dump();
+      if (std::string(dt) == "float32") {
+        EXPECT_TRUE(c["ok"].get<bool>()) << c.dump();
+        EXPECT_EQ(c["matching"].get<long long>(), kSmallIds) << c.dump();
+      }
+    }
+  }
+  EXPECT_TRUE(r.report["correctness_failures"].empty()) << r.report["correctness_failures"].dump();
+}
+
+TEST(LlmBench, SmallModelLlamaCppGreedyIdsEqualDevpipes) {
+  const char* env = std::getenv("DEVPIPE_LLAMA_CPP_DIR");
+  const std::filesystem::path dir =
+      env && *env ? std::filesystem::path(env)
+                  : std::filesystem::path(DEVPIPE_REFERENCE_DIR) / ".." / ".." / "build" / "llama_cpp";
+  if (!std::filesystem::is_directory(dir / "node_modules" / "node-llama-cpp") ||
+      std::system("command -v node >/dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "node-llama-cpp is not installed in " << dir.string()
+                 << " (or node is not on PATH): bash bench/llama_cpp/install.sh";
+  }
+  testing::TempDir t;
+  const BenchRun r = run_llm_bench(t, "--modes pipeline,llama_cpp --llm-dtypes float32 --llama-cpp-dir " +
+                                          std::filesystem::absolute(dir).lexically_normal().string());
+  ASSERT_EQ(r.code, 0) << r.log;
+  const nlohmann::json& run = r.report["workloads"]["llm"]["runs"]["float32"];
+  EXPECT_FALSE(r.report["workloads"]["llm"]["runs"].contains("bfloat16"));
+  expect_timed(run["modes"]["llama_cpp"], "llama_cpp");
+  const nlohmann::json& c = run["modes"]["llama_cpp"]["token_check"];
+  EXPECT_TRUE(c["ok"].get<bool>()) << c.dump();
+  EXPECT_EQ(c["matching"].get<long long>(), kSmallIds) << c.dump();
 }
 
 }  // namespace

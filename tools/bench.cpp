@@ -26,6 +26,7 @@
 #include "cli_common.h"
 #include "compiler/artifact.h"
 #include "devpipe/devpipe.h"
+#include "devpipe/models/llama.h"
 #include "devpipe/timeline.h"
 #include "graph/cost.h"
 #include "kernels_bare.h"
@@ -614,6 +615,546 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
   return report;
 }
 
+// ---- the llm workload (issue 10) -------------------------------------------------------------
+//
+// A Llama-shaped causal LM (bench/llm_peers.py write-model: 100.1M parameters, or --llm-small),
+// prefill at prompt 128 (batch 1) and greedy decode at batch 1 and 8, per dtype: devpipe's
+// LlamaForCausalLM in this process, the PyTorch twin (pytorch_mkldnn, pytorch_eager) and
+// llama.cpp (float32) as persistent child workers (llm_peers.py serve, llama_cpp/peer.mjs serve),
+// timed in alternating rounds; every peer's greedy ids checked against devpipe's.
+
+/// One timed request of the llm workload: wall-clock samples (one per prefill, or one per decode
+/// step), the CPU ms of those samples, and the greedy ids (prefill: [[next id]]; decode: every
+/// sequence's ids of the last run).
+struct LlmRun {
+  std::vector<double> samples_ms;
+  double cpu_ms = 0;
+  std::vector<std::vector<std::int64_t>> tokens;
+};
+
+/// The workload's shape: the same for every mode.
+struct LlmShape {
+  std::string model_dir;
+  std::int64_t prompt_len = 128;
+  std::int64_t decode_tokens = 16;  // generated tokens per decode run (the first comes from the prefill)
+  std::vector<std::int64_t> batches{1, 8};
+  std::vector<std::vector<std::int64_t>> prompts;  // max(batches) prompts of prompt_len ids
+};
+
+/// llm_peers.py's prompt formula: ids[b][i] = 3 + ((b * 131 + i) * 2654435761 + seed * 97) mod (vocab - 3).
+std::vector<std::vector<std::int64_t>> llm_prompt_ids(std::int64_t n, std::int64_t len, std::int64_t vocab,
+                                                      std::int64_t seed = 0) {
+  std::vector<std::vector<std::int64_t>> p(static_cast<std::size_t>(n));
+  for (std::int64_t b = 0; b < n; ++b) {
+    for (std::int64_t i = 0; i < len; ++i) {
+      p[static_cast<std::size_t>(b)].push_back(3 + ((b * 131 + i) * 2654435761LL + seed * 97) % (vocab - 3));
+    }
+  }
+  return p;
+}
+
+/// Bytes of the weights one decode step reads (every matrix once, the norms, the embedding table
+/// once: tied, it is the lm_head; the rows the embedding lookup reads are not counted), as
+/// llm_peers.py's weight_bytes.
+std::uint64_t llm_weight_bytes(const models::LlamaConfig& c, std::uint64_t elem) {
+  const auto h = static_cast<std::uint64_t>(c.hidden_size), d = static_cast<std::uint64_t>(c.head_dim);
+  const std::uint64_t per_layer =
+      h * d * static_cast<std::uint64_t>(2 * c.num_attention_heads + 2 * c.num_key_value_heads) +
+      3 * h * static_cast<std::uint64_t>(c.intermediate_size) + 2 * h;
+  const std::uint64_t emb = static_cast<std::uint64_t>(c.vocab_size) * h;
+  return elem * (static_cast<std::uint64_t>(c.num_hidden_layers) * per_layer + emb * (c.tie_word_embeddings ? 1 : 2) + h);
+}
+
+class LlmWorker {
+ public:
+  explicit LlmWorker(std::string mode) : mode_(std::move(mode)) {}
+  virtual ~LlmWorker() = default;
+  const std::string& mode() const { return mode_; }
+  /// `iters` prefills of prompt 0 at batch 1.
+  virtual LlmRun prefill(int iters) = 0;
+  /// `iters` greedy runs of decode_tokens tokens for prompts 0..batch-1; every step timed.
+  virtual LlmRun decode(std::int64_t batch, int iters) = 0;
+  virtual json info() { return json::object(); }
+
+ private:
+  std::string mode_;
+};
+
+/// devpipe: LlamaForCausalLM compiled for the largest batch (batch buckets = the batches, one
+/// context bucket = the prompt length, the cache = prompt + decode tokens rounded up to a power
+/// of two), timed through generate()'s per-token callback.
+class DevpipeLlmWorker : public LlmWorker {
+ public:
+  DevpipeLlmWorker(const LlmShape& s, DType dtype, const std::string& artifact)
+      : LlmWorker("devpipe"), s_(s), app_(s.model_dir, config_for(s, dtype)) {
+    app_.compile(artifact);
+    app_.load(artifact);
+  }
+  LlmRun prefill(int iters) override {
+    LlmRun r;
+    for (int i = 0; i < iters; ++i) {
+      double c1 = 0;
+      Clock::time_point t1;
+      const double c0 = process_cpu_ms();
+      const auto t0 = Clock::now();
+      auto res = app_.generate({s_.prompts[0]}, gen(1), [&](std::int64_t, std::int64_t) {
+        t1 = Clock::now();
+        c1 = process_cpu_ms();
+      });
+      r.samples_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      r.cpu_ms += c1 - c0;
+      r.tokens = res.tokens;
+    }
+    return r;
+  }
+  LlmRun decode(std::int64_t batch, int iters) override {
+    LlmRun r;
+    const std::vector<std::vector<std::int64_t>> prompts(s_.prompts.begin(), s_.prompts.begin() + batch);
+    for (int i = 0; i < iters; ++i) {
+      // sequence 0's token of step k arrives right after step k's forward: the gaps are the steps
+      std::vector<Clock::time_point> at;
+      std::vector<double> cpu;
+      auto res = app_.generate(prompts, gen(s_.decode_tokens), [&](std::int64_t seq, std::int64_t) {
+        if (seq != 0) return;
+        at.push_back(Clock::now());
+        cpu.push_back(process_cpu_ms());
+      });
+      for (std::size_t k = 1; k < at.size(); ++k) {
+        r.samples_ms.push_back(std::chrono::duration<double, std::milli>(at[k] - at[k - 1]).count());
+        r.cpu_ms += cpu[k] - cpu[k - 1];
+      }
+      r.tokens = res.tokens;
+    }
+    return r;
+  }
+  json info() override {
+    return {{"threads", std::thread::hardware_concurrency()}, {"version", devpipe_version()}};
+  }
+
+ private:
+  static InferenceConfig config_for(const LlmShape& s, DType dtype) {
+    RuntimeConfig rc;
+    rc.batch_size = *std::max_element(s.batches.begin(), s.batches.end());
+    rc.buckets = s.batches;
+    rc.dtype = dtype;
+    models::LlamaOptions o;
+    std::int64_t len = 1;
+    while (len < s.prompt_len + s.decode_tokens) len *= 2;
+    o.max_length = len;
+    o.context_buckets = {s.prompt_len};
+    return models::llama_config(s.model_dir, rc, o);
+  }
+  static models::GenerationConfig gen(std::int64_t n) {
+    models::GenerationConfig g;
+    g.max_new_tokens = n;
+    g.stop_at_eos = false;  // greedy ids of random weights: every run has the same length
+    return g;
+  }
+  const LlmShape& s_;
+  models::LlamaForCausalLM app_;
+};
+
+/// pytorch_mkldnn / pytorch_eager / llama_cpp: a child process on the llm worker protocol.
+class PeerLlmWorker : public LlmWorker {
+ public:
+  PeerLlmWorker(const std::string& mode, const std::vector<std::string>& argv, const std::string& log)
+      : LlmWorker(mode), child_(mode, argv, log) {}
+  LlmRun prefill(int iters) override { return parse(child_.request({{"cmd", "prefill"}, {"iters", iters}})); }
+  LlmRun decode(std::int64_t batch, int iters) override {
+    return parse(child_.request({{"cmd", "decode"}, {"batch", batch}, {"iters", iters}}));
+  }
+  json info() override {
+    return {{"threads", child_.hello().value("threads", 0)},
+            {"version", child_.hello().value("version", std::string("?"))}};
+  }
+
+ private:
+  LlmRun parse(const json& r) {
+    try {
+      return {r.at("samples_ms").get<std::vector<double>>(), r.at("cpu_ms").get<double>(),
+              r.at("tokens").get<std::vector<std::vector<std::int64_t>>>()};
+    } catch (const json::exception& e) {
+      throw StateError("bench: peer " + mode() + " answered " + r.dump().substr(0, 300) + ": " + e.what());
+    }
+  }
+  bench::ChildWorker child_;
+};
+
+/// Greedy ids of a peer against devpipe's: position by position over every sequence.
+json token_check(const std::vector<std::vector<std::int64_t>>& want, const std::vector<std::vector<std::int64_t>>& got,
+                 const std::string& what, std::string& first_mismatch) {
+  std::int64_t same = 0, total = 0;
+  for (std::size_t s = 0; s < want.size(); ++s) {
+    for (std::size_t i = 0; i < want[s].size(); ++i) {
+      ++total;
+      const bool have = s < got.size() && i < got[s].size();
+      if (have && got[s][i] == want[s][i]) {
+        ++same;
+      } else if (first_mismatch.empty()) {
+        first_mismatch = what + ": sequence " + std::to_string(s) + " token " + std::to_string(i) + ": " +
+                         (have ? std::to_string(got[s][i]) : std::string("missing")) + " != devpipe's " +
+                         std::to_string(want[s][i]);
+      }
+    }
+  }
+  for (std::size_t s = 0; s < got.size(); ++s) {  // ids devpipe did not produce count as different
+    const std::size_t mine = s < want.size() ? want[s].size() : 0;
+    const std::size_t extra = got[s].size() > mine ? got[s].size() - mine : 0;
+    total += static_cast<std::int64_t>(extra);
+    if (extra > 0 && first_mismatch.empty()) first_mismatch = what + ": sequence " + std::to_string(s) + " has extra tokens";
+  }
+  return {{"matching", same}, {"total", total}};
+}
+
+/// Where the llama.cpp peer is installed, or why it is not.
+struct LlamaCppInstall {
+  std::string dir;
+  std::string skipped;
+};
+
+LlamaCppInstall install_llama_cpp(const std::string& dest) {
+  std::string out;
+  const std::string script = (fs::path(DEVPIPE_BENCH_DIR) / "llama_cpp" / "install.sh").string();
+  std::cerr << "installing llama.cpp (npm node-llama-cpp) into " << dest << " ...\n";
+  int rc = run_command("bash " + shell_quote(script) + " " + shell_quote(dest), out);
+  if (rc != 0) {
+    return {"", "node-llama-cpp is not installed: bench/llama_cpp/install.sh failed (exit " + std::to_string(rc) +
+                    "): " + last_line(out)};
+  }
+  return {dest, ""};
+}
+
+json llm_latency_entry(const LlmRun& t, double per_sample_tokens) {
+  const double p50 = summarize(t.samples_ms).p50;
+  return {{"latency_ms", latency_json(t.samples_ms)},
+          {"samples", t.samples_ms.size()},
+          {"tokens_per_s", 1000.0 * per_sample_tokens / p50},
+          {"cpu_ms_per_sample", t.cpu_ms / static_cast<double>(t.samples_ms.size())}};
+}
+
+json run_llm_workload(const Args& a, const std::string& work, const bench::MachineLimits& lim,
+                      const LlamaCppInstall& lcpp, std::vector<std::pair<std::string, std::vector<double>>>& plot,
+                      std::vector<std::string>& mismatches) {
+  const bool small = a.has("llm-small");
+  const int iters = static_cast<int>(a.get_int("iters", 2));
+  const int warmup = static_cast<int>(a.get_int("warmup", 1));
+  const int rounds = std::min(iters, static_cast<int>(a.get_int("rounds", 5)));
+  const int threads = static_cast<int>(std::thread::hardware_concurrency());
+  const std::string tag = small ? "llm_small" : "llm";
+  const fs::path base = fs::path(work) / tag;
+  fs::create_directories(base / "logs");
+  LlmShape s;
+  s.model_dir = (base / "model").string();
+  s.decode_tokens = a.get_int("llm-decode-tokens", 16);
+
+  // The weights: llm_peers.py write-model (llama_ref.py, seed 0), once; every mode reads this folder.
+  if (!fs::exists(fs::path(s.model_dir) / "config.json") || !fs::exists(fs::path(s.model_dir) / "model.safetensors")) {
+    std::cerr << "  writing the " << (small ? "small " : "") << "Llama model into " << s.model_dir << " ...\n";
+    std::string out;
+    const int rc = run_command(std::string(DEVPIPE_TORCH_PYTHON) + " " +
+                                   shell_quote(std::string(DEVPIPE_BENCH_DIR) + "/llm_peers.py") + " write-model " +
+                                   shell_quote(s.model_dir) + (small ? " --small" : ""),
+                               out);
+    if (rc != 0) throw StateError("bench: llm_peers.py write-model " + s.model_dir + " failed (exit " +
+                                  std::to_string(rc) + "): " + last_line(out));
+  }
+  const models::LlamaConfig hf = models::LlamaConfig::from_hf_folder(s.model_dir);
+  const std::int64_t max_b = *std::max_element(s.batches.begin(), s.batches.end());
+  s.prompts = llm_prompt_ids(max_b, s.prompt_len, hf.vocab_size);
+
+  json report;
+  report["config"] = {{"model_dir", s.model_dir},
+                      {"small", small},
+                      {"hidden_size", hf.hidden_size},
+                      {"intermediate_size", hf.intermediate_size},
+                      {"num_hidden_layers", hf.num_hidden_layers},
+                      {"num_attention_heads", hf.num_attention_heads},
+                      {"num_key_value_heads", hf.num_key_value_heads},
+                      {"vocab_size", hf.vocab_size},
+                      {"tie_word_embeddings", hf.tie_word_embeddings},
+                      {"parameters", llm_weight_bytes(hf, 1)},
+                      {"prompt_len", s.prompt_len},
+                      {"prompt_ids", "ids[b][i] = 3 + ((b * 131 + i) * 2654435761) mod (vocab - 3) (llm_peers.py)"},
+                      {"decode_tokens", s.decode_tokens},
+                      {"batches", s.batches},
+                      {"iterations", iters},
+                      {"warmup", warmup},
+                      {"rounds", rounds}};
+
+  const auto wanted = a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime,llama_cpp");
+  auto want = [&](const std::string& m) { return std::find(wanted.begin(), wanted.end(), m) != wanted.end(); };
+  if (!want("pipeline") && !want("roundtrip")) {
+    throw UsageError("option --modes: name pipeline or roundtrip too (devpipe, the reference output)");
+  }
+  const bool pytorch = !a.has("no-pytorch");
+  for (const std::string& dt : a.get_list("llm-dtypes", "float32,bfloat16")) {
+    const DType dtype = dtype_from_name(dt);
+    const std::uint64_t elem = dtype == DType::Float32 ? 4 : 2;
+    // The bounds: a decode step reads every weight once (weight bytes / triad bandwidth); the
+    // prefill's FLOPs (every linear 2 per multiply-add, the causal attention's two matmuls, the
+    // lm_head at the last position) at the peak.
+    const double wbytes = static_cast<double>(llm_weight_bytes(hf, elem));
+    const double bound_ms = wbytes / (lim.triad_gbs * 1e9) * 1e3;
+    const double T = static_cast<double>(s.prompt_len), H = static_cast<double>(hf.hidden_size);
+    const double linear_params = static_cast<double>(llm_weight_bytes(hf, 1)) -
+                                 static_cast<double>(hf.vocab_size) * H * (hf.tie_word_embeddings ? 1 : 2);
+    const double prefill_flops =
+        2 * T * linear_params +
+        static_cast<double>(hf.num_hidden_layers * hf.num_attention_heads) * 4 * static_cast<double>(hf.head_dim) *
+            T * (T + 1) / 2 +
+        2 * H * static_cast<double>(hf.vocab_size);
+    const double prefill_bound_ms = prefill_flops / (lim.peak_gflops * 1e9) * 1e3;
+    json kv = json::object();
+    for (std::int64_t b : s.batches) {
+      // the cache rows a step reads, averaged over the run (prompt + half the new tokens)
+      kv[std::to_string(b)] = static_cast<double>(2 * hf.num_hidden_layers * hf.num_key_value_heads * hf.head_dim * b) *
+                              static_cast<double>(elem) * (T + static_cast<double>(s.decode_tokens) / 2);
+    }
+    json run;
+    run["bound"] = {{"weight_bytes_per_decode_step", wbytes},
+                    {"kv_cache_bytes_per_decode_step", kv},
+                    {"decode_step_ms", bound_ms},
+                    {"decode_b1_tokens_per_s", 1000.0 / bound_ms},
+                    {"prefill_flops", prefill_flops},
+                    {"prefill_compute_ms", prefill_bound_ms},
+                    {"note", "decode_step_ms = weight bytes / measured triad bandwidth (the KV cache reads, "
+                             "listed beside, not included)"}};
+    run["modes"] = json::object();
+
+    std::vector<std::unique_ptr<LlmWorker>> workers;
+    auto skip = [&](const std::string& mode, const std::string& why) {
+      run["modes"][mode] = {{"skipped", why}};
+      std::cerr << "  llm " << dt << " " << mode << " skipped: " << why << "\n";
+    };
+    std::cerr << "  llm " << dt << ": compiling devpipe's LlamaForCausalLM...\n";
+    workers.push_back(std::make_unique<DevpipeLlmWorker>(s, dtype, (base / "artifacts" / dt).string()));
+    std::string batches_csv;
+    for (std::int64_t b : s.batches) batches_csv += (batches_csv.empty() ? "" : ",") + std::to_string(b);
+    for (const char* linear : {"mkldnn", "eager"}) {
+      const std::string mode = std::string("pytorch_") + linear;
+      if (!pytorch || !(want("pytorch") || want(mode))) continue;
+      if (dtype == DType::Float32 && std::string(linear) == "eager" && !a.has("llm-eager-float32")) {
+        skip(mode, "Debian torch's float32 nn.Linear runs on netlib BLAS (here: 11 s per prefill, 0.5 s per "
+                   "batch-1 step); --llm-eager-float32 times it");
+        continue;
+      }
+      std::cerr << "  starting the " << mode << " " << dt << " worker...\n";
+      try {
+        workers.push_back(std::make_unique<PeerLlmWorker>(
+            mode,
+            std::vector<std::string>{DEVPIPE_TORCH_PYTHON, std::string(DEVPIPE_BENCH_DIR) + "/llm_peers.py", "serve",
+                                     s.model_dir, "--dtype", dt, "--linear", linear, "--prompt-len",
+                                     std::to_string(s.prompt_len), "--decode-tokens", std::to_string(s.decode_tokens),
+                                     "--batches", batches_csv, "--threads", std::to_string(threads)},
+            (base / "logs" / (mode + "." + dt + ".log")).string()));
+      } catch (const Error& e) {
+        skip(mode, e.what());
+      }
+    }
+    if (want("llama_cpp")) {
+      if (dtype != DType::Float32) {
+        skip("llama_cpp", "the llama.cpp peer runs the float32 GGUF only");
+      } else if (!lcpp.skipped.empty()) {
+        skip("llama_cpp", lcpp.skipped);
+      } else {
+        std::string out;
+        const std::string gguf = (fs::path(s.model_dir) / "model-f32.gguf").string();
+        int rc = 0;
+        if (!fs::exists(gguf) ||
+            fs::last_write_time(gguf) < fs::last_write_time(fs::path(s.model_dir) / "model.safetensors")) {
+          rc = run_command(std::string(DEVPIPE_TORCH_PYTHON) + " " +
+                               shell_quote(std::string(DEVPIPE_BENCH_DIR) + "/llama_cpp/hf_to_gguf.py") + " " +
+                               shell_quote(s.model_dir) + " " + shell_quote(gguf),
+                           out);
+        }
+        if (rc != 0) {
+          skip("llama_cpp", "bench/llama_cpp/hf_to_gguf.py failed (exit " + std::to_string(rc) + "): " + last_line(out));
+        } else {
+          std::string prompts;
+          for (const auto& p : s.prompts) {
+            if (!prompts.empty()) prompts += ";";
+            for (std::size_t i = 0; i < p.size(); ++i) prompts += (i ? "," : "") + std::to_string(p[i]);
+          }
+          std::cerr << "  starting the llama_cpp worker...\n";
+          try {
+            workers.push_back(std::make_unique<PeerLlmWorker>(
+                "llama_cpp",
+                std::vector<std::string>{"node", std::string(DEVPIPE_BENCH_DIR) + "/llama_cpp/peer.mjs", "serve",
+                                         "--model", gguf, "--prompts", prompts, "--decode-tokens",
+                                         std::to_string(s.decode_tokens), "--batches", batches_csv, "--threads",
+                                         std::to_string(threads), "--llama-cpp-dir", lcpp.dir},
+                (base / "logs" / "llama_cpp.float32.log").string()));
+          } catch (const Error& e) {
+            skip("llama_cpp", e.what());
+          }
+        }
+      }
+    }
+
+    // Warm-up, then the rounds: in each, every phase (prefill, decode at each batch) runs its
+    // share on every worker in turn, the order rotating from round to round.
+    std::vector<std::string> phases{"prefill"};
+    for (std::int64_t b : s.batches) phases.push_back("decode_b" + std::to_string(b));
+    std::map<std::string, std::map<std::string, LlmRun>> times;  // mode -> phase -> run
+    std::map<std::string, std::string> failed;
+    auto run_phase = [&](LlmWorker& wk, std::size_t ph, int n) -> LlmRun {
+      return ph == 0 ? wk.prefill(n) : wk.decode(s.batches[ph - 1], n);
+    };
+    auto safely = [&](LlmWorker& wk, const std::function<void()>& fn) {
+      if (failed.count(wk.mode())) return;
+      try {
+        fn();
+      } catch (const Error& e) {
+        failed[wk.mode()] = e.what();
+        std::cerr << "  llm " << dt << " " << wk.mode() << " failed: " << e.what() << "\n";
+      }
+    };
+    if (warmup > 0) {
+      for (auto& wk : workers) {
+        for (std::size_t ph = 0; ph < phases.size(); ++ph) safely(*wk, [&] { run_phase(*wk, ph, warmup); });
+      }
+    }
+    const int total = rounds * static_cast<int>(workers.size() * phases.size());
+    int done = 0;
+    for (int r = 0; r < rounds; ++r) {
+      const int n = iters / rounds + (r < iters % rounds ? 1 : 0);
+      for (std::size_t ph = 0; ph < phases.size(); ++ph) {
+        for (std::size_t k = 0; k < workers.size(); ++k) {
+          LlmWorker& wk = *workers[(k + static_cast<std::size_t>(r)) % workers.size()];
+          safely(wk, [&] {
+            LlmRun got = run_phase(wk, ph, n);
+            LlmRun& acc = times[wk.mode()][phases[ph]];
+            acc.samples_ms.insert(acc.samples_ms.end(), got.samples_ms.begin(), got.samples_ms.end());
+            acc.cpu_ms += got.cpu_ms;
+            acc.tokens = got.tokens;
+          });
+          print_progress("llm " + dt, ++done, total, "round " + std::to_string(r + 1) + " " + phases[ph] + " " + wk.mode());
+        }
+      }
+    }
+
+    // Every peer's greedy ids against devpipe's: float32 must be equal (else a correctness
+    // failure), bfloat16 rounds differently in every runtime, so its agreement is reported only.
+    const auto& ref = times["devpipe"];
+    for (auto& wk : workers) {
+      json m = wk->info();
+      if (failed.count(wk->mode())) {
+        m["error"] = failed[wk->mode()];
+        if (wk->mode() == "devpipe") mismatches.push_back("llm " + dt + ": devpipe failed: " + failed[wk->mode()]);
+        run["modes"][wk->mode()] = m;
+        continue;
+      }
+      const auto& mine = times[wk->mode()];
+      for (std::size_t ph = 0; ph < phases.size(); ++ph) {
+        const LlmRun& t = mine.at(phases[ph]);
+        const double per_sample = ph == 0 ? static_cast<double>(s.prompt_len) : static_cast<double>(s.batches[ph - 1]);
+        json e = llm_latency_entry(t, per_sample);
+        e["batch"] = ph == 0 ? 1 : s.batches[ph - 1];
+        if (ph == 0) {
+          e["prompt_len"] = s.prompt_len;
+          e["compute_bound_ratio"] = summarize(t.samples_ms).p50 / prefill_bound_ms;
+        } else {
+          e["bandwidth_bound_ratio"] = summarize(t.samples_ms).p50 / bound_ms;
+        }
+        m[phases[ph]] = e;
+        plot.emplace_back("llm_" + dt + "_" + phases[ph] + " " + wk->mode(), t.samples_ms);
+      }
+      if (wk->mode() != "devpipe" && !failed.count("devpipe")) {
+        std::string first;
+        std::int64_t same = 0, all = 0;
+        for (const auto& ph : phases) {
+          json c = token_check(ref.at(ph).tokens, mine.at(ph).tokens, ph, first);
+          same += c["matching"].get<std::int64_t>();
+          all += c["total"].get<std::int64_t>();
+        }
+        const bool ok = same == all;
+        std::string msg = "llm " + dt + ": peer " + wk->mode() + ": " + std::to_string(same) + " of " +
+                          std::to_string(all) + " greedy ids equal devpipe's" + (ok ? "" : "; first difference: " + first);
+        m["token_check"] = {{"against", "devpipe"}, {"ok", ok},      {"matching", same},
+                            {"total", all},        {"message", msg}, {"enforced", dtype == DType::Float32}};
+        if (!ok && dtype == DType::Float32) mismatches.push_back(msg);
+      }
+      run["modes"][wk->mode()] = m;
+    }
+    report["runs"][dt] = run;
+  }
+  return report;
+}
+
+/// Issue 10's targets of the llm workload (float32): the decode step against the bandwidth bound,
+/// devpipe's decode tokens/s against llama.cpp's and the PyTorch twin's.
+void add_llm_targets(const json& r, json& out) {
+  auto get = [&](const std::string& mode, const std::string& phase, const char* key) {
+    try {
+      return r.at("workloads").at("llm").at("runs").at("float32").at("modes").at(mode).at(phase).at(key).get<double>();
+    } catch (const json::exception&) {
+      return std::nan("");
+    }
+  };
+  auto add = [&](const std::string& what, double v, double target, bool at_most, const std::string& note = "") {
+    std::string status = std::isnan(v) ? "n/a" : ((at_most ? v <= target : v >= target) ? "PASS" : "FAIL");
+    out.push_back({{"target", what}, {"measured", std::isnan(v) ? json(nullptr) : json(v)},
+                   {"limit", target}, {"at_most", at_most}, {"status", status}, {"note", note}});
+  };
+  add("llm f32: devpipe decode b1 step p50 / weight-bandwidth bound", get("devpipe", "decode_b1", "bandwidth_bound_ratio"),
+      1.5, true);
+  for (const char* ph : {"decode_b1", "decode_b8"}) {
+    const double dv = get("devpipe", ph, "tokens_per_s");
+    add(std::string("llm f32: devpipe ") + ph + " tokens/s / llama_cpp's", dv / get("llama_cpp", ph, "tokens_per_s"),
+        1.0, false);
+    // the faster of the twin's modes
+    const double mk = get("pytorch_mkldnn", ph, "tokens_per_s"), ea = get("pytorch_eager", ph, "tokens_per_s");
+    const double best = std::isnan(mk) ? ea : (std::isnan(ea) ? mk : std::max(mk, ea));
+    add(std::string("llm f32: devpipe ") + ph + " tokens/s / PyTorch twin's", dv / best, 2.0, false,
+        std::isnan(ea) ? "pytorch_mkldnn (pytorch_eager float32 not timed)" : "the faster twin mode");
+  }
+}
+
+/// The llm rows of the printed table.
+void print_llm_rows(const json& llm) {
+  const json& c = llm["config"];
+  std::printf("\nllm: Llama %.1fM parameters (hidden %lld, %lld layers, vocab %lld), prompt %lld, %lld decode tokens; "
+              "tokens/s from the p50 sample\n",
+              c["parameters"].get<double>() / 1e6, c["hidden_size"].get<long long>(),
+              c["num_hidden_layers"].get<long long>(), c["vocab_size"].get<long long>(),
+              c["prompt_len"].get<long long>(), c["decode_tokens"].get<long long>());
+  std::printf("%-9s %-15s %12s %11s %11s %11s %10s %10s  %s\n", "dtype", "mode", "prefill t/s", "b1 tok/s", "b8 tok/s",
+              "b1 step ms", "b1/bound", "b8/bound", "greedy ids");
+  for (const auto& [dt, run] : llm["runs"].items()) {
+    const json& b = run["bound"];
+    std::printf("%-9s %-15s %12s %11.1f %11s %11.3f %10s %10s  (weights %.1f MB / triad bandwidth; prefill compute "
+                "bound %.1f ms)\n",
+                dt.c_str(), "bound", "-", b["decode_b1_tokens_per_s"].get<double>(), "-",
+                b["decode_step_ms"].get<double>(), "1.00", "", b["weight_bytes_per_decode_step"].get<double>() / 1e6,
+                b["prefill_compute_ms"].get<double>());
+    for (const auto& [mode, m] : run["modes"].items()) {
+      if (m.contains("skipped")) {
+        std::printf("%-9s %-15s skipped: %s\n", dt.c_str(), mode.c_str(), m["skipped"].get<std::string>().c_str());
+        continue;
+      }
+      if (m.contains("error")) {
+        std::printf("%-9s %-15s error: %s\n", dt.c_str(), mode.c_str(), m["error"].get<std::string>().c_str());
+        continue;
+      }
+      auto num = [&](const char* ph, const char* key) {
+        return m.contains(ph) ? fmt_number(m[ph][key].get<double>()) : std::string("-");
+      };
+      std::string check = mode == "devpipe" ? "reference" : "not checked";
+      if (m.contains("token_check")) {
+        const json& t = m["token_check"];
+        check = std::to_string(t["matching"].get<long long>()) + "/" + std::to_string(t["total"].get<long long>()) +
+                (t["ok"].get<bool>() ? " equal" : (t["enforced"].get<bool>() ? " MISMATCH" : " equal (not enforced)"));
+      }
+      const std::string b1_ms = m.contains("decode_b1") ? fmt_number(m["decode_b1"]["latency_ms"]["p50"].get<double>()) : "-";
+      std::printf("%-9s %-15s %12s %11s %11s %11s %10s %10s  %s\n", dt.c_str(), mode.c_str(),
+                  num("prefill", "tokens_per_s").c_str(), num("decode_b1", "tokens_per_s").c_str(),
+                  num("decode_b8", "tokens_per_s").c_str(), b1_ms.c_str(),
+                  num("decode_b1", "bandwidth_bound_ratio").c_str(), num("decode_b8", "bandwidth_bound_ratio").c_str(),
+                  check.c_str());
+    }
+  }
+}
+
 // ---- the targets -----------------------------------------------------------------------------
 
 double p50_of(const json& r, const std::string& wl, const std::string& mode) {
@@ -666,6 +1207,7 @@ json evaluate_targets(const json& r) {
   std::string missing;
   if (r.contains("workloads")) {
     for (const auto& [wl, wj] : r["workloads"].items()) {
+      if (wl == "llm") continue;  // its greedy-id checks: add_llm_targets
       for (const auto& [mode, mj] : wj["modes"].items()) {
         if (mode == "pipeline") continue;
         ++expected;
@@ -680,11 +1222,12 @@ json evaluate_targets(const json& r) {
   add("every peer's output checked against devpipe's (fraction matching)",
       expected ? static_cast<double>(checked) / expected : std::nan(""), 1.0, false,
       missing.empty() ? "" : "not checked or not matching: " + missing);
+  if (r.contains("workloads") && r["workloads"].contains("llm")) add_llm_targets(r, out);
   return out;
 }
 
 void print_targets(const json& targets) {
-  std::printf("\n%-66s %10s %8s  %s\n", "target (issue 12)", "measured", "target", "status");
+  std::printf("\n%-66s %10s %8s  %s\n", "target (issues 12, 10)", "measured", "target", "status");
   for (const auto& t : targets) {
     const std::string lim = (t["at_most"].get<bool>() ? "<= " : ">= ") + fmt_number(t["limit"].get<double>());
     std::printf("%-66s %10s %8s  %s%s\n", t["target"].get<std::string>().c_str(),
@@ -704,14 +1247,16 @@ const Command& bench_command() {
           {{.name = "all", .help = "all workloads (the default without --workload)"},
            {.name = "workload", .kind = OptionKind::ChoiceList, .value = "W,...",
             .help = "workloads to run ('seed' is seed_tp1 and seed_tp2)",
-            .choices = {"seed", "seed_tp1", "seed_tp2", "large", "chain8"}},
+            .choices = {"seed", "seed_tp1", "seed_tp2", "large", "chain8", "llm"}},
            {.name = "modes", .kind = OptionKind::ChoiceList, .value = "M,...",
-            .help = "modes to run (default all)",
-            .choices = {"pipeline", "roundtrip", "kernels_bare", "pytorch", "onnxruntime"}},
+            .help = "modes to run (default all; llm: pipeline or roundtrip is devpipe, pytorch is both twin modes)",
+            .choices = {"pipeline", "roundtrip", "kernels_bare", "pytorch", "onnxruntime", "pytorch_mkldnn",
+                        "pytorch_eager", "llama_cpp"}},
            {.name = "iters", .kind = OptionKind::Int, .value = "N",
-            .help = "timed iterations per mode (default 20; chain8 200)", .min = 1, .max = 1000000},
+            .help = "timed iterations per mode (default 20; chain8 200; llm 2 prefills and 2 decode runs per batch)",
+            .min = 1, .max = 1000000},
            {.name = "warmup", .kind = OptionKind::Int, .value = "N",
-            .help = "untimed iterations per mode before (default 3; chain8 20)", .min = 0, .max = 1000000},
+            .help = "untimed iterations per mode before (default 3; chain8 20; llm 1)", .min = 0, .max = 1000000},
            {.name = "rounds", .kind = OptionKind::Int, .value = "N",
             .help = "alternating rounds the iterations are split into (default 5)", .min = 1, .max = 100000},
            {.name = "out", .kind = OptionKind::String, .value = "FILE",
@@ -724,7 +1269,16 @@ const Command& bench_command() {
             .help = "weights, inputs, outputs, models and logs (default work/ beside --out)"},
            {.name = "ort-dir", .kind = OptionKind::String, .value = "DIR",
             .help = "where bench/ort/install.sh installs onnxruntime-node (default ort/ beside --out)"},
-           {.name = "no-pytorch", .help = "skip the PyTorch peer"}},
+           {.name = "no-pytorch", .help = "skip the PyTorch peer"},
+           {.name = "llm-small", .help = "llm: the small model (hidden 64, 2 layers, vocab 300) instead of the 100M one"},
+           {.name = "llm-decode-tokens", .kind = OptionKind::Int, .value = "N",
+            .help = "llm: tokens per decode run (default 16)", .min = 2, .max = 1024},
+           {.name = "llm-dtypes", .kind = OptionKind::ChoiceList, .value = "D,...",
+            .help = "llm: dtypes to run (default float32,bfloat16)", .choices = {"float32", "bfloat16"}},
+           {.name = "llm-eager-float32", .help = "llm: also time pytorch_eager in float32 (minutes here)"},
+           {.name = "llama-cpp-dir", .kind = OptionKind::String, .value = "DIR",
+            .help = "where bench/llama_cpp/install.sh installs node-llama-cpp (default $DEVPIPE_LLAMA_CPP_DIR, "
+                    "else llama_cpp/ beside --out)"}},
       .notes = "Exits 1 when a peer's output differs from devpipe's beyond the tolerance; missed speed\n"
                "targets are reported (FAIL) but do not change the exit status.\n"
                "See bench/README.md for the workloads, the modes, the worker protocol and the report.\n"};
@@ -736,11 +1290,14 @@ int bench_main(const Args& a) {
     throw UsageError("options --all and --workload exclude each other");
   }
   std::vector<std::string> names;
-  for (const std::string& item : a.get_list("workload", "seed,large,chain8")) {
+  for (const std::string& item : a.get_list("workload", "seed,large,chain8,llm")) {
     for (const std::string& n : item == "seed" ? std::vector<std::string>{"seed_tp1", "seed_tp2"}
                                                : std::vector<std::string>{item}) {
       if (std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
     }
+  }
+  if (a.has("trace") && std::all_of(names.begin(), names.end(), [](const std::string& n) { return n == "llm"; })) {
+    throw UsageError("option --trace traces a workload other than llm (seed_tp1, seed_tp2, large, chain8)");
   }
   std::string out = a.get("out", "build/bench/report.json");
   const fs::path out_dir = fs::path(out).parent_path().empty() ? fs::path(".") : fs::path(out).parent_path();
@@ -763,17 +1320,26 @@ int bench_main(const Args& a) {
   }
   std::fflush(stdout);
 
-  const auto modes = a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime");
+  const auto modes = a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime,llama_cpp");
+  const bool llm = std::find(names.begin(), names.end(), "llm") != names.end();
+  const bool others = names.size() > (llm ? 1u : 0u);
   OrtInstall ort{"", "not requested (--modes)"};
-  if (std::find(modes.begin(), modes.end(), "onnxruntime") != modes.end()) {
+  if (others && std::find(modes.begin(), modes.end(), "onnxruntime") != modes.end()) {
     ort = install_ort(fs::absolute(a.get("ort-dir", (out_dir / "ort").string())).lexically_normal().string());
+  }
+  LlamaCppInstall lcpp{"", "not requested (--modes)"};
+  if (llm && std::find(modes.begin(), modes.end(), "llama_cpp") != modes.end()) {
+    const char* env = std::getenv("DEVPIPE_LLAMA_CPP_DIR");
+    const std::string fallback = env && *env ? std::string(env) : (out_dir / "llama_cpp").string();
+    lcpp = install_llama_cpp(fs::absolute(a.get("llama-cpp-dir", fallback)).lexically_normal().string());
   }
 
   std::vector<std::pair<std::string, std::vector<double>>> plot;
   std::vector<std::string> mismatches;
   for (const auto& n : names) {
     std::cerr << "workload " << n << "\n";
-    report["workloads"][n] = run_workload(n, a, work, lim, ort, plot, mismatches);
+    report["workloads"][n] = n == "llm" ? run_llm_workload(a, work, lim, lcpp, plot, mismatches)
+                                        : run_workload(n, a, work, lim, ort, plot, mismatches);
   }
   report["run"]["load_average_end"] = load_average();
   report["targets"] = evaluate_targets(report);
@@ -791,6 +1357,7 @@ int bench_main(const Args& a) {
   std::printf("\n%-10s %-14s %10s %10s %10s %12s %10s %9s  %s\n", "workload", "mode", "p50 ms", "p90 ms", "mean ms",
               "cpu ms/fwd", "/roofline", "cpu/roof", "output");
   for (const auto& [wl, wj] : report["workloads"].items()) {
+    if (wl == "llm") continue;  // its own table below
     std::printf("%-10s %-14s %10.3f %34s  (%s-bound: compute %.3f ms, memory %.3f ms)\n", wl.c_str(), "roofline",
                 wj["roofline"]["time_ms"].get<double>(), "", wj["roofline"]["bound"].get<std::string>().c_str(),
                 wj["roofline"]["compute_ms"].get<double>(), wj["roofline"]["memory_ms"].get<double>());
@@ -818,6 +1385,7 @@ int bench_main(const Args& a) {
       }
     }
   }
+  if (llm) print_llm_rows(report["workloads"]["llm"]);
   print_targets(report["targets"]);
 
   std::string plot_path = a.get("plot", (out_dir / "latency.svg").string());
@@ -825,8 +1393,8 @@ int bench_main(const Args& a) {
   std::cout << "wrote " << plot_path << "\n";
 
   if (a.has("trace")) {
-    // One traced forward of the first workload in pipeline mode, kernels included.
-    Workload w = make_workload(names.front());
+    // One traced forward of the first workload (other than llm) in pipeline mode, kernels included.
+    Workload w = make_workload(*std::find_if(names.begin(), names.end(), [](const std::string& n) { return n != "llm"; }));
     auto ws = build_stages(w, /*pipeline=*/true, work, "trace", "");
     run_chain(ws, w);
     write_trace_of([&] { run_chain(ws, w); }, a.get("trace", ""));
