@@ -836,7 +836,7 @@ json run_llm_workload(const Args& a, const std::string& work, const bench::Machi
                       const LlamaCppInstall& lcpp, std::vector<std::pair<std::string, std::vector<double>>>& plot,
                       std::vector<std::string>& mismatches) {
   const bool small = a.has("llm-small");
-  const int iters = static_cast<int>(a.get_int("iters", 2));
+  const int iters = static_cast<int>(a.get_int("iters", 4));
   const int warmup = static_cast<int>(a.get_int("warmup", 1));
   const int rounds = std::min(iters, static_cast<int>(a.get_int("rounds", 5)));
   const int threads = static_cast<int>(std::thread::hardware_concurrency());
@@ -1253,7 +1253,7 @@ const Command& bench_command() {
             .choices = {"pipeline", "roundtrip", "kernels_bare", "pytorch", "onnxruntime", "pytorch_mkldnn",
                         "pytorch_eager", "llama_cpp"}},
            {.name = "iters", .kind = OptionKind::Int, .value = "N",
-            .help = "timed iterations per mode (default 20; chain8 200; llm 2 prefills and 2 decode runs per batch)",
+            .help = "timed iterations per mode (default 20; chain8 200; llm 4 prefills and 4 decode runs per batch)",
             .min = 1, .max = 1000000},
            {.name = "warmup", .kind = OptionKind::Int, .value = "N",
             .help = "untimed iterations per mode before (default 3; chain8 20; llm 1)", .min = 0, .max = 1000000},
