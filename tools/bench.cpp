@@ -887,7 +887,9 @@ json run_llm_workload(const Args& a, const std::string& work, const bench::Machi
     throw UsageError("option --modes: name pipeline or roundtrip too (devpipe, the reference output)");
   }
   const bool pytorch = !a.has("no-pytorch");
-  for (const std::string& dt : a.get_list("llm-dtypes", "float32,bfloat16")) {
+  const std::vector<std::string> dtypes = a.get_list("llm-dtypes", "float32,bfloat16");
+  report["config"]["dtypes"] = dtypes;
+  for (const std::string& dt : dtypes) {
     const DType dtype = dtype_from_name(dt);
     const std::uint64_t elem = dtype == DType::Float32 ? 4 : 2;
     // The bounds: a decode step reads every weight once (weight bytes / triad bandwidth); the
@@ -1120,7 +1122,9 @@ void print_llm_rows(const json& llm) {
               c["prompt_len"].get<long long>(), c["decode_tokens"].get<long long>());
   std::printf("%-9s %-15s %12s %11s %11s %11s %10s %10s  %s\n", "dtype", "mode", "prefill t/s", "b1 tok/s", "b8 tok/s",
               "b1 step ms", "b1/bound", "b8/bound", "greedy ids");
-  for (const auto& [dt, run] : llm["runs"].items()) {
+  for (const std::string dt : c["dtypes"]) {
+    if (!llm["runs"].contains(dt)) continue;
+    const json& run = llm["runs"][dt];
     const json& b = run["bound"];
     std::printf("%-9s %-15s %12s %11.1f %11s %11.3f %10s %10s  (weights %.1f MB / triad bandwidth; prefill compute "
                 "bound %.1f ms)\n",
@@ -1354,8 +1358,10 @@ int bench_main(const Args& a) {
   }
   std::cout << "wrote " << out << "\n";
 
-  std::printf("\n%-10s %-14s %10s %10s %10s %12s %10s %9s  %s\n", "workload", "mode", "p50 ms", "p90 ms", "mean ms",
-              "cpu ms/fwd", "/roofline", "cpu/roof", "output");
+  if (others) {
+    std::printf("\n%-10s %-14s %10s %10s %10s %12s %10s %9s  %s\n", "workload", "mode", "p50 ms", "p90 ms", "mean ms",
+                "cpu ms/fwd", "/roofline", "cpu/roof", "output");
+  }
   for (const auto& [wl, wj] : report["workloads"].items()) {
     if (wl == "llm") continue;  // its own table below
     std::printf("%-10s %-14s %10.3f %34s  (%s-bound: compute %.3f ms, memory %.3f ms)\n", wl.c_str(), "roofline",
