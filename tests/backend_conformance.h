@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "compiler/fuse.h"
 #include "devpipe/error.h"
 #include "devpipe/functional.h"
 #include "devpipe/trace.h"
@@ -175,6 +176,10 @@ inline const std::vector<ToleranceRow>& tolerance_table() {
       {"conv2d",              kF32,   kBF16,   kF16,   {},
        "oneDNN/cuDNN pick the algorithm (direct, implicit GEMM): sums of up to 288 terms in "
        "another order"},
+      {"conv2d_global_avg_pool", kF32, kBF16,  kF16,   {},
+       "the conv's sums of up to 80 products, then the mean over up to 690 positions, in another "
+       "order (float32 accumulators within a row, double across rows; the reference sums in "
+       "double)"},
       {"adaptive_avg_pool2d", kF32,   kBF16,   kF16,   {},
        "window sum in float32, then a divide (the reference sums in double)"},
       {"layer_norm",          kF32,   kBF16,   kF16,   {},
@@ -389,6 +394,36 @@ inline const std::vector<OpCase>& conformance_cases() {
         [](const std::vector<Var>& v) {
           return std::vector<Var>{F::conv2d(v[0], v[1], v[2], {1, 2}, {1, 1}, {1, 1}, 2)};
         });
+
+    // Conv2d + global average pool, fused by the compiler's pass into conv2d_global_avg_pool:
+    // output widths that leave a tail after the 6-pixel blocks, output channels that are not a
+    // multiple of the vector width, groups, strides, dilation and padding as wide as the kernel.
+    for (const ConvCase& k : std::vector<ConvCase>{
+             {{2, 3, 20, 23}, 64, {3, 3}, {1, 1}, {1, 1}, {1, 1}, 1, true},
+             {{1, 4, 9, 11}, 20, {3, 3}, {2, 2}, {1, 1}, {2, 2}, 2, false},
+             {{3, 5, 7, 10}, 10, {3, 3}, {2, 2}, {1, 1}, {1, 1}, 5, true},
+             {{2, 16, 6, 4}, 80, {1, 1}, {1, 1}, {0, 0}, {1, 1}, 1, true},
+             {{1, 3, 13, 10}, 5, {5, 5}, {2, 2}, {2, 2}, {1, 1}, 1, true},
+             {{2, 4, 5, 30}, 33, {3, 2}, {1, 3}, {0, 2}, {1, 2}, 1, false}}) {
+      c.push_back(
+          {"conv2d_global_avg_pool_x" + dims_tag(k.x) + "_out" + std::to_string(k.out) + "_k" +
+               dims_tag(k.kernel) + "_s" + dims_tag(k.stride) + "_p" + dims_tag(k.padding) +
+               "_d" + dims_tag(k.dilation) + "_g" + std::to_string(k.groups) +
+               (k.bias ? "_bias" : ""),
+           "conv2d_global_avg_pool", floating_dtypes(), [k](DType dt) {
+             Graph g = trace(dt, {{"x", vi(k.x, dt)}}, [&](const std::vector<Var>& v) {
+               Var w = param("w", {k.out, k.x[1] / k.groups, k.kernel[0], k.kernel[1]});
+               std::optional<Var> b;
+               if (k.bias) b = param("b", {k.out});
+               return std::vector<Var>{F::adaptive_avg_pool2d(
+                   F::conv2d(v[0], w, b, k.stride, k.padding, k.dilation, k.groups), {1, 1})};
+             });
+             if (fuse_conv_global_avg_pool(g) != 1) {
+               throw Error("conformance: conv2d + adaptive_avg_pool2d((1, 1)) was not fused");
+             }
+             return g;
+           }});
+    }
 
     // ---- pooling ----
     for (const auto& [x, os] : std::vector<std::pair<Shape, I64s>>{{{3, 4, 8, 8}, {2, 2}},

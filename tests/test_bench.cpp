@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "devpipe/devpipe.h"
+#include "compiler/fuse.h"
 #include "graph/cost.h"
 #include "kernels_bare.h"
 #include "peers.h"
@@ -55,6 +56,17 @@ TEST(GraphCost, CountsFlopsAndBytesOfAKnownGraph) {
   // conv out [2,4,8,8], pool out [2,4,1,1], flatten [2,4], linear [2,5]
   EXPECT_EQ(c.intermediate_bytes, (512u + 8 + 8 + 10) * 4);
   EXPECT_EQ(c.min_bytes(), c.param_bytes + c.input_bytes + c.output_bytes);
+}
+
+TEST(GraphCost, FusedConvPoolCountsTheConvsFlopsButNotItsOutputBytes) {
+  const GraphCost plain = graph_cost(small_vision_graph());
+  Graph fused = small_vision_graph();
+  ASSERT_EQ(fuse_conv_global_avg_pool(fused), 1);
+  const GraphCost c = graph_cost(fused);
+  EXPECT_DOUBLE_EQ(c.flops, plain.flops);
+  // the conv's [2,4,8,8] output is never materialised: pooled [2,4,1,1], flatten, linear remain
+  EXPECT_EQ(c.intermediate_bytes, (8u + 8 + 10) * 4);
+  EXPECT_EQ(c.param_bytes, plain.param_bytes);
 }
 
 TEST(GraphCost, CountsAttentionAsItsTwoMatmulsAndSoftmax) {

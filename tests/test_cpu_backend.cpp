@@ -12,6 +12,7 @@
 
 #include "backend_conformance.h"
 #include "backends/cpu/cpu_backend.h"
+#include "backends/cpu/cpu_isa.h"
 #include "backends/cpu/executor.h"
 #include "devpipe/error.h"
 #include "replace_new.h"
@@ -240,6 +241,54 @@ TEST(CpuBackend, RanksRunConcurrentlyOnTheirOwnThreads) {
   }
   for (auto& t : threads) t.join();
   for (const Tensor& o : outs) EXPECT_TRUE(testing::tensors_close(o, want[0], 2e-2, 2e-2));
+}
+
+/// Sets DEVPIPE_CPU_ISA for a scope (the hand-written kernels read it when they are built).
+class IsaCap {
+ public:
+  explicit IsaCap(const char* isa) { ::setenv("DEVPIPE_CPU_ISA", isa, 1); }
+  ~IsaCap() { ::unsetenv("DEVPIPE_CPU_ISA"); }
+  IsaCap(const IsaCap&) = delete;
+  IsaCap& operator=(const IsaCap&) = delete;
+};
+
+// Every instruction-set path of the fused conv + global average pool against the reference
+// (the conformance suite runs only the best one this CPU has): float32 and bfloat16, output
+// channels over one register block plus a remainder, a tail after the 6-pixel blocks.
+TEST(CpuBackend, ConvGlobalAvgPoolEveryIsaPathMatchesReference) {
+  using cpu::CpuIsa;
+  using cpu::cpu_isa;
+  using cpu::isa_name;
+  const CpuIsa best = cpu_isa();
+  for (DType dt : {DType::Float32, DType::BFloat16}) {
+    Graph g = trace(dt, {{"x", vi({3, 3, 10, 17}, dt)}}, [](const std::vector<Var>& v) {
+      Var c = F::conv2d(v[0], param("w", {72, 3, 3, 3}), param("b", {72}), {1, 1}, {1, 1},
+                        {1, 1}, 1);
+      return std::vector<Var>{F::adaptive_avg_pool2d(c, {1, 1})};
+    });
+    ASSERT_EQ(fuse_conv_global_avg_pool(g), 1);
+    auto params = random_params(g);
+    Tensor x = Tensor::randn({3, 3, 10, 17}, 4, dt);
+    auto want = run_reference(g, {x}, params);
+    for (CpuIsa isa : {CpuIsa::Portable, CpuIsa::Avx2, CpuIsa::Avx512}) {
+      if (isa > best) continue;  // this CPU lacks it
+      IsaCap cap(isa_name(isa).data());
+      ASSERT_EQ(cpu_isa(), isa);
+      auto exe = cpu_backend().compile(g, params, RankInfo{0, 1, nullptr, 2});
+      Tensor y = Tensor::empty({3, 72, 1, 1}, dt);
+      exe->run({x.raw_data()}, {y.raw_data()});
+      const double tol = dt == DType::Float32 ? 1e-4 : 2e-2;
+      EXPECT_TRUE(testing::tensors_close(y, want[0], tol, tol / 10))
+          << isa_name(isa) << " " << dtype_name(dt);
+    }
+  }
+  IsaCap bad("avx9");
+  try {
+    cpu_isa();
+    ADD_FAILURE() << "no error for DEVPIPE_CPU_ISA=avx9";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("'avx9'"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

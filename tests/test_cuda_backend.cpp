@@ -38,7 +38,13 @@ using namespace testing;  // the shared helpers of backend_conformance.h: trace,
 
 /// The cuda backend under the conformance suite: every case skips, printing why, without a
 /// usable device. Skip list: state_write and sample, which the cuda backend refuses with
-/// Unsupported (not implemented there yet); every other case runs, float16 and bfloat16 natively.
+/// Unsupported (not implemented there yet), and the fused conv + global average pool, which
+/// compile() makes only for the cpu backend; every other case runs, float16 and bfloat16 natively.
+constexpr const char* kCpuOnlyFusion =
+    "compile() fuses a conv with its global average pool only for the cpu backend; the cuda "
+    "backend runs the conv (cuDNN) and the pool as they are and refuses the fused op with "
+    "Unsupported";
+
 const BackendUnderTest& cuda_target() {
   static const BackendUnderTest target{
       .name = "cuda",
@@ -50,7 +56,10 @@ const BackendUnderTest& cuda_target() {
                 {"state_write", DType::Float16, "not implemented on cuda: refused with Unsupported"},
                 {"sample", DType::Float32, "not implemented on cuda: refused with Unsupported"},
                 {"sample", DType::BFloat16, "not implemented on cuda: refused with Unsupported"},
-                {"sample", DType::Float16, "not implemented on cuda: refused with Unsupported"}},
+                {"sample", DType::Float16, "not implemented on cuda: refused with Unsupported"},
+                {"conv2d_global_avg_pool", DType::Float32, kCpuOnlyFusion},
+                {"conv2d_global_avg_pool", DType::BFloat16, kCpuOnlyFusion},
+                {"conv2d_global_avg_pool", DType::Float16, kCpuOnlyFusion}},
   };
   return target;
 }

@@ -55,3 +55,44 @@ TEST(Fuse, FoldsActivationsIntoLinearWhereSafe) {
     EXPECT_TRUE(tensors_close(after_cpu[i], before_cpu[i], 1e-5, 1e-5)) << "cpu output " << i;
   }
 }
+
+// Conv2d + AdaptiveAvgPool2d((1, 1)) become one conv2d_global_avg_pool node where the conv's
+// result has no other reader; the values stay those of the unfused graph (reference and cpu).
+TEST(Fuse, FoldsGlobalAvgPoolIntoConvWhereSafe) {
+  Graph g = trace_function(
+      {}, {{"x", {Shape{2, 3, 12, 9}, DType::Float32}}, {"w", {Shape{8, 3, 3, 3}, DType::Float32}},
+           {"b", {Shape{8}, DType::Float32}}},
+      [](const std::vector<Var>& in) {
+        Var pooled = F::adaptive_avg_pool2d(F::conv2d(in[0], in[1], in[2], {1, 1}, {1, 1}, {1, 1}, 1),
+                                            {1, 1});                            // fusable
+        Var c2 = F::conv2d(in[0], in[1], std::nullopt, {2, 2}, {0, 0}, {1, 1}, 1);
+        Var not_global = F::adaptive_avg_pool2d(c2, {2, 2});                    // not global
+        Var c3 = F::conv2d(in[0], in[1], in[2], {1, 1}, {0, 0}, {1, 1}, 1);
+        Var shared = F::adaptive_avg_pool2d(c3, {1, 1});                        // c3 also returned
+        return std::vector<Var>{pooled, not_global, shared, c3};
+      });
+  std::vector<Tensor> in{Tensor::randn({2, 3, 12, 9}, 1), Tensor::randn({8, 3, 3, 3}, 2),
+                         Tensor::randn({8}, 3)};
+  auto before = run_reference(g, in, {});
+  Graph f = g;
+  EXPECT_EQ(fuse_conv_global_avg_pool(f), 1);
+  EXPECT_EQ(f.nodes.size(), g.nodes.size() - 1);
+  int fused = 0, convs = 0, pools = 0;
+  for (const auto& n : f.nodes) {
+    fused += n.op == OpKind::Conv2dGlobalAvgPool;
+    convs += n.op == OpKind::Conv2d;
+    pools += n.op == OpKind::AdaptiveAvgPool2d;
+  }
+  EXPECT_EQ(fused, 1);
+  EXPECT_EQ(convs, 2);
+  EXPECT_EQ(pools, 2);
+  EXPECT_EQ(fuse_conv_global_avg_pool(f), 0);  // nothing left to fuse
+  auto after = run_reference(f, in, {});
+  auto after_cpu = run_graph_once(cpu_backend(), f, in, {});
+  ASSERT_EQ(after.size(), before.size());
+  for (std::size_t i = 0; i < before.size(); ++i) {
+    // The reference rounds the unfused conv to float32 before pooling, the fused op does not.
+    EXPECT_TRUE(tensors_close(after[i], before[i], 1e-6, 1e-6)) << "output " << i;
+    EXPECT_TRUE(tensors_close(after_cpu[i], before[i], 1e-4, 1e-5)) << "cpu output " << i;
+  }
+}

@@ -117,6 +117,15 @@ Var apply_op(const OpCase& c, const std::vector<Var>& v) {
     return F::conv2d(v[0], v[1], opt(v, 2), ints(a, "stride"), ints(a, "padding"),
                      ints(a, "dilation"), a.at("groups").get<std::int64_t>());
   }
+  if (op == "conv2d_global_avg_pool") {
+    // The fused op as the compiler's pass makes it from conv2d + adaptive_avg_pool2d((1, 1)).
+    Attrs attrs;
+    attrs.set("stride", ints(a, "stride"))
+        .set("padding", ints(a, "padding"))
+        .set("dilation", ints(a, "dilation"))
+        .set("groups", a.at("groups").get<std::int64_t>());
+    return Tracer::current().emit(OpKind::Conv2dGlobalAvgPool, v, attrs);
+  }
   if (op == "adaptive_avg_pool2d") return F::adaptive_avg_pool2d(v[0], ints(a, "output_size"));
   if (op == "max_pool2d") {
     return F::max_pool2d(v[0], ints(a, "kernel_size"), ints(a, "stride"), ints(a, "padding"),
@@ -211,7 +220,9 @@ Graph trace_case(const OpCase& c) {
 std::int64_t reduction_length(const OpCase& c) {
   if (c.op == "linear") return c.inputs[1].dim(1);
   if (c.op == "matmul") return c.inputs[0].dim(-1);
-  if (c.op == "conv2d") return c.inputs[1].dim(1) * c.inputs[1].dim(2) * c.inputs[1].dim(3);
+  if (c.op == "conv2d" || c.op == "conv2d_global_avg_pool") {
+    return c.inputs[1].dim(1) * c.inputs[1].dim(2) * c.inputs[1].dim(3);
+  }
   if (c.op == "sum" || c.op == "mean") return c.inputs[0].numel() / std::max<std::int64_t>(c.expected.numel(), 1);
   return 0;
 }

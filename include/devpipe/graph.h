@@ -67,10 +67,12 @@ enum class OpKind {
                       // position outside [0, S) writes nothing
   Sample,             // logits[B, V], params[B, 3] f32 (temperature, top_k, top_p), u[B] f32
                       // -> token ids [B] int64 (temperature <= 0: argmax)
+  Conv2dGlobalAvgPool,  // Conv2d's inputs and attrs -> [N, O, 1, 1]: the conv, then its mean
+                        // over H and W (made by the compiler's conv + pool fusion)
 };
 
 /// Number of OpKind values (for tables).
-inline constexpr int kNumOpKinds = static_cast<int>(OpKind::Sample) + 1;
+inline constexpr int kNumOpKinds = static_cast<int>(OpKind::Conv2dGlobalAvgPool) + 1;
 
 std::string_view op_name(OpKind op);
 /// Throws FormatError naming the text when it is not an op name.

@@ -3,6 +3,8 @@
 
 #include <set>
 
+#include "graph/op_def.h"
+
 namespace devpipe {
 namespace {
 
@@ -41,6 +43,15 @@ double node_flops(const Graph& g, const Node& n) {
       const Shape& w = g.value(n.inputs.at(1)).shape;  // [O, C/groups, kh, kw]
       double f = 2.0 * numel(out) * static_cast<double>(w[1] * w[2] * w[3]);
       if (n.inputs.size() == 3) f += numel(out);
+      return f;
+    }
+    case OpKind::Conv2dGlobalAvgPool: {  // the conv's FLOPs on its whole output, then the pool's
+      std::vector<ValueInfo> conv_in;
+      for (int v : n.inputs) conv_in.push_back(g.value(v));
+      const double conv_out = numel(infer_op(OpKind::Conv2d, conv_in, n.attrs).at(0));
+      const Shape& w = g.value(n.inputs.at(1)).shape;
+      double f = 2.0 * conv_out * static_cast<double>(w[1] * w[2] * w[3]) + conv_out;
+      if (n.inputs.size() == 3) f += conv_out;
       return f;
     }
     case OpKind::AdaptiveAvgPool2d:

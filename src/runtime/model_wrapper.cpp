@@ -199,6 +199,8 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
     std::vector<Var> outs = factory_.call(*module, vars);
     Graph g = tracer.finish(outs);
     int fused = fuse_linear_activations(g);
+    // Only the cpu backend has a fused conv + pool kernel; the cuda backend keeps the pair.
+    int pooled = rc.device == DeviceKind::Cpu ? fuse_conv_global_avg_pool(g) : 0;
     std::vector<int> out_ranks;
     for (int v : g.outputs) out_ranks.push_back(g.value(v).shape.rank());
     auto out_dims = checked_dims(output_dims(), out_ranks, "output", tag);
@@ -239,7 +241,8 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
     m.buckets.push_back(std::move(bucket));
     report("traced bucket " + bucket_text(b, m.buckets.back().dims) + " (" +
            std::to_string(m.buckets.back().graph.nodes.size()) + " ops" +
-           (fused ? ", " + std::to_string(fused) + " activation(s) fused" : std::string()) + ")");
+           (fused ? ", " + std::to_string(fused) + " activation(s) fused" : std::string()) +
+           (pooled ? ", " + std::to_string(pooled) + " conv + pool fused" : std::string()) + ")");
   }
 
   // Weights: every parameter the graphs use, from the checkpoint, checked, converted, sharded.

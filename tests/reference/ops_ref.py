@@ -132,6 +132,24 @@ for name, dt in FLOAT_DTYPES.items():
                  F.conv2d(x, w, b, stride=s, padding=p, dilation=d, groups=g),
                  {"stride": stride, "padding": pad, "dilation": dil, "groups": groups})
 
+    # ---- conv2d_global_avg_pool: conv2d, then adaptive_avg_pool2d to (1, 1) ----
+    for xs, o, k, stride, pad, dil, groups, bias in [
+        ([2, 3, 20, 23], 64, [3, 3], [1, 1], [1, 1], [1, 1], 1, True),   # the seed's conv, smaller
+        ([1, 4, 9, 11], 20, [3, 3], [2, 2], [1, 1], [2, 2], 2, False),   # stride, dilation, groups
+        ([2, 16, 6, 4], 80, [1, 1], [1, 1], [0, 0], [1, 1], 1, True),    # 1x1, 80 channels
+        ([2, 4, 5, 30], 33, [3, 2], [1, 3], [0, 2], [1, 2], 1, True),    # asymmetric
+    ]:
+        cg = xs[1] // groups
+        fan_in = cg * k[0] * k[1]
+        ins = [randn(xs, dt), randn([o, cg] + k, dt, 1 / math.sqrt(fan_in))]
+        if bias:
+            ins.append(randn([o], dt, 0.5))
+        add_case("conv2d_global_avg_pool", name, ins,
+                 lambda x, w, b=None, s=stride, p=pad, d=dil, g=groups:
+                 F.adaptive_avg_pool2d(F.conv2d(x, w, b, stride=s, padding=p, dilation=d,
+                                                groups=g), [1, 1]),
+                 {"stride": stride, "padding": pad, "dilation": dil, "groups": groups})
+
     # ---- adaptive_avg_pool2d ----
     for xs, os_ in [
         ([2, 3, 7, 10], [1, 1]),

@@ -161,6 +161,8 @@ std::unique_ptr<Kernel> make_kernel(const BuildContext& cx) {
       return make_matmul_kernel(cx);
     case OpKind::Conv2d:
       return make_conv2d_kernel(cx);
+    case OpKind::Conv2dGlobalAvgPool:
+      return make_conv_global_avg_pool_kernel(cx);
     case OpKind::AdaptiveAvgPool2d:
       return make_adaptive_avg_pool_kernel(cx);
     case OpKind::MaxPool2d:

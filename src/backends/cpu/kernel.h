@@ -207,6 +207,7 @@ std::unique_ptr<Kernel> make_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_linear_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_matmul_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_conv2d_kernel(const BuildContext& cx);
+std::unique_ptr<Kernel> make_conv_global_avg_pool_kernel(const BuildContext& cx);  // kernels_conv_pool
 std::unique_ptr<Kernel> make_adaptive_avg_pool_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_max_pool_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_layer_norm_kernel(const BuildContext& cx);

@@ -1,4 +1,4 @@
-// Conv2d.
+// Conv2d, and Conv2d fused with a global average pool (conv2d_global_avg_pool).
 #include "devpipe/error.h"
 #include "graph/op_def.h"
 
@@ -55,12 +55,11 @@ void store(Tensor& out, const std::vector<float>& v) {
 }
 
 // Direct convolution with zero padding: for every output element, the dot product of the
-// (dilated, strided) input window of its group's channels with the filter.
-void ref_conv2d(const std::vector<Tensor>& in, std::vector<Tensor>& out, const Attrs& attrs,
-                const RefContext&) {
+// (dilated, strided) input window of its group's channels with the filter, in double.
+std::vector<double> conv2d_double(const std::vector<Tensor>& in, const Shape& ys,
+                                  const Attrs& attrs) {
   const Shape& xs = in[0].shape();
   const Shape& ws = in[1].shape();
-  const Shape& ys = out[0].shape();
   const auto& stride = attrs.ints("stride");
   const auto& pad = attrs.ints("padding");
   const auto& dil = attrs.ints("dilation");
@@ -73,7 +72,7 @@ void ref_conv2d(const std::vector<Tensor>& in, std::vector<Tensor>& out, const A
   auto w = in[1].to_float_vector();
   std::vector<float> b;
   if (in.size() == 3) b = in[2].to_float_vector();
-  std::vector<float> y(static_cast<std::size_t>(ys.numel()));
+  std::vector<double> y(static_cast<std::size_t>(N * O * OH * OW));
   for (std::int64_t n = 0; n < N; ++n) {
     for (std::int64_t o = 0; o < O; ++o) {
       const std::int64_t g = o / Og;
@@ -93,17 +92,53 @@ void ref_conv2d(const std::vector<Tensor>& in, std::vector<Tensor>& out, const A
               }
             }
           }
-          y[static_cast<std::size_t>(((n * O + o) * OH + oh) * OW + ow)] = static_cast<float>(acc);
+          y[static_cast<std::size_t>(((n * O + o) * OH + oh) * OW + ow)] = acc;
         }
       }
     }
   }
-  store(out[0], y);
+  return y;
+}
+
+void ref_conv2d(const std::vector<Tensor>& in, std::vector<Tensor>& out, const Attrs& attrs,
+                const RefContext&) {
+  std::vector<double> y = conv2d_double(in, out[0].shape(), attrs);
+  store(out[0], std::vector<float>(y.begin(), y.end()));
+}
+
+// ---- the fused conv + global average pool ----
+
+std::vector<ValueInfo> infer_conv2d_global_avg_pool(const std::vector<ValueInfo>& in,
+                                                    const Attrs& attrs) {
+  try {
+    ValueInfo conv = infer_conv2d(in, attrs)[0];
+    return {{Shape{conv.shape[0], conv.shape[1], 1, 1}, conv.dtype}};
+  } catch (const ShapeError& e) {
+    throw ShapeError(std::string("conv2d_global_avg_pool: ") + e.what());
+  }
+}
+
+// The convolution in double, then the mean of each (n, o) plane, rounded once.
+void ref_conv2d_global_avg_pool(const std::vector<Tensor>& in, std::vector<Tensor>& out,
+                                const Attrs& attrs, const RefContext&) {
+  Shape conv = infer_conv2d({{in[0].shape(), in[0].dtype()}, {in[1].shape(), in[1].dtype()}},
+                            attrs)[0].shape;
+  std::vector<double> y = conv2d_double(in, conv, attrs);
+  const std::int64_t planes = conv[0] * conv[1], hw = conv[2] * conv[3];
+  std::vector<float> mean(static_cast<std::size_t>(planes));
+  for (std::int64_t p = 0; p < planes; ++p) {
+    double acc = 0;
+    for (std::int64_t i = 0; i < hw; ++i) acc += y[static_cast<std::size_t>(p * hw + i)];
+    mean[static_cast<std::size_t>(p)] = static_cast<float>(acc / static_cast<double>(hw));
+  }
+  store(out[0], mean);
 }
 
 }  // namespace
 
 namespace ops {
 const OpDef kConv2d{OpKind::Conv2d, "conv2d", 2, 3, infer_conv2d, ref_conv2d};
+const OpDef kConv2dGlobalAvgPool{OpKind::Conv2dGlobalAvgPool, "conv2d_global_avg_pool", 2, 3,
+                                 infer_conv2d_global_avg_pool, ref_conv2d_global_avg_pool};
 }  // namespace ops
 }  // namespace devpipe

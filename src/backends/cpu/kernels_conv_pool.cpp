@@ -1,0 +1,406 @@
+// The fused Conv2d + global average pool (conv2d_global_avg_pool): the convolution is computed
+// row by row into registers and reduced there into the pooled sums, so its output
+// ([N, O, OH, OW], 411 MB for the seed's stage) is never written to memory.
+//
+// For each (image, output row, group) the input rows the filter touches are copied, zero
+// padded and widened to float32, into a small per-thread buffer (L1-sized for small C); the
+// micro-kernel then runs every filter tap over blocks of P output pixels with the output
+// channels in vector lanes (AVX-512: 4 x 16 channels x 6 pixels = 24 accumulators; AVX2:
+// 2 x 8 x 6 = 12), one weight load per channel vector and one broadcast per pixel per tap.
+// The accumulators keep summing over the whole row; their sum is added, per row, to a double
+// partial of the task (an image and a band of rows), and the partials are reduced in a fixed
+// order, so results do not depend on the thread count. The bias is added to the mean.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "backends/cpu/cpu_isa.h"
+#include "backends/cpu/kernel.h"
+
+namespace devpipe::cpu {
+
+namespace {
+
+std::size_t round_up(std::size_t n, std::size_t m) { return (n + m - 1) / m * m; }
+
+/// The convolution's geometry (groups: cg input and og output channels each).
+struct ConvGeom {
+  std::int64_t n, c, h, w, o, kh, kw, sh, sw, ph, pw, dh, dw, groups, oh, ow, cg, og;
+  std::int64_t wp;    // row buffer width: (ow - 1) * sw + (kw - 1) * dw + 1
+  std::int64_t taps;  // cg * kh * kw
+};
+
+/// Pixels per register block of the vector paths.
+constexpr int kPixels = 6;
+
+/// Converts `count` elements of dtype `dt` at `src` to float32.
+void widen(const std::byte* src, DType dt, std::int64_t count, float* dst) {
+  switch (dt) {
+    case DType::Float32:
+      std::memcpy(dst, src, static_cast<std::size_t>(count) * sizeof(float));
+      return;
+    case DType::BFloat16: {
+      const auto* s = reinterpret_cast<const std::uint16_t*>(src);
+      for (std::int64_t i = 0; i < count; ++i) dst[i] = bf16_to_float(s[i]);
+      return;
+    }
+    case DType::Float16: {
+      const auto* s = reinterpret_cast<const std::uint16_t*>(src);
+      for (std::int64_t i = 0; i < count; ++i) dst[i] = fp16_to_float(s[i]);
+      return;
+    }
+    case DType::Int64:
+      return;  // rejected at build
+  }
+}
+
+void narrow_store(std::byte* dst, DType dt, std::int64_t i, float v) {
+  switch (dt) {
+    case DType::Float32:
+      reinterpret_cast<float*>(dst)[i] = v;
+      break;
+    case DType::BFloat16:
+      reinterpret_cast<std::uint16_t*>(dst)[i] = float_to_bf16(v);
+      break;
+    case DType::Float16:
+      reinterpret_cast<std::uint16_t*>(dst)[i] = float_to_fp16(v);
+      break;
+    case DType::Int64:
+      break;
+  }
+}
+
+// ---- the row micro-kernels: sums[o] += sum over the row's pixels of the conv at o ----
+//
+// rb: the row buffer, tap t of pixel x at rb[off[t] + x * sw]; w: packed weights [taps][opad].
+
+#if defined(__x86_64__)
+template <int NV>
+__attribute__((target("avx512f"))) void row_avx512(const float* rb, const std::int64_t* off,
+                                                   std::int64_t taps, std::int64_t sw,
+                                                   std::int64_t ow, const float* w,
+                                                   std::int64_t opad, float* sums) {
+  __m512 a[kPixels][NV];
+  for (int p = 0; p < kPixels; ++p) {
+    for (int v = 0; v < NV; ++v) a[p][v] = _mm512_setzero_ps();
+  }
+  std::int64_t x = 0;
+  for (; x + kPixels <= ow; x += kPixels) {
+    const float* base = rb + x * sw;
+    const float* wt = w;
+    for (std::int64_t t = 0; t < taps; ++t, wt += opad) {
+      const float* px = base + off[t];
+      __m512 wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wt + 16 * v);
+      for (int p = 0; p < kPixels; ++p) {
+        const __m512 xb = _mm512_set1_ps(px[p * sw]);
+        for (int v = 0; v < NV; ++v) a[p][v] = _mm512_fmadd_ps(wv[v], xb, a[p][v]);
+      }
+    }
+  }
+  for (; x < ow; ++x) {
+    const float* base = rb + x * sw;
+    const float* wt = w;
+    for (std::int64_t t = 0; t < taps; ++t, wt += opad) {
+      const __m512 xb = _mm512_set1_ps(base[off[t]]);
+      for (int v = 0; v < NV; ++v)
+        a[0][v] = _mm512_fmadd_ps(_mm512_loadu_ps(wt + 16 * v), xb, a[0][v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    __m512 s = a[0][v];
+    for (int p = 1; p < kPixels; ++p) s = _mm512_add_ps(s, a[p][v]);
+    _mm512_storeu_ps(sums + 16 * v, _mm512_add_ps(_mm512_loadu_ps(sums + 16 * v), s));
+  }
+}
+
+template <int NV>
+__attribute__((target("avx2,fma"))) void row_avx2(const float* rb, const std::int64_t* off,
+                                                  std::int64_t taps, std::int64_t sw,
+                                                  std::int64_t ow, const float* w,
+                                                  std::int64_t opad, float* sums) {
+  __m256 a[kPixels][NV];
+  for (int p = 0; p < kPixels; ++p) {
+    for (int v = 0; v < NV; ++v) a[p][v] = _mm256_setzero_ps();
+  }
+  std::int64_t x = 0;
+  for (; x + kPixels <= ow; x += kPixels) {
+    const float* base = rb + x * sw;
+    const float* wt = w;
+    for (std::int64_t t = 0; t < taps; ++t, wt += opad) {
+      const float* px = base + off[t];
+      __m256 wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_ps(wt + 8 * v);
+      for (int p = 0; p < kPixels; ++p) {
+        const __m256 xb = _mm256_broadcast_ss(px + p * sw);
+        for (int v = 0; v < NV; ++v) a[p][v] = _mm256_fmadd_ps(wv[v], xb, a[p][v]);
+      }
+    }
+  }
+  for (; x < ow; ++x) {
+    const float* base = rb + x * sw;
+    const float* wt = w;
+    for (std::int64_t t = 0; t < taps; ++t, wt += opad) {
+      const __m256 xb = _mm256_broadcast_ss(base + off[t]);
+      for (int v = 0; v < NV; ++v)
+        a[0][v] = _mm256_fmadd_ps(_mm256_loadu_ps(wt + 8 * v), xb, a[0][v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    __m256 s = a[0][v];
+    for (int p = 1; p < kPixels; ++p) s = _mm256_add_ps(s, a[p][v]);
+    _mm256_storeu_ps(sums + 8 * v, _mm256_add_ps(_mm256_loadu_ps(sums + 8 * v), s));
+  }
+}
+#endif
+
+/// Any CPU: one pixel at a time, the channel loop left to the compiler's vectoriser.
+void row_portable(const float* rb, const std::int64_t* off, std::int64_t taps, std::int64_t sw,
+                  std::int64_t ow, const float* w, std::int64_t opad, float* sums) {
+  for (std::int64_t x = 0; x < ow; ++x) {
+    const float* base = rb + x * sw;
+    const float* wt = w;
+    for (std::int64_t t = 0; t < taps; ++t, wt += opad) {
+      const float xv = base[off[t]];
+      for (std::int64_t o = 0; o < opad; ++o) sums[o] += wt[o] * xv;
+    }
+  }
+}
+
+class ConvGlobalAvgPoolKernel final : public Kernel {
+ public:
+  explicit ConvGlobalAvgPoolKernel(const BuildContext& cx)
+      : x_(cx.in_id(0)),
+        w_(cx.in_id(1)),
+        b_(cx.num_inputs() == 3 ? cx.in_id(2) : -1),
+        y_(cx.out_id()),
+        dt_(cx.out().dtype),
+        isa_(cpu_isa()) {
+    const Shape& xs = cx.in(0).shape;
+    const Shape& ws = cx.in(1).shape;
+    const Attrs& at = cx.node.attrs;
+    const auto& st = at.ints("stride");
+    const auto& pad = at.ints("padding");
+    const auto& dil = at.ints("dilation");
+    ConvGeom& g = g_;
+    g.n = xs[0];
+    g.c = xs[1];
+    g.h = xs[2];
+    g.w = xs[3];
+    g.o = ws[0];
+    g.kh = ws[2];
+    g.kw = ws[3];
+    g.sh = st[0];
+    g.sw = st[1];
+    g.ph = pad[0];
+    g.pw = pad[1];
+    g.dh = dil[0];
+    g.dw = dil[1];
+    g.groups = at.i("groups");
+    g.cg = ws[1];
+    g.og = g.o / g.groups;
+    g.oh = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+    g.ow = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+    g.wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+    g.taps = g.cg * g.kh * g.kw;
+    const std::size_t lanes = isa_ == CpuIsa::Avx512 ? 16 : 8;
+    opad_ = static_cast<std::int64_t>(round_up(static_cast<std::size_t>(g.og), lanes));
+    for (std::int64_t c = 0; c < g.cg; ++c) {
+      for (std::int64_t r = 0; r < g.kh; ++r) {
+        for (std::int64_t k = 0; k < g.kw; ++k) off_.push_back((c * g.kh + r) * g.wp + k * g.dw);
+      }
+    }
+    // Bands of rows per image: enough tasks to balance the threads, each a few rows.
+    threads_ = std::max(1, omp_get_max_threads());
+    bands_ =
+        std::min<std::int64_t>(g.oh, std::max<std::int64_t>(1, (4 * threads_ + g.n - 1) / g.n));
+    rows_per_band_ = (g.oh + bands_ - 1) / bands_;
+    bands_ = (g.oh + rows_per_band_ - 1) / rows_per_band_;
+    // Scratch: per thread a row buffer and a row sum; per task the double partials; the
+    // packed weights when they are not fixed at compile time.
+    rb_floats_ = round_up(static_cast<std::size_t>(g.cg * g.kh * g.wp), 16);
+    thread_bytes_ = (rb_floats_ + static_cast<std::size_t>(opad_)) * sizeof(float);
+    partial_off_ = static_cast<std::size_t>(threads_) * thread_bytes_;
+    const std::size_t partial_bytes =
+        static_cast<std::size_t>(g.n * bands_ * g.groups * opad_) * sizeof(double);
+    packed_floats_ = static_cast<std::size_t>(g.groups * g.taps * opad_);
+    packed_off_ = partial_off_ + round_up(partial_bytes, 64);
+    if (const std::byte* fixed = cx.fixed_input(1)) {
+      owned_.resize(packed_floats_);
+      pack(fixed, owned_.data());
+      packed_ = owned_.data();
+    }
+    scratch_ = packed_off_ + (packed_ ? 0 : packed_floats_ * sizeof(float));
+  }
+
+  std::size_t scratch_bytes() const override { return scratch_; }
+
+  void run(const RunContext& cx) override {
+    const ConvGeom& g = g_;
+    const float* wpk = packed_;
+    if (!wpk) {
+      auto* dst = reinterpret_cast<float*>(cx.scratch + packed_off_);
+      pack(cx.values[w_], dst);
+      wpk = dst;
+    }
+    const std::byte* x = cx.values[x_];
+    auto* partial = reinterpret_cast<double*>(cx.scratch + partial_off_);
+    const std::int64_t tasks = g.n * bands_;
+    const std::size_t esize = dtype_size(dt_);
+#pragma omp parallel num_threads(threads_)
+    {
+      const int tid = omp_get_thread_num();
+      auto* rb =
+          reinterpret_cast<float*>(cx.scratch + static_cast<std::size_t>(tid) * thread_bytes_);
+      float* sums = rb + rb_floats_;
+#pragma omp for schedule(dynamic)
+      for (std::int64_t task = 0; task < tasks; ++task) {
+        const std::int64_t n = task / bands_, band = task % bands_;
+        const std::int64_t r0 = band * rows_per_band_, r1 = std::min(g.oh, r0 + rows_per_band_);
+        double* part = partial + task * g.groups * opad_;
+        std::fill(part, part + g.groups * opad_, 0.0);
+        for (std::int64_t oh = r0; oh < r1; ++oh) {
+          for (std::int64_t gi = 0; gi < g.groups; ++gi) {
+            fill_rows(x, esize, n, oh, gi, rb);
+            std::fill(sums, sums + opad_, 0.f);
+            run_row(rb, wpk + gi * g.taps * opad_, sums);
+            double* pg = part + gi * opad_;
+            for (std::int64_t o = 0; o < opad_; ++o) pg[o] += sums[o];
+          }
+        }
+      }
+    }
+    // Reduce the bands in order, divide, add the bias.
+    std::byte* y = cx.values[y_];
+    const std::byte* bias = b_ >= 0 ? cx.values[b_] : nullptr;
+    const double inv = 1.0 / static_cast<double>(g.oh * g.ow);
+    for (std::int64_t n = 0; n < g.n; ++n) {
+      for (std::int64_t gi = 0; gi < g.groups; ++gi) {
+        for (std::int64_t o = 0; o < g.og; ++o) {
+          double s = 0;
+          for (std::int64_t band = 0; band < bands_; ++band) {
+            s += partial[((n * bands_ + band) * g.groups + gi) * opad_ + o];
+          }
+          const std::int64_t oc = gi * g.og + o;
+          double v = s * inv;
+          if (bias) {
+            float bv;
+            widen(bias + static_cast<std::size_t>(oc) * esize, dt_, 1, &bv);
+            v += bv;
+          }
+          narrow_store(y, dt_, n * g.o + oc, static_cast<float>(v));
+        }
+      }
+    }
+  }
+
+ private:
+  /// Weights [O, cg, kh, kw] (dtype dt_) to float32 [groups][taps][opad], zero padded.
+  void pack(const std::byte* w, float* dst) const {
+    const ConvGeom& g = g_;
+    std::fill(dst, dst + packed_floats_, 0.f);
+    const std::size_t esize = dtype_size(dt_);
+    for (std::int64_t oc = 0; oc < g.o; ++oc) {
+      const std::int64_t gi = oc / g.og, o = oc % g.og;
+      for (std::int64_t t = 0; t < g.taps; ++t) {
+        widen(w + static_cast<std::size_t>(oc * g.taps + t) * esize, dt_, 1,
+              dst + (gi * g.taps + t) * opad_ + o);
+      }
+    }
+  }
+
+  /// The input rows output row `oh` of group `gi` reads, zero padded, as float32.
+  void fill_rows(const std::byte* x, std::size_t esize, std::int64_t n, std::int64_t oh,
+                 std::int64_t gi, float* rb) const {
+    const ConvGeom& g = g_;
+    const std::int64_t lo = std::min(g.pw, g.wp);  // left padding
+    const std::int64_t len = std::max<std::int64_t>(0, std::min(g.w, g.wp - g.pw));
+    for (std::int64_t c = 0; c < g.cg; ++c) {
+      const std::int64_t ci = gi * g.cg + c;
+      for (std::int64_t r = 0; r < g.kh; ++r) {
+        float* dst = rb + (c * g.kh + r) * g.wp;
+        const std::int64_t ih = oh * g.sh - g.ph + r * g.dh;
+        if (ih < 0 || ih >= g.h || len == 0) {
+          std::fill(dst, dst + g.wp, 0.f);
+          continue;
+        }
+        std::fill(dst, dst + lo, 0.f);
+        widen(x + static_cast<std::size_t>(((n * g.c + ci) * g.h + ih) * g.w) * esize, dt_, len,
+              dst + lo);
+        std::fill(dst + lo + len, dst + g.wp, 0.f);
+      }
+    }
+  }
+
+  void run_row(const float* rb, const float* w, float* sums) const {
+    const ConvGeom& g = g_;
+    const std::int64_t* off = off_.data();
+    switch (isa_) {
+      case CpuIsa::Avx512:
+#if defined(__x86_64__)
+        for (std::int64_t o0 = 0; o0 < opad_; o0 += 64) {
+          switch (std::min<std::int64_t>(4, (opad_ - o0) / 16)) {
+            case 4:
+              row_avx512<4>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+              break;
+            case 3:
+              row_avx512<3>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+              break;
+            case 2:
+              row_avx512<2>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+              break;
+            default:
+              row_avx512<1>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+              break;
+          }
+        }
+        return;
+#endif
+      case CpuIsa::Avx2:
+#if defined(__x86_64__)
+        for (std::int64_t o0 = 0; o0 < opad_; o0 += 16) {
+          if (opad_ - o0 >= 16) {
+            row_avx2<2>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+          } else {
+            row_avx2<1>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+          }
+        }
+        return;
+#endif
+      case CpuIsa::Portable:
+        row_portable(rb, off, g.taps, g.sw, g.ow, w, opad_, sums);
+        return;
+    }
+  }
+
+  int x_, w_, b_, y_;
+  DType dt_;
+  CpuIsa isa_;
+  ConvGeom g_{};
+  std::int64_t opad_ = 0;
+  std::vector<std::int64_t> off_;
+  int threads_ = 1;
+  std::int64_t bands_ = 1, rows_per_band_ = 1;
+  std::size_t rb_floats_ = 0, thread_bytes_ = 0, partial_off_ = 0, packed_off_ = 0;
+  std::size_t packed_floats_ = 0, scratch_ = 0;
+  std::vector<float> owned_;
+  const float* packed_ = nullptr;
+};
+
+}  // namespace
+
+std::unique_ptr<Kernel> make_conv_global_avg_pool_kernel(const BuildContext& cx) {
+  if (!is_floating(cx.out().dtype)) {
+    throw Unsupported("cpu backend: no " + std::string(dtype_name(cx.out().dtype)) +
+                      " kernel for " + cx.where);
+  }
+  return std::make_unique<ConvGlobalAvgPoolKernel>(cx);
+}
+
+}  // namespace devpipe::cpu
