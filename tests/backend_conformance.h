@@ -323,6 +323,21 @@ inline const std::vector<OpCase>& conformance_cases() {
         }
       }
     }
+    // Skinny float32 shapes the cpu backend runs with its own kernels (kernels_skinny):
+    // K <= 16 with many output channels, and N <= 8 with a long K; row counts that leave a
+    // tail after the row blocks, channel counts that leave one after the register blocks.
+    for (const auto& [x, out, bias] : std::vector<std::tuple<Shape, std::int64_t, bool>>{
+             {{3, 367, 8}, 80, true},   // expand, 1101 rows
+             {{1025, 5}, 64, false},    // expand, K 5
+             {{1031, 100}, 5, true},    // reduce, K tail 100 % 16
+             {{2, 515, 64}, 8, false}}) {
+      add("linear_skinny_x" + dims_tag(x) + "_out" + std::to_string(out) + (bias ? "_bias" : ""),
+          "linear", one(x), [x = x, out = out, bias = bias](const std::vector<Var>& v) {
+            std::optional<Var> b;
+            if (bias) b = param("b", {out});
+            return std::vector<Var>{F::linear(v[0], param("w", {out, x.dim(-1)}), b)};
+          });
+    }
     // Linear with a fused activation (what the fusion pass produces).
     struct FusedCase {
       Shape x;

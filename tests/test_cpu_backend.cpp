@@ -291,5 +291,41 @@ TEST(CpuBackend, ConvGlobalAvgPoolEveryIsaPathMatchesReference) {
   }
 }
 
+// The skinny Linear kernels on each vector path (portable: oneDNN's matmul) against the
+// reference: the large workload's two shapes, scaled down in rows but not in channels.
+TEST(CpuBackend, SkinnyLinearEveryIsaPathMatchesReference) {
+  using cpu::CpuIsa;
+  using cpu::cpu_isa;
+  using cpu::isa_name;
+  using cpu::SkinnyForm;
+  const CpuIsa best = cpu_isa();
+  struct Case {
+    Shape x;
+    std::int64_t out;
+    SkinnyForm form;
+  };
+  for (const Case& c : {Case{{2, 601, 8}, 1280, SkinnyForm::Expand},
+                        Case{{2, 601, 1280}, 8, SkinnyForm::Reduce}}) {
+    Graph g = trace(DType::Float32, {{"x", vi(c.x, DType::Float32)}}, [&](const std::vector<Var>& v) {
+      return std::vector<Var>{F::linear(v[0], param("w", {c.out, c.x.dim(-1)}), param("b", {c.out}))};
+    });
+    auto params = random_params(g);
+    Tensor x = Tensor::randn(c.x, 5);
+    auto want = run_reference(g, {x}, params);
+    for (CpuIsa isa : {CpuIsa::Portable, CpuIsa::Avx2, CpuIsa::Avx512}) {
+      if (isa > best) continue;
+      EXPECT_EQ(cpu::skinny_linear_form(c.x[0] * c.x[1], c.x[2], c.out, isa),
+                isa == CpuIsa::Portable ? SkinnyForm::None : c.form)
+          << isa_name(isa);
+      IsaCap cap(isa_name(isa).data());
+      auto exe = cpu_backend().compile(g, params, RankInfo{0, 1, nullptr, 2});
+      Tensor y = Tensor::empty(want[0].shape(), DType::Float32);
+      exe->run({x.raw_data()}, {y.raw_data()});
+      EXPECT_TRUE(testing::tensors_close(y, want[0], 1e-4, 1e-5))
+          << isa_name(isa) << " " << c.x.to_string() << " -> " << c.out;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace devpipe

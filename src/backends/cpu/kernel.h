@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/cpu/cpu_isa.h"
 #include "backends/cpu/dnnl_util.h"
 #include "devpipe/graph.h"
 #include "runtime/backend.h"
@@ -206,6 +207,11 @@ std::unique_ptr<Kernel> make_kernel(const BuildContext& cx);
 // Family builders (kernels_*.cpp).
 std::unique_ptr<Kernel> make_linear_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_matmul_kernel(const BuildContext& cx);
+/// An own kernel for a skinny float32 Linear (kernels_skinny), or nullptr for oneDNN's.
+std::unique_ptr<Kernel> make_skinny_linear_kernel(const BuildContext& cx);
+/// Which skinny kernel runs x[m, k] @ w[n, k]^T on `isa` (None: oneDNN's matmul).
+enum class SkinnyForm { None, Expand, Reduce };
+SkinnyForm skinny_linear_form(std::int64_t m, std::int64_t k, std::int64_t n, CpuIsa isa);
 std::unique_ptr<Kernel> make_conv2d_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_conv_global_avg_pool_kernel(const BuildContext& cx);  // kernels_conv_pool
 std::unique_ptr<Kernel> make_adaptive_avg_pool_kernel(const BuildContext& cx);
