@@ -10,6 +10,7 @@
 // the pool and 1024 in the fusion layer; the observed error is ~1e-6 relative.
 #include <gtest/gtest.h>
 
+#include "compiler/artifact.h"
 #include "pipeline_util.h"
 #include "test_util.h"
 #include "vision_text/models.h"
@@ -107,6 +108,43 @@ TEST_P(PipelineTp, MatchesPyTorchAndHandsOffInPlace) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Tp, PipelineTp, ::testing::Values(1, 2, 4));
+
+// Both seed stages have no parallel layers: at tp 2 each rank runs half of a bucket that tp
+// divides (slice by rank, all-gather the outputs) instead of the whole, with the outputs of tp 1
+// and PyTorch; a bucket tp does not divide stays replicated.
+TEST_F(PipelineTest, ReplicatedStagesSplitTheBatchAtTp2) {
+  auto one = make(config(1, {3, 32}), true, "split_tp1");
+  auto two = make(config(2, {3, 32}), true, "split_tp2");
+  for (const char* stage : {"vision", "text"}) {
+    Manifest m = read_manifest(dir_->str(std::string("split_tp2/") + stage));
+    ASSERT_EQ(m.buckets.size(), 2u);
+    for (const auto& bucket : m.buckets) {
+      int slices = 0, gathers = 0;
+      for (const Node& n : bucket.graph.nodes) {
+        slices += n.op == OpKind::Slice && n.attrs.i("rank_stride", 0) == bucket.batch / 2;
+        gathers += n.op == OpKind::AllGather;
+      }
+      const bool split = bucket.batch == 32;
+      EXPECT_EQ(slices, split ? static_cast<int>(bucket.graph.inputs.size()) : 0)
+          << stage << " bucket " << bucket.batch;
+      EXPECT_EQ(gathers, split ? 1 : 0) << stage << " bucket " << bucket.batch;
+    }
+  }
+  for (std::int64_t rows : {32, 3}) {
+    Output f1 = one.vision->forward({io("image", rows)});
+    Tensor a = one.text->forward({f1, io("text", rows)}).tensor();
+    Output f2 = two.vision->forward({io("image", rows)});
+    ASSERT_EQ(f2.ranked().num_ranks(), 2);
+    f2.ranked().wait();
+    // Every rank holds the whole gathered batch.
+    EXPECT_EQ(max_abs_diff(f2.ranked()[0][0].to_host(), f2.ranked()[1][0].to_host()), 0.0);
+    Tensor b = two.text->forward({f2, io("text", rows)}).tensor();
+    // The conv's sums are banded by image count and threads: the same terms, rounded apart.
+    EXPECT_TRUE(tensors_close(b, a, 1e-5, 1e-6)) << rows << " rows";
+    EXPECT_TRUE(tensors_close(b, io("output", rows), kRtol, kAtol)) << rows << " rows";
+    EXPECT_TRUE(tensors_close(f2.ranked().to_host()[0], io("vision_features", rows), kRtol, kAtol));
+  }
+}
 
 TEST_F(PipelineTest, PipelineAndRoundTripGiveTheSameOutputs) {
   auto pipe = make(config(2), true, "pipe");

@@ -4,15 +4,19 @@
 #include <chrono>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "compiler/artifact.h"
+#include "compiler/batch_split.h"
 #include "compiler/fuse.h"
 #include "compiler/shard.h"
 #include "core/log.h"
 #include "devpipe/error.h"
+#include "devpipe/functional.h"
 #include "devpipe/safetensors.h"
 #include "devpipe/timeline.h"
+#include "devpipe/trace.h"
 #include "io/checkpoint.h"
 #include "runtime/backend.h"
 #include "runtime/checkpoint_keys.h"
@@ -127,6 +131,72 @@ StageIO stage_io(const std::string& name, const Shape& shape, DType dtype, const
   return io;
 }
 
+using StageInputs = std::vector<std::pair<std::string, ValueInfo>>;
+
+/// Traces `module` on `inputs`; with rows_per_rank > 0, each rank's share of the batch: the
+/// inputs sliced by rank, the outputs all-gathered.
+Graph trace_stage(const ModelFactory& factory, nn::Module& module, const RuntimeConfig& rc,
+                  const std::string& tag, const StageInputs& inputs, std::int64_t rows_per_rank) {
+  Tracer tracer({rc.tp_degree, rc.dtype, tag});
+  std::vector<Var> vars;
+  for (const auto& [name, info] : inputs) {
+    Var v = tracer.input(name, info.shape, info.dtype);
+    if (rows_per_rank > 0) {  // rank r takes rows [r * rows_per_rank, (r + 1) * rows_per_rank)
+      Attrs a;
+      a.set("dim", std::int64_t{0}).set("start", std::int64_t{0}).set("end", rows_per_rank)
+          .set("step", std::int64_t{1}).set("rank_stride", rows_per_rank);
+      v = tracer.emit(OpKind::Slice, {v}, a);
+    }
+    vars.push_back(v);
+  }
+  std::vector<Var> outs = factory.call(module, vars);
+  if (rows_per_rank > 0) {
+    for (Var& o : outs) {
+      if (o.rank() < 1 || o.dim(0) != rows_per_rank) {
+        throw ShapeError(prefix(tag) + "output of " + o.shape().to_string() +
+                         " does not keep the batch rows apart");
+      }
+      o = F::all_gather(o, 0);
+    }
+  }
+  return tracer.finish(outs);
+}
+
+/// The stage traced split over the ranks (see trace_stage), or nullopt when the model does not
+/// trace that way or the split graph's outputs or parameters differ from `replicated`'s.
+std::optional<Graph> try_trace_split(const ModelFactory& factory, nn::Module& module,
+                                     const RuntimeConfig& rc, const std::string& tag,
+                                     const StageInputs& inputs, std::int64_t rows_per_rank,
+                                     const Graph& replicated) {
+  Graph split;
+  try {
+    split = trace_stage(factory, module, rc, tag, inputs, rows_per_rank);
+  } catch (const Error&) {
+    return std::nullopt;  // the model fixes its batch size somewhere: stay replicated
+  }
+  // The same results, batch for batch: same outputs and the same parameters.
+  if (split.outputs.size() != replicated.outputs.size() ||
+      split.params.size() != replicated.params.size()) {
+    return std::nullopt;
+  }
+  for (std::size_t i = 0; i < split.outputs.size(); ++i) {
+    if (!(split.value(split.outputs[i]) == replicated.value(replicated.outputs[i]))) {
+      return std::nullopt;
+    }
+  }
+  for (std::size_t i = 0; i < split.params.size(); ++i) {
+    if (split.params[i].key != replicated.params[i].key) return std::nullopt;
+  }
+  // The same ops in the same order between the input slices and the output gathers (the model
+  // takes no other path for fewer rows, so batch_split_blocker's verdict on `replicated` holds).
+  const std::size_t n_in = inputs.size(), n_out = split.outputs.size();
+  if (split.nodes.size() != replicated.nodes.size() + n_in + n_out) return std::nullopt;
+  for (std::size_t i = 0; i < replicated.nodes.size(); ++i) {
+    if (split.nodes[n_in + i].op != replicated.nodes[i].op) return std::nullopt;
+  }
+  return split;
+}
+
 }  // namespace
 
 void ModelWrapper::compile(const std::string& checkpoint_path, const std::string& dir,
@@ -179,9 +249,8 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
       throw InvalidArgument(prefix(tag) + "input_generator() gives " + std::to_string(ex.size()) +
                             " inputs but the model's forward() takes " + std::to_string(factory_.arity()));
     }
-    Tracer tracer({rc.tp_degree, rc.dtype, tag});
-    std::vector<Var> vars;
     std::vector<StageIO> ins;
+    StageInputs in_infos;
     for (std::size_t i = 0; i < ex.size(); ++i) {
       const Tensor& t = ex[i];
       std::string name = i < names.size() ? names[i] : "input" + std::to_string(i);
@@ -193,11 +262,23 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
       const bool keep = i < keep_dtype.size() && keep_dtype[i];
       DType dt = is_floating(t.dtype()) && !keep ? rc.dtype : t.dtype();
       StageIO io = stage_io(name, t.shape(), dt, in_dims[i]);
-      vars.push_back(tracer.input(name, bucket_shape(io, bucket), dt));
+      in_infos.push_back({name, {bucket_shape(io, bucket), dt}});
       ins.push_back(std::move(io));
     }
-    std::vector<Var> outs = factory_.call(*module, vars);
-    Graph g = tracer.finish(outs);
+    Graph g = trace_stage(factory_, *module, rc, tag, in_infos, 0);
+    bool split_batch = false;
+    // A stage with no parallel layers would compute everything on every rank: each rank runs
+    // its share of the batch instead and the ranks all-gather the outputs (only where every
+    // output row depends on its input row alone and the stage has no state).
+    if (rc.tp_degree > 1 && b % rc.tp_degree == 0) {
+      const std::string blocker = batch_split_blocker(g, b);
+      if (!blocker.empty()) {
+        log::debug(prefix(tag) + "bucket " + bucket_text(b, bucket.dims) + " stays replicated: " + blocker);
+      } else if (auto split = try_trace_split(factory_, *module, rc, tag, in_infos, b / rc.tp_degree, g)) {
+        g = std::move(*split);
+        split_batch = true;
+      }
+    }
     int fused = fuse_linear_activations(g);
     // Only the cpu backend has a fused conv + pool kernel; the cuda backend keeps the pair.
     int pooled = rc.device == DeviceKind::Cpu ? fuse_conv_global_avg_pool(g) : 0;
@@ -242,7 +323,9 @@ void ModelWrapper::compile(const std::string& checkpoint_path, const std::string
     report("traced bucket " + bucket_text(b, m.buckets.back().dims) + " (" +
            std::to_string(m.buckets.back().graph.nodes.size()) + " ops" +
            (fused ? ", " + std::to_string(fused) + " activation(s) fused" : std::string()) +
-           (pooled ? ", " + std::to_string(pooled) + " conv + pool fused" : std::string()) + ")");
+           (pooled ? ", " + std::to_string(pooled) + " conv + pool fused" : std::string()) +
+           (split_batch ? ", batch split over " + std::to_string(rc.tp_degree) + " ranks" : std::string()) +
+           ")");
   }
 
   // Weights: every parameter the graphs use, from the checkpoint, checked, converted, sharded.
