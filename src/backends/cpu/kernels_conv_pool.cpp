@@ -81,11 +81,12 @@ void narrow_store(std::byte* dst, DType dt, std::int64_t i, float v) {
 // rb: the row buffer, tap t of pixel x at rb[off[t] + x * sw]; w: packed weights [taps][opad].
 
 #if defined(__x86_64__)
-template <int NV>
+template <int NV, bool kUnitStride>
 __attribute__((target("avx512f"))) void row_avx512(const float* rb, const std::int64_t* off,
-                                                   std::int64_t taps, std::int64_t sw,
+                                                   std::int64_t taps, std::int64_t stride,
                                                    std::int64_t ow, const float* w,
                                                    std::int64_t opad, float* sums) {
+  const std::int64_t sw = kUnitStride ? 1 : stride;  // a constant stride: no address math
   __m512 a[kPixels][NV];
   for (int p = 0; p < kPixels; ++p) {
     for (int v = 0; v < NV; ++v) a[p][v] = _mm512_setzero_ps();
@@ -120,11 +121,12 @@ __attribute__((target("avx512f"))) void row_avx512(const float* rb, const std::i
   }
 }
 
-template <int NV>
+template <int NV, bool kUnitStride>
 __attribute__((target("avx2,fma"))) void row_avx2(const float* rb, const std::int64_t* off,
-                                                  std::int64_t taps, std::int64_t sw,
+                                                  std::int64_t taps, std::int64_t stride,
                                                   std::int64_t ow, const float* w,
                                                   std::int64_t opad, float* sums) {
+  const std::int64_t sw = kUnitStride ? 1 : stride;  // a constant stride: no address math
   __m256 a[kPixels][NV];
   for (int p = 0; p < kPixels; ++p) {
     for (int v = 0; v < NV; ++v) a[p][v] = _mm256_setzero_ps();
@@ -347,16 +349,20 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
         for (std::int64_t o0 = 0; o0 < opad_; o0 += 64) {
           switch (std::min<std::int64_t>(4, (opad_ - o0) / 16)) {
             case 4:
-              row_avx512<4>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+              (g.sw == 1 ? row_avx512<4, true> : row_avx512<4, false>)(rb, off, g.taps, g.sw, g.ow,
+                                                                       w + o0, opad_, sums + o0);
               break;
             case 3:
-              row_avx512<3>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+              (g.sw == 1 ? row_avx512<3, true> : row_avx512<3, false>)(rb, off, g.taps, g.sw, g.ow,
+                                                                       w + o0, opad_, sums + o0);
               break;
             case 2:
-              row_avx512<2>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+              (g.sw == 1 ? row_avx512<2, true> : row_avx512<2, false>)(rb, off, g.taps, g.sw, g.ow,
+                                                                       w + o0, opad_, sums + o0);
               break;
             default:
-              row_avx512<1>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+              (g.sw == 1 ? row_avx512<1, true> : row_avx512<1, false>)(rb, off, g.taps, g.sw, g.ow,
+                                                                       w + o0, opad_, sums + o0);
               break;
           }
         }
@@ -366,9 +372,11 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
 #if defined(__x86_64__)
         for (std::int64_t o0 = 0; o0 < opad_; o0 += 16) {
           if (opad_ - o0 >= 16) {
-            row_avx2<2>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+            (g.sw == 1 ? row_avx2<2, true> : row_avx2<2, false>)(rb, off, g.taps, g.sw, g.ow,
+                                                                 w + o0, opad_, sums + o0);
           } else {
-            row_avx2<1>(rb, off, g.taps, g.sw, g.ow, w + o0, opad_, sums + o0);
+            (g.sw == 1 ? row_avx2<1, true> : row_avx2<1, false>)(rb, off, g.taps, g.sw, g.ow,
+                                                                 w + o0, opad_, sums + o0);
           }
         }
         return;
