@@ -414,8 +414,9 @@ TEST_F(CliWork, RunWritesTheTraceOfOneForward) {
     // One forward: each stage once per rank (not the warm-up's nor the timed iterations').
     EXPECT_EQ((stage_spans[{track, "vision_model"}]), 1) << "track " << track;
     EXPECT_EQ((stage_spans[{track, "text_model"}]), 1) << "track " << track;
-    // conv2d, pool, linear (vision); linear, concat, linear (text)
-    EXPECT_EQ(kernels[track], 6) << "track " << track;
+    // Both stages split the batch over the 2 ranks: slice, conv2d_global_avg_pool, linear,
+    // all_gather (vision); 2 slices, linear, concat, linear, all_gather (text).
+    EXPECT_EQ(kernels[track], 10) << "track " << track;
   }
 }
 

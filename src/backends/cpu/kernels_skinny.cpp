@@ -129,6 +129,11 @@ __attribute__((target("avx2,fma"))) inline __m256 hsum8(const __m256* a) {
                        _mm256_permute2f128_ps(h0123, h4567, 0x31));
 }
 
+// GCC 12 warns that the _mm512_undefined_ps() inside its own intrinsic headers is used
+// uninitialized (GCC bug 105593, fixed in 13): silenced for this one function.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 template <int R>
 __attribute__((target("avx512f,avx2,fma"))) void reduce_rows_avx512(const float* x, std::int64_t k,
                                                                     std::int64_t kpad,
@@ -173,6 +178,7 @@ __attribute__((target("avx512f,avx2,fma"))) void reduce_rows_avx512(const float*
     std::memcpy(y + r * n, s, static_cast<std::size_t>(n) * sizeof(float));
   }
 }
+#pragma GCC diagnostic pop
 
 __attribute__((target("avx2,fma"))) void reduce_row_avx2(const float* x, std::int64_t k,
                                                          std::int64_t kpad, const float* w,
