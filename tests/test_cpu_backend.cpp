@@ -292,7 +292,8 @@ TEST(CpuBackend, ConvGlobalAvgPoolEveryIsaPathMatchesReference) {
 }
 
 // The skinny Linear kernels on each vector path (portable: oneDNN's matmul) against the
-// reference: the large workload's two shapes, scaled down in rows but not in channels.
+// reference: the large workload's two shapes, scaled down in rows but not in channels, and
+// shapes that leave tails (rows, channel blocks, K) on each path.
 TEST(CpuBackend, SkinnyLinearEveryIsaPathMatchesReference) {
   using cpu::CpuIsa;
   using cpu::cpu_isa;
@@ -305,7 +306,9 @@ TEST(CpuBackend, SkinnyLinearEveryIsaPathMatchesReference) {
     SkinnyForm form;
   };
   for (const Case& c : {Case{{2, 601, 8}, 1280, SkinnyForm::Expand},
-                        Case{{2, 601, 1280}, 8, SkinnyForm::Reduce}}) {
+                        Case{{2, 601, 1280}, 8, SkinnyForm::Reduce},
+                        Case{{1, 1027, 5}, 80, SkinnyForm::Expand},      // channel blocks + tail
+                        Case{{1, 1027, 100}, 5, SkinnyForm::Reduce}}) {  // K tail on every path
     Graph g = trace(DType::Float32, {{"x", vi(c.x, DType::Float32)}}, [&](const std::vector<Var>& v) {
       return std::vector<Var>{F::linear(v[0], param("w", {c.out, c.x.dim(-1)}), param("b", {c.out}))};
     });
