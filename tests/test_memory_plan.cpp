@@ -182,4 +182,51 @@ TEST(MemoryPlan, RedefiningAValueAndUndefinedOutputsAreFormatErrors) {
 }
 
 }  // namespace
+// A rank's share of whole leading rows (the batch split of a replicated stage) is a view at
+// its rows when planned for that rank; a stepped slice, one of an inner dim, or a plan for no
+// rank, copies.
+TEST(MemoryPlan, LeadingRowsSliceIsAViewAtTheRanksRows) {
+  auto rows = [](std::int64_t step) {
+    return trace(Shape{4, 3, 5}, [step](const Var& x) {
+      Attrs a;
+      a.set("dim", std::int64_t{0}).set("start", std::int64_t{0}).set("end", std::int64_t{2})
+          .set("step", step).set("rank_stride", std::int64_t{2});
+      return std::vector<Var>{F::relu(Tracer::current().emit(OpKind::Slice, {x}, a))};
+    });
+  };
+  Graph g = rows(1);
+  const int x = g.inputs[0].value, s = g.nodes[0].outputs[0];
+  for (int rank : {0, 1}) {
+    MemoryPlan p = plan_views(g, "test backend", rank);
+    EXPECT_EQ(p.root[at(s)], x) << "rank " << rank;
+    EXPECT_EQ(p.root_offset[at(s)], static_cast<std::size_t>(rank * 2 * 3 * 5 * 4)) << "rank " << rank;
+  }
+  EXPECT_EQ(plan_views(g, "test backend").root[at(s)], s);  // no rank: a copy
+  Graph every_other = rows(2);
+  const int e = every_other.nodes[0].outputs[0];
+  EXPECT_EQ(plan_views(every_other, "test backend", 1).root[at(e)], e);
+  Graph stepped = trace(Shape{4, 3, 5}, [](const Var& x) {
+    Attrs a;
+    a.set("dim", std::int64_t{1}).set("start", std::int64_t{0}).set("end", std::int64_t{2})
+        .set("step", std::int64_t{1}).set("rank_stride", std::int64_t{1});
+    return std::vector<Var>{F::relu(Tracer::current().emit(OpKind::Slice, {x}, a))};
+  });
+  const int t = stepped.nodes[0].outputs[0];
+  EXPECT_EQ(plan_views(stepped, "test backend", 1).root[at(t)], t);  // rows of dim 1: not contiguous
+  // Leading rows of a state, or of a state_write's result, copy: a view would follow the state.
+  Graph state = trace(Shape{2, 1, 3}, [](const Var& x) {
+    Var st = F::state("s", {4, 5, 3}, DType::Float32);
+    Var before = F::slice(st, 0, 0, 2);
+    Var written = F::state_write(st, x, F::reshape(F::arange(2), {2, 1}), 1);
+    return std::vector<Var>{before, F::slice(written, 0, 0, 2)};
+  });
+  int slices = 0;
+  for (const Node& n : state.nodes) {
+    if (n.op != OpKind::Slice) continue;
+    ++slices;
+    EXPECT_EQ(plan_views(state, "test backend", 0).root[at(n.outputs[0])], n.outputs[0]);
+  }
+  EXPECT_EQ(slices, 2);
+}
+
 }  // namespace devpipe

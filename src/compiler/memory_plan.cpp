@@ -79,7 +79,29 @@ std::string describe_node(const Graph& graph, const Node& node) {
   return s;
 }
 
-MemoryPlan plan_views(const Graph& graph, std::string_view who) {
+namespace {
+
+/// For a slice of whole leading rows (step 1, every dim before the sliced one of size 1), the
+/// byte offset of rank `rank`'s rows in its input; npos for any other slice or out of range.
+std::size_t leading_rows_offset(const Graph& graph, const Node& node, int rank) {
+  const Attrs& at = node.attrs;
+  const Shape& in = graph.value(node.inputs.at(0)).shape;
+  const Shape& out = graph.value(node.outputs.at(0)).shape;
+  const auto d = static_cast<std::size_t>(at.i("dim"));
+  if (at.i("step", 1) != 1 || d >= static_cast<std::size_t>(in.rank())) return MemoryPlan::npos;
+  std::int64_t row = 1;
+  for (std::size_t i = 0; i < static_cast<std::size_t>(in.rank()); ++i) {
+    if (i < d && in[i] != 1) return MemoryPlan::npos;
+    if (i > d) row *= in[i];
+  }
+  const std::int64_t start = at.i("start") + static_cast<std::int64_t>(rank) * at.i("rank_stride", 0);
+  if (start < 0 || start + out[d] > in[d]) return MemoryPlan::npos;
+  return static_cast<std::size_t>(start * row) * dtype_size(graph.value(node.outputs[0]).dtype);
+}
+
+}  // namespace
+
+MemoryPlan plan_views(const Graph& graph, std::string_view who, int rank) {
   using Kind = MemoryPlan::Kind;
   const std::size_t nv = graph.values.size();
   MemoryPlan plan;
@@ -140,6 +162,17 @@ MemoryPlan plan_views(const Graph& graph, std::string_view who) {
       version[o] = version[in];
       if (node.op == OpKind::StateWrite) {
         version[o] = ++latest[static_cast<std::size_t>(plan.root[in])];
+      }
+    }
+    // A slice of a state stays a copy: a view would see a later state_write of its rows.
+    if (node.op == OpKind::Slice && rank >= 0 &&
+        plan.kind[static_cast<std::size_t>(plan.root[static_cast<std::size_t>(node.inputs.at(0))])] != Kind::State) {
+      const std::size_t off = leading_rows_offset(graph, node, rank);
+      if (off != MemoryPlan::npos) {
+        auto o = static_cast<std::size_t>(node.outputs.at(0));
+        auto in = static_cast<std::size_t>(node.inputs.at(0));
+        plan.root[o] = plan.root[in];
+        plan.root_offset[o] = plan.root_offset[in] + off;
       }
     }
   }

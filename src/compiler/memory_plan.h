@@ -30,7 +30,7 @@ struct MemoryPlan {
   std::vector<Kind> kind;                // per value
   std::vector<int> producer;             // per value: the node defining it, or -1
   std::vector<int> root;                 // per value: the value whose memory it views (itself
-                                         // unless a Reshape view)
+                                         // unless a Reshape or leading-rows Slice view)
   std::vector<std::size_t> root_offset;  // per value: byte offset into its root
 
   // ---- phase 2: plan_arena
@@ -54,7 +54,9 @@ struct MemoryPlan {
 /// with "`who`: " (e.g. "cpu backend") and naming the node, for a value read before anything
 /// defines it or defined twice, a StateWrite whose first input is not a state, and a node that
 /// reads a state (or a view of it) older than the state's latest update.
-MemoryPlan plan_views(const Graph& graph, std::string_view who);
+/// With `rank` >= 0 (a backend compiling for that rank), a slice of whole leading rows (the
+/// batch split of a replicated stage) is a view too, at the rank's rows.
+MemoryPlan plan_views(const Graph& graph, std::string_view who, int rank = -1);
 
 /// Phase 2 (once the kernels report `scratch_bytes`, per node): outputs written in place or
 /// copied at the end, liveness of the arena roots and their placement, with the scratch, into

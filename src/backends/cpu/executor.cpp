@@ -64,7 +64,7 @@ CpuExecutable::CpuExecutable(const Graph& graph, const std::vector<Tensor>& para
   }
 
   // Roots and views.
-  plan_ = plan_views(graph, "cpu backend");
+  plan_ = plan_views(graph, "cpu backend", rank.rank);
   const std::vector<std::byte*> fixed = fixed_addresses(graph, plan_, param_addresses);
 
   // A value read only by one pooling node (and not returned or viewed) may stay in its
@@ -97,6 +97,7 @@ CpuExecutable::CpuExecutable(const Graph& graph, const std::vector<Tensor>& para
   for (int i = 0; i < num_nodes; ++i) {
     const Node& node = graph.nodes[static_cast<std::size_t>(i)];
     if (node.op == OpKind::Reshape) continue;
+    if (node.op == OpKind::Slice && !plan_.is_root(node.outputs[0])) continue;  // a view
     BuildContext cx{graph_, node, rank_, fixed, describe_node(graph, node), &blocked_ok, &layouts};
     bool empty = false;
     for (int out : node.outputs) empty = empty || graph.value(out).shape.numel() == 0;

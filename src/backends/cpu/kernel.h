@@ -223,8 +223,6 @@ std::unique_ptr<Kernel> make_binary_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_permute_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_concat_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_slice_kernel(const BuildContext& cx);
-/// Copies the output's bytes from input 0 at byte `offset` (a slice of whole leading rows).
-std::unique_ptr<Kernel> make_block_copy_kernel(const BuildContext& cx, std::size_t offset);
 std::unique_ptr<Kernel> make_embedding_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_rms_norm_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_collective_kernel(const BuildContext& cx);

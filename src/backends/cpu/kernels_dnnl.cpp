@@ -414,7 +414,6 @@ std::unique_ptr<Kernel> make_slice_kernel(const BuildContext& cx) {
   DnnlDims strides = row_major_strides(in);
   const std::size_t offset =
       static_cast<std::size_t>(start * strides[d]) * dtype_size(cx.out().dtype);
-  if (step == 1 && product(in, 0, d) == 1) return make_block_copy_kernel(cx, offset);
   strides[d] *= step;
   return make_strided_copy(cx, out, strides, offset);
 }
