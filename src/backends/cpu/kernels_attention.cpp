@@ -11,8 +11,9 @@
 //
 // The tile routine is compiled three times, for AVX-512 (F/BW/VL/DQ), AVX2+FMA
 // and baseline x86-64, and the kernel picks the best the CPU supports when it is built
-// (__builtin_cpu_supports); DEVPIPE_CPU_ISA=baseline|avx2|avx512 asks for a lower one (tests
-// run every path on one machine). Other compilers/architectures get the portable path only.
+// (cpu_isa(), shared with the other hand-written kernels); DEVPIPE_CPU_ISA=baseline|avx2|avx512
+// asks for a lower one (tests run every path on one machine). Other compilers/architectures
+// get the portable path only.
 #include <omp.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include <cstring>
 #include <limits>
 
+#include "backends/cpu/cpu_isa.h"
 #include "backends/cpu/kernel.h"
 #include "graph/op_def.h"
 
@@ -230,36 +232,25 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void atte
 }
 #endif
 
-/// The widest tile routine this CPU runs, capped by DEVPIPE_CPU_ISA; `isa` gets its name.
+/// The widest tile routine this CPU runs, capped by DEVPIPE_CPU_ISA (cpu_isa()); `isa` gets
+/// its name.
 TileFn pick_tile_fn(std::string& isa) {
-  int best = 0;  // 0 baseline, 1 avx2, 2 avx512
+  const CpuIsa best = cpu_isa();
 #if DEVPIPE_X86_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
-  if (best == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    best = 2;
+  switch (best) {
+    case CpuIsa::Avx512:
+      isa = isa_name(best);
+      return attend_tile_avx512;
+    case CpuIsa::Avx2:
+      isa = isa_name(best);
+      return attend_tile_avx2;
+    case CpuIsa::Baseline:
+      break;
   }
+#else
+  (void)best;
 #endif
-  if (const char* env = std::getenv("DEVPIPE_CPU_ISA")) {
-    const std::string want(env);
-    const int cap = want == "baseline" ? 0 : want == "avx2" ? 1 : want == "avx512" ? 2 : -1;
-    if (cap < 0) {
-      throw ConfigError("DEVPIPE_CPU_ISA is '" + want + "'; expected baseline, avx2 or avx512");
-    }
-    best = std::min(best, cap);
-  }
-#if DEVPIPE_X86_DISPATCH
-  if (best == 2) {
-    isa = "avx512";
-    return attend_tile_avx512;
-  }
-  if (best == 1) {
-    isa = "avx2";
-    return attend_tile_avx2;
-  }
-#endif
-  isa = "baseline";
+  isa = isa_name(CpuIsa::Baseline);
   return attend_tile_baseline;
 }
 

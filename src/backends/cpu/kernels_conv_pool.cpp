@@ -163,7 +163,7 @@ __attribute__((target("avx2,fma"))) void row_avx2(const float* rb, const std::in
 #endif
 
 /// Any CPU: one pixel at a time, the channel loop left to the compiler's vectoriser.
-void row_portable(const float* rb, const std::int64_t* off, std::int64_t taps, std::int64_t sw,
+void row_baseline(const float* rb, const std::int64_t* off, std::int64_t taps, std::int64_t sw,
                   std::int64_t ow, const float* w, std::int64_t opad, float* sums) {
   for (std::int64_t x = 0; x < ow; ++x) {
     const float* base = rb + x * sw;
@@ -381,8 +381,8 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
         }
         return;
 #endif
-      case CpuIsa::Portable:
-        row_portable(rb, off, g.taps, g.sw, g.ow, w, opad_, sums);
+      case CpuIsa::Baseline:
+        row_baseline(rb, off, g.taps, g.sw, g.ow, w, opad_, sums);
         return;
     }
   }

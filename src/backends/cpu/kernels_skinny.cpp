@@ -319,7 +319,7 @@ class SkinnyLinearKernel final : public Kernel {
 }  // namespace
 
 SkinnyForm skinny_linear_form(std::int64_t m, std::int64_t k, std::int64_t n, CpuIsa isa) {
-  if (isa == CpuIsa::Portable || m < kMinRows) return SkinnyForm::None;
+  if (isa == CpuIsa::Baseline || m < kMinRows) return SkinnyForm::None;
   const std::int64_t lanes = isa == CpuIsa::Avx512 ? 16 : 8;
   if (k <= kMaxExpandK && n >= 4 * lanes && n % lanes == 0) return SkinnyForm::Expand;
   if (n <= kMaxReduceN && k >= 4 * lanes) return SkinnyForm::Reduce;
