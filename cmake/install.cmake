@@ -5,7 +5,7 @@
 #   c++ -std=c++20 app.cpp $(pkg-config --cflags --libs devpipe)
 #
 # The library is static, so a consumer links what it uses: oneDNN, OpenMP and threads (and the
-# CUDA libraries when built with DEVPIPE_CUDA). devpipeConfig.cmake finds them with
+# CUDA libraries when built with DEVPIPE_CUDA, MPI when built with it). devpipeConfig.cmake finds them with
 # find_dependency; devpipe.pc lists them in Libs, since there is no shared devpipe to hide them.
 include(CMakePackageConfigHelpers)
 
@@ -21,6 +21,7 @@ install(TARGETS devpipe_cli RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR} OPTIONAL
 
 install(EXPORT devpipeTargets NAMESPACE devpipe:: DESTINATION ${DEVPIPE_INSTALL_CMAKEDIR})
 set(DEVPIPE_CONFIG_CUDA ${DEVPIPE_CUDA})
+set(DEVPIPE_CONFIG_MPI ${DEVPIPE_WITH_MPI})
 configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/devpipeConfig.cmake.in
                               ${PROJECT_BINARY_DIR}/devpipeConfig.cmake
                               INSTALL_DESTINATION ${DEVPIPE_INSTALL_CMAKEDIR})
@@ -49,6 +50,11 @@ endforeach()
 # What linking libdevpipe.a needs, as the build found it (a generator expression gives
 # oneDNN's folder; cuda.cmake found the CUDA libraries).
 set(DEVPIPE_PC_LIBS "-L$<TARGET_LINKER_FILE_DIR:DNNL::dnnl> -ldnnl ${OpenMP_CXX_FLAGS} -pthread")
+if(DEVPIPE_WITH_MPI)
+  foreach(_lib ${MPI_CXX_LIBRARIES})
+    string(APPEND DEVPIPE_PC_LIBS " ${_lib}")
+  endforeach()
+endif()
 if(DEVPIPE_CUDA)
   string(APPEND DEVPIPE_PC_LIBS " -L${CUDAToolkit_LIBRARY_DIR} -lcudart -lcublasLt"
          " ${DEVPIPE_CUDNN_LIBRARY} ${DEVPIPE_NCCL_LIBRARY}")

@@ -8,5 +8,7 @@ dir=$1 sanitizers=$2
 shift 2
 launcher=()
 if command -v ccache >/dev/null; then launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache); fi
-cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDEVPIPE_TESTS=ON \
+# Without MPI (DEVPIPE_MPI=OFF): running the uninstrumented Open MPI under the sanitizers is not
+# set up yet, so test_mpi skips in these builds; the default build (make test) runs it.
+cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDEVPIPE_TESTS=ON -DDEVPIPE_MPI=OFF \
   -DCMAKE_CXX_COMPILER="${CXX_SAN:-clang++-14}" -DDEVPIPE_SANITIZE="$sanitizers" "${launcher[@]}" "$@" >/dev/null

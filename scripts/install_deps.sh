@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages devpipe needs, if any is missing.
 #   scripts/install_deps.sh demo   what building the library, the CLI and the demo needs
-#   scripts/install_deps.sh        (or `test`) that, plus the test suites' GoogleTest and the
-#                                  PyTorch the reference tests run
+#   scripts/install_deps.sh        (or `test`) that, plus the test suites' GoogleTest, the
+#                                  PyTorch the reference tests run, and Open MPI (the
+#                                  multi-process mode: libopenmpi-dev to build it, mpirun to run)
 #   scripts/install_deps.sh sanitize   `test`, plus clang 14 with its sanitizer and libFuzzer
 #                                  runtimes, LLVM's OpenMP (libomp, and its TSan support
 #                                  libarcher) and llvm-symbolizer: `make sanitize`, `make fuzz`
@@ -14,8 +15,8 @@ profile=${1:-test}
 pkgs=(build-essential cmake ninja-build pkg-config libdnnl-dev ocl-icd-opencl-dev nlohmann-json3-dev)
 case "$profile" in
   demo) ;;
-  test) pkgs+=(libgtest-dev python3-torch python3-numpy) ;;
-  sanitize) pkgs+=(libgtest-dev python3-torch python3-numpy clang-14 libclang-rt-14-dev libomp-14-dev llvm-14) ;;
+  test) pkgs+=(libgtest-dev python3-torch python3-numpy libopenmpi-dev openmpi-bin) ;;
+  sanitize) pkgs+=(libgtest-dev python3-torch python3-numpy libopenmpi-dev openmpi-bin clang-14 libclang-rt-14-dev libomp-14-dev llvm-14) ;;
   *) echo "install_deps.sh: unknown profile '$profile' (expected demo, test or sanitize)" >&2; exit 2 ;;
 esac
 missing=()

@@ -76,4 +76,11 @@ class OutOfMemory : public Error {
   using Error::Error;
 };
 
+/// A collective between ranks failed: a peer rank failed, its process died or hangs (the
+/// collective timed out), or the processes of a multi-process world disagree.
+class CollectiveError : public Error {
+ public:
+  using Error::Error;
+};
+
 }  // namespace devpipe

@@ -158,14 +158,18 @@ class ModelWrapper {
   /// model.safetensors file or a folder with one, or with an index and shards) over the ranks,
   /// and writes the artifact to `dir` (created; a previous artifact there is replaced).
   /// Checkpoint keys go through the options' checkpoint_key_map and ignore_checkpoint_keys.
-  /// Blocking. Errors name the tag and the keys/shapes involved.
+  /// Blocking. Errors name the tag and the keys/shapes involved. With ranks as processes
+  /// (devpipe/world.h) every process calls it: process 0 writes the artifact, which every
+  /// process must then see at `dir` (one machine, or a shared file system).
   void compile(const std::string& checkpoint_path, const std::string& dir,
                const ProgressFn& progress = {});
   /// Reads the artifact in `dir`, refuses one that does not match this wrapper and config,
   /// builds every bucket on every rank, binds the stage's states (from the state store: see
   /// set_state_store) and runs each bucket once (warm-up, on scratch copies of the states, so
   /// the real states are not touched). Blocking. On failure the wrapper keeps what it had
-  /// loaded before. StateError while forward() runs in another thread.
+  /// loaded before. StateError while forward() runs in another thread. With ranks as processes
+  /// every process calls it and reads only its own ranks' weights; processes that load another
+  /// artifact or config than their peers are refused (ArtifactMismatch naming both).
   void load(const std::string& dir, const ProgressFn& progress = {});
   bool is_loaded() const;
   /// The store this wrapper's states live in, used by the next load(): set it to share states
@@ -190,6 +194,9 @@ class ModelWrapper {
  private:
   struct Impl;
   Output run_forward(Impl& impl, const std::vector<Input>& inputs);
+  // compile() in this process (every process under MPI calls compile(); process 0 runs this).
+  void compile_in_process(const std::string& checkpoint_path, const std::string& dir,
+                          const ProgressFn& progress);
   InferenceConfig config_;
   ModelFactory factory_;
   WrapperOptions options_;

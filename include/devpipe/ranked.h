@@ -1,6 +1,7 @@
 // devpipe — ranked tensors: a stage's outputs left on the devices of its tensor-parallel ranks.
 //
-// Indexed [rank][output] (the seed's "list of lists"). Each tensor lives on its rank's device and
+// Indexed [rank][output] (the seed's "list of lists"); a rank run by another process (MPI
+// mode, devpipe/world.h) has no tensors here. Each tensor lives on its rank's device and
 // may be padded to the producer's compiled batch bucket; real_batch() is the caller's batch.
 // Passing a RankedTensors to the next stage's forward() hands the buffers over with no copy
 // when the buckets agree (they are re-padded on the device otherwise). Produced asynchronously:
@@ -43,9 +44,14 @@ class RankedTensors {
 
   bool empty() const { return !data_ || data_->per_rank.empty(); }
   int num_ranks() const { return data_ ? static_cast<int>(data_->per_rank.size()) : 0; }
-  int num_outputs() const { return empty() ? 0 : static_cast<int>(data_->per_rank[0].size()); }
-  /// Rank r's outputs (device tensors; padded rows past real_batch() are unspecified).
+  int num_outputs() const;
+  /// Rank r's outputs (device tensors; padded rows past real_batch() are unspecified). Under
+  /// MPI (devpipe/world.h) a process holds only its own ranks' tensors: other ranks throw.
   const std::vector<Tensor>& operator[](int rank) const;
+  /// Whether this process holds rank r's tensors (every rank in thread mode).
+  bool is_local(int rank) const;
+  /// The ranks this process holds, ascending.
+  std::vector<int> local_ranks() const;
   /// The caller's batch (rows that hold real results).
   std::int64_t real_batch() const { return data_ ? data_->real_batch : 0; }
   /// Tag of the stage that produced them.
@@ -56,7 +62,8 @@ class RankedTensors {
   void wait() const;
   /// Completion event of rank r (runtime use; shares ownership with these tensors).
   std::shared_ptr<detail::EventState> ready(int rank) const;
-  /// Host copies of rank 0's outputs cut to real_batch() rows (waits first).
+  /// Host copies of the outputs of the first local rank (rank 0 in thread mode; every rank holds
+  /// the same whole outputs) cut to real_batch() rows (waits first).
   std::vector<Tensor> to_host() const;
   /// "ranked tensors [2 ranks x 1 output] from 'vision_model', batch 32 of 32".
   std::string describe() const;

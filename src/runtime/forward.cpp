@@ -386,6 +386,9 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   const Manifest& m = im.manifest;
   const int tp = m.tp_degree;
   const auto tpu = static_cast<std::size_t>(tp);
+  // The ranks this process runs (all of them in thread mode; one per process under MPI).
+  const std::vector<int>& local = im.group->ranks();
+  const int first = local.front();
   Backend& be = *im.backend;
   im.group->recover_if_failed();
   ++stats::forwards;
@@ -467,7 +470,7 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
         throw InvalidArgument(prefix(tag) + arg_name(i) + ": ranked tensors from '" + r.producer() + "' have " +
                               std::to_string(r.num_ranks()) + " ranks, this stage has tp_degree " + std::to_string(tp));
       }
-      for (int rk = 0; rk < tp; ++rk) {
+      for (int rk : local) {
         const Tensor& t = r[rk][static_cast<std::size_t>(a.output)];
         Device want = be.device_for_rank(rk, tp);
         if (t.device() != want) {
@@ -486,7 +489,7 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
         }
       }
       rows = r.real_batch();
-      shape = &r[0][static_cast<std::size_t>(a.output)].shape();
+      shape = &r[first][static_cast<std::size_t>(a.output)].shape();
     } else {
       if (!a.host.defined()) throw InvalidArgument(prefix(tag) + arg_name(i) + " is an undefined tensor");
       if (!fits(spec, a.host.shape())) {
@@ -598,8 +601,15 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   while (job.ranks.size() < tpu) job.ranks.push_back(std::make_unique<RankWork>());
   const std::int64_t out_rows = job.single ? m.buckets[job.chunks[0].bucket].batch : batch;
   const std::vector<Shape>& out_shapes = im.out_shapes[job.chunks[0].bucket];
-  for (std::size_t r = 0; r < tpu; ++r) {
-    Device dev = be.device_for_rank(static_cast<int>(r), tp);
+  if (local.size() != tpu) {  // ranks as processes: other processes' ranks hold no tensors here
+    for (std::size_t r = 0; r < tpu; ++r) {
+      if (std::find(local.begin(), local.end(), static_cast<int>(r)) == local.end())
+        res.per_rank[r].clear();
+    }
+  }
+  for (int rk : local) {
+    const auto r = static_cast<std::size_t>(rk);
+    Device dev = be.device_for_rank(rk, tp);
     res.per_rank[r].resize(m.outputs.size());
     for (std::size_t o = 0; o < m.outputs.size(); ++o) {
       job.shape = out_shapes[o];
@@ -613,11 +623,13 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   // ---- one task per rank runs every chunk
   job.host_result = !(options_.pipeline_execution && !options_.return_ranked_to_cpu);
   job.finished.reset();
-  for (std::size_t r = 0; r < tpu; ++r) {
+  for (std::size_t r = 0; r < tpu; ++r) res.ready[r] = nullptr;
+  for (int rk : local) {
+    const auto r = static_cast<std::size_t>(rk);
     job.ranks[r]->done.reset();
     res.ready[r] = &job.ranks[r]->done;
   }
-  job.pending.store(tp, std::memory_order_relaxed);
+  job.pending.store(static_cast<int>(local.size()), std::memory_order_relaxed);
   job.self = held;
   im.group->submit(&run_rank, &job);
 
@@ -625,11 +637,13 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
     return Output(RankedTensors(std::shared_ptr<const detail::RankedData>(held, &job.result)));
   }
 
-  // ---- host results: rank 0's outputs cut to the caller's batch, in pooled host memory
+  // ---- host results: the first local rank's outputs (every rank holds the same whole
+  // outputs) cut to the caller's batch, in pooled host memory
   job.finished.wait();
   try {
-    for (std::size_t r = 0; r < tpu; ++r) {
-      if (std::exception_ptr e = job.ranks[r]->done.error()) std::rethrow_exception(e);
+    for (int rk : local) {
+      if (std::exception_ptr e = job.ranks[static_cast<std::size_t>(rk)]->done.error())
+        std::rethrow_exception(e);
     }
     if (!im.has_named) {
       detail::copy_rank0_to_host(res, job.host_out, job.shape);
@@ -637,7 +651,7 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
       // Cut back along the batch and every named dim the arguments carry.
       job.host_out.resize(m.outputs.size());
       for (std::size_t o = 0; o < m.outputs.size(); ++o) {
-        const Tensor& t = res.per_rank[0][o];
+        const Tensor& t = res.per_rank[static_cast<std::size_t>(first)][o];
         job.shape = t.shape();
         job.shape[0] = batch;
         const std::vector<int>& named = im.out_named[o];

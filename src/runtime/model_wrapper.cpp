@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <map>
 #include <optional>
+#include <nlohmann/json.hpp>
 #include <set>
 
 #include "compiler/artifact.h"
@@ -17,9 +18,11 @@
 #include "devpipe/safetensors.h"
 #include "devpipe/timeline.h"
 #include "devpipe/trace.h"
+#include "devpipe/world.h"
 #include "io/checkpoint.h"
 #include "runtime/backend.h"
 #include "runtime/checkpoint_keys.h"
+#include "runtime/mpi.h"
 #include "runtime/rank_group.h"
 #include "runtime/state_store.h"
 #include "runtime/wrapper_impl.h"
@@ -33,6 +36,74 @@ namespace {
 std::string ms_since(std::chrono::steady_clock::time_point start) {
   auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
   return std::to_string(us.count() / 1000) + "." + std::to_string(us.count() / 100 % 10) + " ms";
+}
+
+/// One thing the processes of a multi-process world must agree on: (what, value).
+using Fact = std::pair<std::string, std::string>;
+
+std::string message_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+    return "an exception that is not a std::exception";
+  }
+}
+
+/// A meeting point of every process (ranks as processes; a no-op but the rethrow in one
+/// process): they exchange `facts` (what each is about to do) and whether they `failed` so far.
+/// This process's own failure is rethrown; a peer's becomes a CollectiveError naming the process
+/// and its message; differing facts an ArtifactMismatch naming the fact, both values and both
+/// processes. So all processes leave it the same way, and none is left waiting in a collective
+/// the others never reach. `bounded`: wait at most the collective timeout.
+void sync_processes(const World& world, const std::string& tag, const std::string& call,
+                    const std::vector<Fact>& facts, const std::exception_ptr& failed,
+                    bool bounded = true) {
+  if (!world.multi_process()) {
+    if (failed) std::rethrow_exception(failed);
+    return;
+  }
+  nlohmann::json mine = {{"error", failed ? nlohmann::json(message_of(failed)) : nlohmann::json()},
+                         {"facts", facts}};
+  const std::vector<std::string> all =
+      mpi::all_gather_text(mine.dump(), bounded ? world.collective_timeout_s() : 0);
+  if (failed) std::rethrow_exception(failed);
+  const std::string here = "this process (" + std::to_string(world.process()) + " of " +
+                           std::to_string(world.num_processes()) + ")";
+  for (std::size_t q = 0; q < all.size(); ++q) {
+    const nlohmann::json theirs = nlohmann::json::parse(all[q]);
+    if (!theirs.at("error").is_null()) {
+      throw CollectiveError(prefix(tag) + call + " failed on process " + std::to_string(q) + ": " +
+                            theirs.at("error").get<std::string>());
+    }
+  }
+  for (std::size_t q = 0; q < all.size(); ++q) {
+    const auto theirs = nlohmann::json::parse(all[q]).at("facts").get<std::vector<Fact>>();
+    if (theirs.empty() || facts.empty()) continue;
+    for (std::size_t k = 0; k < facts.size() && k < theirs.size(); ++k) {
+      if (theirs[k] != facts[k]) {
+        throw ArtifactMismatch(prefix(tag) + call + ": process " + std::to_string(q) + " has " +
+                               theirs[k].first + " " + theirs[k].second + ", " + here + " has " +
+                               facts[k].first + " " + facts[k].second +
+                               ": every process must run the same program on the same "
+                               "artifact and config");
+      }
+    }
+  }
+}
+
+/// What the processes loading one stage must agree on.
+std::vector<Fact> load_facts(const Manifest& m) {
+  std::string buckets, weights;
+  for (const auto& b : m.buckets)
+    buckets += (buckets.empty() ? "" : ", ") + std::to_string(b.batch);
+  for (const auto& w : m.weights) weights += (weights.empty() ? "" : ", ") + w.checksum;
+  return {{"tag", "'" + m.tag + "'"},
+          {"tp_degree", std::to_string(m.tp_degree)},
+          {"dtype", std::string(dtype_name(m.dtype))},
+          {"batch buckets", "[" + buckets + "]"},
+          {"weights with checksums", "[" + weights + "]"}};
 }
 }  // namespace
 
@@ -201,6 +272,40 @@ std::optional<Graph> try_trace_split(const ModelFactory& factory, nn::Module& mo
 
 void ModelWrapper::compile(const std::string& checkpoint_path, const std::string& dir,
                            const ProgressFn& progress) {
+  const World& world = World::get();
+  if (!world.multi_process()) {
+    compile_in_process(checkpoint_path, dir, progress);
+    return;
+  }
+  // Ranks as processes: the processes agree on what is compiled, process 0 writes the artifact
+  // (the others would race on `dir`), and its outcome is every process's. Waiting for it is not
+  // bounded by the collective timeout: a compile may take long.
+  const std::string& tag = options_.tag;
+  const std::string call = "compile('" + checkpoint_path + "', '" + dir + "')";
+  const RuntimeConfig& rc = config_.runtime_config();
+  sync_processes(world, tag, call,
+                 {{"tag", "'" + tag + "'"},
+                  {"tp_degree", std::to_string(rc.tp_degree)},
+                  {"dtype", std::string(dtype_name(rc.dtype))},
+                  {"batch_size", std::to_string(rc.batch_size)},
+                  {"batch buckets", Shape(rc.batch_buckets()).to_string()},
+                  {"config", config_.to_json()},
+                  {"checkpoint", "'" + checkpoint_path + "'"},
+                  {"artifact dir", "'" + dir + "'"}},
+                 nullptr);
+  std::exception_ptr failed;
+  if (world.process() == 0) {
+    try {
+      compile_in_process(checkpoint_path, dir, progress);
+    } catch (...) {
+      failed = std::current_exception();
+    }
+  }
+  sync_processes(world, tag, call, {}, failed, /*bounded=*/false);
+}
+
+void ModelWrapper::compile_in_process(const std::string& checkpoint_path, const std::string& dir,
+                                      const ProgressFn& progress) {
   const RuntimeConfig& rc = config_.runtime_config();
   const std::string& tag = options_.tag;
   auto examples = input_generator();
@@ -412,39 +517,55 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
   }
   auto impl = std::make_unique<Impl>();
   Manifest& m = impl->manifest;
-  m = read_manifest(dir);
-  auto mismatch = [&](const std::string& what, const std::string& artifact, const std::string& here) {
-    throw ArtifactMismatch(prefix(tag) + "artifact at '" + dir + "' was compiled with " + what + " " + artifact +
-                           ", but this wrapper has " + what + " " + here +
-                           ": recompile with compile() or fix the config");
-  };
-  if (m.tag != tag) mismatch("tag", "'" + m.tag + "'", "'" + tag + "'");
-  if (m.tp_degree != rc.tp_degree) mismatch("tp_degree", std::to_string(m.tp_degree), std::to_string(rc.tp_degree));
-  if (m.dtype != rc.dtype) mismatch("dtype", std::string(dtype_name(m.dtype)), std::string(dtype_name(rc.dtype)));
+  const World& world = World::get();
+  const std::string call = "load('" + dir + "')";
   std::vector<std::int64_t> art_buckets;
-  std::map<std::string, std::vector<std::int64_t>> art_named;
-  for (const auto& b : m.buckets) {
-    art_buckets.push_back(b.batch);
-    for (const auto& [name, size] : b.dims) art_named[name].push_back(size);
-  }
-  auto distinct = [](std::vector<std::int64_t> v) {
-    std::sort(v.begin(), v.end());
-    v.erase(std::unique(v.begin(), v.end()), v.end());
-    return v;
-  };
-  if (distinct(art_buckets) != rc.batch_buckets()) {
-    mismatch("batch buckets", Shape(distinct(art_buckets)).to_string(), Shape(rc.batch_buckets()).to_string());
-  }
-  const auto named_config = rc.named_buckets();
-  for (const auto& [name, sizes] : art_named) {
-    auto it = named_config.find(name);
-    Shape here = it == named_config.end() ? Shape() : Shape(it->second);
-    if (Shape(distinct(sizes)) != here) {
-      mismatch("'" + name + "' buckets", Shape(distinct(sizes)).to_string(),
-               it == named_config.end() ? std::string("none") : here.to_string());
+  std::exception_ptr failed;
+  try {
+    m = read_manifest(dir);
+    auto mismatch = [&](const std::string& what, const std::string& artifact,
+                        const std::string& here) {
+      throw ArtifactMismatch(prefix(tag) + "artifact at '" + dir + "' was compiled with " + what +
+                             " " + artifact + ", but this wrapper has " + what + " " + here +
+                             ": recompile with compile() or fix the config");
+    };
+    if (m.tag != tag) mismatch("tag", "'" + m.tag + "'", "'" + tag + "'");
+    if (m.tp_degree != rc.tp_degree)
+      mismatch("tp_degree", std::to_string(m.tp_degree), std::to_string(rc.tp_degree));
+    if (m.dtype != rc.dtype)
+      mismatch("dtype", std::string(dtype_name(m.dtype)), std::string(dtype_name(rc.dtype)));
+    std::map<std::string, std::vector<std::int64_t>> art_named;
+    for (const auto& b : m.buckets) {
+      art_buckets.push_back(b.batch);
+      for (const auto& [name, size] : b.dims) art_named[name].push_back(size);
     }
+    auto distinct = [](std::vector<std::int64_t> v) {
+      std::sort(v.begin(), v.end());
+      v.erase(std::unique(v.begin(), v.end()), v.end());
+      return v;
+    };
+    if (distinct(art_buckets) != rc.batch_buckets()) {
+      mismatch("batch buckets", Shape(distinct(art_buckets)).to_string(),
+               Shape(rc.batch_buckets()).to_string());
+    }
+    const auto named_config = rc.named_buckets();
+    for (const auto& [name, sizes] : art_named) {
+      auto it = named_config.find(name);
+      Shape here = it == named_config.end() ? Shape() : Shape(it->second);
+      if (Shape(distinct(sizes)) != here) {
+        mismatch("'" + name + "' buckets", Shape(distinct(sizes)).to_string(),
+                 it == named_config.end() ? std::string("none") : here.to_string());
+      }
+    }
+  } catch (...) {
+    failed = std::current_exception();
   }
-  int total = rc.tp_degree + static_cast<int>(m.buckets.size()) + 1;
+  // Every process must load the same artifact with the same config: they compare what they
+  // read before any of them builds (or a process that failed here would leave the others
+  // waiting in the warm-up's collectives).
+  sync_processes(world, tag, call, failed ? std::vector<Fact>{} : load_facts(m), failed);
+  const std::vector<int> local = world.local_ranks(rc.tp_degree);
+  int total = static_cast<int>(local.size()) + static_cast<int>(m.buckets.size()) + 1;
   int step = 0;
   const auto start = std::chrono::steady_clock::now();
   auto report = [&](const std::string& what) {
@@ -453,120 +574,139 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
     if (progress) progress(tag, step, total, what);
   };
 
-  // Weights: checksum, then map each graph parameter to its tensor in the rank's file.
-  const Graph& g0 = m.buckets.front().graph;
-  for (int r = 0; r < rc.tp_degree; ++r) {
-    const WeightFileEntry* entry = nullptr;
-    for (const auto& w : m.weights) {
-      if (w.rank == r) entry = &w;
-    }
-    if (!entry) throw FormatError(prefix(tag) + "manifest in '" + dir + "' lists no weight file for rank " + std::to_string(r));
-    std::string path = (fs::path(dir) / entry->file).string();
-    // Inside the artifact and a regular file, before anything is opened.
-    const std::string real = resolve_artifact_file(dir, entry->file);
-    std::string sum = file_checksum(real);
-    if (sum != entry->checksum) {
-      throw FormatError(prefix(tag) + "weight file '" + path + "' is corrupted or was modified: checksum " + sum +
-                        ", the manifest records " + entry->checksum + " (" + std::to_string(entry->bytes) +
-                        " bytes); recompile the model");
-    }
-    auto file = safetensors::File::open(real);
-    std::vector<Tensor> params;
-    for (const auto& p : g0.params) {
-      if (!file.contains(p.key)) {
-        throw FormatError(prefix(tag) + "weight file '" + path + "' lacks parameter '" + p.key + "'");
+  // Weights: checksum, then map each graph parameter to its tensor in the rank's file; only the
+  // ranks this process runs.
+  const auto tpu = static_cast<std::size_t>(rc.tp_degree);
+  std::vector<std::vector<Tensor>> scratch(tpu);
+  try {
+    const Graph& g0 = m.buckets.front().graph;
+    impl->rank_params.resize(tpu);
+    for (int r : local) {
+      const WeightFileEntry* entry = nullptr;
+      for (const auto& w : m.weights) {
+        if (w.rank == r) entry = &w;
       }
-      Tensor t = file.get(p.key);
-      const ValueInfo& info = g0.value(p.value);
-      if (t.shape() != info.shape || t.dtype() != info.dtype) {
-        throw FormatError(prefix(tag) + "weight '" + p.key + "' in '" + path + "' is " + t.shape().to_string() + " " +
-                          std::string(dtype_name(t.dtype())) + ", the graph expects " + info.shape.to_string() + " " +
-                          std::string(dtype_name(info.dtype)));
+      if (!entry)
+        throw FormatError(prefix(tag) + "manifest in '" + dir + "' lists no weight file for rank " +
+                          std::to_string(r));
+      std::string path = (fs::path(dir) / entry->file).string();
+      // Inside the artifact and a regular file, before anything is opened.
+      const std::string real = resolve_artifact_file(dir, entry->file);
+      std::string sum = file_checksum(real);
+      if (sum != entry->checksum) {
+        throw FormatError(prefix(tag) + "weight file '" + path +
+                          "' is corrupted or was modified: checksum " + sum +
+                          ", the manifest records " + entry->checksum + " (" +
+                          std::to_string(entry->bytes) + " bytes); recompile the model");
       }
-      params.push_back(std::move(t));
+      auto file = safetensors::File::open(real);
+      std::vector<Tensor> params;
+      for (const auto& p : g0.params) {
+        if (!file.contains(p.key)) {
+          throw FormatError(prefix(tag) + "weight file '" + path + "' lacks parameter '" + p.key +
+                            "'");
+        }
+        Tensor t = file.get(p.key);
+        const ValueInfo& info = g0.value(p.value);
+        if (t.shape() != info.shape || t.dtype() != info.dtype) {
+          throw FormatError(prefix(tag) + "weight '" + p.key + "' in '" + path + "' is " +
+                            t.shape().to_string() + " " + std::string(dtype_name(t.dtype())) +
+                            ", the graph expects " + info.shape.to_string() + " " +
+                            std::string(dtype_name(info.dtype)));
+        }
+        params.push_back(std::move(t));
+      }
+      impl->rank_params[static_cast<std::size_t>(r)] = std::move(params);
+      impl->weight_files.push_back(std::move(file));
+      report("verified weights of rank " + std::to_string(r));
     }
-    impl->rank_params.push_back(std::move(params));
-    impl->weight_files.push_back(std::move(file));
-    report("verified weights of rank " + std::to_string(r));
-  }
 
-  impl->jobs = make_job_pool();
-  impl->backend = &backend_for(rc.device);
-  impl->group = RankGroup::get(rc.device, rc.tp_degree);
-  for (const auto& b : m.buckets) {
-    std::vector<std::unique_ptr<Executable>> per_rank;
-    for (int r = 0; r < rc.tp_degree; ++r) {
-      RankInfo info{r, rc.tp_degree, &impl->group->comm(), threads_per_rank(rc)};
-      per_rank.push_back(impl->backend->compile(b.graph, impl->rank_params[static_cast<std::size_t>(r)], info));
+    impl->jobs = make_job_pool();
+    impl->backend = &backend_for(rc.device);
+    impl->group = RankGroup::get(rc.device, rc.tp_degree);
+    for (const auto& b : m.buckets) {
+      std::vector<std::unique_ptr<Executable>> per_rank(tpu);
+      for (int r : local) {
+        RankInfo info{r, rc.tp_degree, &impl->group->comm(), threads_per_rank(rc)};
+        per_rank[static_cast<std::size_t>(r)] =
+            impl->backend->compile(b.graph, impl->rank_params[static_cast<std::size_t>(r)], info);
+      }
+      impl->executables.push_back(std::move(per_rank));
+      report("built bucket " + bucket_text(b.batch, b.dims));
     }
-    impl->executables.push_back(std::move(per_rank));
-    report("built bucket " + bucket_text(b.batch, b.dims));
-  }
-  // Named dims: one index per name, the full shapes of every bucket.
-  for (const auto* ios : {&m.inputs, &m.outputs}) {
-    for (const StageIO& io : *ios) {
-      for (const std::string& d : io.dims) {
-        if (!d.empty() && std::find(impl->named.begin(), impl->named.end(), d) == impl->named.end()) {
-          impl->named.push_back(d);
+    // Named dims: one index per name, the full shapes of every bucket.
+    for (const auto* ios : {&m.inputs, &m.outputs}) {
+      for (const StageIO& io : *ios) {
+        for (const std::string& d : io.dims) {
+          if (!d.empty() &&
+              std::find(impl->named.begin(), impl->named.end(), d) == impl->named.end()) {
+            impl->named.push_back(d);
+          }
         }
       }
     }
-  }
-  std::sort(impl->named.begin(), impl->named.end());
-  impl->has_named = !impl->named.empty();
-  auto name_index = [&](const std::vector<StageIO>& ios) {
-    std::vector<std::vector<int>> out;
-    for (const StageIO& io : ios) {
-      std::vector<int> idx(io.sample_shape.dims().size(), -1);
-      for (std::size_t k = 0; k < io.dims.size(); ++k) {
-        if (io.dims[k].empty()) continue;
-        idx[k] = static_cast<int>(std::find(impl->named.begin(), impl->named.end(), io.dims[k]) - impl->named.begin());
+    std::sort(impl->named.begin(), impl->named.end());
+    impl->has_named = !impl->named.empty();
+    auto name_index = [&](const std::vector<StageIO>& ios) {
+      std::vector<std::vector<int>> out;
+      for (const StageIO& io : ios) {
+        std::vector<int> idx(io.sample_shape.dims().size(), -1);
+        for (std::size_t k = 0; k < io.dims.size(); ++k) {
+          if (io.dims[k].empty()) continue;
+          idx[k] = static_cast<int>(std::find(impl->named.begin(), impl->named.end(), io.dims[k]) -
+                                    impl->named.begin());
+        }
+        out.push_back(std::move(idx));
       }
-      out.push_back(std::move(idx));
-    }
-    return out;
-  };
-  impl->in_named = name_index(m.inputs);
-  impl->out_named = name_index(m.outputs);
-  for (const auto& b : m.buckets) {
-    std::vector<Shape> ins, outs;
-    for (const auto& io : m.inputs) ins.push_back(bucket_shape(io, b));
-    for (const auto& io : m.outputs) outs.push_back(bucket_shape(io, b));
-    impl->in_shapes.push_back(std::move(ins));
-    impl->out_shapes.push_back(std::move(outs));
-    std::vector<std::int64_t> sizes;
-    for (const auto& name : impl->named) {
-      auto it = b.dims.find(name);
-      if (it == b.dims.end()) {
-        throw FormatError(prefix(tag) + "artifact at '" + dir + "': bucket " + bucket_text(b.batch, b.dims) +
-                          " has no size for the named dim '" + name + "'");
+      return out;
+    };
+    impl->in_named = name_index(m.inputs);
+    impl->out_named = name_index(m.outputs);
+    for (const auto& b : m.buckets) {
+      std::vector<Shape> ins, outs;
+      for (const auto& io : m.inputs) ins.push_back(bucket_shape(io, b));
+      for (const auto& io : m.outputs) outs.push_back(bucket_shape(io, b));
+      impl->in_shapes.push_back(std::move(ins));
+      impl->out_shapes.push_back(std::move(outs));
+      std::vector<std::int64_t> sizes;
+      for (const auto& name : impl->named) {
+        auto it = b.dims.find(name);
+        if (it == b.dims.end()) {
+          throw FormatError(prefix(tag) + "artifact at '" + dir + "': bucket " +
+                            bucket_text(b.batch, b.dims) + " has no size for the named dim '" +
+                            name + "'");
+        }
+        sizes.push_back(it->second);
       }
-      sizes.push_back(it->second);
+      impl->bucket_named.push_back(std::move(sizes));
     }
-    impl->bucket_named.push_back(std::move(sizes));
-  }
 
-  // States: the store's buffers on every rank (allocated by the first stage that names them).
-  impl->states = states_ ? states_ : std::make_shared<StateStore>();
-  const auto tpu = static_cast<std::size_t>(rc.tp_degree);
-  impl->state_bufs.assign(tpu, {});
-  for (const StateSpec& st : m.states) {
-    std::vector<Tensor> bufs =
-        impl->states->impl_->acquire(st.name, st.shape, st.dtype, rc.tp_degree, *impl->backend, tag);
-    for (std::size_t r = 0; r < tpu; ++r) impl->state_bufs[r].push_back(bufs[r]);
-  }
-  // Warm-up runs on scratch states: whatever the graphs write there is thrown away.
-  std::vector<std::vector<Tensor>> scratch(tpu);
-  impl->state_ptrs.assign(tpu, {});
-  for (std::size_t r = 0; r < tpu; ++r) {
-    Device dev = impl->backend->device_for_rank(static_cast<int>(r), rc.tp_degree);
+    // States: the store's buffers on every rank (allocated by the first stage that names them).
+    impl->states = states_ ? states_ : std::make_shared<StateStore>();
+    impl->state_bufs.assign(tpu, {});
     for (const StateSpec& st : m.states) {
-      scratch[r].push_back(impl->backend->allocate(st.shape, st.dtype, dev));
-      impl->backend->fill_zero(scratch[r].back().raw_data(), dev,
-                               static_cast<std::size_t>(st.shape.numel()) * dtype_size(st.dtype));
-      impl->state_ptrs[r].push_back(scratch[r].back().raw_data());
+      std::vector<Tensor> bufs = impl->states->impl_->acquire(st.name, st.shape, st.dtype,
+                                                              rc.tp_degree, *impl->backend, tag);
+      for (int r : local)
+        impl->state_bufs[static_cast<std::size_t>(r)].push_back(bufs[static_cast<std::size_t>(r)]);
     }
+    // Warm-up runs on scratch states: whatever the graphs write there is thrown away.
+    impl->state_ptrs.assign(tpu, {});
+    for (int rk : local) {
+      const auto r = static_cast<std::size_t>(rk);
+      Device dev = impl->backend->device_for_rank(rk, rc.tp_degree);
+      for (const StateSpec& st : m.states) {
+        scratch[r].push_back(impl->backend->allocate(st.shape, st.dtype, dev));
+        impl->backend->fill_zero(scratch[r].back().raw_data(), dev,
+                                 static_cast<std::size_t>(st.shape.numel()) * dtype_size(st.dtype));
+        impl->state_ptrs[r].push_back(scratch[r].back().raw_data());
+      }
+    }
+  } catch (...) {
+    failed = std::current_exception();
   }
+  // Before the warm-up's collectives: did every process get this far?
+  sync_processes(world, tag, call, {}, failed);
 
   // Warm-up: every bucket once on every rank, with zero inputs, waited for. A failure leaves
   // the wrapper as it was.
@@ -576,7 +716,8 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
     Output out = run_forward(*impl, zeros);
     if (out.is_ranked()) out.ranked().wait();
   }
-  for (std::size_t r = 0; r < tpu; ++r) {
+  for (int rk : local) {
+    const auto r = static_cast<std::size_t>(rk);
     for (std::size_t k = 0; k < m.states.size(); ++k) impl->state_ptrs[r][k] = impl->state_bufs[r][k].raw_data();
   }
   impl_ = std::move(impl);

@@ -8,13 +8,21 @@
 #include <thread>
 
 #include "core/log.h"
+#include "devpipe/world.h"
+#include "runtime/mpi.h"
 
 namespace devpipe {
 
-RankGroup::RankGroup(DeviceKind kind, int tp_degree) : kind_(kind), comm_(make_local_communicator(tp_degree)) {
-  for (int r = 0; r < tp_degree; ++r) {
-    streams_.push_back(std::make_unique<RankStream>("rank" + std::to_string(r)));
-  }
+RankGroup::RankGroup(DeviceKind kind, int tp_degree) : kind_(kind) {
+  const World& world = World::get();
+  ranks_ = world.local_ranks(tp_degree);
+  streams_.resize(static_cast<std::size_t>(tp_degree));
+  for (int r : ranks_)
+    streams_[static_cast<std::size_t>(r)] =
+        std::make_unique<RankStream>("rank" + std::to_string(r));
+  comm_ = world.multi_process() && tp_degree > 1
+              ? mpi::make_communicator(kind, tp_degree, world.collective_timeout_s())
+              : make_local_communicator(tp_degree);
 }
 
 int default_num_threads() {
@@ -39,6 +47,13 @@ int default_num_threads() {
 
 int threads_per_rank(const RuntimeConfig& config) {
   int total = config.num_threads > 0 ? config.num_threads : default_num_threads();
+  const World& world = World::get();
+  if (world.multi_process()) {
+    // The machine's threads are shared by the world's processes on it, each running its ranks.
+    const int ranks_here =
+        world.local_processes() * static_cast<int>(world.local_ranks(config.tp_degree).size());
+    return std::max(1, total / ranks_here);
+  }
   return std::max(1, total / config.tp_degree);
 }
 
@@ -55,7 +70,7 @@ std::shared_ptr<RankGroup> RankGroup::get(DeviceKind kind, int tp_degree) {
 
 void RankGroup::submit(void (*fn)(void* context, int rank), void* context) {
   std::lock_guard lock(submit_mu_);
-  for (int r = 0; r < size(); ++r) stream(r).enqueue(StreamTask{fn, context, r});
+  for (int r : ranks_) stream(r).enqueue(StreamTask{fn, context, r});
 }
 
 void RankGroup::mark_failed() {
@@ -65,7 +80,9 @@ void RankGroup::mark_failed() {
 
 void RankGroup::recover_if_failed() {
   if (!failed_) return;
-  for (auto& s : streams_) s->synchronize();
+  for (auto& s : streams_) {
+    if (s) s->synchronize();
+  }
   comm_->reset();
   failed_ = false;
 }

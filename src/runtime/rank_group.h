@@ -1,6 +1,7 @@
 // Internal: the ranks of one tensor-parallel degree on one device kind, shared by every stage
-// with that degree: a stream per rank (FIFO, so stages chained on the same ranks run in order
-// without host synchronisation) and the communicator between them.
+// with that degree: a stream per rank this process runs (FIFO, so stages chained on the same
+// ranks run in order without host synchronisation) and the communicator between the ranks
+// (shared memory between threads, or MPI between processes: see devpipe/world.h).
 #pragma once
 
 #include <atomic>
@@ -20,7 +21,8 @@ namespace devpipe {
 /// warning.
 int default_num_threads();
 /// Host threads each rank's kernels use: the config's num_threads (or default_num_threads())
-/// split between its tp_degree ranks, at least 1.
+/// split between its tp_degree ranks, at least 1. With ranks as processes, the machine's threads
+/// are split between the ranks of the world's processes on this machine.
 int threads_per_rank(const RuntimeConfig& config);
 
 class RankGroup {
@@ -28,14 +30,19 @@ class RankGroup {
   /// The shared group for (kind, tp_degree); created on first use, freed with its last user.
   static std::shared_ptr<RankGroup> get(DeviceKind kind, int tp_degree);
 
+  /// The group of `tp_degree` ranks as World::get() places them in this process.
   RankGroup(DeviceKind kind, int tp_degree);
+  /// The tensor-parallel degree (ranks in all processes).
   int size() const { return static_cast<int>(streams_.size()); }
+  /// The ranks this process runs, ascending (all of them in thread mode).
+  const std::vector<int>& ranks() const { return ranks_; }
   DeviceKind kind() const { return kind_; }
+  /// The stream of rank `rank`, one this process runs.
   RankStream& stream(int rank) { return *streams_[static_cast<std::size_t>(rank)]; }
-  /// Queues `fn(context, r)` on the stream of every rank r, atomically with respect to other
-  /// submissions: every stream sees the group's work in the same order, so the collectives of
-  /// two stages submitted from different threads cannot pair up across stages. Allocates
-  /// nothing in steady state.
+  /// Queues `fn(context, r)` on the stream of every rank r this process runs, atomically with
+  /// respect to other submissions: every stream sees the group's work in the same order, so the
+  /// collectives of two stages submitted from different threads cannot pair up across stages.
+  /// Allocates nothing in steady state.
   void submit(void (*fn)(void* context, int rank), void* context);
   Communicator& comm() { return *comm_; }
 
@@ -46,7 +53,8 @@ class RankGroup {
 
  private:
   DeviceKind kind_;
-  std::vector<std::unique_ptr<RankStream>> streams_;
+  std::vector<int> ranks_;
+  std::vector<std::unique_ptr<RankStream>> streams_;  // [rank]; null for ranks of other processes
   std::unique_ptr<Communicator> comm_;
   std::mutex submit_mu_;
   std::atomic<bool> failed_{false};

@@ -21,6 +21,13 @@ const std::vector<Tensor>& empty_tensors() {
 }
 }  // namespace
 
+std::size_t detail::first_local_rank(const RankedData& data) {
+  for (std::size_t r = 0; r < data.per_rank.size(); ++r) {
+    if (!data.per_rank[r].empty()) return r;
+  }
+  return 0;
+}
+
 RankedTensors::RankedTensors(std::vector<std::vector<Tensor>> per_rank, std::int64_t real_batch,
                              std::string producer, std::vector<Event> ready) {
   if (ready.size() != per_rank.size()) {
@@ -41,7 +48,31 @@ const std::vector<Tensor>& RankedTensors::operator[](int rank) const {
     throw InvalidArgument("ranked tensors from '" + producer() + "': rank " + std::to_string(rank) +
                           " out of range (" + std::to_string(num_ranks()) + " ranks)");
   }
-  return data_->per_rank[static_cast<std::size_t>(rank)];
+  const auto& outs = data_->per_rank[static_cast<std::size_t>(rank)];
+  if (outs.empty() && !data_->per_rank[detail::first_local_rank(*data_)].empty()) {
+    std::string have;
+    for (int r : local_ranks()) have += (have.empty() ? "" : ", ") + std::to_string(r);
+    throw InvalidArgument("ranked tensors from '" + producer() + "': rank " + std::to_string(rank) +
+                          " runs in another process; this process holds rank(s) " + have);
+  }
+  return outs;
+}
+
+int RankedTensors::num_outputs() const {
+  return empty() ? 0 : static_cast<int>(data_->per_rank[detail::first_local_rank(*data_)].size());
+}
+
+bool RankedTensors::is_local(int rank) const {
+  return data_ && rank >= 0 && rank < num_ranks() &&
+         !data_->per_rank[static_cast<std::size_t>(rank)].empty();
+}
+
+std::vector<int> RankedTensors::local_ranks() const {
+  std::vector<int> out;
+  for (int r = 0; r < num_ranks(); ++r) {
+    if (is_local(r)) out.push_back(r);
+  }
+  return out;
 }
 
 const std::string& RankedTensors::producer() const { return data_ ? data_->producer : empty_string(); }
@@ -52,7 +83,10 @@ RankedTensors RankedTensors::select(int index) const {
                           " out of range (" + std::to_string(num_outputs()) + " outputs)");
   }
   auto d = std::make_shared<detail::RankedData>();
-  for (const auto& r : data_->per_rank) d->per_rank.push_back({r[static_cast<std::size_t>(index)]});
+  for (const auto& r : data_->per_rank) {
+    d->per_rank.push_back(r.empty() ? std::vector<Tensor>()
+                                    : std::vector<Tensor>{r[static_cast<std::size_t>(index)]});
+  }
   d->ready = data_->ready;
   d->real_batch = data_->real_batch;
   d->producer = data_->producer;
@@ -62,17 +96,23 @@ RankedTensors RankedTensors::select(int index) const {
 
 void RankedTensors::wait() const {
   if (!data_) return;
-  for (detail::EventState* e : data_->ready) e->wait();
+  for (detail::EventState* e : data_->ready) {
+    if (e) e->wait();  // null: a rank of another process
+  }
 }
 
 Event RankedTensors::ready(int rank) const {
   if (!data_) throw std::out_of_range("RankedTensors::ready: no ranks");
   detail::EventState* e = data_->ready.at(static_cast<std::size_t>(rank));
+  if (!e) {
+    throw InvalidArgument("ranked tensors from '" + producer() + "': rank " + std::to_string(rank) +
+                          " runs in another process");
+  }
   return Event(data_, e);  // aliasing: shares the ownership of the tensors
 }
 
 void detail::copy_rank0_to_host(const RankedData& data, std::vector<Tensor>& out, Shape& scratch) {
-  const std::vector<Tensor>& outputs = data.per_rank.at(0);
+  const std::vector<Tensor>& outputs = data.per_rank.at(first_local_rank(data));
   out.resize(outputs.size());
   for (std::size_t o = 0; o < outputs.size(); ++o) {
     const Tensor& t = outputs[o];
@@ -99,8 +139,8 @@ std::string RankedTensors::describe() const {
                   (num_ranks() == 1 ? "" : "s") + " x " + std::to_string(num_outputs()) +
                   " output" + (num_outputs() == 1 ? "" : "s") + "] (list of lists)";
   if (!producer().empty()) s += " from '" + producer() + "'";
-  if (!empty() && !data_->per_rank[0].empty()) {
-    const Tensor& t = data_->per_rank[0][0];
+  if (!empty() && num_outputs() > 0) {
+    const Tensor& t = data_->per_rank[detail::first_local_rank(*data_)][0];
     s += ", batch " + std::to_string(real_batch()) + " of " + std::to_string(t.shape()[0]) +
          " rows on " + t.device().to_string();
   }

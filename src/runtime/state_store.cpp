@@ -1,6 +1,7 @@
 #include "runtime/state_store.h"
 
 #include "devpipe/error.h"
+#include "devpipe/world.h"
 
 namespace devpipe {
 
@@ -43,11 +44,13 @@ std::vector<Tensor> StateStore::Impl::acquire(const std::string& name, const Sha
   Slot slot;
   slot.entry = {name, shape, dtype, tp_degree, backend.kind(), tag};
   const std::size_t bytes = static_cast<std::size_t>(shape.numel()) * dtype_size(dtype);
-  for (int r = 0; r < tp_degree; ++r) {
+  // Only the ranks this process runs get a buffer (all of them in thread mode).
+  slot.per_rank.resize(static_cast<std::size_t>(tp_degree));
+  for (int r : World::get().local_ranks(tp_degree)) {
     Device dev = backend.device_for_rank(r, tp_degree);
     Tensor t = backend.allocate(shape, dtype, dev);
     backend.fill_zero(t.raw_data(), dev, bytes);
-    slot.per_rank.push_back(std::move(t));
+    slot.per_rank[static_cast<std::size_t>(r)] = std::move(t);
   }
   std::vector<Tensor> out = slot.per_rank;
   slots.emplace(name, std::move(slot));

@@ -49,7 +49,7 @@ struct ModelWrapper::Impl {
   ~Impl() {
     // Executables may be referenced by queued tasks: drain the streams first.
     if (group) {
-      for (int r = 0; r < group->size(); ++r) group->stream(r).synchronize();
+      for (int r : group->ranks()) group->stream(r).synchronize();
     }
   }
 };

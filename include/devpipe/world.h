@@ -1,0 +1,70 @@
+// devpipe — the world: which tensor-parallel ranks this process runs and how ranks talk.
+//
+// A World is derived once per process from how the program was started:
+//   ./app                 threads: one process runs every rank of every stage as threads,
+//                         collectives over shared memory.
+//   mpirun -np N ./app    mpi: N processes (when devpipe is built with MPI); a stage of
+//                         tp_degree N runs rank p in process p, collectives over MPI; a stage
+//                         of tp_degree 1 runs in every process (each its own copy).
+// DEVPIPE_WORLD=threads forces thread mode under a launcher; DEVPIPE_WORLD=mpi insists on MPI
+// (an error when devpipe was built without it or no launcher started the process).
+// DEVPIPE_COLLECTIVE_TIMEOUT_S (default 300) bounds how long a collective between processes
+// waits for its peers before it fails with CollectiveError (a peer process died or hangs).
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace devpipe {
+
+/// How the ranks of a world reach each other.
+enum class Transport { Threads, Mpi };
+
+/// "threads" / "mpi".
+const char* transport_name(Transport t);
+
+class World {
+ public:
+  /// The world of this process (detected on first use; MPI is initialised then, and finalised
+  /// at exit).
+  static const World& get();
+
+  Transport transport() const { return transport_; }
+  /// Processes in the world (1 in thread mode).
+  int num_processes() const { return num_processes_; }
+  /// This process's index in [0, num_processes()).
+  int process() const { return process_; }
+  bool multi_process() const { return num_processes_ > 1; }
+  /// Processes of the world on this machine (they share its cores).
+  int local_processes() const { return local_processes_; }
+
+  /// The ranks of a stage of `tp_degree` ranks that this process runs, ascending. Thread mode:
+  /// all of them. MPI: {process()} when tp_degree == num_processes(), {0} when tp_degree is 1
+  /// (replicated in every process). Throws ConfigError for any other degree, naming it.
+  std::vector<int> local_ranks(int tp_degree) const;
+  /// Whether this process runs rank `rank` of a stage of `tp_degree` ranks.
+  bool runs_rank(int rank, int tp_degree) const;
+  /// The process that runs rank `rank` of `tp_degree` (this process in thread mode; for a
+  /// replicated tp 1 stage, every process runs it and this returns the caller's).
+  int process_of_rank(int rank, int tp_degree) const;
+
+  /// Seconds a collective between processes waits for its peers (DEVPIPE_COLLECTIVE_TIMEOUT_S).
+  double collective_timeout_s() const { return collective_timeout_s_; }
+
+  /// "threads (1 process)" / "mpi: process 1 of 2".
+  std::string describe() const;
+
+  /// A world for tests and tools: `transport` with `num_processes` processes, this one
+  /// `process`. Only get() is used by the runtime.
+  World(Transport transport, int num_processes, int process, double collective_timeout_s,
+        int local_processes = 1);
+
+ private:
+  Transport transport_;
+  int num_processes_;
+  int process_;
+  double collective_timeout_s_;
+  int local_processes_;
+};
+
+}  // namespace devpipe

@@ -1,0 +1,472 @@
+// The MPI side of a multi-process world: initialisation, the control plane of compile/load,
+// and the collectives of a stage whose ranks are processes.
+//
+// Collectives are MPI's non-blocking ones, polled against a deadline, so that a peer process
+// that died or hangs turns into a CollectiveError within DEVPIPE_COLLECTIVE_TIMEOUT_S instead
+// of a hang. The all-reduce is a reduce-scatter (each process sums its slice over the ranks in
+// rank order, accumulating in float32) followed by an all-gather: the same arithmetic, in the
+// same order, as the thread mode's shared-memory communicator, so the two modes give equal
+// results bit for bit, and the bytes each process sends are the bandwidth-optimal 2(P-1)/P of
+// the buffer.
+#include "runtime/mpi.h"
+
+#include <cstdlib>
+#include <string>
+
+#include "devpipe/error.h"
+
+#ifdef DEVPIPE_HAVE_MPI
+#include <mpi.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "core/log.h"
+#include "devpipe/dtype.h"
+#include "devpipe/timeline.h"
+#endif
+
+namespace devpipe::mpi {
+
+int launcher_world_size() {
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"}) {
+    if (const char* v = std::getenv(name); v && *v) {
+      char* end = nullptr;
+      long n = std::strtol(v, &end, 10);
+      if (end && *end == '\0' && n >= 1 && n <= 1 << 20) return static_cast<int>(n);
+    }
+  }
+  return 0;
+}
+
+#ifndef DEVPIPE_HAVE_MPI
+
+bool built_with_mpi() { return false; }
+
+namespace {
+[[noreturn]] void no_mpi(const char* what) {
+  throw Unsupported(std::string(what) +
+                    ": devpipe was built without MPI (install libopenmpi-dev and reconfigure)");
+}
+}  // namespace
+
+std::pair<int, int> init(double) { no_mpi("MPI world"); }
+int local_size() { no_mpi("MPI world"); }
+std::unique_ptr<Communicator> make_communicator(DeviceKind, int, double) {
+  no_mpi("MPI communicator");
+}
+std::vector<std::string> all_gather_text(const std::string&, double) {
+  no_mpi("MPI control plane");
+}
+
+#else
+
+bool built_with_mpi() { return true; }
+
+namespace {
+
+/// Every MPI call goes through this lock: correct whatever thread level the library provides,
+/// and cheap (a poll holds it for one MPI_Test).
+std::mutex& mpi_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+struct State {
+  bool we_initialised = false;
+  int rank = 0;
+  int size = 1;
+  int local_size = 1;
+  double exit_timeout_s = 300;
+  MPI_Comm control = MPI_COMM_NULL;
+  MPI_Comm exit = MPI_COMM_NULL;                      // only the barrier at exit
+  MPI_Comm data[2] = {MPI_COMM_NULL, MPI_COMM_NULL};  // per DeviceKind
+  std::atomic<bool> broken{false};  // a collective failed: the processes are out of step
+};
+
+State& state() {
+  static State s;
+  return s;
+}
+
+void abort_job() {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, 1);
+}
+
+// At exit: when the processes are out of step (a collective failed), peers may sit in a
+// collective that will never complete, so the whole job is aborted. Otherwise the processes meet
+// once more, within the timeout (a process that leaves early, after an error of its own, must
+// not wait in MPI_Finalize for peers that wait for it elsewhere), and finalise.
+void at_exit() {
+  State& s = state();
+  int finalized = 0;
+  {
+    std::lock_guard lock(mpi_mutex());
+    MPI_Finalized(&finalized);
+  }
+  if (finalized) return;
+  if (s.broken.load()) abort_job();
+  MPI_Request req = MPI_REQUEST_NULL;
+  {
+    std::lock_guard lock(mpi_mutex());
+    if (MPI_Ibarrier(s.exit, &req) != MPI_SUCCESS) abort_job();
+  }
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    int done = 0;
+    {
+      std::lock_guard lock(mpi_mutex());
+      if (MPI_Test(&req, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS) abort_job();
+    }
+    if (done) break;
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() >
+        s.exit_timeout_s) {
+      std::fprintf(
+          stderr,
+          "devpipe: [mpi] process %d of %d: the peers did not reach the end of the program within "
+          "%g s (DEVPIPE_COLLECTIVE_TIMEOUT_S); aborting the job\n",
+          s.rank, s.size, s.exit_timeout_s);
+      abort_job();
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  std::lock_guard lock(mpi_mutex());
+  if (s.we_initialised) MPI_Finalize();
+}
+
+std::string mpi_error_text(int code) {
+  char buf[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(code, buf, &len);
+  return std::string(buf, static_cast<std::size_t>(len));
+}
+
+void check(int code, const char* call) {
+  if (code != MPI_SUCCESS) {
+    state().broken = true;
+    throw CollectiveError(std::string(call) + " failed: " + mpi_error_text(code));
+  }
+}
+
+/// Polls `req` until it completes or `timeout_s` passes (0: no bound): spins briefly, then
+/// yields, then sleeps in short steps, so a rank waiting on a slow peer does not hold a core.
+/// `what()` names the collective in the error (built only then: the hot path allocates nothing).
+template <class What>
+void wait(MPI_Request& req, double timeout_s, const What& what) {
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  for (long polls = 0;; ++polls) {
+    int done = 0;
+    {
+      std::lock_guard lock(mpi_mutex());
+      check(MPI_Test(&req, &done, MPI_STATUS_IGNORE), "MPI_Test");
+    }
+    if (done) return;
+    if (polls < 2000) continue;
+    const double waited = std::chrono::duration<double>(clock::now() - start).count();
+    if (timeout_s > 0 && waited > timeout_s) {
+      state().broken = true;  // the request stays pending: the processes are out of step for good
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%g", timeout_s);
+      throw CollectiveError(
+          what() + " did not complete within " + buf +
+          " s (DEVPIPE_COLLECTIVE_TIMEOUT_S): a peer process died, hangs or failed; "
+          "the job must be restarted");
+    }
+    if (polls < 20000) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+}
+
+template <class What>
+int as_count(std::size_t bytes, const What& what) {
+  if (bytes > static_cast<std::size_t>(INT_MAX)) {
+    throw Unsupported(what() + ": " + std::to_string(bytes) +
+                      " bytes per process exceed MPI's int count");
+  }
+  return static_cast<int>(bytes);
+}
+
+float load(const void* p, DType dt, std::size_t i) {
+  switch (dt) {
+    case DType::Float32:
+      return static_cast<const float*>(p)[i];
+    case DType::BFloat16:
+      return bf16_to_float(static_cast<const std::uint16_t*>(p)[i]);
+    case DType::Float16:
+      return fp16_to_float(static_cast<const std::uint16_t*>(p)[i]);
+    case DType::Int64:
+      return static_cast<float>(static_cast<const std::int64_t*>(p)[i]);
+  }
+  return 0;
+}
+
+void store(void* p, DType dt, std::size_t i, float v) {
+  switch (dt) {
+    case DType::Float32:
+      static_cast<float*>(p)[i] = v;
+      return;
+    case DType::BFloat16:
+      static_cast<std::uint16_t*>(p)[i] = float_to_bf16(v);
+      return;
+    case DType::Float16:
+      static_cast<std::uint16_t*>(p)[i] = float_to_fp16(v);
+      return;
+    case DType::Int64:
+      static_cast<std::int64_t*>(p)[i] = static_cast<std::int64_t>(v);
+      return;
+  }
+}
+
+class MpiCommunicator final : public Communicator {
+ public:
+  MpiCommunicator(MPI_Comm comm, int size, int rank, double timeout_s)
+      : comm_(comm),
+        size_(size),
+        rank_(rank),
+        timeout_s_(timeout_s),
+        counts_(static_cast<std::size_t>(size)),
+        displs_(static_cast<std::size_t>(size)),
+        rcounts_(static_cast<std::size_t>(size)),
+        rdispls_(static_cast<std::size_t>(size)) {}
+
+  int size() const override { return size_; }
+
+  void all_reduce_sum(int rank, void* data, std::size_t count, DType dtype) override {
+    timeline::Span span("all_reduce", "collective", rank + 1);
+    enter(rank, "all_reduce");
+    const std::size_t elem = dtype_size(dtype);
+    const auto p = static_cast<std::size_t>(size_);
+    const std::size_t per = (count + p - 1) / p;
+    auto begin_of = [&](std::size_t q) { return std::min(count, per * q); };
+    auto len_of = [&](std::size_t q) { return std::min(count, begin_of(q) + per) - begin_of(q); };
+    const auto me = static_cast<std::size_t>(rank_);
+    const std::size_t mine = len_of(me);
+    auto what = [&] {
+      return describe("all_reduce of " + std::to_string(count) + " " +
+                      std::string(dtype_name(dtype)));
+    };
+    // Reduce-scatter: process q's slice `me` lands at scratch[q * mine].
+    if (scratch_.size() < p * mine * elem) scratch_.resize(p * mine * elem);
+    for (std::size_t q = 0; q < p; ++q) {
+      counts_[q] = as_count(len_of(q) * elem, what);
+      displs_[q] = as_count(begin_of(q) * elem, what);
+      rcounts_[q] = as_count(mine * elem, what);
+      rdispls_[q] = as_count(q * mine * elem, what);
+    }
+    MPI_Request req = MPI_REQUEST_NULL;
+    {
+      std::lock_guard lock(mpi_mutex());
+      check(MPI_Ialltoallv(data, counts_.data(), displs_.data(), MPI_BYTE, scratch_.data(),
+                           rcounts_.data(), rdispls_.data(), MPI_BYTE, comm_, &req),
+            "MPI_Ialltoallv");
+    }
+    wait(req, timeout_s_, what);
+    // Sum in rank order, accumulating in float32 (as the thread mode's communicator does).
+    char* out = static_cast<char*>(data) + begin_of(me) * elem;
+    if (dtype == DType::Float32) {
+      const auto* s = reinterpret_cast<const float*>(scratch_.data());
+      auto* o = reinterpret_cast<float*>(out);
+      for (std::size_t i = 0; i < mine; ++i) {
+        float acc = 0;
+        for (std::size_t q = 0; q < p; ++q) acc += s[q * mine + i];
+        o[i] = acc;
+      }
+    } else {
+      for (std::size_t i = 0; i < mine; ++i) {
+        float acc = 0;
+        for (std::size_t q = 0; q < p; ++q)
+          acc += load(scratch_.data() + q * mine * elem, dtype, i);
+        store(out, dtype, i, acc);
+      }
+    }
+    // All-gather of the reduced slices, in place.
+    {
+      std::lock_guard lock(mpi_mutex());
+      check(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_BYTE, data, counts_.data(), displs_.data(),
+                            MPI_BYTE, comm_, &req),
+            "MPI_Iallgatherv");
+    }
+    wait(req, timeout_s_, what);
+  }
+
+  void all_gather(int rank, const void* in, void* out, std::size_t outer,
+                  std::size_t inner_bytes) override {
+    timeline::Span span("all_gather", "collective", rank + 1);
+    enter(rank, "all_gather");
+    const auto p = static_cast<std::size_t>(size_);
+    const std::size_t slab = outer * inner_bytes;
+    auto what = [&] { return describe("all_gather of " + std::to_string(slab) + " bytes"); };
+    const int n = as_count(slab, what);
+    // outer == 1: the ranks' slabs are consecutive in `out` already.
+    void* dst = out;
+    if (outer != 1) {
+      if (scratch_.size() < p * slab) scratch_.resize(p * slab);
+      dst = scratch_.data();
+    }
+    MPI_Request req = MPI_REQUEST_NULL;
+    {
+      std::lock_guard lock(mpi_mutex());
+      check(MPI_Iallgather(in, n, MPI_BYTE, dst, n, MPI_BYTE, comm_, &req), "MPI_Iallgather");
+    }
+    wait(req, timeout_s_, what);
+    if (outer != 1) {
+      auto* o = static_cast<char*>(out);
+      for (std::size_t i = 0; i < outer; ++i) {
+        for (std::size_t q = 0; q < p; ++q) {
+          std::memcpy(o + (i * p + q) * inner_bytes, scratch_.data() + q * slab + i * inner_bytes,
+                      inner_bytes);
+        }
+      }
+    }
+  }
+
+  void barrier(int rank) override {
+    enter(rank, "barrier");
+    MPI_Request req = MPI_REQUEST_NULL;
+    {
+      std::lock_guard lock(mpi_mutex());
+      check(MPI_Ibarrier(comm_, &req), "MPI_Ibarrier");
+    }
+    wait(req, timeout_s_, [&] { return describe("barrier"); });
+  }
+
+  // A rank of this process failed mid-forward: the peers are now in a collective this process
+  // will not join, so the processes are out of step for good. The peers time out; at exit the
+  // job is aborted.
+  void abort() override { state().broken = true; }
+  void reset() override {}
+
+ private:
+  void enter(int rank, const char* call) const {
+    if (rank != rank_) {
+      throw InvalidArgument(std::string("MPI communicator: ") + call + " called for rank " +
+                            std::to_string(rank) + ", but this process runs rank " +
+                            std::to_string(rank_));
+    }
+    if (state().broken.load()) {
+      throw CollectiveError(
+          describe(call) +
+          " refused: an earlier collective of this process failed or timed out, so the "
+          "processes are out of step; the job must be restarted");
+    }
+  }
+  std::string describe(const std::string& what) const {
+    return "[mpi] " + what + " on rank " + std::to_string(rank_) + " (process " +
+           std::to_string(rank_) + " of " + std::to_string(size_) + ")";
+  }
+
+  MPI_Comm comm_;
+  int size_;
+  int rank_;
+  double timeout_s_;
+  std::vector<int> counts_, displs_, rcounts_, rdispls_;
+  std::vector<char> scratch_;  // grows to the largest collective, then stays
+};
+
+}  // namespace
+
+std::pair<int, int> init(double timeout_s) {
+  static std::once_flag once;
+  std::call_once(once, [timeout_s] {
+    State& s = state();
+    std::lock_guard lock(mpi_mutex());
+    int initialised = 0;
+    MPI_Initialized(&initialised);
+    if (!initialised) {
+      int provided = 0;
+      int code = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided);
+      if (code != MPI_SUCCESS)
+        throw CollectiveError("MPI_Init_thread failed: " + mpi_error_text(code));
+      s.we_initialised = true;
+    }
+    MPI_Comm_rank(MPI_COMM_WORLD, &s.rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &s.size);
+    // Errors come back as codes (turned into exceptions), not as MPI's default abort.
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    s.exit_timeout_s = timeout_s;
+    MPI_Comm_dup(MPI_COMM_WORLD, &s.control);
+    MPI_Comm_dup(MPI_COMM_WORLD, &s.exit);
+    for (MPI_Comm& c : s.data) MPI_Comm_dup(MPI_COMM_WORLD, &c);
+    MPI_Comm node = MPI_COMM_NULL;
+    if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, s.rank, MPI_INFO_NULL, &node) ==
+        MPI_SUCCESS) {
+      MPI_Comm_size(node, &s.local_size);
+      MPI_Comm_free(&node);
+    }
+    std::atexit(at_exit);
+  });
+  return {state().rank, state().size};
+}
+
+int local_size() {
+  init(0);
+  return state().local_size;
+}
+
+std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, double timeout_s) {
+  auto [rank, size] = init(0);
+  if (tp_degree != size) {
+    throw ConfigError("an MPI communicator joins one rank per process: tp_degree " +
+                      std::to_string(tp_degree) + " does not match the " + std::to_string(size) +
+                      " processes");
+  }
+  return std::make_unique<MpiCommunicator>(state().data[static_cast<int>(kind)], size, rank,
+                                           timeout_s);
+}
+
+std::vector<std::string> all_gather_text(const std::string& text, double timeout_s) {
+  auto [rank, size] = init(0);
+  State& s = state();
+  auto what = [&] {
+    return "[mpi] control-plane exchange on process " + std::to_string(rank) + " of " +
+           std::to_string(size);
+  };
+  if (s.broken.load()) {
+    throw CollectiveError(what() +
+                          " refused: an earlier collective failed, the processes are out of step");
+  }
+  int len = as_count(text.size(), what);
+  std::vector<int> lens(static_cast<std::size_t>(size));
+  MPI_Request req = MPI_REQUEST_NULL;
+  {
+    std::lock_guard lock(mpi_mutex());
+    check(MPI_Iallgather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, s.control, &req),
+          "MPI_Iallgather");
+  }
+  wait(req, timeout_s, what);
+  std::vector<int> displs(static_cast<std::size_t>(size));
+  std::size_t total = 0;
+  for (std::size_t q = 0; q < lens.size(); ++q) {
+    displs[q] = as_count(total, what);
+    total += static_cast<std::size_t>(lens[q]);
+  }
+  std::string all(total, '\0');
+  {
+    std::lock_guard lock(mpi_mutex());
+    check(MPI_Iallgatherv(text.data(), len, MPI_CHAR, all.data(), lens.data(), displs.data(),
+                          MPI_CHAR, s.control, &req),
+          "MPI_Iallgatherv");
+  }
+  wait(req, timeout_s, what);
+  std::vector<std::string> out;
+  for (std::size_t q = 0; q < lens.size(); ++q) {
+    out.push_back(
+        all.substr(static_cast<std::size_t>(displs[q]), static_cast<std::size_t>(lens[q])));
+  }
+  return out;
+}
+
+#endif
+
+}  // namespace devpipe::mpi

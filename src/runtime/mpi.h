@@ -1,0 +1,38 @@
+// Internal: the MPI side of a multi-process world (src/runtime/mpi.cpp). Built with MPI when
+// CMake finds it (DEVPIPE_HAVE_MPI); without it every function below but the first two throws
+// Unsupported. No MPI type appears here.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "devpipe/device.h"
+#include "runtime/communicator.h"
+
+namespace devpipe::mpi {
+
+/// Whether devpipe was built with MPI.
+bool built_with_mpi();
+/// The world size an MPI launcher announced in the environment (OMPI_COMM_WORLD_SIZE, PMI_SIZE),
+/// or 0 when no launcher started this process.
+int launcher_world_size();
+/// Initialises MPI once (MPI_THREAD_MULTIPLE; leaves it alone when the application already
+/// did) and returns {this process's rank, the world size}; later calls return the same (and
+/// ignore the timeout). At exit the processes meet within `timeout_s` and MPI is finalised; the
+/// job is aborted instead when a collective failed or a peer does not come (so that peers stuck
+/// in a collective are ended too).
+std::pair<int, int> init(double timeout_s);
+/// Processes of the world on this machine (MPI_COMM_TYPE_SHARED), after init().
+int local_size();
+/// Collectives for the ranks of a stage with tp_degree == the world size, one rank per process,
+/// on a communicator of its own for device kind `kind`. Every call waits at most `timeout_s`
+/// for the peers, then throws CollectiveError; a failure (a timeout, or abort() after a local
+/// rank failed) leaves the ranks out of step, so every later call throws too.
+std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, double timeout_s);
+/// Control plane, for compile() and load() on the caller's thread: every process's `text`, in
+/// process order. Waits at most `timeout_s` (0: without bound) for the peers.
+std::vector<std::string> all_gather_text(const std::string& text, double timeout_s);
+
+}  // namespace devpipe::mpi

@@ -1,0 +1,135 @@
+// The world of this process: threads, or one rank per MPI process (devpipe/world.h).
+#include "devpipe/world.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#include "core/log.h"
+#include "devpipe/error.h"
+#include "runtime/mpi.h"
+
+namespace devpipe {
+
+const char* transport_name(Transport t) {
+  switch (t) {
+    case Transport::Threads:
+      return "threads";
+    case Transport::Mpi:
+      return "mpi";
+  }
+  return "?";
+}
+
+World::World(Transport transport, int num_processes, int process, double collective_timeout_s,
+             int local_processes)
+    : transport_(transport),
+      num_processes_(num_processes),
+      process_(process),
+      collective_timeout_s_(collective_timeout_s),
+      local_processes_(local_processes) {
+  if (local_processes < 1 || local_processes > num_processes) {
+    throw InvalidArgument("World: " + std::to_string(local_processes) +
+                          " processes on this machine of " + std::to_string(num_processes) +
+                          " in all");
+  }
+  if (num_processes < 1 || process < 0 || process >= num_processes) {
+    throw InvalidArgument("World: process " + std::to_string(process) + " of " +
+                          std::to_string(num_processes) + " is out of range");
+  }
+  if (transport == Transport::Threads && num_processes != 1) {
+    throw InvalidArgument("World: thread mode has one process, got " +
+                          std::to_string(num_processes));
+  }
+  if (!(collective_timeout_s > 0)) {
+    throw InvalidArgument("World: the collective timeout must be > 0 seconds, got " +
+                          std::to_string(collective_timeout_s));
+  }
+}
+
+namespace {
+
+double timeout_from_env() {
+  constexpr double kDefault = 300;
+  const char* v = std::getenv("DEVPIPE_COLLECTIVE_TIMEOUT_S");
+  if (!v || !*v) return kDefault;
+  char* end = nullptr;
+  double t = std::strtod(v, &end);
+  if (end && *end == '\0' && t > 0 && t <= 1e6) return t;
+  throw ConfigError("DEVPIPE_COLLECTIVE_TIMEOUT_S='" + std::string(v) +
+                    "' is not a number of seconds in (0, 1e6]");
+}
+
+World detect() {
+  const double timeout = timeout_from_env();
+  const char* forced = std::getenv("DEVPIPE_WORLD");
+  const std::string mode = forced ? forced : "";
+  if (!mode.empty() && mode != "threads" && mode != "mpi") {
+    throw ConfigError("DEVPIPE_WORLD='" + mode + "': expected 'threads' or 'mpi'");
+  }
+  const int launched = mpi::launcher_world_size();
+  if (mode == "threads") return World(Transport::Threads, 1, 0, timeout);
+  if (mode == "mpi" || launched > 1) {
+    if (!mpi::built_with_mpi()) {
+      if (mode == "mpi") {
+        throw ConfigError(
+            "DEVPIPE_WORLD=mpi, but devpipe was built without MPI (install libopenmpi-dev and "
+            "reconfigure)");
+      }
+      log::warn(
+          "started by an MPI launcher with " + std::to_string(launched) +
+          " processes, but devpipe was built without MPI: every process runs all ranks as threads");
+      return World(Transport::Threads, 1, 0, timeout);
+    }
+    auto [rank, size] = mpi::init(timeout);
+    if (size > 1) return World(Transport::Mpi, size, rank, timeout, mpi::local_size());
+  }
+  return World(Transport::Threads, 1, 0, timeout);
+}
+
+}  // namespace
+
+const World& World::get() {
+  static const World world = detect();
+  return world;
+}
+
+std::vector<int> World::local_ranks(int tp_degree) const {
+  if (tp_degree < 1)
+    throw InvalidArgument("tp_degree must be >= 1, got " + std::to_string(tp_degree));
+  std::vector<int> ranks;
+  if (transport_ == Transport::Threads) {
+    for (int r = 0; r < tp_degree; ++r) ranks.push_back(r);
+  } else if (tp_degree == 1) {
+    ranks.push_back(0);
+  } else if (tp_degree == num_processes_) {
+    ranks.push_back(process_);
+  } else {
+    throw ConfigError(
+        "tp_degree " + std::to_string(tp_degree) + " under " + std::to_string(num_processes_) +
+        " MPI processes: with ranks as processes a stage's tp_degree must equal the number of "
+        "processes (" +
+        std::to_string(num_processes_) +
+        ") or be 1 (run in every process); "
+        "launch with mpirun -np " +
+        std::to_string(tp_degree) + " or run as threads (DEVPIPE_WORLD=threads)");
+  }
+  return ranks;
+}
+
+bool World::runs_rank(int rank, int tp_degree) const {
+  if (transport_ == Transport::Threads || tp_degree == 1) return rank >= 0 && rank < tp_degree;
+  return rank == process_ && tp_degree == num_processes_;
+}
+
+int World::process_of_rank(int rank, int tp_degree) const {
+  if (transport_ == Transport::Threads || tp_degree == 1) return process_;
+  return rank;
+}
+
+std::string World::describe() const {
+  if (transport_ == Transport::Threads) return "threads (1 process)";
+  return "mpi: process " + std::to_string(process_) + " of " + std::to_string(num_processes_);
+}
+
+}  // namespace devpipe

@@ -1,0 +1,212 @@
+// The program test_mpi runs both as threads (./mpi_worker ...) and as processes
+// (mpirun -np N ./mpi_worker ...): the same code either way, as a user's program would be.
+//
+//   mpi_worker SCENARIO WORK OUT TP
+//
+// SCENARIO:
+//   seed      the seed's vision-text pipeline (examples/vision_text, batch 8, 32x32 images)
+//   mlp       a column/row-parallel MLP (tests/pipeline_util.h), ranked output to the host
+//   llama     a small random Llama (HF folder) generating 12 greedy tokens for 3 prompts
+//   hang      mlp, but process 1 stops before its forward (sleeps): the others must fail
+//   kill      mlp, but process 1 is killed (SIGKILL) before its forward
+//   mismatch  process 1 asks for another batch size than the others at compile
+//
+// Results go to OUT.p<process>.safetensors (outputs) or OUT.p<process>.json ({"error": message,
+// "seconds": time from the failing call to its error}); the checkpoints and artifacts under WORK
+// are written by process 0 (checkpoints) and by compile (artifacts).
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "devpipe/devpipe.h"
+#include "devpipe/models/llama.h"
+#include "devpipe/world.h"
+#include "pipeline_util.h"
+#include "vision_text/models.h"
+
+using namespace devpipe;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string suffix() { return ".p" + std::to_string(World::get().process()); }
+
+void save_outputs(const std::string& out,
+                  const std::vector<std::pair<std::string, Tensor>>& tensors) {
+  safetensors::save(out + suffix() + ".safetensors", tensors, {{"world", World::get().describe()}});
+}
+
+/// Checkpoints are written once (process 0), then every process waits for the file.
+void wait_for(const fs::path& path) {
+  for (int i = 0; i < 600 && !fs::exists(path); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+}
+
+void run_seed(const std::string& work, const std::string& out, int tp) {
+  InferenceConfig config = vision_text::seed_config(8, tp);
+  config.set("image_size", std::int64_t{32});
+  const std::string vision_ckpt = work + "/checkpoints/vision",
+                    text_ckpt = work + "/checkpoints/text";
+  if (World::get().process() == 0) {
+    vision_text::write_random_checkpoint(vision_text::VisionModel(config), vision_ckpt, 1234);
+    vision_text::write_random_checkpoint(vision_text::TextModel(config), text_ckpt, 1235);
+  }
+  wait_for(text_ckpt + "/model.safetensors");
+  vision_text::VisionModelApp vision_app(vision_ckpt, config);
+  vision_text::TextModelApp text_app(text_ckpt, config);
+  vision_app.compile(work + "/compiled/vision");
+  text_app.compile(work + "/compiled/text");
+  vision_app.load(work + "/compiled/vision");
+  text_app.load(work + "/compiled/text");
+  Tensor image = Tensor::randn({8, 3, 32, 32}, 42);
+  Tensor text = Tensor::randn({8, 256}, 43);
+  Output features = vision_app.forward(image);
+  Output final_output = text_app.forward(features, text);
+  save_outputs(out,
+               {{"output", final_output.tensor()}, {"features", features.ranked().to_host()[0]}});
+  std::cout << "seed: " << World::get().describe() << ", vision features "
+            << features.ranked().describe() << ", local ranks "
+            << features.ranked().local_ranks().size() << "\n";
+}
+
+/// The MLP stage; `before_forward` runs between load and forward.
+void run_mlp(const std::string& work, const std::string& out, int tp, std::int64_t batch,
+             const std::function<void()>& before_forward = {}) {
+  InferenceConfig config(RuntimeConfig{.batch_size = batch, .tp_degree = tp});
+  testing::TestWrapper<testing::ParallelMlp> mlp(config, {.tag = "mlp"},
+                                                 {{Tensor::randn({batch, 16}, 1)}});
+  const std::string ckpt = work + "/checkpoints/mlp.safetensors";
+  fs::create_directories(work + "/checkpoints");
+  if (World::get().process() == 0)
+    safetensors::save(ckpt, nn::random_state_dict(testing::ParallelMlp(), 5));
+  wait_for(ckpt);
+  mlp.compile(ckpt, work + "/compiled/mlp");
+  mlp.load(work + "/compiled/mlp");
+  if (before_forward) before_forward();
+  Tensor x = Tensor::randn({batch, 16}, 2);
+  Output y = mlp.forward({x});
+  Output y2 =
+      mlp.forward({Tensor::randn({batch, 16}, 3)});  // a second forward: the ranks stay in step
+  save_outputs(out, {{"output", y.tensor()}, {"output2", y2.tensor()}});
+}
+
+void run_llama(const std::string& work, const std::string& out, int tp) {
+  const fs::path model = fs::path(work) / "llama";
+  if (World::get().process() == 0) {
+    fs::create_directories(model);
+    nlohmann::json cfg = {{"architectures", {"LlamaForCausalLM"}},
+                          {"model_type", "llama"},
+                          {"hidden_size", 64},
+                          {"intermediate_size", 128},
+                          {"num_hidden_layers", 2},
+                          {"num_attention_heads", 4},
+                          {"num_key_value_heads", 2},
+                          {"hidden_act", "silu"},
+                          {"rms_norm_eps", 1e-5},
+                          {"rope_theta", 10000.0},
+                          {"vocab_size", 300},
+                          {"max_position_embeddings", 256},
+                          {"tie_word_embeddings", false},
+                          {"bos_token_id", 1},
+                          {"eos_token_id", 2},
+                          {"torch_dtype", "float32"}};
+    std::ofstream(model / "config.json.tmp") << cfg.dump(2) << "\n";
+    fs::rename(model / "config.json.tmp", model / "config.json");
+  }
+  wait_for(model / "config.json");
+  RuntimeConfig rc{.batch_size = 4, .dtype = DType::Float32, .tp_degree = tp};
+  models::LlamaOptions opts;
+  opts.context_buckets = {16, 32};
+  opts.max_length = 64;
+  InferenceConfig config = models::llama_config(model.string(), rc, opts);
+  if (World::get().process() == 0) {
+    models::LlamaModel shapes(config, false);
+    safetensors::save((model / "model.safetensors").string(), nn::random_state_dict(shapes, 7),
+                      {{"format", "pt"}});
+  }
+  wait_for(model / "model.safetensors");
+  models::LlamaForCausalLM app(model.string(), config);
+  app.compile(work + "/compiled/llama");
+  app.load(work + "/compiled/llama");
+  models::GenerationConfig gen;
+  gen.max_new_tokens = 12;
+  gen.stop_at_eos = false;
+  auto r = app.generate(
+      {{1, 17, 42}, {1, 150, 3, 3, 8, 21, 250}, {1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45}},
+      gen);
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (std::size_t s = 0; s < r.tokens.size(); ++s) {
+    tensors.emplace_back(
+        "tokens" + std::to_string(s),
+        Tensor::from_vector_i64(r.tokens[s], {static_cast<std::int64_t>(r.tokens[s].size())}));
+  }
+  save_outputs(out, tensors);
+}
+
+/// Runs `f`; a devpipe error is written to OUT.p<process>.json with the seconds since `since`.
+int record_error(const std::string& out, const std::function<void()>& f,
+                 const std::chrono::steady_clock::time_point* since) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    double s =
+        since ? std::chrono::duration<double>(std::chrono::steady_clock::now() - *since).count()
+              : 0;
+    std::ofstream(out + suffix() + ".json")
+        << nlohmann::json{{"error", e.what()}, {"seconds", s}}.dump() << "\n";
+    std::cerr << "mpi_worker" << suffix() << ": " << e.what() << "\n";
+    return 1;
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 5) {
+    std::cerr << "usage: mpi_worker seed|mlp|llama|hang|kill|mismatch WORK OUT TP\n";
+    return 2;
+  }
+  const std::string scenario = argv[1], work = argv[2], out = argv[3];
+  const int tp = std::stoi(argv[4]);
+  try {
+    fs::create_directories(work);
+    if (scenario == "seed") {
+      run_seed(work, out, tp);
+    } else if (scenario == "mlp") {
+      run_mlp(work, out, tp, 4);
+    } else if (scenario == "llama") {
+      run_llama(work, out, tp);
+    } else if (scenario == "hang" || scenario == "kill") {
+      std::chrono::steady_clock::time_point start;
+      return record_error(
+          out,
+          [&] {
+            run_mlp(work, out, tp, 4, [&] {
+              if (World::get().process() == 1) {
+                if (scenario == "kill") ::raise(SIGKILL);
+                std::this_thread::sleep_for(std::chrono::hours(1));
+              }
+              start = std::chrono::steady_clock::now();
+            });
+          },
+          &start);
+    } else if (scenario == "mismatch") {
+      return record_error(
+          out, [&] { run_mlp(work, out, tp, World::get().process() == 1 ? 8 : 4); }, nullptr);
+    } else {
+      std::cerr << "mpi_worker: unknown scenario '" << scenario << "'\n";
+      return 2;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "mpi_worker" << suffix() << ": " << e.what() << "\n";
+    return 1;
+  }
+}
