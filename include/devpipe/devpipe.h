@@ -16,3 +16,4 @@
 #include "devpipe/tensor.h"
 #include "devpipe/trace.h"
 #include "devpipe/version.h"
+#include "devpipe/world.h"
