@@ -25,15 +25,33 @@ struct RankInfo {
   int num_threads = 1;           // host threads the rank's kernels may use
 };
 
+/// Completion of device work queued on a rank's queue (a CUDA event on cuda). The cpu backend
+/// has none: its run() returns once the work is done.
+class DeviceEvent {
+ public:
+  virtual ~DeviceEvent() = default;
+  /// Blocks the calling thread until the work recorded before the event has run on the device.
+  virtual void synchronize() = 0;
+};
+
 /// A graph compiled for one rank, weights bound. Not thread-safe: one caller at a time (the
 /// rank's own thread).
 class Executable {
  public:
   virtual ~Executable() = default;
+  /// An event for this executable's queue, or null when run() returns only once its work is
+  /// done (the cpu backend). Created once per rank and reused.
+  virtual std::unique_ptr<DeviceEvent> create_event() { return nullptr; }
+  /// Records `event` after the work queued so far on this executable's queue.
+  virtual void record(DeviceEvent& event) {}
+  /// Makes work queued from now on on this executable's queue wait for `event`, without
+  /// blocking the host (a ranked input produced on another queue).
+  virtual void wait(DeviceEvent& event) {}
   /// Runs the graph. `inputs`: device pointers to the graph inputs (graph.inputs order), each
   /// contiguous with the graph's shape/dtype. `outputs`: preallocated device pointers for the
-  /// graph outputs (graph.outputs order). Blocking on the cpu backend. Makes no heap allocation
-  /// in steady state.
+  /// graph outputs (graph.outputs order). Blocking on the cpu backend; on cuda it queues the
+  /// work on the rank's stream and returns (record() an event to know when it ran). Makes no
+  /// heap allocation in steady state.
   virtual void run(const std::vector<const void*>& inputs, const std::vector<void*>& outputs) = 0;
   /// Bytes of intermediate memory planned for one run.
   virtual std::size_t workspace_bytes() const = 0;

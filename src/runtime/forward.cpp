@@ -44,6 +44,8 @@ struct Chunk {
 /// is queued.
 struct RankWork {
   detail::EventState done;             // rank r's outputs are written (or its failure)
+  std::unique_ptr<DeviceEvent> device_done;  // recorded after rank r's device work (cuda); made once
+  bool made_event = false;
   std::vector<const void*> in_ptrs;
   std::vector<void*> out_ptrs;
   std::vector<Tensor> temps;           // per-chunk input/output buffers (pooled), by index
@@ -239,9 +241,20 @@ void run_chunks(Job& job, RankWork& w, int r) {
   std::vector<Tensor>& out = job.result.per_rank[ru];
   const std::vector<void*>& states = (*job.state_ptrs)[ru];
 
+  Executable& first = *(*job.executables)[job.chunks.front().bucket][ru];
+  if (!w.made_event) {  // once per rank of this job: the event is reused from then on
+    w.device_done = first.create_event();
+    w.done.set_device(w.device_done.get());
+    w.made_event = true;
+  }
   for (std::size_t i = 0; i < nargs; ++i) {
     const Arg& a = job.args[i];
-    if (!a.ranked.empty()) a.ranked.ready(r)->wait();  // producer's failure propagates here
+    if (a.ranked.empty()) continue;
+    // The producer's task has queued its work (its failure propagates here); this rank's queue
+    // waits for the producer's device event, the host does not.
+    const detail::EventState& ready = *a.ranked.ready(r);
+    ready.wait_queued();
+    if (DeviceEvent* e = ready.device()) first.wait(*e);
   }
   w.in_ptrs.resize(nargs + states.size());
   for (std::size_t k = 0; k < states.size(); ++k) w.in_ptrs[nargs + k] = states[k];
@@ -328,6 +341,8 @@ void run_chunks(Job& job, RankWork& w, int r) {
       stats::d2d += static_cast<std::size_t>(c.rows) * row_bytes;
     }
   }
+  // The outputs are ready when the device has run everything queued so far.
+  if (w.device_done) (*job.executables)[job.chunks.back().bucket][ru]->record(*w.device_done);
 }
 
 /// The stream task of rank r (context: the Job). Never throws: a failure is signalled on the
@@ -642,8 +657,9 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   job.finished.wait();
   try {
     for (int rk : local) {
-      if (std::exception_ptr e = job.ranks[static_cast<std::size_t>(rk)]->done.error())
-        std::rethrow_exception(e);
+      const detail::EventState& done = job.ranks[static_cast<std::size_t>(rk)]->done;
+      if (std::exception_ptr e = done.error()) std::rethrow_exception(e);
+      if (DeviceEvent* e = done.device()) e->synchronize();  // the device has run the stage
     }
     if (!im.has_named) {
       detail::copy_rank0_to_host(res, job.host_out, job.shape);

@@ -1,5 +1,7 @@
 #include "runtime/stream.h"
 
+#include "runtime/backend.h"
+
 #include <chrono>
 #include <thread>
 
@@ -15,10 +17,15 @@ void EventState::signal(std::exception_ptr error) {
   cv_.notify_all();
 }
 
-void EventState::wait() const {
+void EventState::wait_queued() const {
   std::unique_lock lock(mu_);
   cv_.wait(lock, [&] { return done_; });
   if (error_) std::rethrow_exception(error_);
+}
+
+void EventState::wait() const {
+  wait_queued();
+  if (device_) device_->synchronize();
 }
 
 bool EventState::ready() const {

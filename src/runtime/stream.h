@@ -12,15 +12,26 @@
 #include <vector>
 
 namespace devpipe {
+class DeviceEvent;
 namespace detail {
 
-/// Completion of one piece of stream work, with its failure if it failed. Thread-safe.
+/// Completion of one piece of stream work, with its failure if it failed. Thread-safe. The
+/// host flag says the rank's task has run (its device work is queued); with a device event, the
+/// work is done on the device once that event completes too.
 class EventState {
  public:
-  /// Marks the work done; `error` is rethrown by wait().
+  /// Marks the rank's task finished; `error` is rethrown by wait().
   void signal(std::exception_ptr error = nullptr);
-  /// Blocks until signalled; rethrows the work's failure.
+  /// Blocks until the work is done: the task finished and, with a device event, the device ran
+  /// it. Rethrows the work's failure.
   void wait() const;
+  /// Blocks until the task finished (its device work queued); rethrows its failure. A consumer
+  /// on a device queue then waits for device() there instead of on the host.
+  void wait_queued() const;
+  /// The device event recorded after the task's work, or null (the cpu backend). Set once, by
+  /// the event's owner, before the first signal; reset() keeps it.
+  DeviceEvent* device() const { return device_; }
+  void set_device(DeviceEvent* event) { device_ = event; }
   bool ready() const;
   /// The failure, or null (only meaningful once ready).
   std::exception_ptr error() const;
@@ -32,6 +43,7 @@ class EventState {
   mutable std::condition_variable cv_;
   bool done_ = false;
   std::exception_ptr error_;
+  DeviceEvent* device_ = nullptr;
 };
 
 }  // namespace detail

@@ -40,6 +40,17 @@ bool graphs_enabled_by_env() {
   return enabled;
 }
 
+/// A rank's completion on the device: a CUDA event recorded on the rank's stream.
+class CudaDeviceEvent final : public DeviceEvent {
+ public:
+  explicit CudaDeviceEvent(int device) : event_(Event::create(device)) {}
+  void synchronize() override { DEVPIPE_CUDA_CHECK(cudaEventSynchronize(event_.get())); }
+  cudaEvent_t get() const { return event_.get(); }
+
+ private:
+  Event event_;
+};
+
 /// A step for nodes whose outputs are empty.
 class NoopStep final : public Step {
  public:
@@ -53,6 +64,13 @@ class CudaExecutable final : public Executable {
 
   void run(const std::vector<const void*>& inputs, const std::vector<void*>& outputs) override;
   std::size_t workspace_bytes() const override { return plan_.arena_bytes; }
+  std::unique_ptr<DeviceEvent> create_event() override { return std::make_unique<CudaDeviceEvent>(ctx_.device()); }
+  void record(DeviceEvent& event) override {
+    DEVPIPE_CUDA_CHECK(cudaEventRecord(static_cast<CudaDeviceEvent&>(event).get(), ctx_.stream()));
+  }
+  void wait(DeviceEvent& event) override {
+    DEVPIPE_CUDA_CHECK(cudaStreamWaitEvent(ctx_.stream(), static_cast<CudaDeviceEvent&>(event).get(), 0));
+  }
 
  private:
   struct PlannedStep {
