@@ -105,6 +105,21 @@ TEST_P(PipelineTp, MatchesPyTorchAndHandsOffInPlace) {
   // so each rank reads the image and the text input in place; nothing is copied at all.
   EXPECT_EQ(st.host_to_device_bytes, 0u);
   EXPECT_EQ(st.host_inputs_in_place, 2u * static_cast<std::uint64_t>(tp));
+
+  // The same, per forward (no reset needed): the vision forward read its image in place on
+  // every rank and moved nothing; the text forward used the ranked features and read its text
+  // input in place on every rank, and copied its [32, 1024] float32 output to the host.
+  const auto tpu = static_cast<std::uint64_t>(tp);
+  TransferStats v = feats.transfer_stats(), t = out.transfer_stats();
+  EXPECT_EQ(v, (TransferStats{.host_inputs_in_place = tpu, .forwards = 1}));
+  EXPECT_EQ(t, (TransferStats{.device_to_host_bytes = 32 * 1024 * 4,
+                              .ranked_inputs_in_place = tpu,
+                              .host_inputs_in_place = tpu,
+                              .forwards = 1}));
+  // A later forward has its own counts; the earlier results keep theirs.
+  Output out2 = s.text->forward({feats, io("text", 32)});
+  EXPECT_EQ(out2.transfer_stats(), t);
+  EXPECT_EQ(feats.transfer_stats(), v);
 }
 
 INSTANTIATE_TEST_SUITE_P(Tp, PipelineTp, ::testing::Values(1, 2, 4));

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "devpipe/stats.h"
 #include "devpipe/tensor.h"
 
 namespace devpipe {
@@ -27,6 +28,8 @@ class EventState;
 struct RankedData {
   std::vector<std::vector<Tensor>> per_rank;  // [rank][output]
   std::vector<EventState*> ready;             // rank r's completion; lives as long as this
+  std::vector<const TransferStats*> rank_counts;  // rank r's transfers in this forward (null: none)
+  const TransferStats* host_counts = nullptr;     // the forward thread's (forwards = 1)
   std::int64_t real_batch = 0;
   std::string producer;
   std::vector<std::shared_ptr<EventState>> owned_ready;  // events given to the constructor
@@ -62,6 +65,8 @@ class RankedTensors {
   void wait() const;
   /// Completion event of rank r (runtime use; shares ownership with these tensors).
   std::shared_ptr<detail::EventState> ready(int rank) const;
+  /// What the forward that produced these moved, over this process's ranks (waits first).
+  TransferStats transfer_stats() const;
   /// Host copies of the outputs of the first local rank (rank 0 in thread mode; every rank holds
   /// the same whole outputs) cut to real_batch() rows (waits first).
   std::vector<Tensor> to_host() const;
@@ -109,6 +114,9 @@ class Output {
   Device device() const { return tensor(0).device(); }
   /// "ranked tensors [2 ranks x 1 output] ..." or "tensor".
   std::string type_name() const;
+  /// What the forward that returned this moved (for ranked outputs: once its ranks finish;
+  /// host outputs: counted when forward() returned). Zero for an Output built by the caller.
+  TransferStats transfer_stats() const;
 
   operator Input() const {  // NOLINT: pass a stage's result straight to the next stage
     return is_ranked() ? Input(ranked_) : Input(tensor(0));
@@ -117,9 +125,11 @@ class Output {
  private:
   friend class ModelWrapper;
   struct SharedHost {};
-  Output(SharedHost, std::shared_ptr<const std::vector<Tensor>> host) : host_(std::move(host)) {}
+  Output(SharedHost, std::shared_ptr<const std::vector<Tensor>> host, std::shared_ptr<const TransferStats> counts)
+      : host_(std::move(host)), counts_(std::move(counts)) {}
   RankedTensors ranked_;
   std::shared_ptr<const std::vector<Tensor>> host_;  // null: no host outputs
+  std::shared_ptr<const TransferStats> counts_;      // host outputs: the forward's transfers
 };
 
 }  // namespace devpipe

@@ -1,4 +1,5 @@
-// devpipe — counters the runtime keeps of the bytes it moves (process-wide, thread-safe).
+// devpipe — counters of the bytes the runtime moves: per forward (Output::transfer_stats(),
+// RankedTensors::transfer_stats()) and process-wide (transfer_stats(), thread-safe).
 #pragma once
 
 #include <cstdint>
@@ -14,9 +15,14 @@ struct TransferStats {
   std::uint64_t host_inputs_in_place = 0;    // host inputs read where they lie (a backend whose
                                              // device memory is host memory; no padding needed)
   std::uint64_t forwards = 0;                // ModelWrapper::forward calls
+
+  /// Field by field sum.
+  TransferStats& operator+=(const TransferStats& o);
+  friend bool operator==(const TransferStats&, const TransferStats&) = default;
 };
 
-/// A snapshot of the counters.
+/// A snapshot of the process-wide counters (every forward of every wrapper since the last reset;
+/// prefer a forward's own counts where several forwards run).
 TransferStats transfer_stats();
 /// Sets every counter to zero.
 void reset_transfer_stats();

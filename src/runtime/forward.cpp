@@ -45,6 +45,7 @@ struct Chunk {
 struct RankWork {
   detail::EventState done;             // rank r's outputs are written (or its failure)
   std::unique_ptr<DeviceEvent> device_done;  // recorded after rank r's device work (cuda); made once
+  TransferStats counts;                      // what rank r moved in this forward
   bool made_event = false;
   std::vector<const void*> in_ptrs;
   std::vector<void*> out_ptrs;
@@ -74,6 +75,8 @@ struct Job {
   std::vector<Chunk> chunks;
   detail::RankedData result;    // outputs [rank][output] + rank events, handed out by aliasing
   std::vector<Tensor> host_out;  // host results
+  TransferStats host_counts;     // what the forward thread moved (forwards = 1)
+  TransferStats total;           // host results: every local rank's and the forward thread's
   std::vector<std::unique_ptr<RankWork>> ranks;
   Shape shape;  // scratch for the forward thread
 
@@ -240,6 +243,7 @@ void run_chunks(Job& job, RankWork& w, int r) {
   const auto ru = static_cast<std::size_t>(r);
   std::vector<Tensor>& out = job.result.per_rank[ru];
   const std::vector<void*>& states = (*job.state_ptrs)[ru];
+  w.counts = TransferStats();
 
   Executable& first = *(*job.executables)[job.chunks.front().bucket][ru];
   if (!w.made_event) {  // once per rank of this job: the event is reused from then on
@@ -298,6 +302,7 @@ void run_chunks(Job& job, RankWork& w, int r) {
         if (t.shape()[0] >= c.begin + bsz && same_sample(t.shape(), bucket)) {
           w.in_ptrs[i] = static_cast<const char*>(t.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
           ++stats::in_place;
+          ++w.counts.ranked_inputs_in_place;
           timeline::instant("ranked hand-off (in place)", "handoff", r + 1);
           continue;
         }
@@ -305,15 +310,19 @@ void run_chunks(Job& job, RankWork& w, int r) {
         w.in_ptrs[i] = ptr;
         stats::d2d += bytes;
         ++stats::copied;
+        w.counts.device_to_device_bytes += bytes;
+        ++w.counts.ranked_inputs_copied;
         timeline::instant("ranked hand-off (re-padded on device)", "handoff", r + 1);
       } else if (host_shared && c.rows == bsz && a.host.device().is_host() && same_sample(a.host.shape(), bucket)) {
         // The rank's device memory is host memory and no padding is needed: read in place.
         w.in_ptrs[i] = static_cast<const char*>(a.host.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
         ++stats::host_in_place;
+        ++w.counts.host_inputs_in_place;
       } else {
         auto [ptr, bytes] = copy_padded(spec, bucket, a.host);
         w.in_ptrs[i] = ptr;
         stats::h2d += bytes;
+        w.counts.host_to_device_bytes += bytes;
       }
     }
     // outputs: straight into the result when the chunk fills its bucket rows
@@ -339,6 +348,7 @@ void run_chunks(Job& job, RankWork& w, int r) {
       be.copy(static_cast<char*>(out[o].raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes, dev,
               w.temps[k].raw_data(), dev, static_cast<std::size_t>(c.rows) * row_bytes);
       stats::d2d += static_cast<std::size_t>(c.rows) * row_bytes;
+      w.counts.device_to_device_bytes += static_cast<std::size_t>(c.rows) * row_bytes;
     }
   }
   // The outputs are ready when the device has run everything queued so far.
@@ -638,12 +648,20 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   // ---- one task per rank runs every chunk
   job.host_result = !(options_.pipeline_execution && !options_.return_ranked_to_cpu);
   job.finished.reset();
-  for (std::size_t r = 0; r < tpu; ++r) res.ready[r] = nullptr;
+  res.rank_counts.resize(tpu);
+  for (std::size_t r = 0; r < tpu; ++r) {
+    res.ready[r] = nullptr;
+    res.rank_counts[r] = nullptr;
+  }
   for (int rk : local) {
     const auto r = static_cast<std::size_t>(rk);
     job.ranks[r]->done.reset();
     res.ready[r] = &job.ranks[r]->done;
+    res.rank_counts[r] = &job.ranks[r]->counts;
   }
+  job.host_counts = TransferStats();
+  job.host_counts.forwards = 1;
+  res.host_counts = &job.host_counts;
   job.pending.store(static_cast<int>(local.size()), std::memory_order_relaxed);
   job.self = held;
   im.group->submit(&run_rank, &job);
@@ -662,7 +680,7 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
       if (DeviceEvent* e = done.device()) e->synchronize();  // the device has run the stage
     }
     if (!im.has_named) {
-      detail::copy_rank0_to_host(res, job.host_out, job.shape);
+      job.host_counts.device_to_host_bytes += detail::copy_rank0_to_host(res, job.host_out, job.shape);
     } else {
       // Cut back along the batch and every named dim the arguments carry.
       job.host_out.resize(m.outputs.size());
@@ -678,8 +696,10 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
         }
         Tensor& h = job.host_out[o];
         detail::TensorAccess::rebind_host_pool(h, job.shape, t.dtype());
-        stats::d2h += copy_region(be, h.raw_data(), h.device(), h.shape(), t.raw_data(), t.device(), t.shape(), 0,
-                                  job.shape, dtype_size(t.dtype()), false);
+        const std::size_t bytes = copy_region(be, h.raw_data(), h.device(), h.shape(), t.raw_data(), t.device(),
+                                              t.shape(), 0, job.shape, dtype_size(t.dtype()), false);
+        stats::d2h += bytes;
+        job.host_counts.device_to_host_bytes += bytes;
       }
     }
   } catch (...) {
@@ -690,7 +710,10 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   for (auto& outs : res.per_rank) {
     for (Tensor& t : outs) detail::TensorAccess::drop(t);
   }
-  return Output(Output::SharedHost{}, std::shared_ptr<const std::vector<Tensor>>(held, &job.host_out));
+  job.total = job.host_counts;
+  for (int rk : local) job.total += job.ranks[static_cast<std::size_t>(rk)]->counts;
+  return Output(Output::SharedHost{}, std::shared_ptr<const std::vector<Tensor>>(held, &job.host_out),
+                std::shared_ptr<const TransferStats>(held, &job.total));
 }
 
 }  // namespace devpipe

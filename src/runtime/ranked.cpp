@@ -75,6 +75,22 @@ std::vector<int> RankedTensors::local_ranks() const {
   return out;
 }
 
+TransferStats RankedTensors::transfer_stats() const {
+  TransferStats t;
+  if (!data_) return t;
+  wait();
+  for (const TransferStats* c : data_->rank_counts) {
+    if (c) t += *c;
+  }
+  if (data_->host_counts) t += *data_->host_counts;
+  return t;
+}
+
+TransferStats Output::transfer_stats() const {
+  if (is_ranked()) return ranked_.transfer_stats();
+  return counts_ ? *counts_ : TransferStats();
+}
+
 const std::string& RankedTensors::producer() const { return data_ ? data_->producer : empty_string(); }
 
 RankedTensors RankedTensors::select(int index) const {
@@ -88,6 +104,8 @@ RankedTensors RankedTensors::select(int index) const {
                                     : std::vector<Tensor>{r[static_cast<std::size_t>(index)]});
   }
   d->ready = data_->ready;
+  d->rank_counts = data_->rank_counts;
+  d->host_counts = data_->host_counts;
   d->real_batch = data_->real_batch;
   d->producer = data_->producer;
   d->keep_alive = data_;  // the events live in the original
@@ -111,7 +129,8 @@ Event RankedTensors::ready(int rank) const {
   return Event(data_, e);  // aliasing: shares the ownership of the tensors
 }
 
-void detail::copy_rank0_to_host(const RankedData& data, std::vector<Tensor>& out, Shape& scratch) {
+std::uint64_t detail::copy_rank0_to_host(const RankedData& data, std::vector<Tensor>& out, Shape& scratch) {
+  std::uint64_t bytes = 0;
   const std::vector<Tensor>& outputs = data.per_rank.at(first_local_rank(data));
   out.resize(outputs.size());
   for (std::size_t o = 0; o < outputs.size(); ++o) {
@@ -122,7 +141,9 @@ void detail::copy_rank0_to_host(const RankedData& data, std::vector<Tensor>& out
     TensorAccess::rebind_host_pool(h, scratch, t.dtype());
     copy_bytes(h.raw_data(), h.device(), t.raw_data(), t.device(), h.nbytes());
     stats::d2h += h.nbytes();
+    bytes += h.nbytes();
   }
+  return bytes;
 }
 
 std::vector<Tensor> RankedTensors::to_host() const {

@@ -15,6 +15,7 @@ std::size_t first_local_rank(const RankedData& data);
 /// count; each tensor rebound to pooled host memory) and counts the bytes as device-to-host.
 /// `scratch` is reused for shapes, so a steady state of calls allocates nothing. The outputs
 /// must be ready.
-void copy_rank0_to_host(const RankedData& data, std::vector<Tensor>& out, Shape& scratch);
+/// Returns the bytes copied.
+std::uint64_t copy_rank0_to_host(const RankedData& data, std::vector<Tensor>& out, Shape& scratch);
 
 }  // namespace devpipe::detail

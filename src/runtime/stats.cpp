@@ -2,6 +2,17 @@
 
 namespace devpipe {
 
+TransferStats& TransferStats::operator+=(const TransferStats& o) {
+  host_to_device_bytes += o.host_to_device_bytes;
+  device_to_host_bytes += o.device_to_host_bytes;
+  device_to_device_bytes += o.device_to_device_bytes;
+  ranked_inputs_in_place += o.ranked_inputs_in_place;
+  ranked_inputs_copied += o.ranked_inputs_copied;
+  host_inputs_in_place += o.host_inputs_in_place;
+  forwards += o.forwards;
+  return *this;
+}
+
 namespace stats {
 std::atomic<std::uint64_t> h2d{0}, d2h{0}, d2d{0}, in_place{0}, copied{0}, host_in_place{0}, forwards{0};
 }
