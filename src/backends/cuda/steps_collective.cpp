@@ -4,6 +4,12 @@
 // created in this process by ncclCommInitAll, each rank's thread enqueueing ncclAllReduce /
 // ncclAllGather on its own stream.
 //
+// Ranks as processes (devpipe/world.h, mpirun -np tp_degree): one NCCL rank per process, on the
+// GPU device_for_rank gives it; process 0 makes the NCCL unique id and the processes exchange it
+// over MPI's control plane, then each calls ncclCommInitRank. (Compiled here; it has not run on
+// GPUs yet. A hung peer is not bounded by DEVPIPE_COLLECTIVE_TIMEOUT_S on this path: NCCL waits
+// on the device.)
+//
 // Ranks that share a GPU (tp_degree > device_count, e.g. tp 2 on one GPU) cannot be NCCL
 // ranks. They use the "local" protocol, on device memory, with events between the ranks'
 // streams and two host rendezvous through the runtime's Communicator::barrier (which only
@@ -26,12 +32,16 @@
 // Neither path can be replayed from a CUDA graph (host rendezvous / NCCL across threads), so
 // an executable with a collective at tp_degree > 1 always launches eagerly.
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 
 #include "backends/cuda/executor.h"
 #include "devpipe/error.h"
+#include "devpipe/world.h"
 #include "runtime/communicator.h"
+#include "runtime/mpi.h"
 
 namespace devpipe::cuda {
 namespace {
@@ -51,6 +61,11 @@ class CollectiveGroup {
   }
 
   explicit CollectiveGroup(int tp) : size(tp) {
+    const World& world = World::get();
+    if (world.multi_process()) {
+      init_across_processes(world, tp);
+      return;
+    }
     const int ndev = num_devices();
     const char* force = std::getenv("DEVPIPE_CUDA_COLLECTIVES");
     const bool force_local = force != nullptr && std::string(force) == "local";
@@ -95,6 +110,34 @@ class CollectiveGroup {
     }
     in_slots.assign(static_cast<std::size_t>(tp), nullptr);
     out_slots.assign(static_cast<std::size_t>(tp), nullptr);
+  }
+
+  /// One NCCL rank per process: the unique id from process 0, broadcast over MPI.
+  void init_across_processes(const World& world, int tp) {
+    if (tp != world.num_processes()) {
+      throw Unsupported("cuda backend: tp_degree " + std::to_string(tp) + " across " +
+                        std::to_string(world.num_processes()) +
+                        " processes: one NCCL rank per process needs tp_degree == the process count");
+    }
+    mode = Mode::Nccl;
+    const int rank = world.process();
+    ncclUniqueId id{};
+    if (rank == 0) DEVPIPE_NCCL_CHECK(ncclGetUniqueId(&id), "making the NCCL unique id");
+    const std::string mine = rank == 0 ? std::string(reinterpret_cast<const char*>(&id), sizeof id) : std::string();
+    const std::vector<std::string> all = mpi::all_gather_text(mine, world.collective_timeout_s());
+    if (all.empty() || all[0].size() != sizeof id) {
+      throw CollectiveError("cuda backend: process 0 sent an NCCL unique id of " +
+                            std::to_string(all.empty() ? 0 : all[0].size()) + " bytes, expected " +
+                            std::to_string(sizeof id));
+    }
+    std::memcpy(&id, all[0].data(), sizeof id);
+    comms.resize(static_cast<std::size_t>(tp));
+    DeviceGuard guard(rank % num_devices());
+    ncclComm_t c = nullptr;
+    DEVPIPE_NCCL_CHECK(ncclCommInitRank(&c, tp, id, rank),
+                       "joining NCCL rank " + std::to_string(rank) + " of " + std::to_string(tp) + " (process " +
+                           std::to_string(rank) + ")");
+    comms[static_cast<std::size_t>(rank)] = NcclComm(c);
   }
 
   int size;
