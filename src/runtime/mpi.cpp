@@ -11,6 +11,8 @@
 #include "runtime/mpi.h"
 
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "devpipe/error.h"
@@ -23,7 +25,6 @@
 #include <chrono>
 #include <climits>
 #include <cstring>
-#include <mutex>
 #include <thread>
 
 #include "core/log.h"
@@ -42,6 +43,31 @@ int launcher_world_size() {
     }
   }
   return 0;
+}
+
+namespace {
+struct Recorded {
+  std::mutex mu;
+  std::map<std::pair<std::string, std::size_t>, std::uint64_t> calls;
+};
+Recorded& recorded() {
+  static Recorded r;
+  return r;
+}
+}  // namespace
+
+std::vector<CollectiveCount> recorded_collectives() {
+  Recorded& r = recorded();
+  std::lock_guard lock(r.mu);
+  std::vector<CollectiveCount> out;
+  for (const auto& [key, n] : r.calls) out.push_back({key.first, key.second, n});
+  return out;
+}
+
+void clear_recorded_collectives() {
+  Recorded& r = recorded();
+  std::lock_guard lock(r.mu);
+  r.calls.clear();
 }
 
 #ifndef DEVPIPE_HAVE_MPI
@@ -228,6 +254,14 @@ void store(void* p, DType dt, std::size_t i, float v) {
   }
 }
 
+/// Counts a collective for recorded_collectives(), only while the timeline records.
+void note(const char* op, std::size_t bytes) {
+  if (!timeline::recording()) return;
+  Recorded& r = recorded();
+  std::lock_guard lock(r.mu);
+  ++r.calls[{op, bytes}];
+}
+
 class MpiCommunicator final : public Communicator {
  public:
   MpiCommunicator(MPI_Comm comm, int size, int rank, double timeout_s)
@@ -246,6 +280,7 @@ class MpiCommunicator final : public Communicator {
     timeline::Span span("all_reduce", "collective", rank + 1);
     enter(rank, "all_reduce");
     const std::size_t elem = dtype_size(dtype);
+    note("all_reduce", count * elem);
     const auto p = static_cast<std::size_t>(size_);
     const std::size_t per = (count + p - 1) / p;
     auto begin_of = [&](std::size_t q) { return std::min(count, per * q); };
@@ -306,6 +341,7 @@ class MpiCommunicator final : public Communicator {
     enter(rank, "all_gather");
     const auto p = static_cast<std::size_t>(size_);
     const std::size_t slab = outer * inner_bytes;
+    note("all_gather", p * slab);
     auto what = [&] { return describe("all_gather of " + std::to_string(slab) + " bytes"); };
     const int n = as_count(slab, what);
     // outer == 1: the ranks' slabs are consecutive in `out` already.

@@ -3,6 +3,8 @@
 // Unsupported. No MPI type appears here.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -34,5 +36,16 @@ std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, 
 /// Control plane, for compile() and load() on the caller's thread: every process's `text`, in
 /// process order. Waits at most `timeout_s` (0: without bound) for the peers.
 std::vector<std::string> all_gather_text(const std::string& text, double timeout_s);
+
+/// The collectives this process's MPI communicators ran while the timeline was recording
+/// (timeline::start; nothing is counted otherwise, so the hot path only reads the flag the
+/// collective's span reads anyway): per collective and buffer size, the calls.
+struct CollectiveCount {
+  std::string op;     ///< "all_reduce" / "all_gather"
+  std::size_t bytes;  ///< all_reduce: the buffer; all_gather: the gathered output
+  std::uint64_t calls;
+};
+std::vector<CollectiveCount> recorded_collectives();
+void clear_recorded_collectives();
 
 }  // namespace devpipe::mpi
