@@ -1,13 +1,15 @@
 // The MPI side of a multi-process world: initialisation, the control plane of compile/load,
 // and the collectives of a stage whose ranks are processes.
 //
-// Collectives are MPI's non-blocking ones, polled against a deadline, so that a peer process
-// that died or hangs turns into a CollectiveError within DEVPIPE_COLLECTIVE_TIMEOUT_S instead
-// of a hang. The all-reduce is a reduce-scatter (each process sums its slice over the ranks in
-// rank order, accumulating in float32) followed by an all-gather: the same arithmetic, in the
-// same order, as the thread mode's shared-memory communicator, so the two modes give equal
-// results bit for bit, and the bytes each process sends are the bandwidth-optimal 2(P-1)/P of
-// the buffer.
+// Collectives are non-blocking point-to-point messages to and from every peer, polled against a
+// deadline, so that a peer process that died or hangs turns into a CollectiveError within
+// DEVPIPE_COLLECTIVE_TIMEOUT_S instead of a hang. The all-reduce of a buffer above 2 KiB is a
+// reduce-scatter (each process sums its slice over the ranks in rank order, accumulating in
+// float32) followed by an all-gather, so the bytes each process sends are the bandwidth-optimal
+// 2(P-1)/P of the buffer; a smaller buffer goes whole to every peer and each process sums all of
+// it, in one step. Either way each element is summed with the same arithmetic, in the same
+// order, as by the thread mode's shared-memory communicator, so the two modes give equal
+// results bit for bit.
 #include "runtime/mpi.h"
 
 #include <cstdlib>
@@ -181,24 +183,25 @@ void check(int code, const char* call) {
   }
 }
 
-/// Polls `req` until it completes or `timeout_s` passes (0: no bound): spins briefly, then
-/// yields, then sleeps in short steps, so a rank waiting on a slow peer does not hold a core.
-/// `what()` names the collective in the error (built only then: the hot path allocates nothing).
+/// Polls the `n` requests until all complete or `timeout_s` passes (0: no bound): spins
+/// briefly, then yields, then sleeps in short steps, so a rank waiting on a slow peer does not
+/// hold a core. `what()` names the collective in the error (built only then: the hot path
+/// allocates nothing).
 template <class What>
-void wait(MPI_Request& req, double timeout_s, const What& what) {
+void wait_all(MPI_Request* reqs, int n, double timeout_s, const What& what) {
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   for (long polls = 0;; ++polls) {
     int done = 0;
     {
       std::lock_guard lock(mpi_mutex());
-      check(MPI_Test(&req, &done, MPI_STATUS_IGNORE), "MPI_Test");
+      check(MPI_Testall(n, reqs, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
     }
     if (done) return;
     if (polls < 2000) continue;
     const double waited = std::chrono::duration<double>(clock::now() - start).count();
     if (timeout_s > 0 && waited > timeout_s) {
-      state().broken = true;  // the request stays pending: the processes are out of step for good
+      state().broken = true;  // the requests stay pending: the processes are out of step for good
       char buf[32];
       std::snprintf(buf, sizeof buf, "%g", timeout_s);
       throw CollectiveError(
@@ -212,6 +215,11 @@ void wait(MPI_Request& req, double timeout_s, const What& what) {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
   }
+}
+
+template <class What>
+void wait(MPI_Request& req, double timeout_s, const What& what) {
+  wait_all(&req, 1, timeout_s, what);
 }
 
 template <class What>
@@ -265,74 +273,66 @@ void note(const char* op, std::size_t bytes) {
 class MpiCommunicator final : public Communicator {
  public:
   MpiCommunicator(MPI_Comm comm, int size, int rank, double timeout_s)
-      : comm_(comm),
-        size_(size),
-        rank_(rank),
-        timeout_s_(timeout_s),
-        counts_(static_cast<std::size_t>(size)),
-        displs_(static_cast<std::size_t>(size)),
-        rcounts_(static_cast<std::size_t>(size)),
-        rdispls_(static_cast<std::size_t>(size)) {}
+      : comm_(comm), size_(size), rank_(rank), timeout_s_(timeout_s) {}
 
   int size() const override { return size_; }
 
+  // The collectives are point-to-point messages (MPI_Isend / MPI_Irecv to and from every peer):
+  // Open MPI's non-blocking collectives (libnbc) cost about twice its point-to-point messages on
+  // small and medium buffers (devpipe_mpi_bench), and the results are the same, summed here.
   void all_reduce_sum(int rank, void* data, std::size_t count, DType dtype) override {
     timeline::Span span("all_reduce", "collective", rank + 1);
     enter(rank, "all_reduce");
     const std::size_t elem = dtype_size(dtype);
     note("all_reduce", count * elem);
     const auto p = static_cast<std::size_t>(size_);
-    const std::size_t per = (count + p - 1) / p;
-    auto begin_of = [&](std::size_t q) { return std::min(count, per * q); };
-    auto len_of = [&](std::size_t q) { return std::min(count, begin_of(q) + per) - begin_of(q); };
     const auto me = static_cast<std::size_t>(rank_);
-    const std::size_t mine = len_of(me);
     auto what = [&] {
       return describe("all_reduce of " + std::to_string(count) + " " +
                       std::string(dtype_name(dtype)));
     };
-    // Reduce-scatter: process q's slice `me` lands at scratch[q * mine].
+    char* bytes = static_cast<char*>(data);
+    if (count * elem <= kDirectBytes) {
+      // Small buffers: every process sends its whole buffer to every other one and sums them
+      // all, one message step instead of two.
+      const int n = as_count(count * elem, what);
+      if (scratch_.size() < p * count * elem) scratch_.resize(p * count * elem);
+      sources_.assign(p, nullptr);
+      exchange(
+          [&](std::size_t q) {
+            char* from_q = scratch_.data() + q * count * elem;
+            sources_[q] = from_q;
+            return Message{from_q, n, bytes, n};
+          },
+          kTagReduce, what);
+      sources_[me] = bytes;
+      sum_into(bytes, count, dtype);
+      return;
+    }
+    // Reduce-scatter: process q's slice `me` lands at scratch[q * mine]; this process sums its
+    // slice; then the slices are all-gathered in place.
+    const std::size_t per = (count + p - 1) / p;
+    auto begin_of = [&](std::size_t q) { return std::min(count, per * q); };
+    auto len_of = [&](std::size_t q) { return std::min(count, begin_of(q) + per) - begin_of(q); };
+    const std::size_t mine = len_of(me);
     if (scratch_.size() < p * mine * elem) scratch_.resize(p * mine * elem);
-    for (std::size_t q = 0; q < p; ++q) {
-      counts_[q] = as_count(len_of(q) * elem, what);
-      displs_[q] = as_count(begin_of(q) * elem, what);
-      rcounts_[q] = as_count(mine * elem, what);
-      rdispls_[q] = as_count(q * mine * elem, what);
-    }
-    MPI_Request req = MPI_REQUEST_NULL;
-    {
-      std::lock_guard lock(mpi_mutex());
-      check(MPI_Ialltoallv(data, counts_.data(), displs_.data(), MPI_BYTE, scratch_.data(),
-                           rcounts_.data(), rdispls_.data(), MPI_BYTE, comm_, &req),
-            "MPI_Ialltoallv");
-    }
-    wait(req, timeout_s_, what);
-    // Sum in rank order, accumulating in float32 (as the thread mode's communicator does).
-    char* out = static_cast<char*>(data) + begin_of(me) * elem;
-    if (dtype == DType::Float32) {
-      const auto* s = reinterpret_cast<const float*>(scratch_.data());
-      auto* o = reinterpret_cast<float*>(out);
-      for (std::size_t i = 0; i < mine; ++i) {
-        float acc = 0;
-        for (std::size_t q = 0; q < p; ++q) acc += s[q * mine + i];
-        o[i] = acc;
-      }
-    } else {
-      for (std::size_t i = 0; i < mine; ++i) {
-        float acc = 0;
-        for (std::size_t q = 0; q < p; ++q)
-          acc += load(scratch_.data() + q * mine * elem, dtype, i);
-        store(out, dtype, i, acc);
-      }
-    }
-    // All-gather of the reduced slices, in place.
-    {
-      std::lock_guard lock(mpi_mutex());
-      check(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_BYTE, data, counts_.data(), displs_.data(),
-                            MPI_BYTE, comm_, &req),
-            "MPI_Iallgatherv");
-    }
-    wait(req, timeout_s_, what);
+    sources_.assign(p, nullptr);
+    exchange(
+        [&](std::size_t q) {
+          char* from_q = scratch_.data() + q * mine * elem;
+          sources_[q] = from_q;
+          return Message{from_q, as_count(mine * elem, what), bytes + begin_of(q) * elem,
+                         as_count(len_of(q) * elem, what)};
+        },
+        kTagReduce, what);
+    sources_[me] = bytes + begin_of(me) * elem;
+    sum_into(bytes + begin_of(me) * elem, mine, dtype);
+    exchange(
+        [&](std::size_t q) {
+          return Message{bytes + begin_of(q) * elem, as_count(len_of(q) * elem, what),
+                         bytes + begin_of(me) * elem, as_count(mine * elem, what)};
+        },
+        kTagGather, what);
   }
 
   void all_gather(int rank, const void* in, void* out, std::size_t outer,
@@ -340,22 +340,23 @@ class MpiCommunicator final : public Communicator {
     timeline::Span span("all_gather", "collective", rank + 1);
     enter(rank, "all_gather");
     const auto p = static_cast<std::size_t>(size_);
+    const auto me = static_cast<std::size_t>(rank_);
     const std::size_t slab = outer * inner_bytes;
     note("all_gather", p * slab);
     auto what = [&] { return describe("all_gather of " + std::to_string(slab) + " bytes"); };
     const int n = as_count(slab, what);
     // outer == 1: the ranks' slabs are consecutive in `out` already.
-    void* dst = out;
+    char* dst = static_cast<char*>(out);
     if (outer != 1) {
       if (scratch_.size() < p * slab) scratch_.resize(p * slab);
       dst = scratch_.data();
     }
-    MPI_Request req = MPI_REQUEST_NULL;
-    {
-      std::lock_guard lock(mpi_mutex());
-      check(MPI_Iallgather(in, n, MPI_BYTE, dst, n, MPI_BYTE, comm_, &req), "MPI_Iallgather");
-    }
-    wait(req, timeout_s_, what);
+    exchange(
+        [&](std::size_t q) {
+          return Message{dst + q * slab, n, const_cast<void*>(in), n};
+        },
+        kTagAllGather, what);
+    if (dst + me * slab != in) std::memcpy(dst + me * slab, in, slab);
     if (outer != 1) {
       auto* o = static_cast<char*>(out);
       for (std::size_t i = 0; i < outer; ++i) {
@@ -402,11 +403,75 @@ class MpiCommunicator final : public Communicator {
            std::to_string(rank_) + " of " + std::to_string(size_) + ")";
   }
 
+  /// What this process receives from peer q and sends to it.
+  struct Message {
+    void* recv;
+    int recv_bytes;
+    void* send;
+    int send_bytes;
+  };
+
+  /// One message step: for every peer q, receives and sends what `message(q)` says (tagged
+  /// `tag`), and waits for all of it.
+  template <class MessageOf, class What>
+  void exchange(const MessageOf& message, int tag, const What& what) {
+    requests_.clear();
+    {
+      std::lock_guard lock(mpi_mutex());
+      for (int q = 0; q < size_; ++q) {
+        if (q == rank_) continue;
+        const Message m = message(static_cast<std::size_t>(q));
+        requests_.push_back(MPI_REQUEST_NULL);
+        check(MPI_Irecv(m.recv, m.recv_bytes, MPI_BYTE, q, tag, comm_, &requests_.back()),
+              "MPI_Irecv");
+        requests_.push_back(MPI_REQUEST_NULL);
+        check(MPI_Isend(m.send, m.send_bytes, MPI_BYTE, q, tag, comm_, &requests_.back()),
+              "MPI_Isend");
+      }
+    }
+    wait_all(requests_.data(), static_cast<int>(requests_.size()), timeout_s_, what);
+  }
+
+  /// out[i] := the sum over q of sources_[q][i] in rank order, accumulated in float32 from 0
+  /// (as the thread mode's communicator sums), for i in [0, n). `out` may be one of the
+  /// sources. Blocked, so that the loop over the elements of a block vectorises; each element
+  /// sees the same additions in the same order as the plain loop.
+  void sum_into(void* out, std::size_t n, DType dtype) const {
+    constexpr std::size_t kBlock = 512;
+    float acc[kBlock];
+    const auto p = static_cast<std::size_t>(size_);
+    for (std::size_t b = 0; b < n; b += kBlock) {
+      const std::size_t m = std::min(kBlock, n - b);
+      for (std::size_t j = 0; j < m; ++j) acc[j] = 0;
+      if (dtype == DType::Float32) {
+        for (std::size_t q = 0; q < p; ++q) {
+          const float* s = reinterpret_cast<const float*>(sources_[q]) + b;
+          for (std::size_t j = 0; j < m; ++j) acc[j] += s[j];
+        }
+        std::memcpy(static_cast<float*>(out) + b, acc, m * sizeof(float));
+      } else {
+        for (std::size_t q = 0; q < p; ++q) {
+          for (std::size_t j = 0; j < m; ++j) acc[j] += load(sources_[q], dtype, b + j);
+        }
+        for (std::size_t j = 0; j < m; ++j) store(out, dtype, b + j, acc[j]);
+      }
+    }
+  }
+
+  /// Up to this many bytes an all-reduce sends the whole buffer to every peer (one step);
+  /// above, it is a reduce-scatter and an all-gather (2(P-1)/P of the buffer sent, two steps).
+  /// Measured with devpipe_mpi_bench on Open MPI 4.1's shared-memory transport: a message
+  /// below its 4 KiB eager limit goes in one copy, a larger one needs a handshake first, so a
+  /// 4 KiB buffer is faster as two steps of 2 KiB messages than as one 4 KiB message.
+  static constexpr std::size_t kDirectBytes = 2048;
+  static constexpr int kTagReduce = 1, kTagGather = 2, kTagAllGather = 3;
+
   MPI_Comm comm_;
   int size_;
   int rank_;
   double timeout_s_;
-  std::vector<int> counts_, displs_, rcounts_, rdispls_;
+  std::vector<MPI_Request> requests_;
+  std::vector<const char*> sources_;  // per rank: where its contribution to a sum lies
   std::vector<char> scratch_;  // grows to the largest collective, then stays
 };
 
