@@ -3,7 +3,7 @@ BUILD_DIR ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all deps configure build demo test bench cuda-build format clean
+.PHONY: all deps configure build demo test bench bench-mpi cuda-build format clean
 
 all: build
 
@@ -28,6 +28,16 @@ test: build
 
 bench: build
 	@$(BUILD_DIR)/tools/devpipe bench --all --out $(BUILD_DIR)/bench/report.json
+	@if [ -x $(BUILD_DIR)/tools/devpipe_mpi_bench ]; then $(RUN_BENCH_MPI); fi
+
+# The benchmark's process mode (tp 2 as threads vs as 2 MPI processes, devpipe's collectives vs
+# MPI's; bench/README.md), when devpipe is built with MPI. `make bench` runs it after the main
+# bench when it is built.
+MPIRUN ?= mpirun --oversubscribe --bind-to none $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
+RUN_BENCH_MPI = $(MPIRUN) -np 2 $(BUILD_DIR)/tools/devpipe_mpi_bench --out $(BUILD_DIR)/bench/mpi_report.json
+bench-mpi: build
+	@test -x $(BUILD_DIR)/tools/devpipe_mpi_bench || { echo "bench-mpi: devpipe was built without MPI (scripts/install_deps.sh installs Open MPI; reconfigure)"; exit 1; }
+	@$(RUN_BENCH_MPI)
 
 # Compiles and links the cuda backend (no GPU needed to build it).
 cuda-build: deps

@@ -73,13 +73,15 @@ struct Options {
   int rounds = 5;
   int calls = 0;   // per size and mode; 0: by size (2000 at 256 B down to 40 at 16 MiB)
   bool threads_worker = false;
+  bool perturb = false;  // --perturb-threads-output: the check must then fail (its test)
 };
 
 [[noreturn]] void usage(const std::string& why) {
   throw cli::UsageError(why +
                    "\nusage: mpirun -np 2 devpipe_mpi_bench [--out FILE] [--work DIR] "
                    "[--workloads large,chain8,mlp] [--sizes BYTES,...] [--iters N] [--rounds N] "
-                   "[--calls N]");
+                   "[--calls N]\n  (--perturb-threads-output: changes one value of thread mode's outputs by one ulp, for the test that "
+                   "the check fails)");
 }
 
 std::vector<std::string> split(const std::string& s) {
@@ -138,6 +140,8 @@ Options parse(int argc, char** argv) {
       o.calls = static_cast<int>(to_long(a, value(), 1, 10000000));
     } else if (a == "--threads-worker") {
       o.threads_worker = true;
+    } else if (a == "--perturb-threads-output") {
+      o.perturb = true;
     } else {
       usage("unknown option '" + a + "'");
     }
@@ -355,7 +359,8 @@ int threads_worker(const Options& o) {
         for (float v : c.output()) sum += v;
         reply["checksum"] = sum;
       } else if (cmd == "output") {
-        const std::vector<float> v = chain().output();
+        std::vector<float> v = chain().output();
+        if (o.perturb && !v.empty()) v[v.size() / 2] = std::nextafter(v[v.size() / 2], INFINITY);
         const std::string path = req.at("path").get<std::string>();
         safetensors::save(path + ".tmp", {{"output", Tensor::from_vector(v, Shape{static_cast<std::int64_t>(v.size())})}});
         fs::rename(path + ".tmp", path);
@@ -713,8 +718,11 @@ int run(const Options& o) {
     for (const auto& n : o.workloads) list += (list.empty() ? "" : ",") + n;
     std::cerr << "starting the thread-mode worker (builds " << list << ")...\n";
     child = std::make_unique<ChildWorker>(
-        "threads", std::vector<std::string>{"env", "DEVPIPE_WORLD=threads", self, "--threads-worker", "--workloads",
-                                            list, "--work", o.work},
+        "threads",
+        o.perturb ? std::vector<std::string>{"env", "DEVPIPE_WORLD=threads", self, "--threads-worker", "--workloads",
+                                             list, "--work", o.work, "--perturb-threads-output"}
+                  : std::vector<std::string>{"env", "DEVPIPE_WORLD=threads", self, "--threads-worker", "--workloads",
+                                             list, "--work", o.work},
         (fs::path(o.work) / "threads_worker.log").string());
   }
   meet("child");
