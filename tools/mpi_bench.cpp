@@ -517,8 +517,7 @@ json run_workload(const std::string& name, const Options& o, ChildWorker* child,
 int default_calls(std::size_t bytes) {
   if (bytes <= 4096) return 2000;
   if (bytes <= 65536) return 1000;
-  if (bytes <= (1 << 20)) return 200;
-  return 40;
+  return bytes <= (1 << 20) ? 200 : 100;
 }
 
 /// Part 2: one collective at one size, devpipe's communicator against the MPI library's.
