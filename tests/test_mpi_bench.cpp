@@ -85,6 +85,8 @@ TEST(MpiBench, ReportsBothModesTheirCollectivesAndTheFloor) {
     EXPECT_GT(c.at("floor").at("p50_us").get<double>(), 0);
     EXPECT_NEAR(c.at("ratio_p50").get<double>(),
                 c["devpipe"]["p50_us"].get<double>() / c["floor"]["p50_us"].get<double>(), 1e-9);
+    EXPECT_NEAR(c.at("ratio_min").get<double>(),
+                c["devpipe"]["min_us"].get<double>() / c["floor"]["min_us"].get<double>(), 1e-9);
     EXPECT_EQ(c.at("within_1_2x").get<bool>(), c["ratio_p50"].get<double>() <= 1.2);
   }
   EXPECT_EQ(seen, (std::set<std::string>{"all_reduce 65536 workload", "all_gather 65536 workload",
