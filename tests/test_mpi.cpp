@@ -63,7 +63,8 @@ nlohmann::json read_json(const std::string& path) {
   return nlohmann::json::parse(in);
 }
 
-class ProcessesEqualThreads : public ::testing::TestWithParam<std::tuple<std::string, int>> {
+// (scenario, tp_degree, processes): tp / processes ranks per process.
+class ProcessesEqualThreads : public ::testing::TestWithParam<std::tuple<std::string, int, int>> {
  protected:
   // A failure here must not wait out the default 300 s.
   void SetUp() override { setenv("DEVPIPE_COLLECTIVE_TIMEOUT_S", "60", 1); }
@@ -71,7 +72,8 @@ class ProcessesEqualThreads : public ::testing::TestWithParam<std::tuple<std::st
 
 TEST_P(ProcessesEqualThreads, OnEveryProcess) {
   skip_without_mpi();
-  const auto& [scenario, tp] = GetParam();
+  const auto& [scenario, tp, np_param] = GetParam();
+  const int np = np_param == 0 ? tp : np_param;
   TempDir dir;
   // Thread mode: one process runs every rank.
   Proc t = run("DEVPIPE_WORLD=threads " +
@@ -79,13 +81,13 @@ TEST_P(ProcessesEqualThreads, OnEveryProcess) {
                dir.str("threads.log") + " 2>&1");
   ASSERT_EQ(t.code, 0) << "thread mode failed; log " << dir.str("threads.log");
   auto expected = safetensors::load_all(dir.str("threads/out.p0.safetensors"));
-  // Process mode: one rank per process.
-  Proc p = run(mpirun(tp) + worker(scenario, dir.str("mpi"), dir.str("mpi/out"), tp) + " > " +
+  // Process mode: tp / np ranks per process.
+  Proc p = run(mpirun(np) + worker(scenario, dir.str("mpi"), dir.str("mpi/out"), tp) + " > " +
                dir.str("mpi.log") + " 2>&1");
   std::ifstream log(dir.str("mpi.log"));
   std::string log_text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
-  ASSERT_EQ(p.code, 0) << "mpirun -np " << tp << " failed:\n" << log_text;
-  for (int proc = 0; proc < tp; ++proc) {
+  ASSERT_EQ(p.code, 0) << "mpirun -np " << np << " failed:\n" << log_text;
+  for (int proc = 0; proc < np; ++proc) {
     const std::string path = dir.str("mpi/out.p" + std::to_string(proc) + ".safetensors");
     ASSERT_TRUE(fs::exists(path)) << "process " << proc << " wrote no output; log:\n" << log_text;
     auto got = safetensors::load_all(path);
@@ -107,13 +109,20 @@ TEST_P(ProcessesEqualThreads, OnEveryProcess) {
   }
 }
 
+std::string param_name(const ::testing::TestParamInfo<std::tuple<std::string, int, int>>& info) {
+  return std::get<0>(info.param) + "_tp" + std::to_string(std::get<1>(info.param)) + "_np" +
+         std::to_string(std::get<2>(info.param));
+}
+
+// One rank per process at tp 2 and 4.
 INSTANTIATE_TEST_SUITE_P(Mpi, ProcessesEqualThreads,
-                         ::testing::Combine(::testing::Values("seed", "mlp", "llama"),
-                                            ::testing::Values(2, 4)),
-                         [](const auto& info) {
-                           return std::get<0>(info.param) + "_tp" +
-                                  std::to_string(std::get<1>(info.param));
-                         });
+                         ::testing::Combine(::testing::Values("seed", "mlp", "llama"), ::testing::Values(2, 4),
+                                            ::testing::Values(0)),
+                         [](const auto& info) { return param_name(info); });
+// Two ranks per process: tp 4 over 2 processes (threads inside, MPI between).
+INSTANTIATE_TEST_SUITE_P(MpiGroups, ProcessesEqualThreads,
+                         ::testing::Combine(::testing::Values("mlp", "llama"), ::testing::Values(4), ::testing::Values(2)),
+                         [](const auto& info) { return param_name(info); });
 
 constexpr double kTimeout = 3;
 

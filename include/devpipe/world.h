@@ -4,8 +4,10 @@
 //   ./app                 threads: one process runs every rank of every stage as threads,
 //                         collectives over shared memory.
 //   mpirun -np N ./app    mpi: N processes (when devpipe is built with MPI); a stage of
-//                         tp_degree N runs rank p in process p, collectives over MPI; a stage
-//                         of tp_degree 1 runs in every process (each its own copy).
+//                         tp_degree N runs rank p in process p, collectives over MPI; of
+//                         tp_degree k*N, ranks [k*p, k*(p+1)) as threads of process p (shared
+//                         memory inside a process, MPI between processes); a stage of
+//                         tp_degree 1 runs in every process (each its own copy).
 // DEVPIPE_WORLD=threads forces thread mode under a launcher; DEVPIPE_WORLD=mpi insists on MPI
 // (an error when devpipe was built without it or no launcher started the process).
 // DEVPIPE_COLLECTIVE_TIMEOUT_S (default 300) bounds how long a collective between processes
@@ -39,8 +41,10 @@ class World {
   int local_processes() const { return local_processes_; }
 
   /// The ranks of a stage of `tp_degree` ranks that this process runs, ascending. Thread mode:
-  /// all of them. MPI: {process()} when tp_degree == num_processes(), {0} when tp_degree is 1
-  /// (replicated in every process). Throws ConfigError for any other degree, naming it.
+  /// all of them. MPI: with tp_degree = k * num_processes(), the k consecutive ranks
+  /// [k * process(), k * (process() + 1)) (one rank per process when k is 1; else the k ranks
+  /// are threads of the process); {0} when tp_degree is 1 (replicated in every process).
+  /// Throws ConfigError for any other degree, naming it.
   std::vector<int> local_ranks(int tp_degree) const;
   /// Whether this process runs rank `rank` of a stage of `tp_degree` ranks.
   bool runs_rank(int rank, int tp_degree) const;

@@ -475,6 +475,213 @@ class MpiCommunicator final : public Communicator {
   std::vector<char> scratch_;  // grows to the largest collective, then stays
 };
 
+/// tp = k * P ranks, k per process: the process's ranks meet in shared memory, and its first
+/// rank (the leader) moves every local rank's data through MPI. The all-reduce gives every
+/// process the k contributions of every process for its slice of the elements (MPI_Ialltoallv),
+/// sums them over all tp ranks in rank order in float32 (the thread mode's arithmetic, bit for
+/// bit), then all-gathers the reduced slices; the leader writes the result to every local rank.
+class GroupCommunicator final : public Communicator {
+ public:
+  GroupCommunicator(MPI_Comm comm, int processes, int process, int k, double timeout_s)
+      : comm_(comm),
+        processes_(processes),
+        process_(process),
+        k_(k),
+        timeout_s_(timeout_s),
+        local_(make_local_communicator(k)),
+        slots_(static_cast<std::size_t>(k)),
+        cslots_(static_cast<std::size_t>(k)),
+        counts_(static_cast<std::size_t>(processes)),
+        displs_(static_cast<std::size_t>(processes)),
+        rcounts_(static_cast<std::size_t>(processes)),
+        rdispls_(static_cast<std::size_t>(processes)) {}
+
+  int size() const override { return processes_ * k_; }
+
+  void all_reduce_sum(int rank, void* data, std::size_t count, DType dtype) override {
+    timeline::Span span("all_reduce", "collective", rank + 1);
+    const int l = local_index(rank, "all_reduce");
+    slots_[static_cast<std::size_t>(l)] = data;
+    local_->barrier(l);
+    std::exception_ptr failed;
+    if (l == 0) {
+      try {
+        leader_all_reduce(count, dtype);
+      } catch (...) {
+        failed = std::current_exception();
+        local_->abort();  // the other local ranks leave the barrier below with an error
+      }
+    }
+    if (failed) std::rethrow_exception(failed);
+    local_->barrier(l);
+  }
+
+  void all_gather(int rank, const void* in, void* out, std::size_t outer, std::size_t inner_bytes) override {
+    timeline::Span span("all_gather", "collective", rank + 1);
+    const int l = local_index(rank, "all_gather");
+    cslots_[static_cast<std::size_t>(l)] = in;
+    local_->barrier(l);
+    const std::size_t slab = outer * inner_bytes;
+    const auto tp = static_cast<std::size_t>(size());
+    std::exception_ptr failed;
+    if (l == 0) {
+      try {
+        auto what = [&] { return describe("all_gather of " + std::to_string(slab) + " bytes"); };
+        enter("all_gather");
+        const std::size_t mine = static_cast<std::size_t>(k_) * slab;
+        if (send_.size() < mine) send_.resize(mine);
+        for (int j = 0; j < k_; ++j) {
+          std::memcpy(send_.data() + static_cast<std::size_t>(j) * slab, cslots_[static_cast<std::size_t>(j)], slab);
+        }
+        if (scratch_.size() < tp * slab) scratch_.resize(tp * slab);
+        const int n = as_count(mine, what);
+        MPI_Request req = MPI_REQUEST_NULL;
+        {
+          std::lock_guard lock(mpi_mutex());
+          check(MPI_Iallgather(send_.data(), n, MPI_BYTE, scratch_.data(), n, MPI_BYTE, comm_, &req),
+                "MPI_Iallgather");
+        }
+        wait(req, timeout_s_, what);
+      } catch (...) {
+        failed = std::current_exception();
+        local_->abort();
+      }
+    }
+    if (failed) std::rethrow_exception(failed);
+    local_->barrier(l);  // scratch_ holds [tp][slab]: every local rank lays out its own output
+    auto* o = static_cast<char*>(out);
+    for (std::size_t i = 0; i < outer; ++i) {
+      for (std::size_t q = 0; q < tp; ++q) {
+        std::memcpy(o + (i * tp + q) * inner_bytes, scratch_.data() + q * slab + i * inner_bytes, inner_bytes);
+      }
+    }
+    local_->barrier(l);  // every local rank has read scratch_ before the next collective rewrites it
+  }
+
+  void barrier(int rank) override {
+    const int l = local_index(rank, "barrier");
+    local_->barrier(l);
+    std::exception_ptr failed;
+    if (l == 0) {
+      try {
+        enter("barrier");
+        MPI_Request req = MPI_REQUEST_NULL;
+        {
+          std::lock_guard lock(mpi_mutex());
+          check(MPI_Ibarrier(comm_, &req), "MPI_Ibarrier");
+        }
+        wait(req, timeout_s_, [&] { return describe("barrier"); });
+      } catch (...) {
+        failed = std::current_exception();
+        local_->abort();
+      }
+    }
+    if (failed) std::rethrow_exception(failed);
+    local_->barrier(l);
+  }
+
+  // A local rank failed: the local peers are released (they throw), and the processes are out
+  // of step for good (see MpiCommunicator::abort).
+  void abort() override {
+    state().broken = true;
+    local_->abort();
+  }
+  void reset() override { local_->reset(); }
+
+ private:
+  int local_index(int rank, const char* call) const {
+    const int l = rank - process_ * k_;
+    if (l < 0 || l >= k_) {
+      throw InvalidArgument(std::string("MPI communicator: ") + call + " called for rank " + std::to_string(rank) +
+                            ", but this process runs ranks " + std::to_string(process_ * k_) + " to " +
+                            std::to_string(process_ * k_ + k_ - 1));
+    }
+    return l;
+  }
+  void enter(const char* call) const {
+    if (state().broken.load()) {
+      throw CollectiveError(describe(call) +
+                            " refused: an earlier collective of this process failed or timed out, so the "
+                            "processes are out of step; the job must be restarted");
+    }
+  }
+  std::string describe(const std::string& what) const {
+    return "[mpi] " + what + " on ranks " + std::to_string(process_ * k_) + " to " +
+           std::to_string(process_ * k_ + k_ - 1) + " (process " + std::to_string(process_) + " of " +
+           std::to_string(processes_) + ")";
+  }
+
+  void leader_all_reduce(std::size_t count, DType dtype) {
+    auto what = [&] {
+      return describe("all_reduce of " + std::to_string(count) + " " + std::string(dtype_name(dtype)));
+    };
+    enter("all_reduce");
+    const std::size_t elem = dtype_size(dtype);
+    const auto p = static_cast<std::size_t>(processes_);
+    const auto k = static_cast<std::size_t>(k_);
+    // Slices by process (any partition gives the same sums; this one keeps each process's
+    // share contiguous).
+    const std::size_t per = (count + p - 1) / p;
+    auto begin_of = [&](std::size_t q) { return std::min(count, per * q); };
+    auto len_of = [&](std::size_t q) { return std::min(count, begin_of(q) + per) - begin_of(q); };
+    const auto me = static_cast<std::size_t>(process_);
+    const std::size_t mine = len_of(me);
+    // Send buffer: for each destination q, the k local contributions to slice q.
+    if (send_.size() < k * count * elem) send_.resize(k * count * elem);
+    std::size_t off = 0;
+    for (std::size_t q = 0; q < p; ++q) {
+      counts_[q] = as_count(k * len_of(q) * elem, what);
+      displs_[q] = as_count(off, what);
+      for (std::size_t j = 0; j < k; ++j) {
+        std::memcpy(send_.data() + off, static_cast<const char*>(slots_[j]) + begin_of(q) * elem, len_of(q) * elem);
+        off += len_of(q) * elem;
+      }
+      rcounts_[q] = as_count(k * mine * elem, what);
+      rdispls_[q] = as_count(q * k * mine * elem, what);
+    }
+    if (scratch_.size() < p * k * mine * elem) scratch_.resize(p * k * mine * elem);
+    MPI_Request req = MPI_REQUEST_NULL;
+    {
+      std::lock_guard lock(mpi_mutex());
+      check(MPI_Ialltoallv(send_.data(), counts_.data(), displs_.data(), MPI_BYTE, scratch_.data(), rcounts_.data(),
+                           rdispls_.data(), MPI_BYTE, comm_, &req),
+            "MPI_Ialltoallv");
+    }
+    wait(req, timeout_s_, what);
+    // scratch_ holds, for r = q * k + j, rank r's elements of this process's slice: sum them in
+    // rank order.
+    char* out = static_cast<char*>(slots_[0]) + begin_of(me) * elem;
+    const std::size_t tp = p * k;
+    for (std::size_t i = 0; i < mine; ++i) {
+      float acc = 0;
+      for (std::size_t r = 0; r < tp; ++r) acc += load(scratch_.data() + r * mine * elem, dtype, i);
+      store(out, dtype, i, acc);
+    }
+    // All-gather of the reduced slices into the leader's buffer, then to the other local ranks.
+    for (std::size_t q = 0; q < p; ++q) {
+      counts_[q] = as_count(len_of(q) * elem, what);
+      displs_[q] = as_count(begin_of(q) * elem, what);
+    }
+    {
+      std::lock_guard lock(mpi_mutex());
+      check(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_BYTE, slots_[0], counts_.data(), displs_.data(), MPI_BYTE, comm_,
+                            &req),
+            "MPI_Iallgatherv");
+    }
+    wait(req, timeout_s_, what);
+    for (std::size_t j = 1; j < k; ++j) std::memcpy(slots_[j], slots_[0], count * elem);
+  }
+
+  MPI_Comm comm_;
+  int processes_, process_, k_;
+  double timeout_s_;
+  std::unique_ptr<Communicator> local_;
+  std::vector<void*> slots_;
+  std::vector<const void*> cslots_;
+  std::vector<int> counts_, displs_, rcounts_, rdispls_;
+  std::vector<char> send_, scratch_;  // grow to the largest collective, then stay
+};
+
 }  // namespace
 
 std::pair<int, int> init(double timeout_s) {
@@ -517,13 +724,13 @@ int local_size() {
 
 std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, double timeout_s) {
   auto [rank, size] = init(0);
-  if (tp_degree != size) {
-    throw ConfigError("an MPI communicator joins one rank per process: tp_degree " +
-                      std::to_string(tp_degree) + " does not match the " + std::to_string(size) +
-                      " processes");
+  if (tp_degree < size || tp_degree % size != 0) {
+    throw ConfigError("an MPI communicator needs tp_degree a multiple of the " + std::to_string(size) +
+                      " processes, got " + std::to_string(tp_degree));
   }
-  return std::make_unique<MpiCommunicator>(state().data[static_cast<int>(kind)], size, rank,
-                                           timeout_s);
+  MPI_Comm comm = state().data[static_cast<int>(kind)];
+  if (tp_degree == size) return std::make_unique<MpiCommunicator>(comm, size, rank, timeout_s);
+  return std::make_unique<GroupCommunicator>(comm, size, rank, tp_degree / size, timeout_s);
 }
 
 std::vector<std::string> all_gather_text(const std::string& text, double timeout_s) {

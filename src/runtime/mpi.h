@@ -28,10 +28,12 @@ int launcher_world_size();
 std::pair<int, int> init(double timeout_s);
 /// Processes of the world on this machine (MPI_COMM_TYPE_SHARED), after init().
 int local_size();
-/// Collectives for the ranks of a stage with tp_degree == the world size, one rank per process,
-/// on a communicator of its own for device kind `kind`. Every call waits at most `timeout_s`
-/// for the peers, then throws CollectiveError; a failure (a timeout, or abort() after a local
-/// rank failed) leaves the ranks out of step, so every later call throws too.
+/// Collectives for the ranks of a stage with tp_degree a multiple k of the world size: rank r in
+/// process r / k (one rank per process when k is 1; else the process's k ranks are threads that
+/// meet in shared memory and its first rank talks to the other processes), on a communicator of
+/// its own for device kind `kind`. Every call waits at most `timeout_s` for the peers, then
+/// throws CollectiveError; a failure (a timeout, or abort() after a local rank failed) leaves the
+/// ranks out of step, so every later call throws too.
 std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, double timeout_s);
 /// Control plane, for compile() and load() on the caller's thread: every process's `text`, in
 /// process order. Waits at most `timeout_s` (0: without bound) for the peers.

@@ -1,6 +1,7 @@
 // The world of this process: threads, or one rank per MPI process (devpipe/world.h).
 #include "devpipe/world.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -102,29 +103,29 @@ std::vector<int> World::local_ranks(int tp_degree) const {
     for (int r = 0; r < tp_degree; ++r) ranks.push_back(r);
   } else if (tp_degree == 1) {
     ranks.push_back(0);
-  } else if (tp_degree == num_processes_) {
-    ranks.push_back(process_);
+  } else if (tp_degree % num_processes_ == 0) {
+    const int k = tp_degree / num_processes_;  // a group of k consecutive ranks per process
+    for (int r = process_ * k; r < (process_ + 1) * k; ++r) ranks.push_back(r);
   } else {
-    throw ConfigError(
-        "tp_degree " + std::to_string(tp_degree) + " under " + std::to_string(num_processes_) +
-        " MPI processes: with ranks as processes a stage's tp_degree must equal the number of "
-        "processes (" +
-        std::to_string(num_processes_) +
-        ") or be 1 (run in every process); "
-        "launch with mpirun -np " +
-        std::to_string(tp_degree) + " or run as threads (DEVPIPE_WORLD=threads)");
+    throw ConfigError("tp_degree " + std::to_string(tp_degree) + " under " + std::to_string(num_processes_) +
+                      " MPI processes: with ranks as processes a stage's tp_degree must be a multiple of the "
+                      "number of processes (" +
+                      std::to_string(num_processes_) +
+                      ") or 1 (run in every process); launch with another -np or run as threads "
+                      "(DEVPIPE_WORLD=threads)");
   }
   return ranks;
 }
 
 bool World::runs_rank(int rank, int tp_degree) const {
-  if (transport_ == Transport::Threads || tp_degree == 1) return rank >= 0 && rank < tp_degree;
-  return rank == process_ && tp_degree == num_processes_;
+  if (rank < 0 || rank >= tp_degree) return false;
+  if (transport_ == Transport::Threads || tp_degree == 1) return true;
+  return tp_degree % num_processes_ == 0 && process_of_rank(rank, tp_degree) == process_;
 }
 
 int World::process_of_rank(int rank, int tp_degree) const {
   if (transport_ == Transport::Threads || tp_degree == 1) return process_;
-  return rank;
+  return rank / std::max(1, tp_degree / num_processes_);
 }
 
 std::string World::describe() const {
