@@ -1140,8 +1140,9 @@ void print_llm_rows(const json& llm) {
         std::printf("%-9s %-15s error: %s\n", dt.c_str(), mode.c_str(), m["error"].get<std::string>().c_str());
         continue;
       }
+      const json& mj = m;  // a variable, not a structured binding: clang 14 cannot capture those
       auto num = [&](const char* ph, const char* key) {
-        return m.contains(ph) ? fmt_number(m[ph][key].get<double>()) : std::string("-");
+        return mj.contains(ph) ? fmt_number(mj[ph][key].get<double>()) : std::string("-");
       };
       std::string check = mode == "devpipe" ? "reference" : "not checked";
       if (m.contains("token_check")) {

@@ -723,7 +723,8 @@ int local_size() {
 }
 
 std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, double timeout_s) {
-  auto [rank, size] = init(0);
+  const auto world_size = init(0);
+  const int rank = world_size.first, size = world_size.second;
   if (tp_degree < size || tp_degree % size != 0) {
     throw ConfigError("an MPI communicator needs tp_degree a multiple of the " + std::to_string(size) +
                       " processes, got " + std::to_string(tp_degree));
@@ -734,7 +735,8 @@ std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, 
 }
 
 std::vector<std::string> all_gather_text(const std::string& text, double timeout_s) {
-  auto [rank, size] = init(0);
+  const auto world_size = init(0);
+  const int rank = world_size.first, size = world_size.second;
   State& s = state();
   auto what = [&] {
     return "[mpi] control-plane exchange on process " + std::to_string(rank) + " of " +
