@@ -6,6 +6,7 @@
 // SCENARIO:
 //   seed      the seed's vision-text pipeline (examples/vision_text, batch 8, 32x32 images)
 //   mlp       a column/row-parallel MLP (tests/pipeline_util.h), ranked output to the host
+//   bcast     mlp with its inputs given on process 0 only (World::broadcast_from_process0)
 //   llama     a small random Llama (HF folder) generating 12 greedy tokens for 3 prompts
 //   hang      mlp, but process 1 stops before its forward (sleeps): the others must fail
 //   kill      mlp, but process 1 is killed (SIGKILL) before its forward
@@ -77,7 +78,7 @@ void run_seed(const std::string& work, const std::string& out, int tp) {
 
 /// The MLP stage; `before_forward` runs between load and forward.
 void run_mlp(const std::string& work, const std::string& out, int tp, std::int64_t batch,
-             const std::function<void()>& before_forward = {}) {
+             const std::function<void()>& before_forward = {}, bool broadcast_inputs = false) {
   InferenceConfig config(RuntimeConfig{.batch_size = batch, .tp_degree = tp});
   testing::TestWrapper<testing::ParallelMlp> mlp(config, {.tag = "mlp"},
                                                  {{Tensor::randn({batch, 16}, 1)}});
@@ -89,10 +90,15 @@ void run_mlp(const std::string& work, const std::string& out, int tp, std::int64
   mlp.compile(ckpt, work + "/compiled/mlp");
   mlp.load(work + "/compiled/mlp");
   if (before_forward) before_forward();
-  Tensor x = Tensor::randn({batch, 16}, 2);
+  Tensor x = Tensor::randn({batch, 16}, 2), x2 = Tensor::randn({batch, 16}, 3);
+  if (broadcast_inputs) {
+    // Only process 0 has the inputs (the others' stand-ins are zeros of another shape: ignored).
+    const bool has = World::get().process() == 0;
+    x = World::get().broadcast_from_process0(has ? x : Tensor::zeros({1, 2}));
+    x2 = World::get().broadcast_from_process0(has ? x2 : Tensor());
+  }
   Output y = mlp.forward({x});
-  Output y2 =
-      mlp.forward({Tensor::randn({batch, 16}, 3)});  // a second forward: the ranks stay in step
+  Output y2 = mlp.forward({x2});  // a second forward: the ranks stay in step
   save_outputs(out, {{"output", y.tensor()}, {"output2", y2.tensor()}});
 }
 
@@ -170,7 +176,7 @@ int record_error(const std::string& out, const std::function<void()>& f,
 
 int main(int argc, char** argv) {
   if (argc != 5) {
-    std::cerr << "usage: mpi_worker seed|mlp|llama|hang|kill|mismatch WORK OUT TP\n";
+    std::cerr << "usage: mpi_worker seed|mlp|bcast|llama|hang|kill|mismatch WORK OUT TP\n";
     return 2;
   }
   const std::string scenario = argv[1], work = argv[2], out = argv[3];
@@ -181,6 +187,8 @@ int main(int argc, char** argv) {
       run_seed(work, out, tp);
     } else if (scenario == "mlp") {
       run_mlp(work, out, tp, 4);
+    } else if (scenario == "bcast") {
+      run_mlp(work, out, tp, 4, {}, /*broadcast_inputs=*/true);
     } else if (scenario == "llama") {
       run_llama(work, out, tp);
     } else if (scenario == "hang" || scenario == "kill") {

@@ -116,12 +116,13 @@ std::string param_name(const ::testing::TestParamInfo<std::tuple<std::string, in
 
 // One rank per process at tp 2 and 4.
 INSTANTIATE_TEST_SUITE_P(Mpi, ProcessesEqualThreads,
-                         ::testing::Combine(::testing::Values("seed", "mlp", "llama"), ::testing::Values(2, 4),
+                         ::testing::Combine(::testing::Values("seed", "mlp", "bcast", "llama"), ::testing::Values(2, 4),
                                             ::testing::Values(0)),
                          [](const auto& info) { return param_name(info); });
 // Two ranks per process: tp 4 over 2 processes (threads inside, MPI between).
 INSTANTIATE_TEST_SUITE_P(MpiGroups, ProcessesEqualThreads,
-                         ::testing::Combine(::testing::Values("mlp", "llama"), ::testing::Values(4), ::testing::Values(2)),
+                         ::testing::Combine(::testing::Values("mlp", "bcast", "llama"), ::testing::Values(4),
+                                            ::testing::Values(2)),
                          [](const auto& info) { return param_name(info); });
 
 constexpr double kTimeout = 3;

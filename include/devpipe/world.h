@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "devpipe/tensor.h"
+
 namespace devpipe {
 
 /// How the ranks of a world reach each other.
@@ -54,6 +56,11 @@ class World {
 
   /// Seconds a collective between processes waits for its peers (DEVPIPE_COLLECTIVE_TIMEOUT_S).
   double collective_timeout_s() const { return collective_timeout_s_; }
+
+  /// Process 0's `t` on every process (host memory): inputs given on process 0 only. Every
+  /// process calls it (a collective); the others' `t` is ignored (pass Tensor()). In thread
+  /// mode, `t` itself. Throws InvalidArgument on every process when process 0's is undefined.
+  Tensor broadcast_from_process0(const Tensor& t) const;
 
   /// "threads (1 process)" / "mpi: process 1 of 2".
   std::string describe() const;

@@ -91,6 +91,7 @@ std::unique_ptr<Communicator> make_communicator(DeviceKind, int, double) {
 std::vector<std::string> all_gather_text(const std::string&, double) {
   no_mpi("MPI control plane");
 }
+void broadcast_from_process0(void*, std::size_t, double) { no_mpi("MPI control plane"); }
 
 #else
 
@@ -732,6 +733,26 @@ std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, 
   MPI_Comm comm = state().data[static_cast<int>(kind)];
   if (tp_degree == size) return std::make_unique<MpiCommunicator>(comm, size, rank, timeout_s);
   return std::make_unique<GroupCommunicator>(comm, size, rank, tp_degree / size, timeout_s);
+}
+
+void broadcast_from_process0(void* data, std::size_t bytes, double timeout_s) {
+  const auto world_size = init(0);
+  const int rank = world_size.first, size = world_size.second;
+  State& s = state();
+  auto what = [&] {
+    return "[mpi] broadcast of " + std::to_string(bytes) + " bytes from process 0, on process " +
+           std::to_string(rank) + " of " + std::to_string(size);
+  };
+  if (s.broken.load()) {
+    throw CollectiveError(what() + " refused: an earlier collective failed, the processes are out of step");
+  }
+  const int n = as_count(bytes, what);
+  MPI_Request req = MPI_REQUEST_NULL;
+  {
+    std::lock_guard lock(mpi_mutex());
+    check(MPI_Ibcast(data, n, MPI_BYTE, 0, s.control, &req), "MPI_Ibcast");
+  }
+  wait(req, timeout_s, what);
 }
 
 std::vector<std::string> all_gather_text(const std::string& text, double timeout_s) {

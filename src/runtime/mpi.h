@@ -35,6 +35,9 @@ int local_size();
 /// throws CollectiveError; a failure (a timeout, or abort() after a local rank failed) leaves the
 /// ranks out of step, so every later call throws too.
 std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, double timeout_s);
+/// Control plane: process 0's `bytes` at `data` copied to `data` on every process (MPI_Ibcast),
+/// waiting at most `timeout_s` (0: without bound).
+void broadcast_from_process0(void* data, std::size_t bytes, double timeout_s);
 /// Control plane, for compile() and load() on the caller's thread: every process's `text`, in
 /// process order. Waits at most `timeout_s` (0: without bound) for the peers.
 std::vector<std::string> all_gather_text(const std::string& text, double timeout_s);

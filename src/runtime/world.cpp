@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <sstream>
 
 #include "core/log.h"
 #include "devpipe/error.h"
@@ -126,6 +127,35 @@ bool World::runs_rank(int rank, int tp_degree) const {
 int World::process_of_rank(int rank, int tp_degree) const {
   if (transport_ == Transport::Threads || tp_degree == 1) return process_;
   return rank / std::max(1, tp_degree / num_processes_);
+}
+
+Tensor World::broadcast_from_process0(const Tensor& t) const {
+  auto undefined = [] {
+    return InvalidArgument("broadcast_from_process0: process 0 passed an undefined tensor");
+  };
+  if (!multi_process()) {
+    if (!t.defined()) throw undefined();
+    return t;
+  }
+  // Process 0 says what it sends ("<dtype> <dims...>", or "-" for nothing), then the bytes.
+  Tensor src;
+  std::string header = "-";
+  if (process_ == 0 && t.defined()) {
+    src = t.to_host();
+    header = std::string(dtype_name(src.dtype()));
+    for (std::int64_t d : src.shape().dims()) header += " " + std::to_string(d);
+  }
+  const std::vector<std::string> all = mpi::all_gather_text(process_ == 0 ? header : std::string(), collective_timeout_s_);
+  const std::string& head = all.at(0);
+  if (head == "-") throw undefined();
+  std::istringstream in(head);
+  std::string dt;
+  in >> dt;
+  std::vector<std::int64_t> dims;
+  for (std::int64_t d; in >> d;) dims.push_back(d);
+  Tensor out = process_ == 0 ? src : Tensor::empty(Shape(dims), dtype_from_name(dt));
+  mpi::broadcast_from_process0(out.raw_data(), out.nbytes(), collective_timeout_s_);
+  return out;
 }
 
 std::string World::describe() const {
