@@ -51,11 +51,13 @@ std::string mpirun(int np, const std::string& extra = "") {
          extra + " -np " + std::to_string(np) + " ";
 }
 
-void skip_without_mpi() {
-#if !DEVPIPE_TEST_MPI
-  GTEST_SKIP() << "devpipe was built without MPI (install libopenmpi-dev: scripts/install_deps.sh)";
+// A macro, not a function: GTEST_SKIP returns from the test only when it stands in the test body.
+#if DEVPIPE_TEST_MPI
+#define DEVPIPE_SKIP_WITHOUT_MPI() (void)0
+#else
+#define DEVPIPE_SKIP_WITHOUT_MPI() \
+  GTEST_SKIP() << "devpipe was built without MPI (install libopenmpi-dev: scripts/install_deps.sh)"
 #endif
-}
 
 nlohmann::json read_json(const std::string& path) {
   std::ifstream in(path);
@@ -71,7 +73,7 @@ class ProcessesEqualThreads : public ::testing::TestWithParam<std::tuple<std::st
 };
 
 TEST_P(ProcessesEqualThreads, OnEveryProcess) {
-  skip_without_mpi();
+  DEVPIPE_SKIP_WITHOUT_MPI();
   const auto& [scenario, tp, np_param] = GetParam();
   const int np = np_param == 0 ? tp : np_param;
   TempDir dir;
@@ -150,19 +152,19 @@ void expect_survivor_fails_in_time(const std::string& scenario, const std::strin
 }
 
 TEST(MpiFaults, AHungPeerFailsTheOthersWithinTheTimeout) {
-  skip_without_mpi();
+  DEVPIPE_SKIP_WITHOUT_MPI();
   expect_survivor_fails_in_time("hang", "");
 }
 
 TEST(MpiFaults, AKilledPeerFailsTheOthersWithinTheTimeout) {
-  skip_without_mpi();
+  DEVPIPE_SKIP_WITHOUT_MPI();
   // By default mpirun ends the whole job when a process dies; with abort_on_non_zero_status off
   // it lets the survivors run, and they must then fail on their own, in time.
   expect_survivor_fails_in_time("kill", "--mca orte_abort_on_non_zero_status 0");
 }
 
 TEST(MpiFaults, AKilledPeerEndsTheJobUnderTheDefaultLauncher) {
-  skip_without_mpi();
+  DEVPIPE_SKIP_WITHOUT_MPI();
   TempDir dir;
   Proc p = run("DEVPIPE_COLLECTIVE_TIMEOUT_S=100 timeout 120 " + mpirun(2) +
                worker("kill", dir.str("w"), dir.str("out"), 2) + " > " + dir.str("log") + " 2>&1");
@@ -172,7 +174,7 @@ TEST(MpiFaults, AKilledPeerEndsTheJobUnderTheDefaultLauncher) {
 }
 
 TEST(MpiFaults, ProcessesWithDifferentConfigsAreRefusedNamingBoth) {
-  skip_without_mpi();
+  DEVPIPE_SKIP_WITHOUT_MPI();
   TempDir dir;
   Proc p = run(mpirun(2) + worker("mismatch", dir.str("w"), dir.str("out"), 2) + " > " +
                dir.str("log") + " 2>&1");
