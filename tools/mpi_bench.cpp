@@ -699,7 +699,10 @@ int run(const Options& o) {
     char when[32];
     const std::time_t now = std::time(nullptr);
     std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-    report["run"] = {{"commit", shell_out("git -C '" + src + "' rev-parse HEAD")},
+    // Without git (or outside a clone) the commit is unknown, as devpipe bench reports it.
+    std::string commit = shell_out("git -C '" + src + "' rev-parse HEAD");
+    if (commit.size() != 40) commit = "unknown (git rev-parse failed)";
+    report["run"] = {{"commit", commit},
                      {"worktree_dirty", !shell_out("git -C '" + src + "' status --porcelain --untracked-files=no").empty()},
                      {"time_utc", when},
                      {"devpipe_version", devpipe::version()},
