@@ -34,4 +34,11 @@ class Communicator {
 /// Collectives for `size` ranks that are threads of this process, over shared memory.
 std::unique_ptr<Communicator> make_local_communicator(int size);
 
+/// The arithmetic of every all-reduce: out[i] := sources[0][i] + sources[1][i] + ... (the ranks
+/// in rank order), accumulated in float32 and converted from and to `dtype`, for i in [0, n).
+/// `out` may be one of the sources. Every communicator (shared memory, MPI, a group of ranks
+/// per process) sums through this one function, so threads and processes give the same bits.
+void sum_in_rank_order(const void* const* sources, std::size_t num_sources, void* out,
+                       std::size_t n, DType dtype);
+
 }  // namespace devpipe

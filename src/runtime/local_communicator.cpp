@@ -1,7 +1,8 @@
 // Collectives between ranks that are threads of this process, over shared memory.
+#include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <condition_variable>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -12,28 +13,12 @@
 namespace devpipe {
 namespace {
 
-float load(const void* p, DType dt, std::size_t i) {
-  switch (dt) {
-    case DType::Float32: return static_cast<const float*>(p)[i];
-    case DType::BFloat16: return bf16_to_float(static_cast<const std::uint16_t*>(p)[i]);
-    case DType::Float16: return fp16_to_float(static_cast<const std::uint16_t*>(p)[i]);
-    case DType::Int64: return static_cast<float>(static_cast<const std::int64_t*>(p)[i]);
-  }
-  return 0;
-}
-
-void store(void* p, DType dt, std::size_t i, float v) {
-  switch (dt) {
-    case DType::Float32: static_cast<float*>(p)[i] = v; return;
-    case DType::BFloat16: static_cast<std::uint16_t*>(p)[i] = float_to_bf16(v); return;
-    case DType::Float16: static_cast<std::uint16_t*>(p)[i] = float_to_fp16(v); return;
-    case DType::Int64: static_cast<std::int64_t*>(p)[i] = static_cast<std::int64_t>(v); return;
-  }
-}
-
 class LocalCommunicator final : public Communicator {
  public:
-  explicit LocalCommunicator(int size) : size_(size), slots_(static_cast<std::size_t>(size)) {}
+  explicit LocalCommunicator(int size)
+      : size_(size),
+        slots_(static_cast<std::size_t>(size)),
+        sources_(static_cast<std::size_t>(size) * static_cast<std::size_t>(size)) {}
 
   int size() const override { return size_; }
 
@@ -41,23 +26,24 @@ class LocalCommunicator final : public Communicator {
     timeline::Span span("all_reduce", "collective", rank + 1);
     slots_[static_cast<std::size_t>(rank)] = data;
     barrier(rank);
-    // Rank r reduces slice r of every buffer and writes the sum back to all of them: slices are
-    // disjoint, and the summation order (rank 0, 1, ...) is the same for every element.
+    // Rank r reduces slice r of every buffer into its own buffer and copies the sum to the
+    // others: slices are disjoint, and the summation order (rank 0, 1, ...) is the same for
+    // every element.
     std::size_t per = (count + static_cast<std::size_t>(size_) - 1) / static_cast<std::size_t>(size_);
     std::size_t begin = std::min(count, per * static_cast<std::size_t>(rank));
     std::size_t end = std::min(count, begin + per);
-    if (dtype == DType::Float32) {
-      for (std::size_t i = begin; i < end; ++i) {
-        float acc = 0;
-        for (int r = 0; r < size_; ++r) acc += static_cast<const float*>(slots_[static_cast<std::size_t>(r)])[i];
-        for (int r = 0; r < size_; ++r) static_cast<float*>(slots_[static_cast<std::size_t>(r)])[i] = acc;
-      }
-    } else {
-      for (std::size_t i = begin; i < end; ++i) {
-        float acc = 0;
-        for (int r = 0; r < size_; ++r) acc += load(slots_[static_cast<std::size_t>(r)], dtype, i);
-        for (int r = 0; r < size_; ++r) store(slots_[static_cast<std::size_t>(r)], dtype, i, acc);
-      }
+    const std::size_t elem = dtype_size(dtype);
+    const void** sources =
+        sources_.data() + static_cast<std::size_t>(rank) * static_cast<std::size_t>(size_);
+    for (int r = 0; r < size_; ++r) {
+      sources[r] = static_cast<const char*>(slots_[static_cast<std::size_t>(r)]) + begin * elem;
+    }
+    char* mine = static_cast<char*>(data) + begin * elem;
+    sum_in_rank_order(sources, static_cast<std::size_t>(size_), mine, end - begin, dtype);
+    for (int r = 0; r < size_; ++r) {
+      if (r != rank)
+        std::memcpy(static_cast<char*>(slots_[static_cast<std::size_t>(r)]) + begin * elem, mine,
+                    (end - begin) * elem);
     }
     barrier(rank);
   }
@@ -111,6 +97,7 @@ class LocalCommunicator final : public Communicator {
   static constexpr int kMaxRanks = 64;
   int size_;
   std::vector<void*> slots_;
+  std::vector<const void*> sources_;  // [rank][size]: rank r's view of the slices it sums
   const void* cslots_[kMaxRanks] = {};
   std::mutex mu_;
   std::condition_variable cv_;
@@ -120,6 +107,60 @@ class LocalCommunicator final : public Communicator {
 };
 
 }  // namespace
+
+void sum_in_rank_order(const void* const* sources, std::size_t num_sources, void* out,
+                       std::size_t n, DType dtype) {
+  // Blocked, so that the loop over the elements of a block vectorises; each element sees the
+  // same additions in the same order as the plain loop over the sources.
+  constexpr std::size_t kBlock = 512;
+  float acc[kBlock];
+  for (std::size_t b = 0; b < n; b += kBlock) {
+    const std::size_t m = std::min(kBlock, n - b);
+    for (std::size_t j = 0; j < m; ++j) acc[j] = 0;
+    if (dtype == DType::Float32) {
+      for (std::size_t q = 0; q < num_sources; ++q) {
+        const float* s = static_cast<const float*>(sources[q]) + b;
+        for (std::size_t j = 0; j < m; ++j) acc[j] += s[j];
+      }
+      std::memcpy(static_cast<float*>(out) + b, acc, m * sizeof(float));
+      continue;
+    }
+    for (std::size_t q = 0; q < num_sources; ++q) {
+      const void* s = sources[q];
+      switch (dtype) {
+        case DType::BFloat16:
+          for (std::size_t j = 0; j < m; ++j)
+            acc[j] += bf16_to_float(static_cast<const std::uint16_t*>(s)[b + j]);
+          break;
+        case DType::Float16:
+          for (std::size_t j = 0; j < m; ++j)
+            acc[j] += fp16_to_float(static_cast<const std::uint16_t*>(s)[b + j]);
+          break;
+        case DType::Int64:
+          for (std::size_t j = 0; j < m; ++j)
+            acc[j] += static_cast<float>(static_cast<const std::int64_t*>(s)[b + j]);
+          break;
+        case DType::Float32:
+          break;
+      }
+    }
+    for (std::size_t j = 0; j < m; ++j) {
+      switch (dtype) {
+        case DType::BFloat16:
+          static_cast<std::uint16_t*>(out)[b + j] = float_to_bf16(acc[j]);
+          break;
+        case DType::Float16:
+          static_cast<std::uint16_t*>(out)[b + j] = float_to_fp16(acc[j]);
+          break;
+        case DType::Int64:
+          static_cast<std::int64_t*>(out)[b + j] = static_cast<std::int64_t>(acc[j]);
+          break;
+        case DType::Float32:
+          break;
+      }
+    }
+  }
+}
 
 std::unique_ptr<Communicator> make_local_communicator(int size) {
   if (size < 1 || size > 64) {

@@ -232,37 +232,6 @@ int as_count(std::size_t bytes, const What& what) {
   return static_cast<int>(bytes);
 }
 
-float load(const void* p, DType dt, std::size_t i) {
-  switch (dt) {
-    case DType::Float32:
-      return static_cast<const float*>(p)[i];
-    case DType::BFloat16:
-      return bf16_to_float(static_cast<const std::uint16_t*>(p)[i]);
-    case DType::Float16:
-      return fp16_to_float(static_cast<const std::uint16_t*>(p)[i]);
-    case DType::Int64:
-      return static_cast<float>(static_cast<const std::int64_t*>(p)[i]);
-  }
-  return 0;
-}
-
-void store(void* p, DType dt, std::size_t i, float v) {
-  switch (dt) {
-    case DType::Float32:
-      static_cast<float*>(p)[i] = v;
-      return;
-    case DType::BFloat16:
-      static_cast<std::uint16_t*>(p)[i] = float_to_bf16(v);
-      return;
-    case DType::Float16:
-      static_cast<std::uint16_t*>(p)[i] = float_to_fp16(v);
-      return;
-    case DType::Int64:
-      static_cast<std::int64_t*>(p)[i] = static_cast<std::int64_t>(v);
-      return;
-  }
-}
-
 /// Counts a collective for recorded_collectives(), only while the timeline records.
 void note(const char* op, std::size_t bytes) {
   if (!timeline::recording()) return;
@@ -433,30 +402,10 @@ class MpiCommunicator final : public Communicator {
     wait_all(requests_.data(), static_cast<int>(requests_.size()), timeout_s_, what);
   }
 
-  /// out[i] := the sum over q of sources_[q][i] in rank order, accumulated in float32 from 0
-  /// (as the thread mode's communicator sums), for i in [0, n). `out` may be one of the
-  /// sources. Blocked, so that the loop over the elements of a block vectorises; each element
-  /// sees the same additions in the same order as the plain loop.
+  /// out[i] := the sum over the ranks of sources_[q][i], in rank order (the arithmetic every
+  /// communicator shares: sum_in_rank_order).
   void sum_into(void* out, std::size_t n, DType dtype) const {
-    constexpr std::size_t kBlock = 512;
-    float acc[kBlock];
-    const auto p = static_cast<std::size_t>(size_);
-    for (std::size_t b = 0; b < n; b += kBlock) {
-      const std::size_t m = std::min(kBlock, n - b);
-      for (std::size_t j = 0; j < m; ++j) acc[j] = 0;
-      if (dtype == DType::Float32) {
-        for (std::size_t q = 0; q < p; ++q) {
-          const float* s = reinterpret_cast<const float*>(sources_[q]) + b;
-          for (std::size_t j = 0; j < m; ++j) acc[j] += s[j];
-        }
-        std::memcpy(static_cast<float*>(out) + b, acc, m * sizeof(float));
-      } else {
-        for (std::size_t q = 0; q < p; ++q) {
-          for (std::size_t j = 0; j < m; ++j) acc[j] += load(sources_[q], dtype, b + j);
-        }
-        for (std::size_t j = 0; j < m; ++j) store(out, dtype, b + j, acc[j]);
-      }
-    }
+    sum_in_rank_order(sources_.data(), sources_.size(), out, n, dtype);
   }
 
   /// Up to this many bytes an all-reduce sends the whole buffer to every peer (one step);
@@ -472,7 +421,7 @@ class MpiCommunicator final : public Communicator {
   int rank_;
   double timeout_s_;
   std::vector<MPI_Request> requests_;
-  std::vector<const char*> sources_;  // per rank: where its contribution to a sum lies
+  std::vector<const void*> sources_;  // per rank: where its contribution to a sum lies
   std::vector<char> scratch_;  // grows to the largest collective, then stays
 };
 
@@ -651,13 +600,11 @@ class GroupCommunicator final : public Communicator {
     wait(req, timeout_s_, what);
     // scratch_ holds, for r = q * k + j, rank r's elements of this process's slice: sum them in
     // rank order.
-    char* out = static_cast<char*>(slots_[0]) + begin_of(me) * elem;
     const std::size_t tp = p * k;
-    for (std::size_t i = 0; i < mine; ++i) {
-      float acc = 0;
-      for (std::size_t r = 0; r < tp; ++r) acc += load(scratch_.data() + r * mine * elem, dtype, i);
-      store(out, dtype, i, acc);
-    }
+    sources_.resize(tp);
+    for (std::size_t r = 0; r < tp; ++r) sources_[r] = scratch_.data() + r * mine * elem;
+    sum_in_rank_order(sources_.data(), tp, static_cast<char*>(slots_[0]) + begin_of(me) * elem,
+                      mine, dtype);
     // All-gather of the reduced slices into the leader's buffer, then to the other local ranks.
     for (std::size_t q = 0; q < p; ++q) {
       counts_[q] = as_count(len_of(q) * elem, what);
@@ -680,6 +627,7 @@ class GroupCommunicator final : public Communicator {
   std::vector<void*> slots_;
   std::vector<const void*> cslots_;
   std::vector<int> counts_, displs_, rcounts_, rdispls_;
+  std::vector<const void*> sources_;  // per rank: where its contribution to a sum lies
   std::vector<char> send_, scratch_;  // grow to the largest collective, then stay
 };
 
