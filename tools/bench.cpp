@@ -4,7 +4,6 @@
 // (peak FMA throughput, memory bandwidth) measured first and each workload's roofline reported.
 // Writes a JSON report and a latency plot. See bench/README.md.
 #include <omp.h>
-#include <sys/utsname.h>
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -12,7 +11,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -32,6 +30,7 @@
 #include "kernels_bare.h"
 #include "machine_limits.h"
 #include "peers.h"
+#include "run_info.h"
 #include "svg_plot.h"
 #include "vision_text/models.h"
 #include "workloads.h"
@@ -337,59 +336,29 @@ std::string shell_quote(const std::string& s) {
   return q + "'";
 }
 
-json load_average() {
-  double l[3] = {0, 0, 0};
-  if (getloadavg(l, 3) != 3) return nullptr;
-  return {l[0], l[1], l[2]};
-}
-
 json machine_json(const bench::MachineLimits& lim) {
-  utsname u{};
-  uname(&u);
-  std::string cpu = "?";
-  std::ifstream ci("/proc/cpuinfo");
-  for (std::string line; std::getline(ci, line);) {
-    if (line.rfind("model name", 0) == 0) {
-      cpu = line.substr(line.find(':') + 2);
-      break;
-    }
-  }
-  return {{"cpu", cpu},
-          {"cores", std::thread::hardware_concurrency()},
-          {"isa_flags", bench::cpu_isa_flags()},
-          {"kernel", u.release},
-          {"hostname", u.nodename},
-          {"limits",
-           {{"peak_fp32_gflops", lim.peak_gflops},
-            {"peak_fp32_gflops_wall_clock", lim.peak_gflops_wall},
-            {"fma_loop", lim.fma_isa},
-            {"triad_gb_per_s", lim.triad_gbs},
-            {"triad_gb_per_s_wall_clock", lim.triad_gbs_wall},
-            {"contended", lim.contended()},
-            {"triad_bytes", lim.triad_bytes},
-            {"threads", lim.threads},
-            {"measured_in_s", lim.seconds}}}};
+  json m = bench::host_json();
+  m["isa_flags"] = bench::cpu_isa_flags();
+  m["limits"] = {{"peak_fp32_gflops", lim.peak_gflops},
+                 {"peak_fp32_gflops_wall_clock", lim.peak_gflops_wall},
+                 {"fma_loop", lim.fma_isa},
+                 {"triad_gb_per_s", lim.triad_gbs},
+                 {"triad_gb_per_s_wall_clock", lim.triad_gbs_wall},
+                 {"contended", lim.contended()},
+                 {"triad_bytes", lim.triad_bytes},
+                 {"threads", lim.threads},
+                 {"measured_in_s", lim.seconds}};
+  return m;
 }
 
 json run_json(int threads) {
-  std::string commit, dirty;
-  const std::string src = shell_quote((fs::path(DEVPIPE_BENCH_DIR) / "..").lexically_normal().string());
-  bool have = run_command("git -C " + src + " rev-parse HEAD", commit) == 0;
-  if (have) run_command("git -C " + src + " status --porcelain --untracked-files=no", dirty);
-  while (!commit.empty() && commit.back() == '\n') commit.pop_back();
-  char when[32];
-  const std::time_t now = std::time(nullptr);
-  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-  return {{"commit", have ? commit : std::string("unknown (git rev-parse failed)")},
-          {"worktree_dirty", have && !dirty.empty()},
-          {"time_utc", when},
-          {"devpipe_version", devpipe_version()},
-          {"threads", {{"hardware", std::thread::hardware_concurrency()},
-                       {"omp_max", omp_get_max_threads()},
-                       {"kernels_bare", threads},
-                       {"pytorch", threads},
-                       {"onnxruntime_intra_op", threads}}},
-          {"load_average_start", load_average()}};
+  json r = bench::run_json((fs::path(DEVPIPE_BENCH_DIR) / "..").lexically_normal().string());
+  r["threads"] = {{"hardware", std::thread::hardware_concurrency()},
+                  {"omp_max", omp_get_max_threads()},
+                  {"kernels_bare", threads},
+                  {"pytorch", threads},
+                  {"onnxruntime_intra_op", threads}};
+  return r;
 }
 
 /// The ONNX Runtime peer's install: the folder holding node_modules, or why there is none.
@@ -1346,7 +1315,7 @@ int bench_main(const Args& a) {
     report["workloads"][n] = n == "llm" ? run_llm_workload(a, work, lim, lcpp, plot, mismatches)
                                         : run_workload(n, a, work, lim, ort, plot, mismatches);
   }
-  report["run"]["load_average_end"] = load_average();
+  report["run"]["load_average_end"] = bench::load_average_json();
   report["targets"] = evaluate_targets(report);
   report["correctness_failures"] = mismatches;
   {

@@ -12,7 +12,6 @@
 // sizes the workloads use plus a sweep, MPI_Allreduce / MPI_Allgather (the floor) and devpipe's
 // MPI communicator, in alternating rounds, each call timed. See bench/README.md.
 #include <mpi.h>
-#include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -22,7 +21,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -40,6 +38,7 @@
 #include "devpipe/timeline.h"
 #include "devpipe/world.h"
 #include "peers.h"
+#include "run_info.h"
 #include "runtime/communicator.h"
 #include "runtime/mpi.h"
 #include "workloads.h"
@@ -599,41 +598,15 @@ json run_collective(const std::string& op, std::size_t bytes, const std::string&
           {"results_equal", equal}};
 }
 
-std::string shell_out(const std::string& cmd) {
-  std::string out;
-  if (FILE* p = ::popen((cmd + " 2>/dev/null").c_str(), "r")) {
-    char buf[512];
-    while (std::fgets(buf, sizeof buf, p)) out += buf;
-    ::pclose(p);
-  }
-  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
-  return out;
-}
-
-json load_average() {
-  double l[3] = {0, 0, 0};
-  if (getloadavg(l, 3) != 3) return nullptr;
-  return {l[0], l[1], l[2]};
-}
-
 json machine_json() {
-  utsname u{};
-  uname(&u);
-  std::string cpu = "?";
-  std::ifstream ci("/proc/cpuinfo");
-  for (std::string line; std::getline(ci, line);) {
-    if (line.rfind("model name", 0) == 0) {
-      cpu = line.substr(line.find(':') + 2);
-      break;
-    }
-  }
   char version[MPI_MAX_LIBRARY_VERSION_STRING];
   int len = 0;
   MPI_Get_library_version(version, &len);
   std::string lib(version, static_cast<std::size_t>(len));
   if (const auto nl = lib.find_first_of("\n,"); nl != std::string::npos) lib = lib.substr(0, nl);
-  return {{"cpu", cpu}, {"cores", std::thread::hardware_concurrency()}, {"kernel", u.release},
-          {"hostname", u.nodename}, {"mpi_library", lib}};
+  json m = bench::host_json();
+  m["mpi_library"] = lib;
+  return m;
 }
 
 std::string fmt(double v) {
@@ -696,18 +669,9 @@ int run(const Options& o) {
     fs::create_directories(o.work);
     const std::string src = (fs::path(DEVPIPE_SOURCE_DIR)).string();
     report["machine"] = machine_json();
-    char when[32];
-    const std::time_t now = std::time(nullptr);
-    std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-    // Without git (or outside a clone) the commit is unknown, as devpipe bench reports it.
-    std::string commit = shell_out("git -C '" + src + "' rev-parse HEAD");
-    if (commit.size() != 40) commit = "unknown (git rev-parse failed)";
-    report["run"] = {{"commit", commit},
-                     {"worktree_dirty", !shell_out("git -C '" + src + "' status --porcelain --untracked-files=no").empty()},
-                     {"time_utc", when},
-                     {"devpipe_version", devpipe::version()},
-                     {"world", "2 MPI processes on " + std::to_string(world.local_processes()) + " local"},
-                     {"load_average_start", load_average()}};
+    report["run"] = bench::run_json(src);
+    report["run"]["world"] =
+        "2 MPI processes on " + std::to_string(world.local_processes()) + " local";
     for (const auto& n : o.workloads) write_weights(o.work, make_workload(n));
   }
   meet("weights");
@@ -776,7 +740,7 @@ int run(const Options& o) {
   meet("done");
   if (me != 0) return failures.empty() ? 0 : 1;
 
-  report["run"]["load_average_end"] = load_average();
+  report["run"]["load_average_end"] = bench::load_average_json();
   bool all_within = true;
   for (const auto& c : report["collectives"]) all_within = all_within && c["within_1_2x"].get<bool>();
   report["collectives_within_1_2x_of_floor"] = all_within;
