@@ -48,11 +48,6 @@ class World {
   /// are threads of the process); {0} when tp_degree is 1 (replicated in every process).
   /// Throws ConfigError for any other degree, naming it.
   std::vector<int> local_ranks(int tp_degree) const;
-  /// Whether this process runs rank `rank` of a stage of `tp_degree` ranks.
-  bool runs_rank(int rank, int tp_degree) const;
-  /// The process that runs rank `rank` of `tp_degree` (this process in thread mode; for a
-  /// replicated tp 1 stage, every process runs it and this returns the caller's).
-  int process_of_rank(int rank, int tp_degree) const;
 
   /// Seconds a collective between processes waits for its peers (DEVPIPE_COLLECTIVE_TIMEOUT_S).
   double collective_timeout_s() const { return collective_timeout_s_; }

@@ -1,7 +1,6 @@
 // The world of this process: threads, or one rank per MPI process (devpipe/world.h).
 #include "devpipe/world.h"
 
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -116,17 +115,6 @@ std::vector<int> World::local_ranks(int tp_degree) const {
                       "(DEVPIPE_WORLD=threads)");
   }
   return ranks;
-}
-
-bool World::runs_rank(int rank, int tp_degree) const {
-  if (rank < 0 || rank >= tp_degree) return false;
-  if (transport_ == Transport::Threads || tp_degree == 1) return true;
-  return tp_degree % num_processes_ == 0 && process_of_rank(rank, tp_degree) == process_;
-}
-
-int World::process_of_rank(int rank, int tp_degree) const {
-  if (transport_ == Transport::Threads || tp_degree == 1) return process_;
-  return rank / std::max(1, tp_degree / num_processes_);
 }
 
 Tensor World::broadcast_from_process0(const Tensor& t) const {
