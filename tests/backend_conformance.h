@@ -180,6 +180,9 @@ inline const std::vector<ToleranceRow>& tolerance_table() {
        "the conv's sums of up to 80 products, then the mean over up to 690 positions, in another "
        "order (float32 accumulators within a row, double across rows; the reference sums in "
        "double)"},
+      {"conv_patch_mean",     kF32,   kBF16,   kF16,   {},
+       "window sums over up to 690 positions in double in another order (row sums, then the "
+       "rows), divided once"},
       {"adaptive_avg_pool2d", kF32,   kBF16,   kF16,   {},
        "window sum in float32, then a divide (the reference sums in double)"},
       {"layer_norm",          kF32,   kBF16,   kF16,   {},
@@ -438,6 +441,23 @@ inline const std::vector<OpCase>& conformance_cases() {
              }
              return g;
            }});
+    }
+
+    // The patch means folding makes of a conv + global average pool (conv_patch_mean): unit
+    // and other strides (the row-sum paths), padding wider than the kernel's reach, dilation.
+    for (const ConvCase& k : std::vector<ConvCase>{
+             {{2, 3, 20, 23}, 0, {3, 3}, {1, 1}, {1, 1}, {1, 1}, 1, false},
+             {{1, 4, 9, 11}, 0, {3, 3}, {2, 2}, {1, 1}, {2, 2}, 1, false},
+             {{3, 5, 7, 10}, 0, {3, 2}, {1, 3}, {2, 0}, {1, 2}, 1, false},
+             {{2, 2, 6, 4}, 0, {1, 1}, {1, 1}, {0, 0}, {1, 1}, 1, false},
+             {{1, 3, 13, 10}, 0, {5, 5}, {2, 2}, {4, 3}, {1, 1}, 1, false}}) {
+      add("conv_patch_mean_x" + dims_tag(k.x) + "_k" + dims_tag(k.kernel) + "_s" + dims_tag(k.stride) + "_p" +
+              dims_tag(k.padding) + "_d" + dims_tag(k.dilation),
+          "conv_patch_mean", one(k.x), [k](const std::vector<Var>& v) {
+            Attrs a;
+            a.set("kernel_size", k.kernel).set("stride", k.stride).set("padding", k.padding).set("dilation", k.dilation);
+            return std::vector<Var>{Tracer::current().emit(OpKind::ConvPatchMean, {v[0]}, a)};
+          });
     }
 
     // ---- pooling ----

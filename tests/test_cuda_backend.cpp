@@ -44,6 +44,9 @@ constexpr const char* kCpuOnlyFusion =
     "compile() fuses a conv with its global average pool only for the cpu backend; the cuda "
     "backend runs the conv (cuDNN) and the pool as they are and refuses the fused op with "
     "Unsupported";
+constexpr const char* kCpuOnlyFold =
+    "compile() folds a conv + global average pool into patch means only for the cpu backend; the "
+    "cuda backend refuses conv_patch_mean with Unsupported";
 
 const BackendUnderTest& cuda_target() {
   static const BackendUnderTest target{
@@ -59,7 +62,10 @@ const BackendUnderTest& cuda_target() {
                 {"sample", DType::Float16, "not implemented on cuda: refused with Unsupported"},
                 {"conv2d_global_avg_pool", DType::Float32, kCpuOnlyFusion},
                 {"conv2d_global_avg_pool", DType::BFloat16, kCpuOnlyFusion},
-                {"conv2d_global_avg_pool", DType::Float16, kCpuOnlyFusion}},
+                {"conv2d_global_avg_pool", DType::Float16, kCpuOnlyFusion},
+                {"conv_patch_mean", DType::Float32, kCpuOnlyFold},
+                {"conv_patch_mean", DType::BFloat16, kCpuOnlyFold},
+                {"conv_patch_mean", DType::Float16, kCpuOnlyFold}},
   };
   return target;
 }

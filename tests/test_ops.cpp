@@ -126,6 +126,15 @@ Var apply_op(const OpCase& c, const std::vector<Var>& v) {
         .set("groups", a.at("groups").get<std::int64_t>());
     return Tracer::current().emit(OpKind::Conv2dGlobalAvgPool, v, attrs);
   }
+  if (op == "conv_patch_mean") {
+    // The op as the compiler's fold_linear_chains makes it from conv2d + adaptive_avg_pool2d.
+    Attrs attrs;
+    attrs.set("kernel_size", ints(a, "kernel_size"))
+        .set("stride", ints(a, "stride"))
+        .set("padding", ints(a, "padding"))
+        .set("dilation", ints(a, "dilation"));
+    return Tracer::current().emit(OpKind::ConvPatchMean, v, attrs);
+  }
   if (op == "adaptive_avg_pool2d") return F::adaptive_avg_pool2d(v[0], ints(a, "output_size"));
   if (op == "max_pool2d") {
     return F::max_pool2d(v[0], ints(a, "kernel_size"), ints(a, "stride"), ints(a, "padding"),

@@ -202,11 +202,19 @@ class Worker {
   std::string mode_;
 };
 
-/// pipeline / roundtrip: the compiled stages in this process.
+/// The workload as a mode compiles it: `folded` with RuntimeConfig::fold_linear_chains.
+Workload as_mode(const Workload& w, const std::string& mode) {
+  Workload m = w;
+  m.config.mutable_runtime_config().fold_linear_chains = mode == "folded";
+  return m;
+}
+
+/// pipeline / roundtrip / folded (pipeline with the linear chains folded): the compiled stages
+/// in this process.
 class DevpipeWorker : public Worker {
  public:
   DevpipeWorker(const std::string& mode, const Workload& w, const std::string& work)
-      : Worker(mode), w_(w), wrappers_(build_stages(w, mode == "pipeline", work, mode, "@" + mode)) {}
+      : Worker(mode), w_(as_mode(w, mode)), wrappers_(build_stages(w_, mode != "roundtrip", work, mode, "@" + mode)) {}
   Round run(int iters) override {
     Round r;
     const TransferStats before = transfer_stats();
@@ -247,7 +255,7 @@ class DevpipeWorker : public Worker {
   }
 
  private:
-  const Workload& w_;
+  const Workload w_;
   std::vector<std::unique_ptr<ModelWrapper>> wrappers_;
   Tensor last_;
   TransferStats bytes_{};
@@ -446,7 +454,7 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
                         {"bound", compute_ms >= memory_ms ? "compute" : "memory"}};
 
   // The workers, built once. A peer that cannot start is reported as skipped.
-  const auto wanted = a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime");
+  const auto wanted = a.get_list("modes", "pipeline,roundtrip,folded,kernels_bare,pytorch,onnxruntime");
   auto want = [&](const std::string& m) { return std::find(wanted.begin(), wanted.end(), m) != wanted.end(); };
   std::vector<std::unique_ptr<Worker>> timed, check_only;
   auto peers = [&]() -> std::vector<std::unique_ptr<Worker>>& { return w.time_peers ? timed : check_only; };
@@ -454,6 +462,8 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
     if (want(m)) timed.push_back(std::make_unique<DevpipeWorker>(m, w, work));
   }
   if (timed.empty()) throw UsageError("option --modes: name pipeline or roundtrip too (the reference output)");
+  // folded: only where the compile option changes the graphs (seed's conv + pool + fc).
+  if (want("folded") && w.peer_name == "seed") timed.push_back(std::make_unique<DevpipeWorker>("folded", w, work));
   auto skip = [&](const std::string& mode, const std::string& why) {
     report["modes"][mode] = {{"skipped", why}};
     std::cerr << "  " << mode << " skipped: " << why << "\n";
@@ -1224,7 +1234,7 @@ const Command& bench_command() {
             .choices = {"seed", "seed_tp1", "seed_tp2", "large", "chain8", "llm"}},
            {.name = "modes", .kind = OptionKind::ChoiceList, .value = "M,...",
             .help = "modes to run (default all; llm: pipeline or roundtrip is devpipe, pytorch is both twin modes)",
-            .choices = {"pipeline", "roundtrip", "kernels_bare", "pytorch", "onnxruntime", "pytorch_mkldnn",
+            .choices = {"pipeline", "roundtrip", "folded", "kernels_bare", "pytorch", "onnxruntime", "pytorch_mkldnn",
                         "pytorch_eager", "llama_cpp"}},
            {.name = "iters", .kind = OptionKind::Int, .value = "N",
             .help = "timed iterations per mode (default 20; chain8 200; llm 4 prefills and 4 decode runs per batch)",

@@ -98,7 +98,10 @@ const Command& compile_command() {
                   {.name = "text-ckpt",
                    .kind = OptionKind::String,
                    .value = "PATH",
-                   .help = "the text stage's safetensors checkpoint (file or folder)"}},
+                   .help = "the text stage's safetensors checkpoint (file or folder)"},
+                  {.name = "fold-linear-chains",
+                   .help = "fold chains with nothing nonlinear between them (the vision stage's conv + "
+                           "pool + fc becomes patch means and one Linear); results change by rounding"}},
       .notes =
           "Without checkpoints, random ones with a fixed seed are written under DIR/checkpoints.\n"
           "DIR/config.json, the random checkpoints and DIR/compiled are replaced only once the\n"
@@ -154,7 +157,8 @@ const Command& run_command() {
                    .refused = fixed_at_compile("vision-ckpt PATH")},
                   {.name = "text-ckpt",
                    .kind = OptionKind::String,
-                   .refused = fixed_at_compile("text-ckpt PATH")}},
+                   .refused = fixed_at_compile("text-ckpt PATH")},
+                  {.name = "fold-linear-chains", .refused = fixed_at_compile("fold-linear-chains")}},
       .notes =
           "Prints the final output and a latency summary: min, p50, p90, p99, mean and max of the\n"
           "timed forwards (vision then text stage, inputs to final output) and the throughput\n"
@@ -222,6 +226,7 @@ InferenceConfig config_from(const Args& a) {
       vision_text::seed_config(a.get_int("batch", 32), static_cast<int>(a.get_int("tp", 2)),
                                dtype_from_name(a.get("dtype", "float32")));
   c.mutable_runtime_config().buckets = buckets;
+  c.mutable_runtime_config().fold_linear_chains = a.has("fold-linear-chains");
   c.mutable_runtime_config().validate();
   c.set("image_size", static_cast<std::int64_t>(a.get_int("image", 224)));
   return c;

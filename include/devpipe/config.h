@@ -36,6 +36,12 @@ struct RuntimeConfig {
   /// compiled artifact: it can differ between compile and load.
   int num_threads = 0;
   static constexpr int kMaxThreads = 4096;
+  /// Compile option, off by default: fold chains with nothing nonlinear between them (a
+  /// Conv2d followed by a global average pool becomes per-tap input means and a Linear; two
+  /// Linears in a row become one) into fewer, cheaper ops with weights computed at compile
+  /// time. Results change by rounding only (the sums run in another order). Recorded in the
+  /// artifact; loading with another setting is an ArtifactMismatch.
+  bool fold_linear_chains = false;
 
   /// Sorted, de-duplicated buckets (or {batch_size}); throws ConfigError on a non-positive size.
   std::vector<std::int64_t> batch_buckets() const;

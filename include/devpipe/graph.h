@@ -69,10 +69,13 @@ enum class OpKind {
                       // -> token ids [B] int64 (temperature <= 0: argmax)
   Conv2dGlobalAvgPool,  // Conv2d's inputs and attrs -> [N, O, 1, 1]: the conv, then its mean
                         // over H and W (made by the compiler's conv + pool fusion)
+  ConvPatchMean,      // x[N, C, H, W] -> [N, C * kh * kw]: each filter tap's input window
+                      // averaged over the conv's output positions; attrs kernel_size, stride,
+                      // padding, dilation (made by the compiler's fold_linear_chains)
 };
 
 /// Number of OpKind values (for tables).
-inline constexpr int kNumOpKinds = static_cast<int>(OpKind::Conv2dGlobalAvgPool) + 1;
+inline constexpr int kNumOpKinds = static_cast<int>(OpKind::ConvPatchMean) + 1;
 
 std::string_view op_name(OpKind op);
 /// Throws FormatError naming the text when it is not an op name.

@@ -97,6 +97,7 @@ std::string batch_split_blocker(const Graph& g, std::int64_t batch) {
       }
       case OpKind::Conv2d:
       case OpKind::Conv2dGlobalAvgPool:
+      case OpKind::ConvPatchMean:
       case OpKind::AdaptiveAvgPool2d:
       case OpKind::MaxPool2d:
         keeps = first_only() && in_shape(0).rank() == 4;

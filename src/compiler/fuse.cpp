@@ -2,40 +2,13 @@
 
 #include <vector>
 
+#include "compiler/graph_edit.h"
 #include "graph/op_def.h"
 
 namespace devpipe {
 
-namespace {
-
-/// Per value: how many nodes read it (a graph output counts as two readers, so it is never
-/// fused away) and which node produces it (-1: an input or parameter).
-struct Uses {
-  std::vector<int> readers, producer;
-  explicit Uses(const Graph& g)
-      : readers(g.values.size(), 0), producer(g.values.size(), -1) {
-    for (std::size_t i = 0; i < g.nodes.size(); ++i) {
-      for (int in : g.nodes[i].inputs) ++readers[static_cast<std::size_t>(in)];
-      for (int out : g.nodes[i].outputs) producer[static_cast<std::size_t>(out)] = static_cast<int>(i);
-    }
-    for (int out : g.outputs) readers[static_cast<std::size_t>(out)] += 2;
-  }
-};
-
-/// Drops the nodes marked in `removed`.
-void erase_nodes(Graph& g, const std::vector<bool>& removed, int count) {
-  std::vector<Node> kept;
-  kept.reserve(g.nodes.size() - static_cast<std::size_t>(count));
-  for (std::size_t i = 0; i < g.nodes.size(); ++i) {
-    if (!removed[i]) kept.push_back(std::move(g.nodes[i]));
-  }
-  g.nodes = std::move(kept);
-}
-
-}  // namespace
-
 int fuse_linear_activations(Graph& g) {
-  Uses uses(g);
+  ValueUses uses(g);
   std::vector<int>& readers = uses.readers;
   std::vector<int>& producer = uses.producer;
 
@@ -62,7 +35,7 @@ int fuse_linear_activations(Graph& g) {
 }
 
 int fuse_conv_global_avg_pool(Graph& g) {
-  Uses uses(g);
+  ValueUses uses(g);
   std::vector<bool> removed(g.nodes.size(), false);
   int fused = 0;
   for (std::size_t i = 0; i < g.nodes.size(); ++i) {

@@ -54,6 +54,11 @@ double node_flops(const Graph& g, const Node& n) {
       if (n.inputs.size() == 3) f += conv_out;
       return f;
     }
+    case OpKind::ConvPatchMean: {  // one add per tap and output position, then a divide
+      const auto& k = n.attrs.ints("kernel_size");
+      const Shape& x = in0().shape;
+      return static_cast<double>(x.numel()) * static_cast<double>(k[0] * k[1]) + numel(out);
+    }
     case OpKind::AdaptiveAvgPool2d:
     case OpKind::MaxPool2d:
     case OpKind::Sum:

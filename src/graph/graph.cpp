@@ -20,7 +20,8 @@ const std::array<const OpDef*, kNumOpKinds>& table() {
           &ops::kMulScalar, &ops::kFull, &ops::kArange, &ops::kSum, &ops::kMean, &ops::kArgMax,
           &ops::kIndexSelect, &ops::kGather, &ops::kWhere, &ops::kMaskedFill,
           &ops::kRotaryEmbedding, &ops::kScaledDotProductAttention, &ops::kMaskedAttention,
-          &ops::kStateWrite, &ops::kSample, &ops::kConv2dGlobalAvgPool}) {
+          &ops::kStateWrite, &ops::kSample, &ops::kConv2dGlobalAvgPool,
+          &ops::kConvPatchMean}) {
       a[static_cast<std::size_t>(d->op)] = d;
     }
     return a;

@@ -46,7 +46,7 @@ std::vector<ValueInfo> infer_op(OpKind op, const std::vector<ValueInfo>& inputs,
 // Registration tables, one per family file (src/graph/ops/<family>.cpp).
 namespace ops {
 extern const OpDef kLinear, kMatmul;
-extern const OpDef kConv2d, kConv2dGlobalAvgPool;
+extern const OpDef kConv2d, kConv2dGlobalAvgPool, kConvPatchMean;
 extern const OpDef kAdaptiveAvgPool2d, kMaxPool2d;
 extern const OpDef kEmbedding;
 extern const OpDef kLayerNorm, kRmsNorm;

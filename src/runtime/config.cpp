@@ -139,6 +139,7 @@ std::string InferenceConfig::to_json() const {
                   {"device", std::string(device_kind_name(runtime_.device))},
                   {"num_threads", runtime_.num_threads}};
   if (!runtime_.dim_buckets.empty()) j["runtime"]["dim_buckets"] = runtime_.dim_buckets;
+  if (runtime_.fold_linear_chains) j["runtime"]["fold_linear_chains"] = true;
   json a = json::object();
   for (const auto& [name, v] : attrs_) {
     const std::string& k = name;  // a variable, not a structured binding: clang 14 cannot capture those
@@ -179,6 +180,13 @@ InferenceConfig InferenceConfig::from_json(const std::string& text) {
     if (r.contains("num_threads")) {  // absent in configs written before it existed
       c.runtime_.num_threads = static_cast<int>(
           json_int::member<ConfigError>(r, "num_threads", 0, RuntimeConfig::kMaxThreads, where, "runtime.num_threads"));
+    }
+    if (r.contains("fold_linear_chains")) {
+      const json& f = r.at("fold_linear_chains");
+      if (!f.is_boolean()) {
+        throw ConfigError("config JSON: runtime.fold_linear_chains must be true or false, got " + f.dump());
+      }
+      c.runtime_.fold_linear_chains = f.get<bool>();
     }
     const json& attributes = j.at("attributes");
     if (!attributes.is_object()) {

@@ -10,6 +10,7 @@
 
 #include "compiler/artifact.h"
 #include "compiler/batch_split.h"
+#include "compiler/fold.h"
 #include "compiler/fuse.h"
 #include "compiler/shard.h"
 #include "core/log.h"
@@ -346,6 +347,23 @@ void ModelWrapper::compile_in_process(const std::string& checkpoint_path, const 
   m.return_ranked_to_cpu = options_.return_ranked_to_cpu;
   m.config_json = config_.to_json();
 
+  // Folding linear chains needs the weights while the graphs are rewritten: the checkpoint is
+  // opened first and its keys matched against the unfolded model's (the same strict check as
+  // below); the keys whose tensors were folded away count as used.
+  std::optional<Checkpoint> fold_ckpt;
+  std::map<std::string, std::string> fold_source;  // model key -> checkpoint key
+  std::vector<std::string> unfolded_keys;
+  auto fold_value = [&](const GraphParam& p) -> Tensor {
+    auto it = fold_source.find(p.key);
+    if (it == fold_source.end()) throw Error(prefix(tag) + "fold_linear_chains: no checkpoint tensor for '" + p.key + "'");
+    Tensor t = fold_ckpt->get(it->second);
+    if (!is_floating(t.dtype())) {
+      throw DTypeError(prefix(tag) + "checkpoint tensor '" + it->second + "' is " + std::string(dtype_name(t.dtype())) +
+                       "; parameters must be floating point");
+    }
+    return t;
+  };
+
   for (std::size_t bi = 0; bi < buckets.size(); ++bi) {
     ArtifactBucket& bucket = buckets[bi];
     const std::int64_t b = bucket.batch;
@@ -383,6 +401,21 @@ void ModelWrapper::compile_in_process(const std::string& checkpoint_path, const 
         g = std::move(*split);
         split_batch = true;
       }
+    }
+    FoldCounts folded;
+    if (rc.fold_linear_chains) {
+      if (!fold_ckpt) {
+        fold_ckpt = Checkpoint::open(checkpoint_path);
+        for (const auto& p : g.params) {
+          if (!p.constant) unfolded_keys.push_back(p.key);
+        }
+        const std::vector<std::string> src = match_checkpoint_keys(
+            *fold_ckpt, unfolded_keys,
+            make_key_rules(options_.ignore_checkpoint_keys, options_.checkpoint_key_map), prefix(tag));
+        for (std::size_t k = 0; k < unfolded_keys.size(); ++k) fold_source[unfolded_keys[k]] = src[k];
+      }
+      // Only the cpu backend has the conv_patch_mean kernel; every backend runs a Linear.
+      folded = fold_linear_chains(g, fold_value, rc.device == DeviceKind::Cpu);
     }
     int fused = fuse_linear_activations(g);
     // Only the cpu backend has a fused conv + pool kernel; the cuda backend keeps the pair.
@@ -427,6 +460,8 @@ void ModelWrapper::compile_in_process(const std::string& checkpoint_path, const 
     m.buckets.push_back(std::move(bucket));
     report("traced bucket " + bucket_text(b, m.buckets.back().dims) + " (" +
            std::to_string(m.buckets.back().graph.nodes.size()) + " ops" +
+           (folded.patch_means ? ", " + std::to_string(folded.patch_means) + " conv + pool folded into patch means" : std::string()) +
+           (folded.linear_pairs ? ", " + std::to_string(folded.linear_pairs) + " Linear pair(s) folded" : std::string()) +
            (fused ? ", " + std::to_string(fused) + " activation(s) fused" : std::string()) +
            (pooled ? ", " + std::to_string(pooled) + " conv + pool fused" : std::string()) +
            (split_batch ? ", batch split over " + std::to_string(rc.tp_degree) + " ranks" : std::string()) +
@@ -440,6 +475,9 @@ void ModelWrapper::compile_in_process(const std::string& checkpoint_path, const 
   std::vector<std::string> model_keys;
   for (const auto& p : g0.params) {
     if (!p.constant) model_keys.push_back(p.key);
+  }
+  for (const std::string& k : unfolded_keys) {  // folded away: used by the folded constants
+    if (std::find(model_keys.begin(), model_keys.end(), k) == model_keys.end()) model_keys.push_back(k);
   }
   const std::vector<std::string> source = match_checkpoint_keys(
       ckpt, model_keys, make_key_rules(options_.ignore_checkpoint_keys, options_.checkpoint_key_map), prefix(tag));
@@ -534,6 +572,10 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
       mismatch("tp_degree", std::to_string(m.tp_degree), std::to_string(rc.tp_degree));
     if (m.dtype != rc.dtype)
       mismatch("dtype", std::string(dtype_name(m.dtype)), std::string(dtype_name(rc.dtype)));
+    const bool art_folded = InferenceConfig::from_json(m.config_json).runtime_config().fold_linear_chains;
+    if (art_folded != rc.fold_linear_chains) {
+      mismatch("fold_linear_chains", art_folded ? "on" : "off", rc.fold_linear_chains ? "on" : "off");
+    }
     std::map<std::string, std::vector<std::int64_t>> art_named;
     for (const auto& b : m.buckets) {
       art_buckets.push_back(b.batch);

@@ -150,6 +150,20 @@ for name, dt in FLOAT_DTYPES.items():
                                                 groups=g), [1, 1]),
                  {"stride": stride, "padding": pad, "dilation": dil, "groups": groups})
 
+    # ---- conv_patch_mean: each filter tap's input window averaged over the conv's output
+    # positions (what folding makes of conv2d + adaptive_avg_pool2d((1, 1))): F.unfold's
+    # columns [N, C * kh * kw, L], averaged over L ----
+    for xs, k, stride, pad, dil in [
+        ([2, 3, 20, 23], [3, 3], [1, 1], [1, 1], [1, 1]),   # the seed's conv, smaller
+        ([1, 4, 9, 11], [3, 3], [2, 2], [1, 1], [2, 2]),    # stride, dilation
+        ([3, 5, 7, 10], [3, 2], [1, 3], [2, 0], [1, 2]),    # asymmetric, padding > reach
+        ([2, 16, 6, 4], [1, 1], [1, 1], [0, 0], [1, 1]),    # 1x1
+    ]:
+        add_case("conv_patch_mean", name, [randn(xs, dt)],
+                 lambda x, k=k, s=stride, p=pad, d=dil:
+                 F.unfold(x, k, dilation=d, padding=p, stride=s).mean(dim=2),
+                 {"kernel_size": k, "stride": stride, "padding": pad, "dilation": dil})
+
     # ---- adaptive_avg_pool2d ----
     for xs, os_ in [
         ([2, 3, 7, 10], [1, 1]),

@@ -163,6 +163,8 @@ std::unique_ptr<Kernel> make_kernel(const BuildContext& cx) {
       return make_conv2d_kernel(cx);
     case OpKind::Conv2dGlobalAvgPool:
       return make_conv_global_avg_pool_kernel(cx);
+    case OpKind::ConvPatchMean:
+      return make_conv_patch_mean_kernel(cx);
     case OpKind::AdaptiveAvgPool2d:
       return make_adaptive_avg_pool_kernel(cx);
     case OpKind::MaxPool2d:

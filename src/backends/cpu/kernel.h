@@ -214,6 +214,7 @@ enum class SkinnyForm { None, Expand, Reduce };
 SkinnyForm skinny_linear_form(std::int64_t m, std::int64_t k, std::int64_t n, CpuIsa isa);
 std::unique_ptr<Kernel> make_conv2d_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_conv_global_avg_pool_kernel(const BuildContext& cx);  // kernels_conv_pool
+std::unique_ptr<Kernel> make_conv_patch_mean_kernel(const BuildContext& cx);       // kernels_conv_pool
 std::unique_ptr<Kernel> make_adaptive_avg_pool_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_max_pool_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_layer_norm_kernel(const BuildContext& cx);

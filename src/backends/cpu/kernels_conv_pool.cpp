@@ -1,4 +1,7 @@
-// The fused Conv2d + global average pool (conv2d_global_avg_pool): the convolution is computed
+// The fused Conv2d + global average pool (conv2d_global_avg_pool), and the patch means that
+// replace the pair when linear chains are folded (conv_patch_mean, at the end).
+//
+// conv2d_global_avg_pool: the convolution is computed
 // row by row into registers and reduced there into the pooled sums, so its output
 // ([N, O, OH, OW], 411 MB for the seed's stage) is never written to memory.
 //
@@ -401,6 +404,113 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
   const float* packed_ = nullptr;
 };
 
+/// conv_patch_mean: for each (image, channel) plane, every filter tap's input window summed
+/// over the conv's output positions. Per input row, the sums over the columns each tap column
+/// reads (the row's total less the few columns that tap skips, for a unit stride); then per tap
+/// row, the sum of those over the rows it reads. Sums in double, divided once; planes in
+/// parallel, each written by one thread.
+class ConvPatchMeanKernel final : public Kernel {
+ public:
+  explicit ConvPatchMeanKernel(const BuildContext& cx)
+      : x_(cx.in_id(0)), y_(cx.out_id()), dt_(cx.out().dtype) {
+    const Shape& xs = cx.in(0).shape;
+    const Attrs& at = cx.node.attrs;
+    n_ = xs[0];
+    c_ = xs[1];
+    h_ = xs[2];
+    w_ = xs[3];
+    kh_ = at.ints("kernel_size")[0];
+    kw_ = at.ints("kernel_size")[1];
+    sh_ = at.ints("stride")[0];
+    sw_ = at.ints("stride")[1];
+    ph_ = at.ints("padding")[0];
+    pw_ = at.ints("padding")[1];
+    dh_ = at.ints("dilation")[0];
+    dw_ = at.ints("dilation")[1];
+    oh_ = (h_ + 2 * ph_ - dh_ * (kh_ - 1) - 1) / sh_ + 1;
+    ow_ = (w_ + 2 * pw_ - dw_ * (kw_ - 1) - 1) / sw_ + 1;
+    threads_ = std::max(1, omp_get_max_threads());
+    // Per thread: one row widened to float, and the row sums [H][kw] in double.
+    thread_bytes_ = round_up(static_cast<std::size_t>(w_) * sizeof(float), 64) +
+                    round_up(static_cast<std::size_t>(h_ * kw_) * sizeof(double), 64);
+  }
+
+  std::size_t scratch_bytes() const override { return static_cast<std::size_t>(threads_) * thread_bytes_; }
+
+  void run(const RunContext& cx) override {
+    const std::byte* x = cx.values[x_];
+    std::byte* y = cx.values[y_];
+    const std::size_t esize = dtype_size(dt_);
+    const std::int64_t planes = n_ * c_;
+    const double inv = 1.0 / static_cast<double>(oh_ * ow_);
+#pragma omp parallel num_threads(threads_)
+    {
+      std::byte* mine = cx.scratch + static_cast<std::size_t>(omp_get_thread_num()) * thread_bytes_;
+      auto* row = reinterpret_cast<float*>(mine);
+      auto* rs = reinterpret_cast<double*>(mine + round_up(static_cast<std::size_t>(w_) * sizeof(float), 64));
+#pragma omp for schedule(static)
+      for (std::int64_t p = 0; p < planes; ++p) {
+        for (std::int64_t ih = 0; ih < h_; ++ih) {
+          widen(x + static_cast<std::size_t>((p * h_ + ih) * w_) * esize, dt_, w_, row);
+          row_sums(row, rs + ih * kw_);
+        }
+        for (std::int64_t i = 0; i < kh_; ++i) {
+          for (std::int64_t j = 0; j < kw_; ++j) {
+            double acc = 0;
+            for (std::int64_t o = 0; o < oh_; ++o) {
+              const std::int64_t ih = o * sh_ - ph_ + i * dh_;
+              if (ih >= 0 && ih < h_) acc += rs[ih * kw_ + j];
+            }
+            narrow_store(y, dt_, (p * kh_ + i) * kw_ + j, static_cast<float>(acc * inv));
+          }
+        }
+      }
+    }
+  }
+
+ private:
+  /// out[j] = the sum of row[ow * sw - pw + j * dw] over the output columns ow that land inside.
+  void row_sums(const float* row, double* out) const {
+    if (sw_ == 1) {
+      double total = 0, t1 = 0, t2 = 0, t3 = 0;
+      std::int64_t k = 0;
+      for (; k + 4 <= w_; k += 4) {
+        total += row[k];
+        t1 += row[k + 1];
+        t2 += row[k + 2];
+        t3 += row[k + 3];
+      }
+      for (; k < w_; ++k) total += row[k];
+      total += t1 + t2 + t3;
+      for (std::int64_t j = 0; j < kw_; ++j) {
+        // Columns j * dw - pw .. j * dw - pw + ow - 1, clipped to the row: the total less the
+        // columns before and after.
+        const std::int64_t lo = j * dw_ - pw_, hi = lo + ow_;
+        double s = total;
+        for (std::int64_t q = 0; q < std::min(lo, w_); ++q) s -= row[q];
+        for (std::int64_t q = std::max<std::int64_t>(hi, 0); q < w_; ++q) s -= row[q];
+        if (lo >= w_ || hi <= 0) s = 0;
+        out[j] = s;
+      }
+      return;
+    }
+    for (std::int64_t j = 0; j < kw_; ++j) {
+      double s = 0;
+      for (std::int64_t o = 0; o < ow_; ++o) {
+        const std::int64_t iw = o * sw_ - pw_ + j * dw_;
+        if (iw >= 0 && iw < w_) s += row[iw];
+      }
+      out[j] = s;
+    }
+  }
+
+  int x_, y_;
+  DType dt_;
+  std::int64_t n_, c_, h_, w_, kh_, kw_, sh_, sw_, ph_, pw_, dh_, dw_, oh_, ow_;
+  int threads_ = 1;
+  std::size_t thread_bytes_ = 0;
+};
+
 }  // namespace
 
 std::unique_ptr<Kernel> make_conv_global_avg_pool_kernel(const BuildContext& cx) {
@@ -409,6 +519,14 @@ std::unique_ptr<Kernel> make_conv_global_avg_pool_kernel(const BuildContext& cx)
                       " kernel for " + cx.where);
   }
   return std::make_unique<ConvGlobalAvgPoolKernel>(cx);
+}
+
+std::unique_ptr<Kernel> make_conv_patch_mean_kernel(const BuildContext& cx) {
+  if (!is_floating(cx.out().dtype)) {
+    throw Unsupported("cpu backend: no " + std::string(dtype_name(cx.out().dtype)) +
+                      " kernel for " + cx.where);
+  }
+  return std::make_unique<ConvPatchMeanKernel>(cx);
 }
 
 }  // namespace devpipe::cpu

@@ -1,4 +1,6 @@
-// Conv2d, and Conv2d fused with a global average pool (conv2d_global_avg_pool).
+// Conv2d, Conv2d fused with a global average pool (conv2d_global_avg_pool), and the patch
+// means that replace a conv + global average pool when linear chains are folded
+// (conv_patch_mean).
 #include "devpipe/error.h"
 #include "graph/op_def.h"
 
@@ -134,11 +136,77 @@ void ref_conv2d_global_avg_pool(const std::vector<Tensor>& in, std::vector<Tenso
   store(out[0], mean);
 }
 
+// ---- the patch means (conv_patch_mean) ----
+//
+// y[n, (c * kh + i) * kw + j] = the mean over the conv's output positions (oh, ow) of the
+// zero-padded input at (oh * sh - ph + i * dh, ow * sw - pw + j * dw): the conv's mean over H
+// and W is then W.reshape(O, C * kh * kw) @ y + b (the compiler's fold_linear_chains).
+
+/// The conv geometry of conv_patch_mean's attributes as a Conv2d over `x` (its output shape).
+Shape patch_mean_conv_shape(const Shape& x, const Attrs& attrs) {
+  const auto& k = attrs.ints("kernel_size");
+  if (k.size() != 2 || k[0] < 1 || k[1] < 1) {
+    throw ShapeError("conv_patch_mean: kernel_size must be two sizes >= 1, got " + Shape(k).to_string());
+  }
+  if (x.rank() != 4) throw ShapeError("conv_patch_mean: input must be 4-D [N, C, H, W], got " + x.to_string());
+  Attrs conv = attrs;
+  conv.set("groups", std::int64_t{1});
+  try {
+    return infer_conv2d({{x, DType::Float32}, {Shape{1, x[1], k[0], k[1]}, DType::Float32}}, conv)[0].shape;
+  } catch (const ShapeError& e) {
+    throw ShapeError(std::string("conv_patch_mean: ") + e.what());
+  }
+}
+
+std::vector<ValueInfo> infer_conv_patch_mean(const std::vector<ValueInfo>& in, const Attrs& attrs) {
+  DType dt = common_float_dtype("conv_patch_mean", in);
+  patch_mean_conv_shape(in[0].shape, attrs);
+  const auto& k = attrs.ints("kernel_size");
+  return {{Shape{in[0].shape[0], in[0].shape[1] * k[0] * k[1]}, dt}};
+}
+
+// Every window sum in double, divided once, rounded once.
+void ref_conv_patch_mean(const std::vector<Tensor>& in, std::vector<Tensor>& out, const Attrs& attrs,
+                         const RefContext&) {
+  const Shape& xs = in[0].shape();
+  const Shape conv = patch_mean_conv_shape(xs, attrs);
+  const auto& k = attrs.ints("kernel_size");
+  const auto& stride = attrs.ints("stride");
+  const auto& pad = attrs.ints("padding");
+  const auto& dil = attrs.ints("dilation");
+  const std::int64_t N = xs[0], C = xs[1], H = xs[2], W = xs[3], OH = conv[2], OW = conv[3];
+  auto x = in[0].to_float_vector();
+  std::vector<float> y(static_cast<std::size_t>(N * C * k[0] * k[1]));
+  for (std::int64_t n = 0; n < N; ++n) {
+    for (std::int64_t c = 0; c < C; ++c) {
+      for (std::int64_t i = 0; i < k[0]; ++i) {
+        for (std::int64_t j = 0; j < k[1]; ++j) {
+          double acc = 0;
+          for (std::int64_t oh = 0; oh < OH; ++oh) {
+            const std::int64_t ih = oh * stride[0] - pad[0] + i * dil[0];
+            if (ih < 0 || ih >= H) continue;
+            for (std::int64_t ow = 0; ow < OW; ++ow) {
+              const std::int64_t iw = ow * stride[1] - pad[1] + j * dil[1];
+              if (iw < 0 || iw >= W) continue;
+              acc += x[static_cast<std::size_t>(((n * C + c) * H + ih) * W + iw)];
+            }
+          }
+          y[static_cast<std::size_t>(((n * C + c) * k[0] + i) * k[1] + j)] =
+              static_cast<float>(acc / static_cast<double>(OH * OW));
+        }
+      }
+    }
+  }
+  store(out[0], y);
+}
+
 }  // namespace
 
 namespace ops {
 const OpDef kConv2d{OpKind::Conv2d, "conv2d", 2, 3, infer_conv2d, ref_conv2d};
 const OpDef kConv2dGlobalAvgPool{OpKind::Conv2dGlobalAvgPool, "conv2d_global_avg_pool", 2, 3,
                                  infer_conv2d_global_avg_pool, ref_conv2d_global_avg_pool};
+const OpDef kConvPatchMean{OpKind::ConvPatchMean, "conv_patch_mean", 1, 1, infer_conv_patch_mean,
+                           ref_conv_patch_mean};
 }  // namespace ops
 }  // namespace devpipe
