@@ -8,18 +8,26 @@
 //                         tp_degree k*N, ranks [k*p, k*(p+1)) as threads of process p (shared
 //                         memory inside a process, MPI between processes); a stage of
 //                         tp_degree 1 runs in every process (each its own copy).
+// A rank r of a stage of tp_degree ranks on a device kind runs on device r % (devices of that
+// kind this process sees): World::device_of_rank is the one place that mapping is computed.
+// The world owns the rank groups (src/runtime/rank_group.h): per (device kind, tp_degree) the
+// streams of the ranks it runs, their devices and the communicator between them.
 // DEVPIPE_WORLD=threads forces thread mode under a launcher; DEVPIPE_WORLD=mpi insists on MPI
 // (an error when devpipe was built without it or no launcher started the process).
 // DEVPIPE_COLLECTIVE_TIMEOUT_S (default 300) bounds how long a collective between processes
 // waits for its peers before it fails with CollectiveError (a peer process died or hangs).
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "devpipe/device.h"
 #include "devpipe/tensor.h"
 
 namespace devpipe {
+
+class RankGroups;  // internal: the world's rank groups (src/runtime/rank_group.h)
 
 /// How the ranks of a world reach each other.
 enum class Transport { Threads, Mpi };
@@ -49,6 +57,16 @@ class World {
   /// Throws ConfigError for any other degree, naming it.
   std::vector<int> local_ranks(int tp_degree) const;
 
+  /// The device of rank `rank` of a stage of `tp_degree` ranks on `kind` when this process sees
+  /// `device_count` devices of that kind: index rank % device_count (ranks share devices when
+  /// there are fewer devices than ranks). The one place ranks are mapped to devices; the
+  /// backends' device_for_rank, the rank groups and the cuda backend's streams and
+  /// communicators all take it from here. Throws InvalidArgument for a rank outside
+  /// [0, tp_degree) or a device_count below 1, naming them.
+  static Device device_of_rank(DeviceKind kind, int rank, int tp_degree, int device_count);
+  /// The devices of local_ranks(tp_degree), in that order.
+  std::vector<Device> local_devices(DeviceKind kind, int tp_degree, int device_count) const;
+
   /// Seconds a collective between processes waits for its peers (DEVPIPE_COLLECTIVE_TIMEOUT_S).
   double collective_timeout_s() const { return collective_timeout_s_; }
 
@@ -65,12 +83,17 @@ class World {
   World(Transport transport, int num_processes, int process, double collective_timeout_s,
         int local_processes = 1);
 
+  /// Internal: the rank groups of this world (src/runtime/rank_group.h); copies of a World
+  /// share them.
+  RankGroups& rank_groups() const { return *groups_; }
+
  private:
   Transport transport_;
   int num_processes_;
   int process_;
   double collective_timeout_s_;
   int local_processes_;
+  std::shared_ptr<RankGroups> groups_;
 };
 
 }  // namespace devpipe

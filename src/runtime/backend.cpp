@@ -4,12 +4,17 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "devpipe/error.h"
+#include "devpipe/world.h"
 
 namespace devpipe {
 
 #ifdef DEVPIPE_HAVE_CUDA
 Backend& cuda_backend();
 #endif
+
+Device Backend::device_for_rank(int rank, int tp_degree) const {
+  return World::device_of_rank(kind(), rank, tp_degree, device_count());
+}
 
 void Backend::fill_zero(void* dst, Device device, std::size_t bytes) {
   if (!device.is_host()) {

@@ -16,6 +16,26 @@
 namespace devpipe {
 
 class Communicator;
+class World;
+
+/// The device side of the collectives between the ranks of one rank group
+/// (runtime/rank_group.h): made by the backend for its devices (Backend::make_collectives),
+/// owned by the group, shared by every executable compiled for the group's ranks, which must
+/// not outlive it. On cuda: the NCCL communicators, or the events and buffer slots of the
+/// protocol for ranks that share a GPU. The cpu backend has none: its kernels call the group's
+/// host Communicator.
+class DeviceCollectives {
+ public:
+  virtual ~DeviceCollectives() = default;
+};
+
+/// What a backend is told of a rank group when it makes the group's collectives.
+struct GroupPlacement {
+  const World* world = nullptr;  // the world the group belongs to (not owned)
+  int tp_degree = 1;
+  std::vector<int> ranks;        // the ranks this process runs, ascending (World::local_ranks)
+  std::vector<Device> devices;   // devices[i]: the device of ranks[i] (World::device_of_rank)
+};
 
 /// Which rank an executable serves and how it reaches its peers.
 struct RankInfo {
@@ -23,6 +43,9 @@ struct RankInfo {
   int tp_degree = 1;
   Communicator* comm = nullptr;  // required when tp_degree > 1; not owned
   int num_threads = 1;           // host threads the rank's kernels may use
+  // The group's device collectives (not owned); required when tp_degree > 1 on a backend whose
+  // make_collectives() makes them (cuda).
+  DeviceCollectives* collectives = nullptr;
 };
 
 /// Completion of device work queued on a rank's queue (a CUDA event on cuda). The cpu backend
@@ -61,8 +84,16 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual DeviceKind kind() const = 0;
-  /// The device rank `rank` of `tp_degree` ranks runs on.
-  virtual Device device_for_rank(int rank, int tp_degree) const = 0;
+  /// Devices of this kind that this process sees (>= 1).
+  virtual int device_count() const = 0;
+  /// The device rank `rank` of `tp_degree` ranks runs on: World::device_of_rank over this
+  /// backend's devices.
+  Device device_for_rank(int rank, int tp_degree) const;
+  /// The device collectives of a new rank group (runtime/rank_group.h), or null when the
+  /// backend's collectives need nothing beyond the group's host Communicator (the default).
+  virtual std::unique_ptr<DeviceCollectives> make_collectives(const GroupPlacement& placement) {
+    return nullptr;
+  }
   /// Compiles `graph` for one rank. `params`: host tensors in graph.params order with the
   /// per-rank shapes and the graph's dtypes; the executable may keep views of them (callers
   /// keep them alive) or copy them to the device. Throws Unsupported for an op it lacks.

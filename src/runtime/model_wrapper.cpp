@@ -669,7 +669,7 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
     for (const auto& b : m.buckets) {
       std::vector<std::unique_ptr<Executable>> per_rank(tpu);
       for (int r : local) {
-        RankInfo info{r, rc.tp_degree, &impl->group->comm(), threads_per_rank(rc)};
+        const RankInfo info = impl->group->rank_info(r, threads_per_rank(rc));
         per_rank[static_cast<std::size_t>(r)] =
             impl->backend->compile(b.graph, impl->rank_params[static_cast<std::size_t>(r)], info);
       }

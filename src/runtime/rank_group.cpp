@@ -8,21 +8,33 @@
 #include <thread>
 
 #include "core/log.h"
+#include "devpipe/error.h"
 #include "devpipe/world.h"
 #include "runtime/mpi.h"
 
 namespace devpipe {
 
-RankGroup::RankGroup(DeviceKind kind, int tp_degree) : kind_(kind) {
-  const World& world = World::get();
+RankGroup::RankGroup(const World& world, Backend& backend, int tp_degree)
+    : kind_(backend.kind()), backend_(backend) {
   ranks_ = world.local_ranks(tp_degree);
+  devices_ = world.local_devices(kind_, tp_degree, backend.device_count());
+  comm_ = world.multi_process() && tp_degree > 1
+              ? mpi::make_communicator(kind_, tp_degree, world.collective_timeout_s())
+              : make_local_communicator(tp_degree);
+  collectives_ = backend.make_collectives(GroupPlacement{&world, tp_degree, ranks_, devices_});
   streams_.resize(static_cast<std::size_t>(tp_degree));
   for (int r : ranks_)
     streams_[static_cast<std::size_t>(r)] =
         std::make_unique<RankStream>("rank" + std::to_string(r));
-  comm_ = world.multi_process() && tp_degree > 1
-              ? mpi::make_communicator(kind, tp_degree, world.collective_timeout_s())
-              : make_local_communicator(tp_degree);
+}
+
+RankGroup::~RankGroup() {
+  // The streams' tasks may use the communicator and the collectives: stop them first.
+  streams_.clear();
+}
+
+RankInfo RankGroup::rank_info(int rank, int num_threads) {
+  return RankInfo{rank, size(), comm_.get(), num_threads, collectives_.get()};
 }
 
 int default_num_threads() {
@@ -58,14 +70,36 @@ int threads_per_rank(const RuntimeConfig& config) {
 }
 
 std::shared_ptr<RankGroup> RankGroup::get(DeviceKind kind, int tp_degree) {
-  static std::mutex mu;
-  static std::map<std::pair<int, int>, std::weak_ptr<RankGroup>> groups;
-  std::lock_guard lock(mu);
-  auto key = std::make_pair(static_cast<int>(kind), tp_degree);
-  if (auto g = groups[key].lock()) return g;
-  auto g = std::make_shared<RankGroup>(kind, tp_degree);
-  groups[key] = g;
+  const World& world = World::get();
+  return world.rank_groups().get(world, backend_for(kind), tp_degree);
+}
+
+std::shared_ptr<RankGroup> RankGroups::get(const World& world, Backend& backend, int tp_degree) {
+  if (&world.rank_groups() != this) {
+    throw StateError("RankGroups::get: the world " + world.describe() + " owns another registry");
+  }
+  std::lock_guard lock(mu_);
+  for (auto it = groups_.begin(); it != groups_.end();) {
+    it = it->second.expired() ? groups_.erase(it) : std::next(it);
+  }
+  const auto key = std::make_pair(backend.kind(), tp_degree);
+  if (auto g = groups_[key].lock()) {
+    if (&g->backend() != &backend) {
+      throw StateError("RankGroups::get: the " + std::string(device_kind_name(backend.kind())) +
+                       " group of tp_degree " + std::to_string(tp_degree) + " belongs to another backend");
+    }
+    return g;
+  }
+  auto g = std::make_shared<RankGroup>(world, backend, tp_degree);
+  groups_[key] = g;
   return g;
+}
+
+std::size_t RankGroups::live() const {
+  std::lock_guard lock(mu_);
+  std::size_t n = 0;
+  for (const auto& [key, g] : groups_) n += g.expired() ? 0 : 1;
+  return n;
 }
 
 void RankGroup::submit(void (*fn)(void* context, int rank), void* context) {

@@ -9,6 +9,7 @@
 #include "core/log.h"
 #include "devpipe/error.h"
 #include "runtime/mpi.h"
+#include "runtime/rank_group.h"
 
 namespace devpipe {
 
@@ -28,7 +29,8 @@ World::World(Transport transport, int num_processes, int process, double collect
       num_processes_(num_processes),
       process_(process),
       collective_timeout_s_(collective_timeout_s),
-      local_processes_(local_processes) {
+      local_processes_(local_processes),
+      groups_(std::make_shared<RankGroups>()) {
   if (local_processes < 1 || local_processes > num_processes) {
     throw InvalidArgument("World: " + std::to_string(local_processes) +
                           " processes on this machine of " + std::to_string(num_processes) +
@@ -115,6 +117,25 @@ std::vector<int> World::local_ranks(int tp_degree) const {
                       "(DEVPIPE_WORLD=threads)");
   }
   return ranks;
+}
+
+Device World::device_of_rank(DeviceKind kind, int rank, int tp_degree, int device_count) {
+  if (tp_degree < 1 || rank < 0 || rank >= tp_degree) {
+    throw InvalidArgument("rank " + std::to_string(rank) + " of tp_degree " + std::to_string(tp_degree) +
+                          " on " + std::string(device_kind_name(kind)) + " is out of range");
+  }
+  if (device_count < 1) {
+    throw InvalidArgument("rank " + std::to_string(rank) + " of tp_degree " + std::to_string(tp_degree) +
+                          " needs a " + std::string(device_kind_name(kind)) + " device, but this process sees " +
+                          std::to_string(device_count));
+  }
+  return Device{kind, rank % device_count};
+}
+
+std::vector<Device> World::local_devices(DeviceKind kind, int tp_degree, int device_count) const {
+  std::vector<Device> devices;
+  for (int r : local_ranks(tp_degree)) devices.push_back(device_of_rank(kind, r, tp_degree, device_count));
+  return devices;
 }
 
 Tensor World::broadcast_from_process0(const Tensor& t) const {

@@ -18,13 +18,8 @@ class CpuBackend final : public Backend {
   DeviceKind kind() const override { return DeviceKind::Cpu; }
   bool device_memory_is_host() const override { return true; }
 
-  Device device_for_rank(int rank, int tp_degree) const override {
-    if (tp_degree < 1 || rank < 0 || rank >= tp_degree) {
-      throw InvalidArgument("cpu backend: rank " + std::to_string(rank) + " of tp_degree " +
-                            std::to_string(tp_degree) + " is out of range");
-    }
-    return Device::cpu(0);
-  }
+  /// Every rank runs on the host: one device, cpu:0.
+  int device_count() const override { return 1; }
 
   std::unique_ptr<Executable> compile(const Graph& graph, const std::vector<Tensor>& params,
                                       const RankInfo& rank) override {

@@ -12,6 +12,7 @@
 #include "backends/cuda/runtime.h"
 #include "core/device_copy.h"
 #include "devpipe/error.h"
+#include "devpipe/world.h"
 
 namespace devpipe {
 namespace cuda {
@@ -405,7 +406,7 @@ namespace {
 struct Globals {
   std::vector<std::unique_ptr<DeviceState>> devices;
   std::mutex ranks_mu;
-  std::map<int, std::unique_ptr<RankContext>> ranks;
+  std::map<std::pair<int, int>, std::unique_ptr<RankContext>> ranks;  // by (device, rank)
   std::mutex params_mu;
   // (host address, bytes, device) -> (the host tensor, so the address stays its own; the
   // device copy while some executable still uses it)
@@ -436,12 +437,10 @@ class CudaBackend final : public Backend {
 
   DeviceKind kind() const override { return DeviceKind::Cuda; }
 
-  Device device_for_rank(int rank, int tp_degree) const override {
-    if (tp_degree < 1 || rank < 0 || rank >= tp_degree) {
-      throw InvalidArgument("cuda backend: rank " + std::to_string(rank) + " of tp_degree " +
-                            std::to_string(tp_degree) + " is out of range");
-    }
-    return Device::cuda(rank % num_devices());
+  int device_count() const override { return num_devices(); }
+
+  std::unique_ptr<DeviceCollectives> make_collectives(const GroupPlacement& placement) override {
+    return make_device_collectives(placement);
   }
 
   std::unique_ptr<Executable> compile(const Graph& graph, const std::vector<Tensor>& params,
@@ -511,13 +510,14 @@ DeviceState& device_state(int device) {
   return *devs[static_cast<std::size_t>(device)];
 }
 
-RankContext& rank_context(int rank) {
+RankContext& rank_context(int rank, int tp_degree) {
+  const int device = World::device_of_rank(DeviceKind::Cuda, rank, tp_degree, num_devices()).index;
   Globals& g = globals();
   std::lock_guard lock(g.ranks_mu);
-  auto it = g.ranks.find(rank);
+  auto it = g.ranks.find({device, rank});
   if (it == g.ranks.end()) {
-    auto ctx = std::make_unique<RankContext>(rank, device_state(rank % num_devices()));
-    it = g.ranks.emplace(rank, std::move(ctx)).first;
+    auto ctx = std::make_unique<RankContext>(rank, device_state(device));
+    it = g.ranks.emplace(std::make_pair(device, rank), std::move(ctx)).first;
   }
   return *it->second;
 }

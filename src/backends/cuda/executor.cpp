@@ -105,7 +105,7 @@ class CudaExecutable final : public Executable {
 
 CudaExecutable::CudaExecutable(const Graph& graph, const std::vector<Tensor>& params,
                                const RankInfo& rank)
-    : graph_(graph), rank_(rank), ctx_(rank_context(rank.rank)) {
+    : graph_(graph), rank_(rank), ctx_(rank_context(rank.rank, rank.tp_degree)) {
   if (params.size() != graph.params.size()) {
     throw InvalidArgument("cuda backend: compile got " + std::to_string(params.size()) +
                           " parameters, the graph has " + std::to_string(graph.params.size()));

@@ -76,5 +76,8 @@ std::unique_ptr<Step> make_basic_step(const BuildContext& cx);  // every other o
 /// The cuda backend's Executable. See executor.cpp for the memory plan and the graph policy.
 std::unique_ptr<Executable> make_executable(const Graph& graph, const std::vector<Tensor>& params,
                                             const RankInfo& rank);
+/// The collectives of a rank group (steps_collective.cpp): NCCL communicators or the
+/// shared-GPU protocol's state, set up when the group's first collective step is built.
+std::unique_ptr<DeviceCollectives> make_device_collectives(const GroupPlacement& placement);
 
 }  // namespace devpipe::cuda

@@ -131,8 +131,9 @@ class RankContext {
 /// Number of devices the backend uses (>= 1 once the backend exists).
 int num_devices();
 DeviceState& device_state(int device);
-/// The context of rank `rank` (created on first use) on cuda:(rank % num_devices()).
-RankContext& rank_context(int rank);
+/// The context of rank `rank` of `tp_degree` ranks (created on first use), on the device
+/// World::device_of_rank gives it.
+RankContext& rank_context(int rank, int tp_degree);
 /// Registers the description of a node whose kernel may record an error; returns its tag.
 int register_error_tag(const std::string& where);
 /// Device copy of a host parameter (shared with earlier uploads of the same host tensor while

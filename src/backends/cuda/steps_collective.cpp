@@ -5,7 +5,7 @@
 // ncclAllGather on its own stream.
 //
 // Ranks as processes (devpipe/world.h, mpirun -np tp_degree): one NCCL rank per process, on the
-// GPU device_for_rank gives it; process 0 makes the NCCL unique id and the processes exchange it
+// GPU World::device_of_rank gives it; process 0 makes the NCCL unique id and the processes exchange it
 // over MPI's control plane, then each calls ncclCommInitRank. (Compiled here; it has not run on
 // GPUs yet. A hung peer is not bounded by DEVPIPE_COLLECTIVE_TIMEOUT_S on this path: NCCL waits
 // on the device.)
@@ -29,13 +29,16 @@
 // barriers guarantee it), and the slots are rewritten only after every peer read them.
 // Ranks on different GPUs that share the protocol (tp 4 on 2 GPUs) need peer access.
 // DEVPIPE_CUDA_COLLECTIVES=local forces the local protocol on distinct GPUs too.
+// The state belongs to the rank group (runtime/rank_group.h) the ranks' executables were
+// compiled for (RankInfo.collectives): every stage of one (cuda, tp_degree) shares it.
 // Neither path can be replayed from a CUDA graph (host rendezvous / NCCL across threads), so
 // an executable with a collective at tp_degree > 1 always launches eagerly.
 #include <cstdlib>
 #include <cstring>
-#include <map>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "backends/cuda/executor.h"
 #include "devpipe/error.h"
@@ -46,24 +49,16 @@
 namespace devpipe::cuda {
 namespace {
 
+/// The state of one rank group's collectives, built once.
 class CollectiveGroup {
  public:
   enum class Mode { Nccl, Local };
 
-  static std::shared_ptr<CollectiveGroup> get(int tp) {
-    static std::mutex mu;
-    static auto* groups = new std::map<int, std::weak_ptr<CollectiveGroup>>();
-    std::lock_guard lock(mu);
-    if (auto g = (*groups)[tp].lock()) return g;
-    auto g = std::make_shared<CollectiveGroup>(tp);
-    (*groups)[tp] = g;
-    return g;
-  }
-
-  explicit CollectiveGroup(int tp) : size(tp) {
-    const World& world = World::get();
+  explicit CollectiveGroup(const GroupPlacement& p) : size(p.tp_degree) {
+    const int tp = p.tp_degree;
+    const World& world = *p.world;
     if (world.multi_process()) {
-      init_across_processes(world, tp);
+      init_across_processes(p);
       return;
     }
     const int ndev = num_devices();
@@ -72,7 +67,7 @@ class CollectiveGroup {
     mode = ndev >= tp && !force_local ? Mode::Nccl : Mode::Local;
     if (mode == Mode::Nccl) {
       std::vector<int> devs(static_cast<std::size_t>(tp));
-      for (int r = 0; r < tp; ++r) devs[static_cast<std::size_t>(r)] = r;
+      for (int r = 0; r < tp; ++r) devs[static_cast<std::size_t>(r)] = device_index(r);
       std::vector<ncclComm_t> raw(static_cast<std::size_t>(tp), nullptr);
       DEVPIPE_NCCL_CHECK(ncclCommInitAll(raw.data(), tp, devs.data()),
                          "creating " + std::to_string(tp) + " NCCL ranks");
@@ -105,22 +100,24 @@ class CollectiveGroup {
       }
     }
     for (int r = 0; r < tp; ++r) {
-      ready.push_back(Event::create(r % ndev));
-      done.push_back(Event::create(r % ndev));
+      ready.push_back(Event::create(device_index(r)));
+      done.push_back(Event::create(device_index(r)));
     }
     in_slots.assign(static_cast<std::size_t>(tp), nullptr);
     out_slots.assign(static_cast<std::size_t>(tp), nullptr);
   }
 
   /// One NCCL rank per process: the unique id from process 0, broadcast over MPI.
-  void init_across_processes(const World& world, int tp) {
-    if (tp != world.num_processes()) {
+  void init_across_processes(const GroupPlacement& p) {
+    const World& world = *p.world;
+    const int tp = p.tp_degree;
+    if (tp != world.num_processes() || p.ranks.size() != 1) {
       throw Unsupported("cuda backend: tp_degree " + std::to_string(tp) + " across " +
                         std::to_string(world.num_processes()) +
                         " processes: one NCCL rank per process needs tp_degree == the process count");
     }
     mode = Mode::Nccl;
-    const int rank = world.process();
+    const int rank = p.ranks.front();
     ncclUniqueId id{};
     if (rank == 0) DEVPIPE_NCCL_CHECK(ncclGetUniqueId(&id), "making the NCCL unique id");
     const std::string mine = rank == 0 ? std::string(reinterpret_cast<const char*>(&id), sizeof id) : std::string();
@@ -132,12 +129,17 @@ class CollectiveGroup {
     }
     std::memcpy(&id, all[0].data(), sizeof id);
     comms.resize(static_cast<std::size_t>(tp));
-    DeviceGuard guard(rank % num_devices());
+    DeviceGuard guard(p.devices.front().index);
     ncclComm_t c = nullptr;
     DEVPIPE_NCCL_CHECK(ncclCommInitRank(&c, tp, id, rank),
                        "joining NCCL rank " + std::to_string(rank) + " of " + std::to_string(tp) + " (process " +
-                           std::to_string(rank) + ")");
+                           std::to_string(world.process()) + ")");
     comms[static_cast<std::size_t>(rank)] = NcclComm(c);
+  }
+
+  /// The device of rank `r` (thread mode: every rank is this process's).
+  int device_index(int r) const {
+    return World::device_of_rank(DeviceKind::Cuda, r, size, num_devices()).index;
   }
 
   int size;
@@ -146,6 +148,25 @@ class CollectiveGroup {
   std::vector<Event> ready, done;
   std::vector<const void*> in_slots;
   std::vector<void*> out_slots;
+};
+
+/// A rank group's collectives (Backend::make_collectives), owned by the group: the state is
+/// built when the first collective step of the group is (NCCL's setup is a collective of its
+/// own, which every process reaches at the same step of load()).
+class GroupCollectives final : public DeviceCollectives {
+ public:
+  explicit GroupCollectives(GroupPlacement placement) : placement_(std::move(placement)) {}
+
+  CollectiveGroup& state() {
+    std::lock_guard lock(mu_);
+    if (!state_) state_ = std::make_unique<CollectiveGroup>(placement_);
+    return *state_;
+  }
+
+ private:
+  GroupPlacement placement_;
+  std::mutex mu_;
+  std::unique_ptr<CollectiveGroup> state_;
 };
 
 class CollectiveStep final : public Step {
@@ -180,7 +201,14 @@ class CollectiveStep final : public Step {
                        " but rank " + std::to_string(rank_) +
                        " was compiled without a communicator");
     }
-    group_ = CollectiveGroup::get(tp_);
+    auto* collectives = dynamic_cast<GroupCollectives*>(cx.rank.collectives);
+    if (collectives == nullptr) {
+      throw StateError("cuda backend: " + cx.where + " runs at tp_degree " + std::to_string(tp_) +
+                       " but rank " + std::to_string(rank_) +
+                       " was compiled without its rank group's collectives (RankInfo.collectives " +
+                       (cx.rank.collectives ? "is another backend's)" : "is null)"));
+    }
+    group_ = &collectives->state();
     if (group_->mode == CollectiveGroup::Mode::Nccl && gather_ && outer_ > 1) {
       scratch_ = static_cast<std::size_t>(tp_) * bytes_;
     }
@@ -282,13 +310,18 @@ class CollectiveStep final : public Step {
   Communicator* comm_;
   std::size_t outer_ = 1, inner_bytes_ = 0;
   std::size_t scratch_ = 0;
-  std::shared_ptr<CollectiveGroup> group_;
+  CollectiveGroup* group_ = nullptr;  // the rank group's; it outlives this step
 };
 
 }  // namespace
 
 std::unique_ptr<Step> make_collective_step(const BuildContext& cx) {
   return std::make_unique<CollectiveStep>(cx);
+}
+
+std::unique_ptr<DeviceCollectives> make_device_collectives(const GroupPlacement& placement) {
+  if (placement.world == nullptr) throw InvalidArgument("cuda backend: a rank group placement without its world");
+  return std::make_unique<GroupCollectives>(placement);
 }
 
 }  // namespace devpipe::cuda
