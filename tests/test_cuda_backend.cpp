@@ -18,7 +18,9 @@
 #include "devpipe/functional.h"
 #include "devpipe/trace.h"
 #include "graph/reference.h"
+#include "devpipe/world.h"
 #include "runtime/communicator.h"
+#include "runtime/rank_group.h"
 #include "test_util.h"
 
 namespace devpipe {
@@ -305,6 +307,28 @@ TEST(CudaBackend, CopiesFillsAndPaddedRows) {
   for (std::size_t i = 12; i < 20; ++i) EXPECT_EQ(v[i], 0.f);
 }
 
+/// A collective at tp_degree > 1 needs its rank group's collectives, not only a communicator.
+TEST(CudaBackend, CollectivesComeFromTheRankGroup) {
+  REQUIRE_GPU();
+  Graph g = trace(
+      DType::Float32, {{"x", vi({3, 5}, DType::Float32)}},
+      [](const std::vector<Var>& v) { return std::vector<Var>{F::all_reduce(v[0])}; }, 2);
+  auto comm = make_local_communicator(2);
+  try {
+    cuda_backend().compile(g, {}, RankInfo{0, 2, comm.get(), 1});
+    ADD_FAILURE() << "compiled an all_reduce without the group's collectives";
+  } catch (const StateError& e) {
+    EXPECT_HAS(std::string(e.what()), "without its rank group's collectives (RankInfo.collectives is null)");
+  }
+  // The group's collectives are the backend's and the group's devices are the mapping's.
+  const World world(Transport::Threads, 1, 0, 300);
+  auto group = world.rank_groups().get(world, cuda_backend(), 2);
+  ASSERT_NE(group->collectives(), nullptr);
+  for (int r = 0; r < 2; ++r)
+    EXPECT_EQ(group->devices()[static_cast<std::size_t>(r)], Device::cuda(r % cuda_device_count()));
+  EXPECT_NO_THROW(cuda_backend().compile(g, {}, group->rank_info(1, 1)));
+}
+
 /// Two ranks (sharing the GPU when there is only one), each on its own thread.
 TEST(CudaBackend, TensorParallelCollectives) {
   REQUIRE_GPU();
@@ -316,7 +340,9 @@ TEST(CudaBackend, TensorParallelCollectives) {
         return std::vector<Var>{s, F::all_gather(v[0], 1), F::all_gather(s, 0)};
       },
       tp);
-  auto comm = make_local_communicator(tp);
+  // The ranks' group: its communicator and the backend's collectives for its devices.
+  const World world(Transport::Threads, 1, 0, 300);
+  auto group = world.rank_groups().get(world, cuda_backend(), tp);
   std::vector<Tensor> xs{Tensor::randn({3, 5}, 11), Tensor::randn({3, 5}, 12)};
   std::vector<std::vector<Tensor>> got(tp);
   std::vector<std::string> errors(tp);
@@ -327,10 +353,10 @@ TEST(CudaBackend, TensorParallelCollectives) {
         for (int rep = 0; rep < 3; ++rep)
           got[static_cast<std::size_t>(r)] =
               testing::run_on_rank(cuda_backend(), g, {xs[static_cast<std::size_t>(r)]}, {},
-                                   RankInfo{r, tp, comm.get(), 1});
+                                   group->rank_info(r, 1));
       } catch (const std::exception& e) {
         errors[static_cast<std::size_t>(r)] = e.what();
-        comm->abort();
+        group->comm().abort();
       }
     });
   }

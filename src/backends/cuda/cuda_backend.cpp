@@ -427,7 +427,7 @@ class CudaBackend final : public Backend {
  public:
   CudaBackend() {
     std::string reason;
-    const int n = device_count(&reason);
+    const int n = cuda::device_count(&reason);
     if (n <= 0) throw Unsupported("cuda backend: no CUDA device: " + reason);
     auto* g = new Globals();
     for (int d = 0; d < n; ++d) g->devices.push_back(std::make_unique<DeviceState>(d));
