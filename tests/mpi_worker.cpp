@@ -8,6 +8,8 @@
 //   mlp       a column/row-parallel MLP (tests/pipeline_util.h), ranked output to the host
 //   bcast     mlp with its inputs given on process 0 only (World::broadcast_from_process0)
 //   llama     a small random Llama (HF folder) generating 12 greedy tokens for 3 prompts
+//   two       two mlp stages, at TP and at 2*TP, each forwarded 16 times from a thread of its
+//             own, both at once (their rank groups' collectives run concurrently)
 //   hang      mlp, but process 1 stops before its forward (sleeps): the others must fail
 //   kill      mlp, but process 1 is killed (SIGKILL) before its forward
 //   mismatch  process 1 asks for another batch size than the others at compile
@@ -102,6 +104,48 @@ void run_mlp(const std::string& work, const std::string& out, int tp, std::int64
   save_outputs(out, {{"output", y.tensor()}, {"output2", y2.tensor()}});
 }
 
+/// Two MLP stages of different tp degrees (two rank groups, two communicators), forwarded at
+/// once from two threads.
+void run_two_groups(const std::string& work, const std::string& out, int tp) {
+  constexpr std::int64_t kBatch = 4;
+  constexpr int kForwards = 16;
+  const std::string ckpt = work + "/checkpoints/mlp.safetensors";
+  fs::create_directories(work + "/checkpoints");
+  if (World::get().process() == 0)
+    safetensors::save(ckpt, nn::random_state_dict(testing::ParallelMlp(), 5));
+  wait_for(ckpt);
+  std::vector<std::unique_ptr<testing::TestWrapper<testing::ParallelMlp>>> stages;
+  for (int degree : {tp, 2 * tp}) {
+    const std::string tag = "mlp_tp" + std::to_string(degree);
+    stages.push_back(std::make_unique<testing::TestWrapper<testing::ParallelMlp>>(
+        InferenceConfig(RuntimeConfig{.batch_size = kBatch, .tp_degree = degree}), WrapperOptions{.tag = tag},
+        std::vector<std::vector<Tensor>>{{Tensor::randn({kBatch, 16}, 1)}}));
+    stages.back()->compile(ckpt, work + "/compiled/" + tag);
+    stages.back()->load(work + "/compiled/" + tag);
+  }
+  std::vector<std::pair<std::string, Tensor>> results(2 * kForwards);
+  std::vector<std::string> errors(2);
+  std::vector<std::thread> threads;
+  for (std::size_t s = 0; s < 2; ++s) {
+    threads.emplace_back([&, s] {
+      try {
+        for (int i = 0; i < kForwards; ++i) {
+          Tensor x = Tensor::randn({kBatch, 16}, static_cast<std::uint64_t>(100 + 50 * s + i));
+          results[s * kForwards + i] = {"stage" + std::to_string(s) + "_" + std::to_string(i),
+                                        stages[s]->forward({x}).tensor()};
+        }
+      } catch (const std::exception& e) {
+        errors[s] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (std::size_t s = 0; s < 2; ++s) {
+    if (!errors[s].empty()) throw StateError("stage " + std::to_string(s) + ": " + errors[s]);
+  }
+  save_outputs(out, results);
+}
+
 void run_llama(const std::string& work, const std::string& out, int tp) {
   const fs::path model = fs::path(work) / "llama";
   if (World::get().process() == 0) {
@@ -176,7 +220,7 @@ int record_error(const std::string& out, const std::function<void()>& f,
 
 int main(int argc, char** argv) {
   if (argc != 5) {
-    std::cerr << "usage: mpi_worker seed|mlp|bcast|llama|hang|kill|mismatch WORK OUT TP\n";
+    std::cerr << "usage: mpi_worker seed|mlp|bcast|two|llama|hang|kill|mismatch WORK OUT TP\n";
     return 2;
   }
   const std::string scenario = argv[1], work = argv[2], out = argv[3];
@@ -189,6 +233,8 @@ int main(int argc, char** argv) {
       run_mlp(work, out, tp, 4);
     } else if (scenario == "bcast") {
       run_mlp(work, out, tp, 4, {}, /*broadcast_inputs=*/true);
+    } else if (scenario == "two") {
+      run_two_groups(work, out, tp);
     } else if (scenario == "llama") {
       run_llama(work, out, tp);
     } else if (scenario == "hang" || scenario == "kill") {

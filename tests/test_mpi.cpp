@@ -127,6 +127,13 @@ INSTANTIATE_TEST_SUITE_P(MpiGroups, ProcessesEqualThreads,
                                             ::testing::Values(2)),
                          [](const auto& info) { return param_name(info); });
 
+// Two rank groups at once: stages at tp 4 and 8 over 2 processes (2 and 4 ranks per process,
+// both groups' leaders in MPI collectives), forwarded concurrently from two threads; each group
+// must talk on its own communicator (on a shared one their collectives pair up across groups).
+INSTANTIATE_TEST_SUITE_P(MpiTwoGroups, ProcessesEqualThreads,
+                         ::testing::Combine(::testing::Values("two"), ::testing::Values(4), ::testing::Values(2)),
+                         [](const auto& info) { return param_name(info); });
+
 constexpr double kTimeout = 3;
 
 /// A peer that stops (hang) or dies (kill) before its forward: process 0 raises a

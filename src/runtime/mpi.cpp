@@ -114,7 +114,7 @@ struct State {
   double exit_timeout_s = 300;
   MPI_Comm control = MPI_COMM_NULL;
   MPI_Comm exit = MPI_COMM_NULL;                      // only the barrier at exit
-  MPI_Comm data[2] = {MPI_COMM_NULL, MPI_COMM_NULL};  // per DeviceKind
+  MPI_Comm data[2] = {MPI_COMM_NULL, MPI_COMM_NULL};  // per DeviceKind: the groups' comms' parents
   std::atomic<bool> broken{false};  // a collective failed: the processes are out of step
 };
 
@@ -240,10 +240,41 @@ void note(const char* op, std::size_t bytes) {
   ++r.calls[{op, bytes}];
 }
 
+/// The MPI communicator of one rank group, its own: duplicated from its device kind's when the
+/// group is made (every process makes its groups at the same load() calls, after they compared
+/// their configs; a peer that does not come fails the duplication within the timeout), so the
+/// collectives of groups of different tp degrees, issued from their streams at once, never meet
+/// on one communicator. Freed with the group; left to MPI once MPI is finalised or the
+/// processes are out of step after a failure.
+class OwnedComm {
+ public:
+  template <class What>
+  OwnedComm(MPI_Comm parent, double timeout_s, const What& what) {
+    MPI_Request req = MPI_REQUEST_NULL;
+    {
+      std::lock_guard lock(mpi_mutex());
+      check(MPI_Comm_idup(parent, &comm_, &req), "MPI_Comm_idup");
+    }
+    wait(req, timeout_s, what);
+  }
+  ~OwnedComm() {
+    std::lock_guard lock(mpi_mutex());
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized && !state().broken.load()) MPI_Comm_free(&comm_);
+  }
+  OwnedComm(const OwnedComm&) = delete;
+  OwnedComm& operator=(const OwnedComm&) = delete;
+  MPI_Comm get() const { return comm_; }
+
+ private:
+  MPI_Comm comm_ = MPI_COMM_NULL;
+};
+
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator(MPI_Comm comm, int size, int rank, double timeout_s)
-      : comm_(comm), size_(size), rank_(rank), timeout_s_(timeout_s) {}
+  MpiCommunicator(std::unique_ptr<OwnedComm> comm, int size, int rank, double timeout_s)
+      : comm_(comm->get()), size_(size), rank_(rank), timeout_s_(timeout_s), owned_(std::move(comm)) {}
 
   int size() const override { return size_; }
 
@@ -423,6 +454,7 @@ class MpiCommunicator final : public Communicator {
   std::vector<MPI_Request> requests_;
   std::vector<const void*> sources_;  // per rank: where its contribution to a sum lies
   std::vector<char> scratch_;  // grows to the largest collective, then stays
+  std::unique_ptr<OwnedComm> owned_;  // comm_'s owner
 };
 
 /// tp = k * P ranks, k per process: the process's ranks meet in shared memory, and its first
@@ -432,8 +464,8 @@ class MpiCommunicator final : public Communicator {
 /// bit), then all-gathers the reduced slices; the leader writes the result to every local rank.
 class GroupCommunicator final : public Communicator {
  public:
-  GroupCommunicator(MPI_Comm comm, int processes, int process, int k, double timeout_s)
-      : comm_(comm),
+  GroupCommunicator(std::unique_ptr<OwnedComm> comm, int processes, int process, int k, double timeout_s)
+      : comm_(comm->get()),
         processes_(processes),
         process_(process),
         k_(k),
@@ -444,7 +476,8 @@ class GroupCommunicator final : public Communicator {
         counts_(static_cast<std::size_t>(processes)),
         displs_(static_cast<std::size_t>(processes)),
         rcounts_(static_cast<std::size_t>(processes)),
-        rdispls_(static_cast<std::size_t>(processes)) {}
+        rdispls_(static_cast<std::size_t>(processes)),
+        owned_(std::move(comm)) {}
 
   int size() const override { return processes_ * k_; }
 
@@ -629,6 +662,7 @@ class GroupCommunicator final : public Communicator {
   std::vector<int> counts_, displs_, rcounts_, rdispls_;
   std::vector<const void*> sources_;  // per rank: where its contribution to a sum lies
   std::vector<char> send_, scratch_;  // grow to the largest collective, then stay
+  std::unique_ptr<OwnedComm> owned_;  // comm_'s owner
 };
 
 }  // namespace
@@ -678,9 +712,17 @@ std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, 
     throw ConfigError("an MPI communicator needs tp_degree a multiple of the " + std::to_string(size) +
                       " processes, got " + std::to_string(tp_degree));
   }
-  MPI_Comm comm = state().data[static_cast<int>(kind)];
-  if (tp_degree == size) return std::make_unique<MpiCommunicator>(comm, size, rank, timeout_s);
-  return std::make_unique<GroupCommunicator>(comm, size, rank, tp_degree / size, timeout_s);
+  if (state().broken.load()) {
+    throw CollectiveError("[mpi] a communicator for " + std::string(device_kind_name(kind)) + " ranks of tp_degree " +
+                          std::to_string(tp_degree) + " refused on process " + std::to_string(rank) + " of " +
+                          std::to_string(size) + ": an earlier collective failed, the processes are out of step");
+  }
+  auto comm = std::make_unique<OwnedComm>(state().data[static_cast<int>(kind)], timeout_s, [&] {
+    return "[mpi] making the communicator of the " + std::string(device_kind_name(kind)) + " ranks of tp_degree " +
+           std::to_string(tp_degree) + " on process " + std::to_string(rank) + " of " + std::to_string(size);
+  });
+  if (tp_degree == size) return std::make_unique<MpiCommunicator>(std::move(comm), size, rank, timeout_s);
+  return std::make_unique<GroupCommunicator>(std::move(comm), size, rank, tp_degree / size, timeout_s);
 }
 
 void broadcast_from_process0(void* data, std::size_t bytes, double timeout_s) {

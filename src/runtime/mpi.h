@@ -30,8 +30,10 @@ std::pair<int, int> init(double timeout_s);
 int local_size();
 /// Collectives for the ranks of a stage with tp_degree a multiple k of the world size: rank r in
 /// process r / k (one rank per process when k is 1; else the process's k ranks are threads that
-/// meet in shared memory and its first rank talks to the other processes), on a communicator of
-/// its own for device kind `kind`. Every call waits at most `timeout_s` for the peers, then
+/// meet in shared memory and its first rank talks to the other processes), on an MPI
+/// communicator of its own (duplicated now from the one of device kind `kind`: a collective
+/// every process makes at the same point, when it makes the rank group, waiting at most
+/// `timeout_s`; freed with the Communicator). Every call waits at most `timeout_s` for the peers, then
 /// throws CollectiveError; a failure (a timeout, or abort() after a local rank failed) leaves the
 /// ranks out of step, so every later call throws too.
 std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, double timeout_s);
