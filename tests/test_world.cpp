@@ -193,6 +193,10 @@ TEST(World, StagesOfOneDegreeShareAGroupAndOtherDegreesGetTheirOwn) {
   World other = threads_world();
   EXPECT_NE(other.rank_groups().get(other, be, 2).get(), a.get());
   EXPECT_THROW_MSG(world.rank_groups().get(other, be, 2), StateError, "owns another registry");
+  // One group per (kind, tp): another backend of the same kind cannot take it over.
+  FakeBackend second(2);
+  EXPECT_THROW_MSG(world.rank_groups().get(world, second, 2), StateError,
+                   "the cuda group of tp_degree 2 belongs to another backend");
 }
 
 TEST(World, TheRegistryFreesAGroupWithItsLastUser) {

@@ -29,7 +29,10 @@ RankGroup::RankGroup(const World& world, Backend& backend, int tp_degree)
 }
 
 RankGroup::~RankGroup() {
-  // The streams' tasks may use the communicator and the collectives: stop them first.
+  // The streams' tasks may use the communicator and the collectives: finish and stop them first.
+  for (auto& s : streams_) {
+    if (s) s->synchronize();
+  }
   streams_.clear();
 }
 
