@@ -2,8 +2,8 @@
 //
 // No CUDA type appears here, so tests and the runtime can include it without the CUDA headers.
 //
-// Streams. Rank r runs on cuda:(r % device_count) on its own non-blocking stream (ranks that
-// share a GPU get distinct streams). Executable::run only enqueues work on that stream.
+// Streams. Rank r runs on the GPU World::device_of_rank gives it (cuda:(r % device_count)) on its
+// own non-blocking stream (ranks that share a GPU get distinct streams). Executable::run only enqueues work on that stream.
 // Backend::copy is blocking and ordered after all work already enqueued on the device's
 // streams (it fences them); fill_zero is asynchronous but ordered both ways (the device's
 // streams wait for it).
