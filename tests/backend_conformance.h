@@ -820,6 +820,32 @@ inline const std::vector<OpCase>& conformance_cases() {
              mixed({f_in(a.q), f_in(a.kv), f_in(a.kv), fixed_i64(a.pos, pos_shape),
                     fixed_i64(a.len, len_shape)}));
     }
+    {
+      // A decode step over the first C = 48 rows of a 100-row cache (a cache bucket), with a key
+      // mask [B, C] that also hides keys inside the sequences (0 at j = 3 and 20 of b = 0).
+      const Shape q{3, 6, 1, 32}, kv{3, 2, 100, 32}, pos_shape{3, 1}, len_shape{3}, mask_shape{3, 48};
+      const std::vector<std::int64_t> pos{47, 29, -1}, len{48, 30, 0};
+      std::vector<std::int64_t> mask(3 * 48, 0);
+      for (std::int64_t b = 0; b < 2; ++b) {
+        for (std::int64_t j = 0; j < len[static_cast<std::size_t>(b)]; ++j) mask[static_cast<std::size_t>(b * 48 + j)] = 1;
+      }
+      mask[3] = mask[20] = 0;
+      traced("attention_masked_key_mask_q" + dims_tag(q) + "_kv" + dims_tag(kv) + "_c48", "attention",
+             floating_dtypes(),
+             [=](DType dt) {
+               return TraceInputs{{"q", vi(q, dt)},
+                                  {"k", vi(kv, dt)},
+                                  {"v", vi(kv, dt)},
+                                  {"pos", vi(pos_shape, DType::Int64)},
+                                  {"len", vi(len_shape, DType::Int64)},
+                                  {"key_mask", vi(mask_shape, DType::Int64)}};
+             },
+             [](const std::vector<Var>& v) {
+               return std::vector<Var>{F::masked_attention(v[0], v[1], v[2], v[3], v[4], v[5])};
+             },
+             mixed({f_in(q), f_in(kv), f_in(kv), fixed_i64(pos, pos_shape), fixed_i64(len, len_shape),
+                    fixed_i64(mask, mask_shape)}));
+    }
 
     // ---- state_write (into a state, in place) and sample ----
     // The state is the graph's last input (states follow the data inputs); prefill rows with

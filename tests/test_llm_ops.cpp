@@ -1,6 +1,7 @@
 // The decoder-LLM ops beyond their PyTorch comparison (test_ops) and conformance
 // (test_cpu_backend): manifest round trips with re-inference, errors that name the values,
-// the attention kernel's cache bounds (keys past kv_lengths are never read), and
+// the attention kernel's cache bounds (keys past kv_lengths, or past a key mask's C, are never
+// read), and
 // masked_attention against scaled_dot_product_attention with the equivalent explicit mask.
 #include <gtest/gtest.h>
 
@@ -203,6 +204,100 @@ TEST(LlmOps, MaskedAttentionNeverReadsPastTheVisibleKeys) {
   }
 }
 
+// A key mask [B, C] bounds the keys to the cache's first C rows (a token-generation cache
+// bucket over a longer cache): rows at and past C hold NaN, kv_lengths reach past C (up to S),
+// and the kernel reads neither them nor past kv_lengths; the mask's zeros hide keys inside the
+// sequence too. Checked against the reference (which sees zeros past C) and against
+// scaled_dot_product_attention on the first C rows with the equivalent explicit mask.
+TEST(LlmOps, MaskedAttentionWithAKeyMaskReadsOnlyTheFirstCKeys) {
+  for (DType dt : {DType::Float32, DType::BFloat16}) {
+    SCOPED_TRACE(std::string(dtype_name(dt)));
+    const std::int64_t B = 3, Hq = 4, Hkv = 2, S = 200, C = 64, D = 32;
+    Graph g = trace(dt,
+                    {{"q", vi({B, Hq, 1, D}, dt)}, {"k", vi({B, Hkv, S, D}, dt)}, {"v", vi({B, Hkv, S, D}, dt)},
+                     {"p", vi({B, 1}, DType::Int64)}, {"l", vi({B}, DType::Int64)}, {"m", vi({B, C}, DType::Int64)},
+                     {"kc", vi({B, Hkv, C, D}, dt)}, {"vc", vi({B, Hkv, C, D}, dt)},
+                     {"full", vi({B, 1, 1, C}, DType::Int64)}},
+                    [](const std::vector<Var>& v) {
+                      return std::vector<Var>{F::masked_attention(v[0], v[1], v[2], v[3], v[4], v[5]),
+                                              F::scaled_dot_product_attention(v[0], v[6], v[7], v[8])};
+                    });
+    // b = 0: 50 keys, two hidden by the mask; b = 1: kv_lengths 150 > C, but the mask (and C)
+    // stop at 64; b = 2: padding (position -1, an all-zero mask row).
+    const std::vector<std::int64_t> len{50, 150, 0}, pos{49, 149, -1};
+    std::vector<std::int64_t> mask(static_cast<std::size_t>(B * C), 0), full;
+    for (std::int64_t j = 0; j < C; ++j) {
+      mask[static_cast<std::size_t>(j)] = j < 50 && j != 7 && j != 33 ? 1 : 0;
+      mask[static_cast<std::size_t>(C + j)] = 1;
+    }
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t j = 0; j < C; ++j) {
+        const bool vis = mask[static_cast<std::size_t>(b * C + j)] != 0 && j < len[static_cast<std::size_t>(b)] &&
+                         j <= pos[static_cast<std::size_t>(b)];
+        full.push_back(vis ? 1 : 0);
+      }
+    }
+    Tensor k = Tensor::randn({B, Hkv, S, D}, 2).to_dtype(DType::Float32);
+    Tensor v = Tensor::randn({B, Hkv, S, D}, 3).to_dtype(DType::Float32);
+    Tensor kz = k.clone(), vz = v.clone();
+    std::vector<float> kc, vc;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t h = 0; h < Hkv; ++h) {
+        for (std::int64_t j = 0; j < S; ++j) {
+          for (std::int64_t d = 0; d < D; ++d) {
+            const std::int64_t i = ((b * Hkv + h) * S + j) * D + d;
+            if (j < C) {
+              kc.push_back(k.data<float>()[i]);
+              vc.push_back(v.data<float>()[i]);
+              continue;
+            }
+            k.data<float>()[i] = v.data<float>()[i] = nan;
+            kz.data<float>()[i] = vz.data<float>()[i] = 0.f;
+          }
+        }
+      }
+    }
+    const Tensor q = Tensor::randn({B, Hq, 1, D}, 1, dt);
+    const Tensor p = Tensor::from_vector_i64(pos, {B, 1}), l = Tensor::from_vector_i64(len, {B});
+    const Tensor m = Tensor::from_vector_i64(mask, {B, C}), fm = Tensor::from_vector_i64(full, {B, 1, 1, C});
+    const Tensor kct = Tensor::from_vector(kc, {B, Hkv, C, D}).to_dtype(dt);
+    const Tensor vct = Tensor::from_vector(vc, {B, Hkv, C, D}).to_dtype(dt);
+    const auto got = run_graph_once(cpu_backend(), g, {q, k.to_dtype(dt), v.to_dtype(dt), p, l, m, kct, vct, fm}, {});
+    const auto want = run_reference(g, {q, kz.to_dtype(dt), vz.to_dtype(dt), p, l, m, kct, vct, fm}, {});
+    for (float e : got[0].to_float_vector()) ASSERT_TRUE(std::isfinite(e));
+    const double rtol = dt == DType::Float32 ? 1e-4 : 2e-2, atol = dt == DType::Float32 ? 1e-5 : 2e-2;
+    EXPECT_TRUE(tensors_close(got[0], want[0], rtol, atol));
+    EXPECT_TRUE(tensors_close(got[0], got[1], rtol, atol));   // = attention over the first C rows
+    EXPECT_TRUE(tensors_close(want[0], want[1], rtol, atol));
+    // The mask matters: without its zeros inside b = 0 the result differs.
+    std::vector<std::int64_t> ones = mask;
+    ones[7] = ones[33] = 1;
+    const auto unmasked = run_graph_once(cpu_backend(), g,
+                                         {q, k.to_dtype(dt), v.to_dtype(dt), p, l, Tensor::from_vector_i64(ones, {B, C}), kct, vct, fm}, {});
+    EXPECT_FALSE(tensors_close(unmasked[0], got[0], rtol, atol));
+  }
+  // Shape and dtype errors name the values.
+  auto wide = message_of<ShapeError>([] {
+    trace(DType::Float32,
+          {{"q", vi({2, 2, 1, 8}, DType::Float32)}, {"kv", vi({2, 2, 16, 8}, DType::Float32)},
+           {"p", vi({2, 1}, DType::Int64)}, {"l", vi({2}, DType::Int64)}, {"m", vi({2, 17}, DType::Int64)}},
+          [](const std::vector<Var>& v) {
+            return std::vector<Var>{F::masked_attention(v[0], v[1], v[1], v[2], v[3], v[4])};
+          });
+  });
+  EXPECT_HAS(wide, "key_mask [2, 17] must be [B, C] with B = 2 and 1 <= C <= 16");
+  auto dtype = message_of<DTypeError>([] {
+    trace(DType::Float32,
+          {{"q", vi({2, 2, 1, 8}, DType::Float32)}, {"kv", vi({2, 2, 16, 8}, DType::Float32)},
+           {"p", vi({2, 1}, DType::Int64)}, {"l", vi({2}, DType::Int64)}, {"m", vi({2, 8}, DType::Float32)}},
+          [](const std::vector<Var>& v) {
+            return std::vector<Var>{F::masked_attention(v[0], v[1], v[1], v[2], v[3], v[4])};
+          });
+  });
+  EXPECT_HAS(dtype, "key_mask must be int64");
+}
+
 // Two code paths of the fused kernel (positions/lengths vs an explicit int64 mask) and the
 // additive form (0 / -inf) agree on the same visibility, with GQA and several key blocks.
 TEST(LlmOps, MaskedAttentionEqualsSdpaWithTheEquivalentMask) {
@@ -245,7 +340,7 @@ TEST(LlmOps, MaskedAttentionEqualsSdpaWithTheEquivalentMask) {
 
 // Every instruction-set path of the fused kernel (AVX-512, AVX2+FMA, baseline x86-64, as far
 // as this CPU has them) matches the reference, float32 and bfloat16, causal GQA prefill and
-// decode over several key blocks.
+// decode over several key blocks, with and without a key mask.
 TEST(LlmOps, AttentionMatchesTheReferenceOnEveryInstructionSetPath) {
   const char* before = std::getenv("DEVPIPE_CPU_ISA");
   const std::string saved = before ? before : "";
@@ -263,15 +358,20 @@ TEST(LlmOps, AttentionMatchesTheReferenceOnEveryInstructionSetPath) {
       Graph g = trace(dt,
                       {{"q", vi({2, 6, 37, 64}, dt)}, {"kv", vi({2, 2, 37, 64}, dt)},
                        {"dq", vi({2, 6, 1, 64}, dt)}, {"cache", vi({2, 2, 100, 64}, dt)},
-                       {"p", vi({2, 1}, DType::Int64)}, {"l", vi({2}, DType::Int64)}},
+                       {"p", vi({2, 1}, DType::Int64)}, {"l", vi({2}, DType::Int64)},
+                       {"m", vi({2, 72}, DType::Int64)}, {"pm", vi({2, 1}, DType::Int64)}},
                       [](const std::vector<Var>& v) {
                         return std::vector<Var>{
                             F::scaled_dot_product_attention(v[0], v[1], v[1], std::nullopt, true),
-                            F::masked_attention(v[2], v[3], v[3], v[4], v[5])};
+                            F::masked_attention(v[2], v[3], v[3], v[4], v[5]),
+                            F::masked_attention(v[2], v[3], v[3], v[7], v[5], v[6])};  // first 72 keys
                       });
+      std::vector<std::int64_t> key_mask(2 * 72, 1);
+      key_mask[5] = key_mask[72 + 40] = 0;
       std::vector<Tensor> in{Tensor::randn({2, 6, 37, 64}, 1, dt), Tensor::randn({2, 2, 37, 64}, 2, dt),
                              Tensor::randn({2, 6, 1, 64}, 3, dt), Tensor::randn({2, 2, 100, 64}, 4, dt),
-                             Tensor::from_vector_i64({66, 99}, {2, 1}), Tensor::from_vector_i64({67, 100}, {2})};
+                             Tensor::from_vector_i64({66, 99}, {2, 1}), Tensor::from_vector_i64({67, 100}, {2}),
+                             Tensor::from_vector_i64(key_mask, {2, 72}), Tensor::from_vector_i64({66, 71}, {2, 1})};
       expect_matches_reference(cpu_backend(), g, in, {},
                                dt == DType::Float32 ? Tol{1e-4, 1e-5} : Tol{2e-2, 2e-2});
     }

@@ -3,9 +3,12 @@
 //   devpipe generate --model DIR --prompt-ids 1,17,42 [--prompt-ids 1,150 ...]
 //                    [--max-new-tokens 32] [--tp N] [--dtype float32|bfloat16] [--json]
 //                    [--work DIR] [--temperature T --top-k K --top-p P --seed S]
+//                    [--cache-buckets 128,256,512]
 //
 // The folder is compiled on first use into DIR/devpipe_compiled/<tp, dtype, batch, cache
-// length> (or under --work) and loaded from there afterwards. One --prompt-ids per sequence.
+// length, cache buckets> (or under --work) and loaded from there afterwards. One --prompt-ids
+// per sequence.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -73,6 +76,10 @@ const Command& generate_command() {
                   {.name = "top-p", .kind = OptionKind::String, .value = "P",
                    .help = "keep the smallest set of tokens with probability >= P (default 1)"},
                   {.name = "seed", .kind = OptionKind::Int, .value = "S", .help = "sampling seed (default 0)", .min = 0},
+                  {.name = "cache-buckets", .kind = OptionKind::IntList, .value = "128,256,512",
+                   .help = "token-generation cache-length buckets (default 128, 256, ... up to the cache length); "
+                           "the cache is at least as long as the largest",
+                   .min = 1, .max = 1 << 30},
                   {.name = "no-eos", .kind = OptionKind::Flag, .help = "do not stop at eos_token_id"},
                   {.name = "json", .kind = OptionKind::Flag,
                    .help = "print one JSON object {\"generated\": [[...], ...], \"tokens_per_s\": ...}"}},
@@ -112,6 +119,11 @@ int generate_main(const Args& a) {
   // The cache holds the longest prompt and its new tokens (a power of two, at most the model's
   // positions); context buckets up to it.
   opts.max_length = std::min(hf.max_position_embeddings, round_up_pow2(longest + gen.max_new_tokens));
+  for (long long b : a.get_ints("cache-buckets")) opts.cache_buckets.push_back(b);
+  if (!opts.cache_buckets.empty()) {  // the cache holds the largest bucket (llama_config refuses one past the model)
+    const std::int64_t largest = *std::max_element(opts.cache_buckets.begin(), opts.cache_buckets.end());
+    opts.max_length = std::max(opts.max_length, std::min(largest, hf.max_position_embeddings));
+  }
   std::vector<std::int64_t> ctx;
   for (std::int64_t b : {16, 32, 64, 128}) {
     if (b <= opts.max_length) ctx.push_back(b);
@@ -120,8 +132,9 @@ int generate_main(const Args& a) {
   opts.context_buckets = ctx;
   InferenceConfig config = models::llama_config(model, rc, opts);
 
-  const std::string key = "tp" + std::to_string(rc.tp_degree) + "_" + std::string(dtype_name(rc.dtype)) + "_b" +
-                          std::to_string(rc.batch_size) + "_len" + std::to_string(opts.max_length);
+  std::string key = "tp" + std::to_string(rc.tp_degree) + "_" + std::string(dtype_name(rc.dtype)) + "_b" +
+                    std::to_string(rc.batch_size) + "_len" + std::to_string(opts.max_length) + "_cache";
+  for (std::int64_t b : config.get_ints("cache_buckets")) key += "-" + std::to_string(b);
   const fs::path art = fs::path(a.has("work") ? a.get("work", "") : (fs::path(model) / "devpipe_compiled").string()) / key;
   models::LlamaForCausalLM app(model, config);
   app.check_request(prompts, gen);  // before compiling anything

@@ -107,6 +107,13 @@ Var scaled_dot_product_attention(Var q, Var k, Var v, std::optional<Var> attn_ma
 /// kernel never materialises a [T, S] score matrix and reads keys only below kv_lengths[b].
 Var masked_attention(Var q, Var k, Var v, Var q_positions, Var kv_lengths,
                      std::optional<double> scale = std::nullopt);
+/// The same over the first C keys of the cache only, with a Hugging Face-style key_mask
+/// [B, C] int64 (1 <= C <= S; nonzero = attend): query (b, i) sees key j iff j < C,
+/// key_mask[b, j] != 0, j <= q_positions[b, i] and j < kv_lengths[b]. The k/v rows at j >= C
+/// are never read, so a stage compiled per C (a token-generation cache bucket) attends over a
+/// prefix of a [B, H, S, D] cache in place, without slicing it.
+Var masked_attention(Var q, Var k, Var v, Var q_positions, Var kv_lengths, Var key_mask,
+                     std::optional<double> scale = std::nullopt);
 /// Rotary position embedding, Hugging Face's rotate-half convention: x [B, H, T, D] (D even),
 /// positions [B, T] int64; inv_freq[i] = float32(theta^(-2i/D)), angle = float32(pos) * inv_freq
 /// (float32), out = x * cos(cat(angle, angle)) + rotate_half(x) * sin(...), computed in float32

@@ -61,7 +61,8 @@ enum class OpKind {
   MaskedFill,         // x, mask int64 (nonzero: value) broadcast to x; attr value
   RotaryEmbedding,    // x[B, H, T, D], positions[B, T] int64; attr theta (HF rotate-half)
   ScaledDotProductAttention,  // q, k, v, (mask); attrs is_causal, (scale)
-  MaskedAttention,    // q, k, v, q_positions[B, T], kv_lengths[B] (int64); attr (scale)
+  MaskedAttention,    // q, k, v, q_positions[B, T], kv_lengths[B] (int64), (key_mask[B, C]
+                      // int64: only keys j < C with a nonzero mask); attr (scale)
   StateWrite,         // state[B, ..., S, ...], values[b, ..., T, ...], positions[b, T] int64 ->
                       // the state with rows written in place (dim: the position dim); a
                       // position outside [0, S) writes nothing

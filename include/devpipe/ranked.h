@@ -20,6 +20,16 @@ namespace devpipe {
 
 class ModelWrapper;
 
+/// The compiled bucket a forward ran in (its first chunk's when the batch ran in chunks): the
+/// sizes the runtime padded the inputs to.
+struct BucketInfo {
+  std::int64_t batch = 0;            // the bucket's batch size (0: not produced by a forward)
+  std::vector<std::string> dims;     // the stage's named dims, sorted (e.g. {"cache"}, {"seq"})
+  std::vector<std::int64_t> sizes;   // their sizes in the bucket, in the order of dims
+  /// The bucket's size of named dim `dim`; InvalidArgument naming the dims it has otherwise.
+  std::int64_t size(const std::string& dim) const;
+};
+
 namespace detail {
 class EventState;
 
@@ -31,6 +41,7 @@ struct RankedData {
   std::vector<const TransferStats*> rank_counts;  // rank r's transfers in this forward (null: none)
   const TransferStats* host_counts = nullptr;     // the forward thread's (forwards = 1)
   std::int64_t real_batch = 0;
+  BucketInfo bucket;  // the bucket the producing forward ran in
   std::string producer;
   std::vector<std::shared_ptr<EventState>> owned_ready;  // events given to the constructor
   std::shared_ptr<const void> keep_alive;               // what `ready` points into, if other
@@ -59,6 +70,8 @@ class RankedTensors {
   std::int64_t real_batch() const { return data_ ? data_->real_batch : 0; }
   /// Tag of the stage that produced them.
   const std::string& producer() const;
+  /// The compiled bucket the producing forward ran in (batch 0 for tensors built by a caller).
+  const BucketInfo& bucket() const;
   /// Only output `index`, on every rank.
   RankedTensors select(int index) const;
   /// Blocks until every rank has produced its tensors; rethrows a failure of the producer.
@@ -117,6 +130,10 @@ class Output {
   /// What the forward that returned this moved (for ranked outputs: once its ranks finish;
   /// host outputs: counted when forward() returned). Zero for an Output built by the caller.
   TransferStats transfer_stats() const;
+  /// The compiled bucket the forward that returned this ran in (its batch and the sizes of its
+  /// named dims, e.g. the token-generation cache bucket); batch 0 for an Output built by the
+  /// caller.
+  const BucketInfo& bucket() const;
 
   operator Input() const {  // NOLINT: pass a stage's result straight to the next stage
     return is_ranked() ? Input(ranked_) : Input(tensor(0));
@@ -125,11 +142,13 @@ class Output {
  private:
   friend class ModelWrapper;
   struct SharedHost {};
-  Output(SharedHost, std::shared_ptr<const std::vector<Tensor>> host, std::shared_ptr<const TransferStats> counts)
-      : host_(std::move(host)), counts_(std::move(counts)) {}
+  Output(SharedHost, std::shared_ptr<const std::vector<Tensor>> host, std::shared_ptr<const TransferStats> counts,
+         std::shared_ptr<const BucketInfo> bucket)
+      : host_(std::move(host)), counts_(std::move(counts)), bucket_(std::move(bucket)) {}
   RankedTensors ranked_;
   std::shared_ptr<const std::vector<Tensor>> host_;  // null: no host outputs
   std::shared_ptr<const TransferStats> counts_;      // host outputs: the forward's transfers
+  std::shared_ptr<const BucketInfo> bucket_;         // host outputs: the forward's bucket
 };
 
 }  // namespace devpipe

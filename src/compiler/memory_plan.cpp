@@ -116,6 +116,21 @@ MemoryPlan plan_views(const Graph& graph, std::string_view who, int rank) {
   // Versions of the states: each StateWrite makes a new one; every read must see the latest.
   std::vector<int> version(nv, 0);     // per value whose root is a state
   std::vector<int> latest(nv, 0);      // per state root
+  // Where each value's memory is when only Reshape and StateWrite alias (the roots state_write
+  // may update), and the last node writing each state: a slice of a state is a view only when
+  // nothing writes that state after it.
+  std::vector<int> write_root(nv);
+  std::iota(write_root.begin(), write_root.end(), 0);
+  std::vector<int> last_write(nv, -1);  // per state root
+  for (std::size_t i = 0; i < graph.nodes.size(); ++i) {
+    const Node& node = graph.nodes[i];
+    if ((node.op == OpKind::Reshape || node.op == OpKind::StateWrite) && !node.inputs.empty() &&
+        !node.outputs.empty()) {
+      const int r = write_root.at(static_cast<std::size_t>(node.inputs[0]));
+      write_root.at(static_cast<std::size_t>(node.outputs[0])) = r;
+      if (node.op == OpKind::StateWrite) last_write[static_cast<std::size_t>(r)] = static_cast<int>(i);
+    }
+  }
   auto state_name = [&](std::size_t r) {
     for (const auto& in : graph.inputs) {
       if (in.value == static_cast<int>(r)) return in.name;
@@ -140,7 +155,7 @@ MemoryPlan plan_views(const Graph& graph, std::string_view who, int rank) {
     if (node.op == OpKind::StateWrite) {
       const auto in = static_cast<std::size_t>(node.inputs.at(0));
       const auto r = static_cast<std::size_t>(plan.root[in]);
-      if (plan.kind[r] != Kind::State) {
+      if (plan.kind[r] != Kind::State || write_root[in] != static_cast<int>(r)) {  // not through a slice view
         throw FormatError(prefix(who) + describe_node(graph, node) + " writes value " + std::to_string(in) +
                           ", which is not a state: state_write updates a state (Tracer::state) in place");
       }
@@ -164,15 +179,18 @@ MemoryPlan plan_views(const Graph& graph, std::string_view who, int rank) {
         version[o] = ++latest[static_cast<std::size_t>(plan.root[in])];
       }
     }
-    // A slice of a state stays a copy: a view would see a later state_write of its rows.
-    if (node.op == OpKind::Slice && rank >= 0 &&
-        plan.kind[static_cast<std::size_t>(plan.root[static_cast<std::size_t>(node.inputs.at(0))])] != Kind::State) {
+    // A slice of a state is a view only when no later state_write updates that state (a view
+    // would see it); it then reads the state's latest version, like its input. Otherwise a copy.
+    if (node.op == OpKind::Slice && rank >= 0) {
+      auto in = static_cast<std::size_t>(node.inputs.at(0));
+      const auto r = static_cast<std::size_t>(plan.root[in]);
+      const bool state = plan.kind[r] == Kind::State;
       const std::size_t off = leading_rows_offset(graph, node, rank);
-      if (off != MemoryPlan::npos) {
+      if (off != MemoryPlan::npos && (!state || last_write[r] < static_cast<int>(i))) {
         auto o = static_cast<std::size_t>(node.outputs.at(0));
-        auto in = static_cast<std::size_t>(node.inputs.at(0));
         plan.root[o] = plan.root[in];
         plan.root_offset[o] = plan.root_offset[in] + off;
+        version[o] = version[in];
       }
     }
   }

@@ -1,7 +1,8 @@
 // Internal: the memory-planning compiler pass shared by the backends' executors.
 //
 // Every value is a root or a view of one (Reshape is a zero-copy alias of its input, at the
-// same offset; StateWrite's output is its state, updated in place). A root is a graph input
+// same offset; StateWrite's output is its state, updated in place; so is a slice of leading
+// rows, see plan_views). A root is a graph input
 // (the caller's buffer, bound per run), a state (the application's buffer, bound per run like
 // an input), a parameter
 // (fixed at compile), a graph output written in place (the caller's output buffer, bound per
@@ -55,7 +56,8 @@ struct MemoryPlan {
 /// defines it or defined twice, a StateWrite whose first input is not a state, and a node that
 /// reads a state (or a view of it) older than the state's latest update.
 /// With `rank` >= 0 (a backend compiling for that rank), a slice of whole leading rows (the
-/// batch split of a replicated stage) is a view too, at the rank's rows.
+/// batch split of a replicated stage, the first rows of a KV cache) is a view too, at the
+/// rank's rows; of a state only when no later StateWrite updates that state (else a copy).
 MemoryPlan plan_views(const Graph& graph, std::string_view who, int rank = -1);
 
 /// Phase 2 (once the kernels report `scratch_bytes`, per node): outputs written in place or

@@ -21,7 +21,10 @@ double attention_flops(const Graph& g, const Node& n) {
   const Shape& k = g.value(n.inputs.at(1)).shape;
   const Shape& v = g.value(n.inputs.at(2)).shape;
   const double t = static_cast<double>(q.dim(-2)), d = static_cast<double>(q.dim(-1));
-  const double s = static_cast<double>(k.dim(-2)), dv = static_cast<double>(v.dim(-1));
+  // masked_attention with a key mask [B, C] reads only the cache's first C keys.
+  const bool key_mask = n.op == OpKind::MaskedAttention && n.inputs.size() == 6;
+  const double s = static_cast<double>(key_mask ? g.value(n.inputs[5]).shape.dim(-1) : k.dim(-2));
+  const double dv = static_cast<double>(v.dim(-1));
   const double heads = static_cast<double>(q.numel()) / (t * d);
   return heads * t * s * (2 * d + 2 * dv + 5);
 }

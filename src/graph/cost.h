@@ -12,7 +12,8 @@ namespace devpipe {
 struct GraphCost {
   /// Floating-point operations: 2 per multiply-add in Linear, Matmul and Conv2d (plus 1 per
   /// output for a bias and 1 per output for a fused activation); attention: both matmuls plus 5
-  /// per (query, key) pair for the softmax, masks not discounted; 1 per input element for
+  /// per (query, key) pair for the softmax, masks not discounted (masked_attention's key mask
+  /// [B, C] bounds the keys to C); 1 per input element for
   /// pooling and the reductions (Sum, Mean, ArgMax); 1 per output element for the elementwise
   /// ops (Add, Sub, Mul, Div, Neg, the scalar ops, Exp, Tanh, Sigmoid, Relu, Gelu, Silu, Where,
   /// MaskedFill) and AllReduce; 3 per output element for RotaryEmbedding; 5 per element for

@@ -269,6 +269,13 @@ Var masked_attention(Var q, Var k, Var v, Var q_positions, Var kv_lengths,
   return tr().emit(OpKind::MaskedAttention, {q, k, v, q_positions, kv_lengths}, at);
 }
 
+Var masked_attention(Var q, Var k, Var v, Var q_positions, Var kv_lengths, Var key_mask,
+                     std::optional<double> scale) {
+  Attrs at;
+  if (scale) at.set("scale", *scale);
+  return tr().emit(OpKind::MaskedAttention, {q, k, v, q_positions, kv_lengths, key_mask}, at);
+}
+
 Var rotary_embedding(Var x, Var positions, double theta) {
   Attrs at;
   at.set("theta", theta);

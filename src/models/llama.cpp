@@ -137,12 +137,28 @@ namespace {
 LlamaOptions options_of(const InferenceConfig& config) {
   LlamaOptions o;
   o.context_buckets = config.get_ints("context_buckets");
+  o.cache_buckets = config.get_ints("cache_buckets");
   o.max_length = config.get_int("max_length");
   o.output_logits = config.get_bool("output_logits");
   return o;
 }
 
 }  // namespace
+
+std::vector<std::int64_t> resolve_cache_buckets(std::vector<std::int64_t> buckets, std::int64_t max_length) {
+  if (max_length < 1) throw ConfigError("llama: max_length must be >= 1, got " + std::to_string(max_length));
+  if (buckets.empty()) {
+    for (std::int64_t b = kFirstCacheBucket; b < max_length; b *= 2) buckets.push_back(b);
+  }
+  std::sort(buckets.begin(), buckets.end());
+  buckets.erase(std::unique(buckets.begin(), buckets.end()), buckets.end());
+  if (!buckets.empty() && (buckets.front() < 1 || buckets.back() > max_length)) {
+    throw ConfigError("llama: cache buckets " + Shape(buckets).to_string() + " must lie in [1, max_length " +
+                      std::to_string(max_length) + "]");
+  }
+  if (buckets.empty() || buckets.back() != max_length) buckets.push_back(max_length);
+  return buckets;
+}
 
 InferenceConfig llama_config(const std::string& model_dir, RuntimeConfig runtime, const LlamaOptions& options) {
   LlamaConfig cfg = LlamaConfig::from_hf_folder(model_dir);
@@ -173,10 +189,13 @@ InferenceConfig llama_config(const std::string& model_dir, RuntimeConfig runtime
     throw ConfigError("llama: intermediate_size " + std::to_string(cfg.intermediate_size) +
                       " cannot be split over tp_degree " + std::to_string(tp));
   }
+  const std::vector<std::int64_t> cache = resolve_cache_buckets(options.cache_buckets, max_length);
   runtime.dim_buckets["seq"] = ctx;
+  runtime.dim_buckets["cache"] = cache;
   InferenceConfig c(runtime);
   cfg.to_attributes(c);
   c.set("context_buckets", ctx);
+  c.set("cache_buckets", cache);
   c.set("max_length", max_length);
   c.set("output_logits", options.output_logits);
   return c;
@@ -333,7 +352,8 @@ Var LlamaModel::lm_head(Var h) {
   return L.lm_head_split ? (*L.lm_head_split)(h) : (*L.lm_head_full)(h);
 }
 
-Var LlamaModel::hidden(Var input_ids, Var positions, Var kv_lengths, bool prefill) {
+Var LlamaModel::hidden(Var input_ids, Var positions, Var kv_lengths, std::optional<Var> attention_mask) {
+  const bool prefill = !attention_mask.has_value();
   Layers& L = *layers_;
   const std::int64_t B = input_ids.dim(0), T = input_ids.dim(1), hd = cfg_.head_dim;
   const std::int64_t heads = cfg_.num_attention_heads / tp_;
@@ -363,11 +383,14 @@ Var LlamaModel::hidden(Var input_ids, Var positions, Var kv_lengths, bool prefil
       // Prompts start at position 0: the fresh keys are the cache's first T rows.
       a = F::masked_attention(q, k, v, positions, kv_lengths);
     } else {
+      // The cache's first B rows (a view of the state: nothing writes it after this layer's
+      // cache_write), attended over its first C positions in place: the mask [B, C] of this
+      // cache bucket bounds the keys the kernel reads.
       if (B < rows_) {
         kc = F::slice(kc, 0, 0, B);
         vc = F::slice(vc, 0, 0, B);
       }
-      a = F::masked_attention(q, kc, vc, positions, kv_lengths);
+      a = F::masked_attention(q, kc, vc, positions, kv_lengths, *attention_mask);
     }
     a = F::reshape(F::transpose(a, 1, 2), {B, T, heads * hd});
     x = x + at.o_proj(a);
@@ -380,7 +403,7 @@ std::vector<Var> LlamaModel::encode(Var input_ids, Var positions1, Var last_inde
   const std::int64_t B = input_ids.dim(0);
   Var positions = positions1 - 1.0;  // padding (0) becomes -1: nothing written, nothing seen
   Var kv_lengths = last_index + 1.0;
-  Var h = hidden(input_ids, positions, kv_lengths, true);
+  Var h = hidden(input_ids, positions, kv_lengths, std::nullopt);
   auto last_rows = [&](Var y) {  // y[b, last_index[b], :]
     const std::int64_t n = y.dim(2);
     Var idx = F::reshape(last_index, {B, 1, 1}) + F::full({1, 1, n}, 0, DType::Int64);
@@ -393,11 +416,11 @@ std::vector<Var> LlamaModel::encode(Var input_ids, Var positions1, Var last_inde
   return {F::sample(lm_head(last_rows(h)), sampling, u)};
 }
 
-std::vector<Var> LlamaModel::decode(Var input_ids, Var positions1, Var sampling, Var u) {
+std::vector<Var> LlamaModel::decode(Var input_ids, Var positions1, Var attention_mask, Var sampling, Var u) {
   const std::int64_t B = input_ids.dim(0);
   Var positions = positions1 - 1.0;
   Var kv_lengths = F::reshape(positions1, {B});  // the cache holds positions 0..p after this step
-  Var h = hidden(input_ids, positions, kv_lengths, false);
+  Var h = hidden(input_ids, positions, kv_lengths, attention_mask);
   Var logits = F::reshape(lm_head(h), {B, cfg_.vocab_size});
   Var next = F::sample(logits, sampling, u);
   if (opts_.output_logits) return {next, logits};
@@ -417,7 +440,9 @@ struct ContextEncoding : LlamaModel {
 
 struct TokenGeneration : LlamaModel {
   explicit TokenGeneration(const InferenceConfig& c) : LlamaModel(c, true) {}
-  std::vector<Var> forward(Var ids, Var positions1, Var sampling, Var u) { return decode(ids, positions1, sampling, u); }
+  std::vector<Var> forward(Var ids, Var positions1, Var attention_mask, Var sampling, Var u) {
+    return decode(ids, positions1, attention_mask, sampling, u);
+  }
 };
 
 class ContextWrapper : public ModelWrapper {
@@ -452,11 +477,17 @@ class TokenWrapper : public ModelWrapper {
       : ModelWrapper(c, model_cls<TokenGeneration>(),
                      {.pipeline_execution = false, .return_ranked_to_cpu = true, .tag = "token_generation"}) {}
   std::vector<std::vector<Tensor>> input_generator() const override {
-    return {{Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1, 3}),
-             Tensor::zeros({1})}};
+    return {{Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1, 1}, DType::Int64),
+             Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1, 3}), Tensor::zeros({1})}};
   }
-  std::vector<std::string> input_names() const override { return {"input_ids", "positions1", "sampling", "u"}; }
-  std::vector<bool> keep_input_dtype() const override { return {false, false, true, true}; }
+  std::vector<std::string> input_names() const override {
+    return {"input_ids", "positions1", "attention_mask", "sampling", "u"};
+  }
+  /// Bucketed on the batch and on the cache length ("cache", carried by attention_mask).
+  std::vector<std::vector<std::string>> input_dims() const override {
+    return {{"batch", ""}, {"batch", ""}, {"batch", "cache"}, {"batch", ""}, {"batch"}};
+  }
+  std::vector<bool> keep_input_dtype() const override { return {false, false, false, true, true}; }
 };
 
 }  // namespace
@@ -568,19 +599,28 @@ GenerationResult LlamaForCausalLM::generate(const std::vector<std::vector<std::i
     if (opts_.output_logits) res.prefill_logits = out.tensor(1).clone();
     take(out.tensor(0));
   }
-  // ---- one token per sequence per step; finished sequences ride along as padding rows
+  // ---- one token per sequence per step; finished sequences ride along as padding rows. The
+  // attention mask [n, current length] has a 1 for every cache position a live sequence holds
+  // after this step; the runtime pads it with zeros to the smallest cache bucket that fits.
   Tensor ids = Tensor::zeros({n, 1}, DType::Int64);
   Tensor pos1 = Tensor::zeros({n, 1}, DType::Int64);
   for (std::int64_t step = 1; step < gen.max_new_tokens; ++step) {
     if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
+    std::int64_t length = 1;
     for (std::int64_t s = 0; s < n; ++s) {
       const bool live = !done[static_cast<std::size_t>(s)];
       ids.data<std::int64_t>()[s] = live ? last[static_cast<std::size_t>(s)] : 0;
       // new token step-1 sits at position len + step - 1; stored + 1 (0 = padding)
-      pos1.data<std::int64_t>()[s] =
-          live ? static_cast<std::int64_t>(prompts[static_cast<std::size_t>(s)].size()) + step : 0;
+      const std::int64_t p1 = live ? static_cast<std::int64_t>(prompts[static_cast<std::size_t>(s)].size()) + step : 0;
+      pos1.data<std::int64_t>()[s] = p1;
+      length = std::max(length, p1);
     }
-    Output out = token_generation().forward({ids, pos1, sampling, draw()});
+    Tensor mask = Tensor::zeros({n, length}, DType::Int64);
+    for (std::int64_t s = 0; s < n; ++s) {
+      std::fill_n(mask.data<std::int64_t>() + s * length, pos1.data<std::int64_t>()[s], std::int64_t{1});
+    }
+    Output out = token_generation().forward({ids, pos1, mask, sampling, draw()});
+    res.decode_cache_buckets.push_back(out.bucket().size("cache"));
     if (opts_.output_logits) res.decode_logits.push_back(out.tensor(1).clone());
     take(out.tensor(0));
   }

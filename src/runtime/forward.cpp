@@ -644,6 +644,16 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   }
   res.real_batch = batch;
   res.producer = tag;
+  {  // the bucket (of the first chunk); assignments keep the capacity (no steady-state allocation)
+    const std::size_t bi = job.chunks.front().bucket;
+    res.bucket.batch = m.buckets[bi].batch;
+    res.bucket.dims = im.named;
+    if (im.has_named) {
+      res.bucket.sizes.assign(im.bucket_named[bi].begin(), im.bucket_named[bi].end());
+    } else {
+      res.bucket.sizes.clear();
+    }
+  }
 
   // ---- one task per rank runs every chunk
   job.host_result = !(options_.pipeline_execution && !options_.return_ranked_to_cpu);
@@ -713,7 +723,8 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   job.total = job.host_counts;
   for (int rk : local) job.total += job.ranks[static_cast<std::size_t>(rk)]->counts;
   return Output(Output::SharedHost{}, std::shared_ptr<const std::vector<Tensor>>(held, &job.host_out),
-                std::shared_ptr<const TransferStats>(held, &job.total));
+                std::shared_ptr<const TransferStats>(held, &job.total),
+                std::shared_ptr<const BucketInfo>(held, &job.result.bucket));
 }
 
 }  // namespace devpipe

@@ -19,7 +19,21 @@ const std::vector<Tensor>& empty_tensors() {
   static const std::vector<Tensor>* v = new std::vector<Tensor>();
   return *v;
 }
+const BucketInfo& no_bucket() {
+  static const BucketInfo* b = new BucketInfo();
+  return *b;
+}
 }  // namespace
+
+std::int64_t BucketInfo::size(const std::string& dim) const {
+  for (std::size_t i = 0; i < dims.size() && i < sizes.size(); ++i) {
+    if (dims[i] == dim) return sizes[i];
+  }
+  std::string have;
+  for (const std::string& d : dims) have += (have.empty() ? "'" : ", '") + d + "'";
+  throw InvalidArgument("bucket of batch " + std::to_string(batch) + " has no named dim '" + dim + "' (it has " +
+                        (have.empty() ? std::string("none") : have) + ")");
+}
 
 std::size_t detail::first_local_rank(const RankedData& data) {
   for (std::size_t r = 0; r < data.per_rank.size(); ++r) {
@@ -93,6 +107,13 @@ TransferStats Output::transfer_stats() const {
 
 const std::string& RankedTensors::producer() const { return data_ ? data_->producer : empty_string(); }
 
+const BucketInfo& RankedTensors::bucket() const { return data_ ? data_->bucket : no_bucket(); }
+
+const BucketInfo& Output::bucket() const {
+  if (is_ranked()) return ranked_.bucket();
+  return bucket_ ? *bucket_ : no_bucket();
+}
+
 RankedTensors RankedTensors::select(int index) const {
   if (index < 0 || index >= num_outputs()) {
     throw InvalidArgument("ranked tensors from '" + producer() + "': output " + std::to_string(index) +
@@ -107,6 +128,7 @@ RankedTensors RankedTensors::select(int index) const {
   d->rank_counts = data_->rank_counts;
   d->host_counts = data_->host_counts;
   d->real_batch = data_->real_batch;
+  d->bucket = data_->bucket;
   d->producer = data_->producer;
   d->keep_alive = data_;  // the events live in the original
   return RankedTensors(std::shared_ptr<const detail::RankedData>(std::move(d)));

@@ -3,8 +3,12 @@
 //
 //   context_encoding   prefill: the prompts of a batch, bucketed on sequence length ("seq");
 //                      writes every layer's K/V rows into the cache and samples token 0
-//   token_generation   one token per sequence per step, bucketed on the batch; appends to the
-//                      cache and samples the next token
+//   token_generation   one token per sequence per step, bucketed on the batch and on the cache
+//                      length ("cache": the attention_mask [batch, cache] input, HF-style, 1 =
+//                      attend); appends to the cache and samples the next token. Each cache
+//                      bucket C attends over the cache's first C positions in place (no copy
+//                      of the cache); generate() passes the current length and the runtime
+//                      picks the smallest bucket that holds every sequence.
 //
 // The cache is two states per layer, "layers.N.self_attn.k_cache" / "v_cache", of per-rank
 // shape [batch_size, kv_heads / tp (or 1 when replicated), max_length, head_dim]; rows are
@@ -26,6 +30,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -64,6 +69,11 @@ struct LlamaConfig {
 struct LlamaOptions {
   /// Context-encoding sequence buckets (the longest prompt is the largest).
   std::vector<std::int64_t> context_buckets{16, 32, 64, 128};
+  /// Token-generation cache-length buckets, each in [1, max_length]; max_length is always the
+  /// largest (added when the list stops short of it). Empty: 128, 256, 512, ... below
+  /// max_length, then max_length. The token-generation stage is compiled for every batch
+  /// bucket x cache bucket.
+  std::vector<std::int64_t> cache_buckets;
   /// KV cache length per sequence: prompt + generated tokens; 0: max_position_embeddings.
   std::int64_t max_length = 0;
   /// Also return logits (context encoding: [batch, seq, vocab]; token generation: [batch,
@@ -71,9 +81,19 @@ struct LlamaOptions {
   bool output_logits = false;
 };
 
+/// The first default cache bucket (then doubling up to max_length).
+inline constexpr std::int64_t kFirstCacheBucket = 128;
+
+/// The cache buckets LlamaOptions::cache_buckets asks for with this max_length: sorted, de-
+/// duplicated, max_length last (the default list when `buckets` is empty). ConfigError naming
+/// the buckets when one lies outside [1, max_length].
+std::vector<std::int64_t> resolve_cache_buckets(std::vector<std::int64_t> buckets, std::int64_t max_length);
+
 /// The InferenceConfig of a Llama application: `runtime` (batch_size: the most sequences per
 /// generate(); buckets: token-generation batch buckets; dtype, tp_degree, device) plus the HF
-/// config of `model_dir` and `options` as attributes.
+/// config of `model_dir` and `options` as attributes; the context buckets become the named
+/// dim "seq", the cache buckets "cache" (recorded in the artifacts and checked at load: an
+/// artifact compiled with other cache buckets is refused with an ArtifactMismatch naming both).
 InferenceConfig llama_config(const std::string& model_dir, RuntimeConfig runtime, const LlamaOptions& options = {});
 
 /// The decoder of one stage (traced per bucket; see the file comment). `decode` selects the
@@ -85,14 +105,16 @@ class LlamaModel : public nn::Module {
   std::string type_name() const override { return "LlamaForCausalLM"; }
   /// Context encoding: input_ids [B, T], positions1 [B, T] (position + 1; 0 = padding),
   /// last_index [B] (index of each prompt's last token), sampling [B, 3], u [B].
-  /// Token generation: input_ids [B, 1], positions1 [B, 1], sampling [B, 3], u [B].
+  /// Token generation: input_ids [B, 1], positions1 [B, 1], attention_mask [B, C] (int64, 1 =
+  /// a cache position to attend; C the cache bucket), sampling [B, 3], u [B].
   /// Returns the sampled ids [B] (and the logits with output_logits).
   std::vector<Var> encode(Var input_ids, Var positions1, Var last_index, Var sampling, Var u);
-  std::vector<Var> decode(Var input_ids, Var positions1, Var sampling, Var u);
+  std::vector<Var> decode(Var input_ids, Var positions1, Var attention_mask, Var sampling, Var u);
 
  private:
   struct Layers;
-  Var hidden(Var input_ids, Var positions, Var kv_lengths, bool prefill);
+  // attention_mask: token generation's [B, C] (attends over the cache); none: prefill.
+  Var hidden(Var input_ids, Var positions, Var kv_lengths, std::optional<Var> attention_mask);
   Var lm_head(Var h);
   LlamaConfig cfg_;
   LlamaOptions opts_;
@@ -120,6 +142,9 @@ struct GenerationResult {
   /// length unspecified) and each decode step's [B, V] (step s gives new token s + 1).
   Tensor prefill_logits;
   std::vector<Tensor> decode_logits;
+  /// The cache bucket each decode step ran in (step s: the bucket that held every live
+  /// sequence's length after it), as the runtime reports it (Output::bucket()).
+  std::vector<std::int64_t> decode_cache_buckets;
   double seconds = 0;  // wall time of the whole generation
   std::int64_t generated = 0;  // tokens generated in all
 };

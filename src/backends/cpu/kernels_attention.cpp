@@ -5,8 +5,10 @@
 // so a GQA group reads each key/value block once. Keys are visited in blocks of kKeyBlock with
 // an online softmax (running max m, running sum l, rescaled float32 accumulator): no [T, S]
 // score matrix exists, only kRows x kKeyBlock scores. Each row stops at its last visible key
-// (causal: i; masked_attention: min(kv_lengths[b], q_positions[b, i] + 1)), so the decode path
-// reads the cache only up to each sequence's length. bfloat16/float16 keys and values are
+// (causal: i; masked_attention: min(kv_lengths[b], q_positions[b, i] + 1), and at most C with a
+// key mask [B, C]), so the decode path reads the cache only up to each sequence's length and
+// never past C: a token-generation stage compiled per cache bucket C attends over the first C
+// rows of the [B, H, S, D] cache in place (keys are addressed with the cache's row stride S). bfloat16/float16 keys and values are
 // widened block by block; all math is float32. Work items run in parallel over the OpenMP team.
 //
 // The tile routine is compiled three times, for AVX-512 (F/BW/VL/DQ), AVX2+FMA
@@ -55,6 +57,8 @@ struct AttnArgs {
   const void* mask;            // Int: int64; Float: the dtype; else null
   const std::int64_t* pos;     // Positions: [B, T]
   const std::int64_t* len;     // Positions: [B]
+  const std::int64_t* key_mask;  // Positions with a key mask: [B, C] (null: none)
+  std::int64_t C;              // keys visible at most: the key mask's C, else S
   int dtype;                   // 0 float32, 1 bfloat16, 2 float16
   MaskKind kind;
   std::int64_t B, Hq, Hkv, T, S, D, Dv, group;
@@ -130,7 +134,7 @@ DEVPIPE_INLINE void attend_tile_body(const AttnArgs& a, std::int64_t b, std::int
         lim = std::min(S, t + 1);
         break;
       case MaskKind::Positions:
-        lim = std::clamp<std::int64_t>(std::min(a.len[b], a.pos[b * T + t] + 1), 0, S);
+        lim = std::clamp<std::int64_t>(std::min(a.len[b], a.pos[b * T + t] + 1), 0, a.C);
         break;
       case MaskKind::None:
       case MaskKind::Int:
@@ -163,6 +167,7 @@ DEVPIPE_INLINE void attend_tile_body(const AttnArgs& a, std::int64_t b, std::int
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (std::int64_t d = 0; d < D; ++d) dot += qf[r][d] * kr[d];
+        if (a.key_mask && a.key_mask[b * a.C + j0 + j] == 0) dot = -std::numeric_limits<float>::infinity();
         if (a.kind == MaskKind::Int || a.kind == MaskKind::Float) {
           const std::int64_t mi = b * a.mst[0] + hrow[r] * a.mst[1] + trow[r] * a.mst[2] +
                                   (j0 + j) * a.mst[3];
@@ -269,6 +274,7 @@ class AttentionKernel : public Kernel {
     a.S = k[2];
     a.Dv = v[3];
     a.group = a.Hq / a.Hkv;
+    a.C = a.S;
     if (a.D > kMaxHeadDim || a.Dv > kMaxHeadDim) {
       throw Unsupported("cpu backend: " + cx.where + ": head dims above " +
                         std::to_string(kMaxHeadDim) + " (got " + std::to_string(a.D) + ", " +
@@ -292,6 +298,10 @@ class AttentionKernel : public Kernel {
       a.kind = MaskKind::Positions;
       pos_ = cx.in_id(3);
       len_ = cx.in_id(4);
+      if (cx.num_inputs() == 6) {
+        key_mask_ = cx.in_id(5);
+        a.C = cx.in(5).shape[1];
+      }
     } else if (cx.num_inputs() == 4) {
       mask_ = cx.in_id(3);
       a.kind = cx.in(3).dtype == DType::Int64 ? MaskKind::Int : MaskKind::Float;
@@ -316,6 +326,7 @@ class AttentionKernel : public Kernel {
     if (a.kind == MaskKind::Positions) {
       a.pos = reinterpret_cast<const std::int64_t*>(cx.values[pos_]);
       a.len = reinterpret_cast<const std::int64_t*>(cx.values[len_]);
+      if (key_mask_ >= 0) a.key_mask = reinterpret_cast<const std::int64_t*>(cx.values[key_mask_]);
       for (std::int64_t b = 0; b < a.B; ++b) {
         if (a.len[b] < 0 || a.len[b] > a.S) {
           throw InvalidArgument("cpu backend: " + where + ": kv_lengths[" + std::to_string(b) +
@@ -332,7 +343,7 @@ class AttentionKernel : public Kernel {
       const std::int64_t r0 = tile * kRows;
       tile_fn(a, bh / hkv, bh % hkv, r0, std::min(rows, r0 + kRows));
     };
-    if (items < 2 || a.S * a.D * rows < 16384) {
+    if (items < 2 || a.C * a.D * rows < 16384) {
       for (std::int64_t it = 0; it < items; ++it) body(it);
       return;
     }
@@ -341,7 +352,7 @@ class AttentionKernel : public Kernel {
   }
 
  private:
-  int q_, k_, v_, out_, mask_ = -1, pos_ = -1, len_ = -1;
+  int q_, k_, v_, out_, mask_ = -1, pos_ = -1, len_ = -1, key_mask_ = -1;
   AttnArgs args_;
   std::int64_t rows_ = 0, tiles_ = 0;
   TileFn tile_ = nullptr;

@@ -133,9 +133,11 @@ struct RopeParams {
 void launch_rotary(DType dt, const void* x, const std::int64_t* pos, void* y, const RopeParams& p,
                    cudaStream_t stream);
 
-/// 0 none, 1 causal, 2 int64 mask (nonzero: attend), 3 additive mask, 4 q_positions/kv_lengths.
+/// 0 none, 1 causal, 2 int64 mask (nonzero: attend), 3 additive mask, 4 q_positions/kv_lengths
+/// (with `mask` non-null: masked_attention's key mask [B, c], only keys j < c it sets).
 struct AttnParams {
   std::int64_t b = 0, hq = 0, hkv = 0, t = 0, s = 0, d = 0, dv = 0, group = 1;
+  std::int64_t c = 0;  // kind 4: keys visible at most (the key mask's C, else s)
   int kind = 0;
   std::int64_t mst[4] = {};  // mask strides over [B, Hq, T, S]
   float scale = 1.f;

@@ -201,6 +201,7 @@ __global__ void attention_kernel(const T* q, const T* k, const T* v, T* y, const
     }
     const std::int64_t upto = pos[b * p.t + i] + 1;
     lim = upto < n ? upto : n;
+    if (lim > p.c) lim = p.c;  // a key mask [B, c]: the cache past c is never read
     if (lim < 0) lim = 0;
   }
   float acc[kAttnPerThread];
@@ -212,6 +213,7 @@ __global__ void attention_kernel(const T* q, const T* k, const T* v, T* y, const
     float part = 0.f;
     for (std::int64_t d = threadIdx.x; d < p.d; d += blockDim.x) part += qs[d] * to_float(kb[j * p.d + d]);
     float s = block_sum(part, sh);
+    if (p.kind == 4 && mask && static_cast<const std::int64_t*>(mask)[b * p.c + j] == 0) s = -INFINITY;
     if (p.kind == 2 || p.kind == 3) {
       const std::int64_t mi = b * p.mst[0] + h * p.mst[1] + i * p.mst[2] + j * p.mst[3];
       if (p.kind == 2) {

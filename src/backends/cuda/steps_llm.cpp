@@ -307,6 +307,11 @@ class AttentionStep final : public Step {
       p_.kind = 4;
       pos_ = cx.in_id(3);
       len_ = cx.in_id(4);
+      p_.c = p_.s;
+      if (cx.num_inputs() == 6) {  // a key mask [B, C]: only the cache's first C keys
+        mask_ = cx.in_id(5);
+        p_.c = cx.in(5).shape[1];
+      }
     } else if (cx.num_inputs() == 4) {
       p_.kind = cx.in(3).dtype == DType::Int64 ? 2 : 3;
       mask_ = cx.in_id(3);

@@ -1,5 +1,5 @@
 // RotaryEmbedding, ScaledDotProductAttention and MaskedAttention (the attention of a decoder
-// with a KV cache).
+// with a KV cache, optionally over the cache's first C keys with a key mask [B, C]).
 #include <cmath>
 #include <optional>
 
@@ -122,6 +122,18 @@ std::vector<ValueInfo> infer_masked_attention(const std::vector<ValueInfo>& in, 
                      " must be [B, T] = [" + std::to_string(q[0]) + ", " + std::to_string(q[2]) +
                      "] and kv_lengths " + in[4].shape.to_string() + " must be [B] = [" +
                      std::to_string(q[0]) + "]");
+  }
+  if (in.size() == 6) {
+    const ValueInfo& m = in[5];
+    const std::int64_t S = in[1].shape[2];
+    if (m.dtype != DType::Int64) {
+      throw DTypeError(std::string(op) + ": key_mask must be int64 (nonzero: attend), got " +
+                       std::string(dtype_name(m.dtype)));
+    }
+    if (m.shape.rank() != 2 || m.shape[0] != q[0] || m.shape[1] < 1 || m.shape[1] > S) {
+      throw ShapeError(std::string(op) + ": key_mask " + m.shape.to_string() + " must be [B, C] with B = " +
+                       std::to_string(q[0]) + " and 1 <= C <= " + std::to_string(S) + " (the cache length)");
+    }
   }
   return {out};
 }
@@ -248,9 +260,12 @@ void ref_masked_attention(const std::vector<Tensor>& in, std::vector<Tensor>& ou
                             "] (the cache length)");
     }
   }
+  // key_mask [B, C]: only keys j < C whose mask is set.
+  const std::int64_t C = in.size() == 6 ? in[5].shape()[1] : S;
+  const std::int64_t* km = in.size() == 6 ? in[5].data<std::int64_t>() : nullptr;
   attend(in, out[0], attention_scale(attrs, in[0].shape()[3]),
          [&](std::int64_t b, std::int64_t, std::int64_t i, std::int64_t j) {
-           return j <= pos[b * T + i] && j < len[b];
+           return j <= pos[b * T + i] && j < len[b] && j < C && (!km || km[b * C + j] != 0);
          },
          [](std::int64_t, std::int64_t, std::int64_t, std::int64_t) { return 0.0; });
 }
@@ -262,7 +277,7 @@ const OpDef kRotaryEmbedding{OpKind::RotaryEmbedding, "rotary_embedding", 2, 2, 
                              ref_rotary};
 const OpDef kScaledDotProductAttention{OpKind::ScaledDotProductAttention,
                                        "scaled_dot_product_attention", 3, 4, infer_sdpa, ref_sdpa};
-const OpDef kMaskedAttention{OpKind::MaskedAttention, "masked_attention", 5, 5,
+const OpDef kMaskedAttention{OpKind::MaskedAttention, "masked_attention", 5, 6,
                              infer_masked_attention, ref_masked_attention};
 }  // namespace ops
 }  // namespace devpipe
