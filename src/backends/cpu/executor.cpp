@@ -27,6 +27,36 @@ class OmpThreadsScope {
   int previous_;
 };
 
+/// Elements a node may read and write (parameters aside) and still run on one thread.
+constexpr std::int64_t kSerialElements = 1 << 16;
+/// The same for attention, which streams its keys and values once per query block: a decode
+/// step's attention (one query row per sequence) reads its cache at about a core's bandwidth.
+constexpr std::int64_t kSerialAttentionElements = 1 << 20;
+
+/// Whether `node` runs with one OpenMP thread. A token-generation step has a few hundred
+/// nodes of a few thousand elements (adds, norms, rotary, copies): waking the team costs more
+/// than their work, and every OpenMP region ends in a barrier that stalls while a thread of
+/// the team is descheduled (a machine whose cores other processes share). Linear, Matmul and
+/// convolutions keep the team (their work grows faster than their operands; the decode-sized
+/// Linear runs on the executable's WorkPool instead).
+bool runs_serial(const Graph& g, const Node& node, const std::vector<std::byte*>& fixed) {
+  const OpKind op = node.op;
+  if (op == OpKind::Linear || op == OpKind::Matmul || op == OpKind::Conv2d ||
+      op == OpKind::Conv2dGlobalAvgPool) {
+    return false;
+  }
+  std::int64_t elements = 0;
+  for (int in : node.inputs) {
+    if (!fixed[static_cast<std::size_t>(in)]) elements += g.value(in).shape.numel();
+  }
+  for (int out : node.outputs) elements += g.value(out).shape.numel();
+  if (op == OpKind::ScaledDotProductAttention || op == OpKind::MaskedAttention) {
+    return g.value(node.outputs[0]).shape.numel() <= kSerialElements &&
+           elements <= kSerialAttentionElements;
+  }
+  return elements <= kSerialElements;
+}
+
 /// A kernel that does nothing (nodes whose outputs are empty).
 class NoopKernel : public Kernel {
  public:
@@ -101,13 +131,20 @@ CpuExecutable::CpuExecutable(const Graph& graph, const std::vector<Tensor>& para
     BuildContext cx{graph_, node, rank_, fixed, describe_node(graph, node), &blocked_ok, &layouts};
     bool empty = false;
     for (int out : node.outputs) empty = empty || graph.value(out).shape.numel() == 0;
+    const bool serial = runs_serial(graph, node, fixed);
     std::unique_ptr<Kernel> k;
     try {
+      OmpThreadsScope one(serial ? 1 : 0);  // oneDNN sizes its primitives by the thread count
       k = empty ? std::make_unique<NoopKernel>() : make_kernel(cx);
     } catch (const dnnl::error& e) {
       throw Error("cpu backend: oneDNN failed to build " + cx.where + ": " + e.what());
     }
     k->where = cx.where;
+    steps_[static_cast<std::size_t>(i)].serial = serial;
+    if (k->wants_pool() && !pool_) {
+      pool_ = std::make_unique<WorkPool>(rank.num_threads > 0 ? rank.num_threads
+                                                              : omp_get_max_threads());
+    }
     scratch[static_cast<std::size_t>(i)] = k->scratch_bytes();
     steps_[static_cast<std::size_t>(i)].kernel = std::move(k);
     steps_[static_cast<std::size_t>(i)].label = op_name(node.op).data();  // a string literal
@@ -141,19 +178,30 @@ void CpuExecutable::run(const std::vector<const void*>& inputs, const std::vecto
                           std::to_string(graph_.outputs.size()));
   }
   if (rank_.num_threads > 0) omp_set_num_threads(rank_.num_threads);
+  const int team = omp_get_max_threads();
+  OmpThreadsScope restore(0);  // the team's count again when the run ends (or throws)
+  bool serial = false;         // whether the OpenMP thread count is 1 now
+  auto threads_for = [&](const Step& s) {
+    if (s.serial != serial) {
+      serial = s.serial;
+      omp_set_num_threads(serial ? 1 : team);
+    }
+  };
   values_.bind(inputs, outputs);
   if (timeline::recording_kernels()) {
     for (Step& s : steps_) {
       if (!s.kernel) continue;
       timeline::Span span(s.label, "kernel", rank_.rank + 1);
-      RunContext cx{values_.data(), s.scratch, stream_, rank_};
+      threads_for(s);
+      RunContext cx{values_.data(), s.scratch, stream_, rank_, pool_.get()};
       s.kernel->run(cx);
       stream_.wait();
     }
   } else {
     for (Step& s : steps_) {
       if (!s.kernel) continue;
-      RunContext cx{values_.data(), s.scratch, stream_, rank_};
+      threads_for(s);
+      RunContext cx{values_.data(), s.scratch, stream_, rank_, pool_.get()};
       s.kernel->run(cx);
     }
   }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "backends/cpu/kernel.h"
+#include "backends/cpu/work_pool.h"
 #include "compiler/memory_plan.h"
 #include "runtime/backend.h"
 
@@ -32,6 +33,7 @@ class CpuExecutable final : public Executable {
     std::unique_ptr<Kernel> kernel;
     std::byte* scratch = nullptr;
     const char* label = "";  // op name, for timeline spans
+    bool serial = false;     // runs with one OpenMP thread (see runs_serial in executor.cpp)
   };
   struct ArenaFree {
     void operator()(std::byte* p) const;
@@ -44,6 +46,8 @@ class CpuExecutable final : public Executable {
   std::unique_ptr<std::byte, ArenaFree> arena_;
   ValueAddresses values_;
   std::vector<Step> steps_;
+  /// The thread team of the kernels that want one (nullptr when none does).
+  std::unique_ptr<WorkPool> pool_;
   dnnl::stream stream_;
 };
 

@@ -80,6 +80,8 @@ struct BindContext {
   std::byte* scratch;
 };
 
+class WorkPool;
+
 /// Per-run state handed to each kernel.
 struct RunContext {
   /// Per value id: the address for this run.
@@ -87,6 +89,8 @@ struct RunContext {
   std::byte* scratch;
   dnnl::stream& stream;
   const RankInfo& rank;
+  /// The executable's thread team for kernels that asked for one (wants_pool), else nullptr.
+  WorkPool* pool = nullptr;
 };
 
 /// One node's computation.
@@ -99,6 +103,8 @@ class Kernel {
   virtual void bind(const BindContext& cx) {}
   /// Runs the node; no heap allocation on success.
   virtual void run(const RunContext& cx) = 0;
+  /// Whether run() spreads its work over RunContext::pool (instead of OpenMP).
+  virtual bool wants_pool() const { return false; }
 
   /// Op, scope and shapes, for messages.
   std::string where;
@@ -212,6 +218,11 @@ std::unique_ptr<Kernel> make_skinny_linear_kernel(const BuildContext& cx);
 /// Which skinny kernel runs x[m, k] @ w[n, k]^T on `isa` (None: oneDNN's matmul).
 enum class SkinnyForm { None, Expand, Reduce };
 SkinnyForm skinny_linear_form(std::int64_t m, std::int64_t k, std::int64_t n, CpuIsa isa);
+/// The Linear kernel for at most 16 rows of float32 or bfloat16 (kernels_small_rows), or
+/// nullptr when small_rows_linear_applies says no or the operands' dtypes differ.
+std::unique_ptr<Kernel> make_small_rows_linear_kernel(const BuildContext& cx);
+/// Whether the small-rows kernel runs x[m, k] @ w[n, k]^T in `dtype` on `isa` (Baseline: no).
+bool small_rows_linear_applies(std::int64_t m, std::int64_t k, DType dtype, CpuIsa isa);
 std::unique_ptr<Kernel> make_conv2d_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_conv_global_avg_pool_kernel(const BuildContext& cx);  // kernels_conv_pool
 std::unique_ptr<Kernel> make_conv_patch_mean_kernel(const BuildContext& cx);       // kernels_conv_pool

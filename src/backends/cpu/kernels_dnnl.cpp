@@ -35,6 +35,7 @@ Activation activation_of(const std::string& name, const std::string& where) {
 
 std::unique_ptr<Kernel> make_linear_kernel(const BuildContext& cx) {
   if (auto skinny = make_skinny_linear_kernel(cx)) return skinny;
+  if (auto rows = make_small_rows_linear_kernel(cx)) return rows;
   const Shape& w = cx.in(1).shape;
   DType dt = cx.out().dtype;
   const std::int64_t n = w[0], k = w[1];
