@@ -341,6 +341,17 @@ inline const std::vector<OpCase>& conformance_cases() {
             return std::vector<Var>{F::linear(v[0], param("w", {out, x.dim(-1)}), b)};
           });
     }
+    // Token-generation shapes (at most 16 rows; the cpu backend's kernels_small_rows): K and N
+    // tails after the vector and column blocks, rows over more than one row group.
+    for (const auto& [x, out, bias] : std::vector<std::tuple<Shape, std::int64_t, bool>>{
+             {{1, 1, 300}, 131, false}, {{8, 1, 203}, 77, true}, {{13, 37}, 29, true}}) {
+      add("linear_rows_x" + dims_tag(x) + "_out" + std::to_string(out) + (bias ? "_bias" : ""),
+          "linear", one(x), [x = x, out = out, bias = bias](const std::vector<Var>& v) {
+            std::optional<Var> b;
+            if (bias) b = param("b", {out});
+            return std::vector<Var>{F::linear(v[0], param("w", {out, x.dim(-1)}), b)};
+          });
+    }
     // Linear with a fused activation (what the fusion pass produces).
     struct FusedCase {
       Shape x;

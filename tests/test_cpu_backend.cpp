@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <new>
 #include <string>
@@ -14,6 +15,8 @@
 #include "backends/cpu/cpu_backend.h"
 #include "backends/cpu/cpu_isa.h"
 #include "backends/cpu/executor.h"
+#include "backends/cpu/kernel.h"
+#include "backends/cpu/work_pool.h"
 #include "devpipe/error.h"
 #include "replace_new.h"
 #include "test_util.h"
@@ -327,6 +330,102 @@ TEST(CpuBackend, SkinnyLinearEveryIsaPathMatchesReference) {
       exe->run({x.raw_data()}, {y.raw_data()});
       EXPECT_TRUE(testing::tensors_close(y, want[0], 1e-4, 1e-5))
           << isa_name(isa) << " " << c.x.to_string() << " -> " << c.out;
+    }
+  }
+}
+
+
+// The small-rows Linear kernel (token generation: at most 16 rows) on each vector path
+// (baseline: oneDNN's matmul) against the reference, float32 and bfloat16: row counts of one
+// and of several row groups (AVX-512 blocks 8 rows, AVX2 4), output counts that leave a tail
+// after the column blocks, K tails after the 16- and 8-lane vectors, bias and the fused
+// activations, and weights big enough to split into several pool tasks. A second run
+// allocates nothing.
+TEST(CpuBackend, SmallRowsLinearEveryIsaPathMatchesReference) {
+  using cpu::CpuIsa;
+  using cpu::cpu_isa;
+  using cpu::isa_name;
+  const CpuIsa best = cpu_isa();
+  struct Case {
+    Shape x;
+    std::int64_t out;
+    bool bias;
+    std::string act;
+  };
+  const std::vector<Case> cases{
+      {{1, 1, 300}, 131, false, "none"},  // batch 1 decode: K tail 12, N tail after 8-blocks
+      {{8, 1, 203}, 77, true, "silu"},    // batch 8: one AVX-512 group, two AVX2 groups
+      {{13, 37}, 29, true, "none"},       // two AVX-512 groups (8 + 5), four AVX2 (3 x 4 + 1)
+      {{2, 3, 16}, 5, false, "gelu"},     // no K tail; N below one block
+      {{3, 1}, 4, true, "relu"},          // K = 1: masked / scalar only
+      {{16, 301}, 257, false, "gelu_tanh"},  // 16 rows; 301 KB of weight: several tasks
+  };
+  for (DType dt : {DType::Float32, DType::BFloat16}) {
+    for (const Case& c : cases) {
+      Graph g = trace(dt, {{"x", vi(c.x, dt)}}, [&](const std::vector<Var>& v) {
+        std::optional<Var> b;
+        if (c.bias) b = param("b", {c.out});
+        return std::vector<Var>{F::linear(v[0], param("w", {c.out, c.x.dim(-1)}), b)};
+      });
+      g.nodes.back().attrs.set("activation", c.act);
+      auto params = random_params(g);
+      Tensor x = Tensor::randn(c.x, 6, dt);
+      auto want = run_reference(g, {x}, params);
+      const std::int64_t m = c.x.numel() / c.x.dim(-1);
+      for (CpuIsa isa : {CpuIsa::Baseline, CpuIsa::Avx2, CpuIsa::Avx512}) {
+        if (isa > best) continue;
+        const std::string what = std::string(isa_name(isa)) + " " + std::string(dtype_name(dt)) +
+                                 " " + c.x.to_string() + " -> " + std::to_string(c.out) + " " +
+                                 c.act;
+        EXPECT_EQ(cpu::small_rows_linear_applies(m, c.x.dim(-1), dt, isa), isa != CpuIsa::Baseline)
+            << what;
+        IsaCap cap(isa_name(isa).data());
+        auto exe = cpu_backend().compile(g, params, RankInfo{0, 1, nullptr, 2});
+        Tensor y = Tensor::empty(want[0].shape(), dt);
+        exe->run({x.raw_data()}, {y.raw_data()});
+        const double tol = dt == DType::Float32 ? 1e-4 : 2e-2;
+        EXPECT_TRUE(testing::tensors_close(y, want[0], tol, tol / 10)) << what;
+        if (isa == CpuIsa::Baseline) continue;  // oneDNN's executions allocate
+        const std::vector<const void*> in{x.raw_data()};
+        const std::vector<void*> out{y.raw_data()};
+        g_allocations = 0;
+        g_count_allocations = true;
+        exe->run(in, out);
+        g_count_allocations = false;
+        EXPECT_EQ(g_allocations.load(), 0) << what;
+        EXPECT_TRUE(testing::tensors_close(y, want[0], tol, tol / 10)) << what << " (second run)";
+      }
+    }
+  }
+  // Not for 17 rows, float16 or an empty K: oneDNN's matmul runs those.
+  EXPECT_FALSE(cpu::small_rows_linear_applies(17, 64, DType::Float32, CpuIsa::Avx2));
+  EXPECT_FALSE(cpu::small_rows_linear_applies(4, 64, DType::Float16, CpuIsa::Avx2));
+  EXPECT_FALSE(cpu::small_rows_linear_applies(4, 0, DType::Float32, CpuIsa::Avx2));
+}
+
+// The work pool runs every task of every run exactly once, on 1 to 3 threads, with task counts
+// below, at and above the thread count, back to back (workers still spinning) and after a
+// pause long enough for them to sleep; the caller takes part (one thread: all on it).
+TEST(CpuBackend, WorkPoolRunsEveryTaskOnce) {
+  for (int threads : {1, 2, 3}) {
+    cpu::WorkPool pool(threads);
+    EXPECT_EQ(pool.threads(), threads);
+    std::vector<std::atomic<int>> ran(64);
+    const std::thread::id caller = std::this_thread::get_id();
+    for (int rep = 0; rep < 300; ++rep) {
+      const std::int64_t tasks = rep % 64;
+      for (auto& r : ran) r.store(0);
+      std::atomic<int> on_caller{0};
+      pool.run(tasks, [&](std::int64_t i) {
+        ran[static_cast<std::size_t>(i)].fetch_add(1);
+        if (std::this_thread::get_id() == caller) on_caller.fetch_add(1);
+      });
+      for (std::int64_t i = 0; i < 64; ++i) {
+        ASSERT_EQ(ran[static_cast<std::size_t>(i)].load(), i < tasks ? 1 : 0)
+            << threads << " threads, run " << rep << ", task " << i << " of " << tasks;
+      }
+      if (threads == 1) EXPECT_EQ(on_caller.load(), tasks);
+      if (rep % 100 == 99) std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
   }
 }
