@@ -63,6 +63,10 @@ using namespace devpipe::testing;
 
 namespace {
 
+/// Rows of the stages' inputs: more than the 16 the cpu backend's small-rows Linear kernel
+/// takes (its runs allocate nothing: test_cpu_backend), so that the Linears here are oneDNN's.
+constexpr std::int64_t kRows = 32;
+
 struct Counts {
   std::uint64_t devpipe = 0;   // allocations outside oneDNN's primitive execute
   std::uint64_t onednn = 0;    // allocations inside it
@@ -96,10 +100,10 @@ struct NormChain : nn::Module {
 
 template <class M>
 std::unique_ptr<TestWrapper<M>> build(const TempDir& dir, const std::string& tag, bool last) {
-  InferenceConfig c(RuntimeConfig{.batch_size = 4, .tp_degree = 2});
+  InferenceConfig c(RuntimeConfig{.batch_size = kRows, .tp_degree = 2});
   auto w = std::make_unique<TestWrapper<M>>(
       c, WrapperOptions{.pipeline_execution = true, .return_ranked_to_cpu = last, .tag = tag},
-      std::vector<std::vector<Tensor>>{{Tensor::zeros({4, 16})}});
+      std::vector<std::vector<Tensor>>{{Tensor::zeros({kRows, 16})}});
   safetensors::save(dir.str(tag + ".safetensors"), nn::random_state_dict(M(), 1));
   w->compile(dir.str(tag + ".safetensors"), dir.str(tag));
   w->load(dir.str(tag));
@@ -110,7 +114,7 @@ std::unique_ptr<TestWrapper<M>> build(const TempDir& dir, const std::string& tag
 /// a warm-up. The argument vectors are the caller's and are built once, outside the count.
 template <class A, class B>
 std::vector<Counts> per_forward(A& a, B& b, int n) {
-  const std::vector<Input> in_a{Tensor::randn({4, 16}, 1)};
+  const std::vector<Input> in_a{Tensor::randn({kRows, 16}, 1)};
   std::vector<Input> in_b{Input(Tensor())};
   Tensor expected;
   auto step = [&](bool check) {
@@ -119,7 +123,7 @@ std::vector<Counts> per_forward(A& a, B& b, int n) {
     Output y = b.forward(in_b);
     if (check) {
       EXPECT_TRUE(ranked.is_ranked());
-      EXPECT_EQ(y.shape(), (Shape{4, 16}));
+      EXPECT_EQ(y.shape(), (Shape{kRows, 16}));
       if (!expected.defined()) expected = y.tensor().clone();
       EXPECT_EQ(max_abs_diff(y.tensor(), expected), 0.0);  // reused buffers, same results
     }
@@ -154,10 +158,10 @@ TEST(Allocations, CompiledGraphRunAllocatesNothing) {
 TEST(Allocations, OneDnnExecuteAllocatesAConstantPerPrimitive) {
   // Reported, not hidden: oneDNN 2.6 allocates inside every primitive execute. The count per
   // run is constant (steady state) and is oneDNN's, not the executor's.
-  Graph g = trace_function({}, {{"x", {Shape{4, 16}, DType::Float32}}, {"w", {Shape{8, 16}, DType::Float32}}},
+  Graph g = trace_function({}, {{"x", {Shape{kRows, 16}, DType::Float32}}, {"w", {Shape{8, 16}, DType::Float32}}},
                            [](const std::vector<Var>& in) { return std::vector<Var>{F::linear(in[0], in[1])}; });
   auto exe = cpu_backend().compile(g, {}, RankInfo{});
-  Tensor x = Tensor::randn({4, 16}, 1), w = Tensor::randn({8, 16}, 2), y = Tensor::empty({4, 8});
+  Tensor x = Tensor::randn({kRows, 16}, 1), w = Tensor::randn({8, 16}, 2), y = Tensor::empty({kRows, 8});
   std::vector<const void*> in{x.raw_data(), w.raw_data()};
   std::vector<void*> out{y.raw_data()};
   exe->run(in, out);
