@@ -38,9 +38,12 @@ unset ASAN_OPTIONS UBSAN_OPTIONS
 
 # ---- TSan: the tests that run ranks, streams and forwards on several threads
 # (test_allocations and test_cpu_backend replace operator new, which TSan's runtime defines
-# itself: they cannot link under TSan. test_hardening has the load()-while-forward() case.)
+# itself: they cannot link under TSan. test_hardening has the load()-while-forward() case;
+# test_work_pool the decode kernels' thread team, test_world the rank groups' lifetimes,
+# test_llama generation with the cache buckets on the work pool and the streams.)
 tsan_tests=()
-for t in test_concurrency test_pipeline test_pipeline_errors test_tensor_parallel test_timeline test_hardening; do
+for t in test_concurrency test_pipeline test_pipeline_errors test_tensor_parallel test_timeline test_hardening \
+    test_work_pool test_world test_llama; do
   if [ -f "tests/$t.cpp" ]; then tsan_tests+=("$t"); fi
 done
 bash scripts/configure_sanitize.sh build-tsan thread

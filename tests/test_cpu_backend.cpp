@@ -403,32 +403,5 @@ TEST(CpuBackend, SmallRowsLinearEveryIsaPathMatchesReference) {
   EXPECT_FALSE(cpu::small_rows_linear_applies(4, 0, DType::Float32, CpuIsa::Avx2));
 }
 
-// The work pool runs every task of every run exactly once, on 1 to 3 threads, with task counts
-// below, at and above the thread count, back to back (workers still spinning) and after a
-// pause long enough for them to sleep; the caller takes part (one thread: all on it).
-TEST(CpuBackend, WorkPoolRunsEveryTaskOnce) {
-  for (int threads : {1, 2, 3}) {
-    cpu::WorkPool pool(threads);
-    EXPECT_EQ(pool.threads(), threads);
-    std::vector<std::atomic<int>> ran(64);
-    const std::thread::id caller = std::this_thread::get_id();
-    for (int rep = 0; rep < 300; ++rep) {
-      const std::int64_t tasks = rep % 64;
-      for (auto& r : ran) r.store(0);
-      std::atomic<int> on_caller{0};
-      pool.run(tasks, [&](std::int64_t i) {
-        ran[static_cast<std::size_t>(i)].fetch_add(1);
-        if (std::this_thread::get_id() == caller) on_caller.fetch_add(1);
-      });
-      for (std::int64_t i = 0; i < 64; ++i) {
-        ASSERT_EQ(ran[static_cast<std::size_t>(i)].load(), i < tasks ? 1 : 0)
-            << threads << " threads, run " << rep << ", task " << i << " of " << tasks;
-      }
-      if (threads == 1) EXPECT_EQ(on_caller.load(), tasks);
-      if (rep % 100 == 99) std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    }
-  }
-}
-
 }  // namespace
 }  // namespace devpipe
