@@ -470,7 +470,8 @@ void ModelWrapper::compile_in_process(const std::string& checkpoint_path, const 
 
   // Weights: every parameter the graphs use, from the checkpoint, checked, converted, sharded.
   const Graph& g0 = m.buckets.front().graph;
-  Checkpoint ckpt = Checkpoint::open(checkpoint_path);
+  // The checkpoint folding opened already, or opened now.
+  Checkpoint ckpt = fold_ckpt ? std::move(*fold_ckpt) : Checkpoint::open(checkpoint_path);
   // Module buffers (constant params) take their values from the model, not the checkpoint.
   std::vector<std::string> model_keys;
   for (const auto& p : g0.params) {

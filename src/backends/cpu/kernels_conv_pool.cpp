@@ -39,6 +39,37 @@ struct ConvGeom {
   std::int64_t taps;  // cg * kh * kw
 };
 
+/// The geometry of a convolution of x [N, C, H, W] by `o` filters of kh x kw in `groups`
+/// groups, with the stride, padding and dilation of `at`.
+ConvGeom conv_geom(const Shape& x, std::int64_t o, std::int64_t kh, std::int64_t kw, std::int64_t groups,
+                   const Attrs& at) {
+  const auto& st = at.ints("stride");
+  const auto& pad = at.ints("padding");
+  const auto& dil = at.ints("dilation");
+  ConvGeom g{};
+  g.n = x[0];
+  g.c = x[1];
+  g.h = x[2];
+  g.w = x[3];
+  g.o = o;
+  g.kh = kh;
+  g.kw = kw;
+  g.sh = st[0];
+  g.sw = st[1];
+  g.ph = pad[0];
+  g.pw = pad[1];
+  g.dh = dil[0];
+  g.dw = dil[1];
+  g.groups = groups;
+  g.cg = g.c / groups;
+  g.og = g.o / groups;
+  g.oh = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.ow = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  g.wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+  g.taps = g.cg * g.kh * g.kw;
+  return g;
+}
+
 /// Pixels per register block of the vector paths.
 constexpr int kPixels = 6;
 
@@ -187,33 +218,9 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
         y_(cx.out_id()),
         dt_(cx.out().dtype),
         isa_(cpu_isa()) {
-    const Shape& xs = cx.in(0).shape;
     const Shape& ws = cx.in(1).shape;
-    const Attrs& at = cx.node.attrs;
-    const auto& st = at.ints("stride");
-    const auto& pad = at.ints("padding");
-    const auto& dil = at.ints("dilation");
-    ConvGeom& g = g_;
-    g.n = xs[0];
-    g.c = xs[1];
-    g.h = xs[2];
-    g.w = xs[3];
-    g.o = ws[0];
-    g.kh = ws[2];
-    g.kw = ws[3];
-    g.sh = st[0];
-    g.sw = st[1];
-    g.ph = pad[0];
-    g.pw = pad[1];
-    g.dh = dil[0];
-    g.dw = dil[1];
-    g.groups = at.i("groups");
-    g.cg = ws[1];
-    g.og = g.o / g.groups;
-    g.oh = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
-    g.ow = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
-    g.wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-    g.taps = g.cg * g.kh * g.kw;
+    g_ = conv_geom(cx.in(0).shape, ws[0], ws[2], ws[3], cx.node.attrs.i("groups"), cx.node.attrs);
+    const ConvGeom& g = g_;
     const std::size_t lanes = isa_ == CpuIsa::Avx512 ? 16 : 8;
     opad_ = static_cast<std::int64_t>(round_up(static_cast<std::size_t>(g.og), lanes));
     for (std::int64_t c = 0; c < g.cg; ++c) {
@@ -412,27 +419,15 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
 class ConvPatchMeanKernel final : public Kernel {
  public:
   explicit ConvPatchMeanKernel(const BuildContext& cx)
-      : x_(cx.in_id(0)), y_(cx.out_id()), dt_(cx.out().dtype) {
-    const Shape& xs = cx.in(0).shape;
-    const Attrs& at = cx.node.attrs;
-    n_ = xs[0];
-    c_ = xs[1];
-    h_ = xs[2];
-    w_ = xs[3];
-    kh_ = at.ints("kernel_size")[0];
-    kw_ = at.ints("kernel_size")[1];
-    sh_ = at.ints("stride")[0];
-    sw_ = at.ints("stride")[1];
-    ph_ = at.ints("padding")[0];
-    pw_ = at.ints("padding")[1];
-    dh_ = at.ints("dilation")[0];
-    dw_ = at.ints("dilation")[1];
-    oh_ = (h_ + 2 * ph_ - dh_ * (kh_ - 1) - 1) / sh_ + 1;
-    ow_ = (w_ + 2 * pw_ - dw_ * (kw_ - 1) - 1) / sw_ + 1;
+      : x_(cx.in_id(0)),
+        y_(cx.out_id()),
+        dt_(cx.out().dtype),
+        g_(conv_geom(cx.in(0).shape, 1, cx.node.attrs.ints("kernel_size")[0], cx.node.attrs.ints("kernel_size")[1],
+                     1, cx.node.attrs)) {
     threads_ = std::max(1, omp_get_max_threads());
     // Per thread: one row widened to float, and the row sums [H][kw] in double.
-    thread_bytes_ = round_up(static_cast<std::size_t>(w_) * sizeof(float), 64) +
-                    round_up(static_cast<std::size_t>(h_ * kw_) * sizeof(double), 64);
+    thread_bytes_ = round_up(static_cast<std::size_t>(g_.w) * sizeof(float), 64) +
+                    round_up(static_cast<std::size_t>(g_.h * g_.kw) * sizeof(double), 64);
   }
 
   std::size_t scratch_bytes() const override { return static_cast<std::size_t>(threads_) * thread_bytes_; }
@@ -441,27 +436,27 @@ class ConvPatchMeanKernel final : public Kernel {
     const std::byte* x = cx.values[x_];
     std::byte* y = cx.values[y_];
     const std::size_t esize = dtype_size(dt_);
-    const std::int64_t planes = n_ * c_;
-    const double inv = 1.0 / static_cast<double>(oh_ * ow_);
+    const std::int64_t planes = g_.n * g_.c;
+    const double inv = 1.0 / static_cast<double>(g_.oh * g_.ow);
 #pragma omp parallel num_threads(threads_)
     {
       std::byte* mine = cx.scratch + static_cast<std::size_t>(omp_get_thread_num()) * thread_bytes_;
       auto* row = reinterpret_cast<float*>(mine);
-      auto* rs = reinterpret_cast<double*>(mine + round_up(static_cast<std::size_t>(w_) * sizeof(float), 64));
+      auto* rs = reinterpret_cast<double*>(mine + round_up(static_cast<std::size_t>(g_.w) * sizeof(float), 64));
 #pragma omp for schedule(static)
       for (std::int64_t p = 0; p < planes; ++p) {
-        for (std::int64_t ih = 0; ih < h_; ++ih) {
-          widen(x + static_cast<std::size_t>((p * h_ + ih) * w_) * esize, dt_, w_, row);
-          row_sums(row, rs + ih * kw_);
+        for (std::int64_t ih = 0; ih < g_.h; ++ih) {
+          widen(x + static_cast<std::size_t>((p * g_.h + ih) * g_.w) * esize, dt_, g_.w, row);
+          row_sums(row, rs + ih * g_.kw);
         }
-        for (std::int64_t i = 0; i < kh_; ++i) {
-          for (std::int64_t j = 0; j < kw_; ++j) {
+        for (std::int64_t i = 0; i < g_.kh; ++i) {
+          for (std::int64_t j = 0; j < g_.kw; ++j) {
             double acc = 0;
-            for (std::int64_t o = 0; o < oh_; ++o) {
-              const std::int64_t ih = o * sh_ - ph_ + i * dh_;
-              if (ih >= 0 && ih < h_) acc += rs[ih * kw_ + j];
+            for (std::int64_t o = 0; o < g_.oh; ++o) {
+              const std::int64_t ih = o * g_.sh - g_.ph + i * g_.dh;
+              if (ih >= 0 && ih < g_.h) acc += rs[ih * g_.kw + j];
             }
-            narrow_store(y, dt_, (p * kh_ + i) * kw_ + j, static_cast<float>(acc * inv));
+            narrow_store(y, dt_, (p * g_.kh + i) * g_.kw + j, static_cast<float>(acc * inv));
           }
         }
       }
@@ -471,34 +466,34 @@ class ConvPatchMeanKernel final : public Kernel {
  private:
   /// out[j] = the sum of row[ow * sw - pw + j * dw] over the output columns ow that land inside.
   void row_sums(const float* row, double* out) const {
-    if (sw_ == 1) {
+    if (g_.sw == 1) {
       double total = 0, t1 = 0, t2 = 0, t3 = 0;
       std::int64_t k = 0;
-      for (; k + 4 <= w_; k += 4) {
+      for (; k + 4 <= g_.w; k += 4) {
         total += row[k];
         t1 += row[k + 1];
         t2 += row[k + 2];
         t3 += row[k + 3];
       }
-      for (; k < w_; ++k) total += row[k];
+      for (; k < g_.w; ++k) total += row[k];
       total += t1 + t2 + t3;
-      for (std::int64_t j = 0; j < kw_; ++j) {
+      for (std::int64_t j = 0; j < g_.kw; ++j) {
         // Columns j * dw - pw .. j * dw - pw + ow - 1, clipped to the row: the total less the
         // columns before and after.
-        const std::int64_t lo = j * dw_ - pw_, hi = lo + ow_;
+        const std::int64_t lo = j * g_.dw - g_.pw, hi = lo + g_.ow;
         double s = total;
-        for (std::int64_t q = 0; q < std::min(lo, w_); ++q) s -= row[q];
-        for (std::int64_t q = std::max<std::int64_t>(hi, 0); q < w_; ++q) s -= row[q];
-        if (lo >= w_ || hi <= 0) s = 0;
+        for (std::int64_t q = 0; q < std::min(lo, g_.w); ++q) s -= row[q];
+        for (std::int64_t q = std::max<std::int64_t>(hi, 0); q < g_.w; ++q) s -= row[q];
+        if (lo >= g_.w || hi <= 0) s = 0;
         out[j] = s;
       }
       return;
     }
-    for (std::int64_t j = 0; j < kw_; ++j) {
+    for (std::int64_t j = 0; j < g_.kw; ++j) {
       double s = 0;
-      for (std::int64_t o = 0; o < ow_; ++o) {
-        const std::int64_t iw = o * sw_ - pw_ + j * dw_;
-        if (iw >= 0 && iw < w_) s += row[iw];
+      for (std::int64_t o = 0; o < g_.ow; ++o) {
+        const std::int64_t iw = o * g_.sw - g_.pw + j * g_.dw;
+        if (iw >= 0 && iw < g_.w) s += row[iw];
       }
       out[j] = s;
     }
@@ -506,7 +501,7 @@ class ConvPatchMeanKernel final : public Kernel {
 
   int x_, y_;
   DType dt_;
-  std::int64_t n_, c_, h_, w_, kh_, kw_, sh_, sw_, ph_, pw_, dh_, dw_, oh_, ow_;
+  ConvGeom g_;
   int threads_ = 1;
   std::size_t thread_bytes_ = 0;
 };

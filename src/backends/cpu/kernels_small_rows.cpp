@@ -215,9 +215,7 @@ class SmallRowsLinearKernel final : public Kernel {
     const std::byte* w = cx.values[w_];
     const std::byte* b = b_ >= 0 ? cx.values[b_] : nullptr;
     std::byte* y = cx.values[y_];
-    auto task = [&](std::int64_t t) {
-      const std::int64_t n0 = t * rows_per_task_;
-      const std::int64_t n1 = std::min(n_, n0 + rows_per_task_);
+    auto rows = [&](std::int64_t n0, std::int64_t n1) {  // outputs [n0, n1) of every row
       if (bf16_) {
         run_rows(x, reinterpret_cast<const std::uint16_t*>(w), b, y, n0, n1);
       } else {
@@ -225,16 +223,14 @@ class SmallRowsLinearKernel final : public Kernel {
       }
     };
     // A pool of one thread, or none (a caller without one), runs the tasks in order.
-    const std::int64_t tasks = cx.pool && cx.pool->threads() > 1 ? tasks_ : 1;
-    if (tasks == 1) {
-      if (bf16_) {
-        run_rows(x, reinterpret_cast<const std::uint16_t*>(w), b, y, 0, n_);
-      } else {
-        run_rows(x, reinterpret_cast<const float*>(w), b, y, 0, n_);
-      }
+    if (!cx.pool || cx.pool->threads() <= 1 || tasks_ == 1) {
+      rows(0, n_);
       return;
     }
-    cx.pool->run(tasks, task);
+    cx.pool->run(tasks_, [&](std::int64_t t) {
+      const std::int64_t n0 = t * rows_per_task_;
+      rows(n0, std::min(n_, n0 + rows_per_task_));
+    });
   }
 
  private:
