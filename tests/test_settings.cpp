@@ -9,6 +9,7 @@
 #include <string>
 #include <thread>
 
+#include "backends/cpu/executor.h"
 #include "compiler/artifact.h"
 #include "core/log.h"
 #include "pipeline_util.h"
@@ -48,27 +49,30 @@ class ScopedEnv {
   std::optional<std::string> old_;
 };
 
-/// A compiled and loaded tensor-parallel MLP (tests/pipeline_util.h) at batch 2.
+/// A compiled and loaded tensor-parallel MLP (tests/pipeline_util.h) at batch `batch`.
 std::unique_ptr<TestWrapper<ParallelMlp>> load_mlp(const TempDir& dir, RuntimeConfig rc,
-                                                   const std::string& tag) {
-  rc.batch_size = 2;
+                                                   const std::string& tag, std::int64_t batch = 2) {
+  rc.batch_size = batch;
   auto w = std::make_unique<TestWrapper<ParallelMlp>>(
       InferenceConfig(rc), WrapperOptions{.tag = tag},
-      std::vector<std::vector<Tensor>>{{Tensor::zeros({2, 16})}});
+      std::vector<std::vector<Tensor>>{{Tensor::zeros({batch, 16})}});
   safetensors::save(dir.str("mlp.safetensors"), nn::random_state_dict(ParallelMlp(), 5));
   w->compile(dir.str("mlp.safetensors"), dir.str(tag));
   w->load(dir.str(tag));
   return w;
 }
 
-/// The OpenMP thread count each rank thread of `tp` ranks runs its kernels with, read on the
-/// rank threads themselves after `w` ran there (load() warms every bucket up).
+/// The OpenMP thread count each rank thread of `tp` ranks ran its kernels with, read on the
+/// rank threads themselves after the stage ran there (load() warms every bucket up). The MLP
+/// must be loaded at a batch with enough work that no rank's task runs on the calling thread
+/// (a light stage's first rank does): kHeavyBatch.
+constexpr std::int64_t kHeavyBatch = 1024;
 std::vector<int> rank_omp_threads(int tp) {
   auto group = RankGroup::get(DeviceKind::Cpu, tp);
   std::vector<int> seen(static_cast<std::size_t>(tp), -1);
   group->submit(
       [](void* ctx, int rank) {
-        (*static_cast<std::vector<int>*>(ctx))[rank] = omp_get_max_threads();
+        (*static_cast<std::vector<int>*>(ctx))[rank] = cpu::last_run_threads();
       },
       &seen);
   for (int r = 0; r < tp; ++r) group->stream(r).synchronize();
@@ -187,28 +191,28 @@ TEST(Log, IgnoredAndDroppedCheckpointKeysAreInfoLines) {
 
 TEST(Threads, NumThreadsIsSplitOverTheRanks) {
   TempDir dir;
-  auto w = load_mlp(dir, {.tp_degree = 2, .num_threads = 6}, "six");
+  auto w = load_mlp(dir, {.tp_degree = 2, .num_threads = 6}, "six", kHeavyBatch);
   EXPECT_EQ(rank_omp_threads(2), (std::vector<int>{3, 3}));
 }
 
 TEST(Threads, OmpNumThreadsIsHonouredByDefault) {
   ScopedEnv env("OMP_NUM_THREADS", "10");
   TempDir dir;
-  auto w = load_mlp(dir, {.tp_degree = 2}, "omp");
+  auto w = load_mlp(dir, {.tp_degree = 2}, "omp", kHeavyBatch);
   EXPECT_EQ(rank_omp_threads(2), (std::vector<int>{5, 5}));
 }
 
 TEST(Threads, NumThreadsWinsOverOmpNumThreads) {
   ScopedEnv env("OMP_NUM_THREADS", "10");
   TempDir dir;
-  auto w = load_mlp(dir, {.tp_degree = 1, .num_threads = 3}, "three");
+  auto w = load_mlp(dir, {.tp_degree = 1, .num_threads = 3}, "three", kHeavyBatch);
   EXPECT_EQ(rank_omp_threads(1), (std::vector<int>{3}));
 }
 
 TEST(Threads, DefaultIsTheCores) {
   ScopedEnv env("OMP_NUM_THREADS", std::nullopt);
   TempDir dir;
-  auto w = load_mlp(dir, {.tp_degree = 2}, "cores");
+  auto w = load_mlp(dir, {.tp_degree = 2}, "cores", kHeavyBatch);
   int each = std::max(1, cores() / 2);
   EXPECT_EQ(rank_omp_threads(2), (std::vector<int>{each, each}));
 }

@@ -11,13 +11,27 @@ std::int64_t front_dim(std::int64_t d, int rank) { return d < 0 ? d + rank : d; 
 
 }  // namespace
 
-std::string batch_split_blocker(const Graph& g, std::int64_t batch) {
+std::string rank_dependence(const Graph& g) {
   for (const GraphParam& p : g.params) {
     if (p.shard_dim >= 0) return "parameter '" + p.key + "' is sharded";
   }
   for (const GraphInput& in : g.inputs) {
     if (in.is_state()) return "it reads the state '" + in.name + "'";
   }
+  for (const Node& n : g.nodes) {
+    auto where = [&] { return std::string(op_name(n.op)) + (n.scope.empty() ? "" : " in " + n.scope); };
+    if (n.op == OpKind::AllReduce || n.op == OpKind::AllGather) return where() + " is a collective";
+    if (n.op == OpKind::StateWrite) return where() + " writes a state";
+    if (n.op == OpKind::Embedding && n.attrs.i("vocab_per_rank", 0) > 0) {
+      return where() + " reads a vocabulary split over the ranks";
+    }
+    if (n.op == OpKind::Slice && n.attrs.i("rank_stride", 0) != 0) return where() + " takes rows by rank";
+  }
+  return "";
+}
+
+std::string batch_split_blocker(const Graph& g, std::int64_t batch) {
+  if (std::string why = rank_dependence(g); !why.empty()) return why;
   // rows[v]: value v has the batch rows on dim 0 (size `batch`), row i depending only on row i
   // of the data inputs. A value that depends on no data input (a parameter, a constant) is
   // free; any other value mixes rows.
@@ -68,15 +82,12 @@ std::string batch_split_blocker(const Graph& g, std::int64_t batch) {
     switch (n.op) {
       case OpKind::AllReduce:
       case OpKind::AllGather:
-        return where + " is a collective";
       case OpKind::StateWrite:
-        return where + " writes a state";
+        break;  // rank_dependence() refused them
       case OpKind::Embedding:
-        if (n.attrs.i("vocab_per_rank", 0) > 0) return where + " reads a vocabulary split over the ranks";
         keeps = first_only();
         break;
       case OpKind::Slice:
-        if (n.attrs.i("rank_stride", 0) != 0) return where + " takes rows by rank";
         keeps = first_only() && int_attr("dim", in_shape(0).rank()) != 0;
         break;
       case OpKind::Full:

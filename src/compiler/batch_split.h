@@ -20,4 +20,11 @@ namespace devpipe {
 /// the batch into another dim also keeps the stage replicated.
 std::string batch_split_blocker(const Graph& graph, std::int64_t batch);
 
+/// Why the ranks running `graph` would compute different values, or "" when every rank
+/// computes the same ones from the same inputs: a sharded parameter, a state (each rank's own),
+/// a collective, a state write, an embedding over a vocabulary split over the ranks or a slice
+/// taken by rank. A graph without any (a replicated stage whose batch is not split) may be run
+/// by one rank for all of them where their memory is shared (see ModelWrapper::forward).
+std::string rank_dependence(const Graph& graph);
+
 }  // namespace devpipe

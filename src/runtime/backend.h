@@ -113,6 +113,10 @@ class Backend {
   /// True when the device memory of every rank is the host's memory (the cpu backend): host
   /// inputs that need no padding are then read where they lie instead of being copied.
   virtual bool device_memory_is_host() const { return false; }
+  /// True when an executable's run() does its work on the calling host thread, on any thread
+  /// (the cpu backend): the runtime may then run a light stage on the thread that submits it
+  /// instead of handing it to the rank's stream.
+  virtual bool runs_on_calling_thread() const { return false; }
   /// Sets `bytes` bytes at `dst` to zero. The default serves host memory only.
   virtual void fill_zero(void* dst, Device device, std::size_t bytes);
 };

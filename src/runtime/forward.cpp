@@ -612,6 +612,13 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
     }
   }
   job.single = job.chunks.size() == 1;
+  // Whether the first local rank computes for all of them, and whether its task may run on
+  // this thread (Impl::once, Impl::light): only when every chunk's bucket allows it.
+  bool once = local.size() > 1, light = true;
+  for (const Chunk& c : job.chunks) {
+    once = once && im.once[c.bucket];
+    light = light && im.light[c.bucket];
+  }
   if (!job.single && !m.states.empty()) {
     throw InvalidArgument(prefix(tag) + "batch " + std::to_string(batch) + " exceeds the largest batch bucket " +
                           std::to_string(m.buckets[job.chunks[0].bucket].batch) +
@@ -637,6 +644,10 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
     Device dev = be.device_for_rank(rk, tp);
     res.per_rank[r].resize(m.outputs.size());
     for (std::size_t o = 0; o < m.outputs.size(); ++o) {
+      if (once && rk != first) {  // the first rank's buffer, which this rank's memory is too
+        res.per_rank[r][o] = res.per_rank[static_cast<std::size_t>(first)][o];
+        continue;
+      }
       job.shape = out_shapes[o];
       job.shape[0] = out_rows;
       be.allocate_into(res.per_rank[r][o], job.shape, m.outputs[o].dtype, dev);
@@ -665,16 +676,18 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   }
   for (int rk : local) {
     const auto r = static_cast<std::size_t>(rk);
-    job.ranks[r]->done.reset();
-    res.ready[r] = &job.ranks[r]->done;
-    res.rank_counts[r] = &job.ranks[r]->counts;
+    const bool runs = !once || rk == first;
+    if (runs) job.ranks[r]->done.reset();
+    // A rank the first one computes for is ready when the first one is, and moved nothing.
+    res.ready[r] = &job.ranks[runs ? r : static_cast<std::size_t>(first)]->done;
+    res.rank_counts[r] = runs ? &job.ranks[r]->counts : nullptr;
   }
   job.host_counts = TransferStats();
   job.host_counts.forwards = 1;
   res.host_counts = &job.host_counts;
-  job.pending.store(static_cast<int>(local.size()), std::memory_order_relaxed);
+  job.pending.store(once ? 1 : static_cast<int>(local.size()), std::memory_order_relaxed);
   job.self = held;
-  im.group->submit(&run_rank, &job);
+  im.group->submit(&run_rank, &job, once ? first : -1, light);
 
   if (!job.host_result) {
     return Output(RankedTensors(std::shared_ptr<const detail::RankedData>(held, &job.result)));
@@ -685,7 +698,7 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   job.finished.wait();
   try {
     for (int rk : local) {
-      const detail::EventState& done = job.ranks[static_cast<std::size_t>(rk)]->done;
+      const detail::EventState& done = *res.ready[static_cast<std::size_t>(rk)];
       if (std::exception_ptr e = done.error()) std::rethrow_exception(e);
       if (DeviceEvent* e = done.device()) e->synchronize();  // the device has run the stage
     }
@@ -721,7 +734,9 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
     for (Tensor& t : outs) detail::TensorAccess::drop(t);
   }
   job.total = job.host_counts;
-  for (int rk : local) job.total += job.ranks[static_cast<std::size_t>(rk)]->counts;
+  for (int rk : local) {
+    if (const TransferStats* c = res.rank_counts[static_cast<std::size_t>(rk)]) job.total += *c;
+  }
   return Output(Output::SharedHost{}, std::shared_ptr<const std::vector<Tensor>>(held, &job.host_out),
                 std::shared_ptr<const TransferStats>(held, &job.total),
                 std::shared_ptr<const BucketInfo>(held, &job.result.bucket));

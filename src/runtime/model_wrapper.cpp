@@ -20,6 +20,7 @@
 #include "devpipe/timeline.h"
 #include "devpipe/trace.h"
 #include "devpipe/world.h"
+#include "graph/cost.h"
 #include "io/checkpoint.h"
 #include "runtime/backend.h"
 #include "runtime/checkpoint_keys.h"
@@ -675,6 +676,14 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
             impl->backend->compile(b.graph, impl->rank_params[static_cast<std::size_t>(r)], info);
       }
       impl->executables.push_back(std::move(per_rank));
+      bool one_device = true;
+      for (int r : local) one_device = one_device && impl->backend->device_for_rank(r, rc.tp_degree) ==
+                                                         impl->backend->device_for_rank(local.front(), rc.tp_degree);
+      impl->once.push_back(local.size() > 1 && one_device && impl->backend->device_memory_is_host() &&
+                           rank_dependence(b.graph).empty());
+      const GraphCost cost = graph_cost(b.graph);
+      impl->light.push_back(impl->backend->runs_on_calling_thread() && cost.flops <= kLightFlops &&
+                            cost.min_bytes() + cost.intermediate_bytes <= kLightBytes);
       report("built bucket " + bucket_text(b.batch, b.dims));
     }
     // Named dims: one index per name, the full shapes of every bucket.

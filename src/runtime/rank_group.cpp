@@ -105,9 +105,22 @@ std::size_t RankGroups::live() const {
   return n;
 }
 
-void RankGroup::submit(void (*fn)(void* context, int rank), void* context) {
-  std::lock_guard lock(submit_mu_);
-  for (int r : ranks_) stream(r).enqueue(StreamTask{fn, context, r});
+void RankGroup::submit(void (*fn)(void* context, int rank), void* context, int only, bool on_caller) {
+  const int here = only >= 0 ? only : ranks_.front();  // the rank the caller may run
+  bool claimed = false;
+  {
+    std::lock_guard lock(submit_mu_);
+    for (int r : ranks_) {
+      if (r != here && only < 0) stream(r).enqueue(StreamTask{fn, context, r});
+    }
+    // Claimed under the lock: a later submission queues behind this task on every stream.
+    claimed = on_caller && stream(here).claim_if_idle();
+    if (!claimed) stream(here).enqueue(StreamTask{fn, context, here});
+  }
+  if (claimed) {
+    fn(context, here);
+    stream(here).end_claim();
+  }
 }
 
 void RankGroup::mark_failed() {

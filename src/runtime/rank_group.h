@@ -59,11 +59,14 @@ class RankGroup {
   /// What an executable of rank `rank` (one this process runs) is compiled with: the group's
   /// communicator and device collectives, `num_threads` host threads.
   RankInfo rank_info(int rank, int num_threads);
-  /// Queues `fn(context, r)` on the stream of every rank r this process runs, atomically with
-  /// respect to other submissions: every stream sees the group's work in the same order, so the
-  /// collectives of two stages submitted from different threads cannot pair up across stages.
-  /// Allocates nothing in steady state.
-  void submit(void (*fn)(void* context, int rank), void* context);
+  /// Queues `fn(context, r)` on the stream of every rank r this process runs (only on rank
+  /// `only` when it is >= 0), atomically with respect to other submissions: every stream sees
+  /// the group's work in the same order, so the collectives of two stages submitted from
+  /// different threads cannot pair up across stages. With `on_caller`, the first of those
+  /// ranks' task runs on the calling thread before submit() returns when that rank's stream is
+  /// idle (RankStream::claim_if_idle); the others are queued first, so collectives between them
+  /// pair up as usual. Allocates nothing in steady state.
+  void submit(void (*fn)(void* context, int rank), void* context, int only = -1, bool on_caller = false);
   Communicator& comm() { return *comm_; }
   /// The backend's device collectives for the group, or null (the cpu backend).
   DeviceCollectives* collectives() { return collectives_.get(); }

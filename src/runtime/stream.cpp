@@ -86,6 +86,25 @@ void RankStream::synchronize() {
   idle_cv_.wait(lock, [&] { return count_ == 0 && !running_task_; });
 }
 
+bool RankStream::claim_if_idle() {
+  std::lock_guard lock(mu_);
+  if (count_ != 0 || running_task_) return false;
+  running_task_ = true;
+  claimed_runs_.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+void RankStream::end_claim() {
+  bool more;
+  {
+    std::lock_guard lock(mu_);
+    running_task_ = false;
+    more = count_ > 0;
+    if (!more) idle_cv_.notify_all();
+  }
+  if (more) cv_.notify_one();
+}
+
 void RankStream::loop() {
   for (;;) {
     StreamTask task;
@@ -98,7 +117,8 @@ void RankStream::loop() {
     }
     {
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || count_ > 0; });
+      // A claiming thread's task runs first: the stream's own wait behind it.
+      cv_.wait(lock, [&] { return !running_task_ && (stop_ || count_ > 0); });
       if (count_ == 0) return;  // stop requested and drained
       task = ring_[head_];
       head_ = (head_ + 1) % ring_.size();

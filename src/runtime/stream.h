@@ -70,8 +70,16 @@ class RankStream {
 
   /// Queues `task` to run on the stream's thread; non-blocking.
   void enqueue(StreamTask task);
-  /// Blocks until every queued task has run.
+  /// Blocks until every queued task has run (and a claim by the caller's thread ended).
   void synchronize();
+  /// When nothing is queued or running, marks the stream busy for the calling thread, which may
+  /// then run one task itself, in order with the stream's others: tasks queued meanwhile wait
+  /// for end_claim(). Returns false, claiming nothing, when the stream has work.
+  bool claim_if_idle();
+  /// Ends a claim_if_idle() claim: the stream goes on with what was queued meanwhile.
+  void end_claim();
+  /// Tasks run by claiming threads instead of the stream's own (for tests and statistics).
+  std::size_t claimed_runs() const { return claimed_runs_.load(std::memory_order_relaxed); }
 
  private:
   void loop();
@@ -84,7 +92,8 @@ class RankStream {
   std::size_t head_ = 0;   // next task to run
   std::size_t count_ = 0;  // tasks queued
   std::atomic<std::size_t> queued_{0};  // count_, readable without the lock (for spinning)
-  bool running_task_ = false;
+  bool running_task_ = false;  // the stream's thread, or a claiming thread, runs a task
+  std::atomic<std::size_t> claimed_runs_{0};
   bool stop_ = false;
   std::thread thread_;
 };

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -23,6 +24,12 @@ class JobPool;
 std::shared_ptr<JobPool> make_job_pool();
 }  // namespace wrapper_detail
 
+/// A bucket whose graph asks for at most this much work (graph_cost: FLOPs, and the bytes of its
+/// parameters, inputs, outputs and intermediates) is light (Impl::light): it runs in about the
+/// microseconds that waking a rank's stream thread and waiting for it take.
+inline constexpr double kLightFlops = 1 << 20;
+inline constexpr std::uint64_t kLightBytes = 256 << 10;
+
 struct ModelWrapper::Impl {
   Manifest manifest;
   Backend* backend = nullptr;
@@ -31,6 +38,13 @@ struct ModelWrapper::Impl {
   std::vector<std::vector<Tensor>> rank_params;         // [rank][graph.params order]
   // executables_[bucket index][rank]
   std::vector<std::vector<std::unique_ptr<Executable>>> executables;
+  // Per bucket, how a forward runs it (see run_forward): `once`: every local rank would compute
+  // the same values (no rank_dependence) into memory all of them read (the backend's device
+  // memory is the host's, one device): the first local rank runs it and the others' outputs
+  // are its buffers. `light`: so little work (kLightFlops, kLightBytes) that handing it to a
+  // stream costs more than running it: on a backend that runs on the calling thread, the first
+  // local rank's task runs on the thread that calls forward() when that rank's stream is idle.
+  std::vector<char> once, light;
   // Reusable per-forward state, shared with the jobs handed out (they come back to it).
   std::shared_ptr<wrapper_detail::JobPool> jobs;
   // States: the store's buffers [rank][manifest.states order], and the pointers runs get

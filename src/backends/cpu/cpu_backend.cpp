@@ -17,6 +17,7 @@ class CpuBackend final : public Backend {
  public:
   DeviceKind kind() const override { return DeviceKind::Cpu; }
   bool device_memory_is_host() const override { return true; }
+  bool runs_on_calling_thread() const override { return true; }
 
   /// Every rank runs on the host: one device, cpu:0.
   int device_count() const override { return 1; }

@@ -65,6 +65,12 @@ class NoopKernel : public Kernel {
 
 }  // namespace
 
+namespace {
+thread_local int t_last_run_threads = 0;
+}  // namespace
+
+int last_run_threads() { return t_last_run_threads; }
+
 void CpuExecutable::ArenaFree::operator()(std::byte* p) const { std::free(p); }
 
 CpuExecutable::CpuExecutable(const Graph& graph, const std::vector<Tensor>& params,
@@ -177,9 +183,10 @@ void CpuExecutable::run(const std::vector<const void*>& inputs, const std::vecto
                           std::to_string(graph_.inputs.size()) + " and " +
                           std::to_string(graph_.outputs.size()));
   }
+  OmpThreadsScope restore(0);  // the caller's count again when the run ends (or throws)
   if (rank_.num_threads > 0) omp_set_num_threads(rank_.num_threads);
   const int team = omp_get_max_threads();
-  OmpThreadsScope restore(0);  // the team's count again when the run ends (or throws)
+  t_last_run_threads = team;
   bool serial = false;         // whether the OpenMP thread count is 1 now
   auto threads_for = [&](const Step& s) {
     if (s.serial != serial) {

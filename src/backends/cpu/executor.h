@@ -14,6 +14,10 @@
 
 namespace devpipe::cpu {
 
+/// The OpenMP thread count the calling thread's last CpuExecutable::run() gave its kernels (the
+/// rank's num_threads, else the thread's own count), or 0 when the thread ran none (tests).
+int last_run_threads();
+
 /// The cpu backend's Executable. Memory is planned by the compiler pass plan_views/plan_arena
 /// (compiler/memory_plan.h): intermediates and the kernels' scratch share one 64-byte aligned
 /// arena; graph inputs and in-place outputs are the caller's buffers, bound per run.
