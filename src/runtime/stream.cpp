@@ -9,17 +9,23 @@ namespace devpipe {
 namespace detail {
 
 void EventState::signal(std::exception_ptr error) {
-  {
-    std::lock_guard lock(mu_);
-    done_ = true;
-    error_ = std::move(error);
+  error_ = std::move(error);
+  done_.store(true);
+  if (waiters_.load() > 0) {
+    { std::lock_guard lock(mu_); }  // a waiter between its check and its sleep holds the mutex
+    cv_.notify_all();
   }
-  cv_.notify_all();
 }
 
 void EventState::wait_queued() const {
-  std::unique_lock lock(mu_);
-  cv_.wait(lock, [&] { return done_; });
+  if (!done_.load()) {
+    waiters_.fetch_add(1);
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [&] { return done_.load(); });
+    }
+    waiters_.fetch_sub(1);
+  }
   if (error_) std::rethrow_exception(error_);
 }
 
@@ -28,20 +34,13 @@ void EventState::wait() const {
   if (device_) device_->synchronize();
 }
 
-bool EventState::ready() const {
-  std::lock_guard lock(mu_);
-  return done_;
-}
+bool EventState::ready() const { return done_.load(); }
 
-std::exception_ptr EventState::error() const {
-  std::lock_guard lock(mu_);
-  return error_;
-}
+std::exception_ptr EventState::error() const { return done_.load() ? error_ : nullptr; }
 
 void EventState::reset() {
-  std::lock_guard lock(mu_);
-  done_ = false;
   error_ = nullptr;
+  done_.store(false);
 }
 
 }  // namespace detail

@@ -39,9 +39,14 @@ class EventState {
   void reset();
 
  private:
+  // done_ is set once per use by signal(), after error_; a waiter that finds it unset counts
+  // itself in waiters_ and sleeps on cv_, and signal() takes the mutex to wake it only when
+  // someone waits (both sides sequentially consistent: either the waiter sees done_, or
+  // signal() sees the waiter). A finished event costs a load to check.
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
-  bool done_ = false;
+  std::atomic<bool> done_{false};
+  mutable std::atomic<int> waiters_{0};
   std::exception_ptr error_;
   DeviceEvent* device_ = nullptr;
 };
