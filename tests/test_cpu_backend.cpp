@@ -297,7 +297,9 @@ TEST(CpuBackend, ConvGlobalAvgPoolEveryIsaPathMatchesReference) {
 
 // The skinny Linear kernels on each vector path (baseline: oneDNN's matmul) against the
 // reference: the large workload's two shapes, scaled down in rows but not in channels, and
-// shapes that leave tails (rows, channel blocks, K) on each path.
+// shapes that leave tails (rows, channel blocks, K) on each path. Rows run in WorkPool tasks of
+// 64; reduce in blocks of 16 rows (2 at a time on AVX-512) over K chunks of 256. Each case runs
+// on a team of 2 (the pool) and of 1 (no pool).
 TEST(CpuBackend, SkinnyLinearEveryIsaPathMatchesReference) {
   using cpu::CpuIsa;
   using cpu::cpu_isa;
@@ -312,24 +314,33 @@ TEST(CpuBackend, SkinnyLinearEveryIsaPathMatchesReference) {
   for (const Case& c : {Case{{2, 601, 8}, 1280, SkinnyForm::Expand},
                         Case{{2, 601, 1280}, 8, SkinnyForm::Reduce},
                         Case{{1, 1027, 5}, 80, SkinnyForm::Expand},      // channel blocks + tail
-                        Case{{1, 1027, 100}, 5, SkinnyForm::Reduce}}) {  // K tail on every path
+                        Case{{1, 1027, 100}, 5, SkinnyForm::Reduce},     // K tail on every path
+                        // 8.4 MB out: the streamed stores, 3 rows after the 4-row blocks
+                        Case{{2051, 8}, 1024, SkinnyForm::Expand},
+                        // a K chunk of 256 and a tail of 44 (12 after the 16 lanes, 4 after 8);
+                        // 7 rows in the last block (an odd row on AVX-512)
+                        Case{{1, 1031, 300}, 7, SkinnyForm::Reduce}}) {
+    const std::int64_t k = c.x.dim(-1);
     Graph g = trace(DType::Float32, {{"x", vi(c.x, DType::Float32)}}, [&](const std::vector<Var>& v) {
-      return std::vector<Var>{F::linear(v[0], param("w", {c.out, c.x.dim(-1)}), param("b", {c.out}))};
+      return std::vector<Var>{F::linear(v[0], param("w", {c.out, k}), param("b", {c.out}))};
     });
     auto params = random_params(g);
     Tensor x = Tensor::randn(c.x, 5);
     auto want = run_reference(g, {x}, params);
+    const std::int64_t m = c.x.numel() / k;
     for (CpuIsa isa : {CpuIsa::Baseline, CpuIsa::Avx2, CpuIsa::Avx512}) {
       if (isa > best) continue;
-      EXPECT_EQ(cpu::skinny_linear_form(c.x[0] * c.x[1], c.x[2], c.out, isa),
+      EXPECT_EQ(cpu::skinny_linear_form(m, k, c.out, isa),
                 isa == CpuIsa::Baseline ? SkinnyForm::None : c.form)
           << isa_name(isa);
       IsaCap cap(isa_name(isa).data());
-      auto exe = cpu_backend().compile(g, params, RankInfo{0, 1, nullptr, 2});
-      Tensor y = Tensor::empty(want[0].shape(), DType::Float32);
-      exe->run({x.raw_data()}, {y.raw_data()});
-      EXPECT_TRUE(testing::tensors_close(y, want[0], 1e-4, 1e-5))
-          << isa_name(isa) << " " << c.x.to_string() << " -> " << c.out;
+      for (int threads : {2, 1}) {
+        auto exe = cpu_backend().compile(g, params, RankInfo{0, 1, nullptr, threads});
+        Tensor y = Tensor::empty(want[0].shape(), DType::Float32);
+        exe->run({x.raw_data()}, {y.raw_data()});
+        EXPECT_TRUE(testing::tensors_close(y, want[0], 1e-4, 1e-5))
+            << isa_name(isa) << " " << threads << " threads " << c.x.to_string() << " -> " << c.out;
+      }
     }
   }
 }

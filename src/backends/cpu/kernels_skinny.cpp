@@ -6,11 +6,12 @@
 //
 // expand: a block of 4 rows x 4 (AVX-512) or 2 (AVX2) vectors of output channels in registers,
 //         the bias as the accumulators' start, one broadcast of x per row and input channel.
-// reduce: each row's K values are read once; the N <= 8 dot products accumulate in vector
-//         lanes (AVX-512: 2 rows at a time), then one horizontal reduction per row.
-// Chosen at compile time by make_skinny_linear_kernel; other shapes keep oneDNN.
-#include <omp.h>
-
+// reduce: blocks of 16 rows walk K in chunks of 256 (so the chunk's weights stay in L1 beside
+//         the x stream), the N <= 8 dot products accumulating in vector lanes (AVX-512: 2 rows
+//         at a time), with a prefetch into L2 one block ahead; one horizontal reduction per row.
+// The rows are split into tasks of 64 on the executable's WorkPool (claimed by whichever
+// threads run, so a descheduled one does not hold the kernel up). Chosen at compile time by
+// make_skinny_linear_kernel; other shapes keep oneDNN.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -21,6 +22,7 @@
 
 #include "backends/cpu/cpu_isa.h"
 #include "backends/cpu/kernel.h"
+#include "backends/cpu/work_pool.h"
 
 namespace devpipe::cpu {
 
@@ -31,33 +33,47 @@ constexpr std::int64_t kMaxReduceN = 8;
 constexpr std::int64_t kMinRows = 1024;
 /// Outputs at least this large are written with non-temporal stores.
 constexpr std::size_t kStreamBytes = 8u << 20;
-/// How far ahead of the reads the reduce kernel prefetches.
-constexpr int kPrefetchBytes = 2048;
+/// The reduce kernel's row block and K chunk (a multiple of 16).
+constexpr std::int64_t kReduceRows = 16;
+constexpr std::int64_t kReduceChunk = 256;
+/// Rows per WorkPool task (a multiple of the expand kernel's 4 and of kReduceRows).
+constexpr std::int64_t kTaskRows = 64;
 
 std::int64_t round_up(std::int64_t n, std::int64_t m) { return (n + m - 1) / m * m; }
 
 #if defined(__x86_64__)
 
 // ---- expand: y[r, n] = b[n] + sum_k x[r, k] * wt[k, n] ----
+// The unroll pragmas keep the R x NV accumulators in registers: without them GCC 12 keeps the
+// array in memory around the runtime k loop (a spill and a reload of every accumulator per
+// block, which doubled the kernel's instruction count).
 
 template <int R, int NV, bool kStream>
 __attribute__((target("avx512f,avx2,fma"))) inline void expand_block_avx512(
-    const float* x, std::int64_t k, const float* wt, const float* bias, std::int64_t n,
-    std::int64_t n0, float* y) {
+    const float* __restrict x, std::int64_t k, const float* __restrict wt,
+    const float* __restrict bias, std::int64_t n, std::int64_t n0, float* __restrict y) {
   __m512 a[R][NV];
+#pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
     const __m512 b = _mm512_loadu_ps(bias + n0 + 16 * v);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) a[r][v] = b;
   }
-  for (std::int64_t j = 0; j < k; ++j) {
+  const float* wj = wt + n0;
+  for (std::int64_t j = 0; j < k; ++j, wj += n) {
     __m512 w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(wt + j * n + n0 + 16 * v);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(wj + 16 * v);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 xb = _mm512_set1_ps(x[r * k + j]);
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) a[r][v] = _mm512_fmadd_ps(w[v], xb, a[r][v]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       float* dst = y + r * n + n0 + 16 * v;
       if constexpr (kStream) {
@@ -80,24 +96,31 @@ __attribute__((target("avx512f,avx2,fma"))) void expand_rows_avx512(const float*
 }
 
 template <int R, int NV, bool kStream>
-__attribute__((target("avx2,fma"))) inline void expand_block_avx2(const float* x, std::int64_t k,
-                                                                  const float* wt,
-                                                                  const float* bias, std::int64_t n,
-                                                                  std::int64_t n0, float* y) {
+__attribute__((target("avx2,fma"))) inline void expand_block_avx2(
+    const float* __restrict x, std::int64_t k, const float* __restrict wt,
+    const float* __restrict bias, std::int64_t n, std::int64_t n0, float* __restrict y) {
   __m256 a[R][NV];
+#pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
     const __m256 b = _mm256_loadu_ps(bias + n0 + 8 * v);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) a[r][v] = b;
   }
-  for (std::int64_t j = 0; j < k; ++j) {
+  const float* wj = wt + n0;
+  for (std::int64_t j = 0; j < k; ++j, wj += n) {
     __m256 w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_ps(wt + j * n + n0 + 8 * v);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_ps(wj + 8 * v);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_broadcast_ss(x + r * k + j);
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) a[r][v] = _mm256_fmadd_ps(w[v], xb, a[r][v]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       float* dst = y + r * n + n0 + 8 * v;
       if constexpr (kStream) {
@@ -118,7 +141,35 @@ __attribute__((target("avx2,fma"))) void expand_rows_avx2(const float* x, std::i
   for (; n0 < n; n0 += 8) expand_block_avx2<R, 1, kStream>(x, k, wt, bias, n, n0, y);
 }
 
+/// Rows [r0, r1) of the expand form: blocks of kExpandRows rows, then one row at a time.
+template <bool kAvx512, bool kStream>
+void expand_rows(const float* x, std::int64_t k, const float* wt, const float* bias,
+                 std::int64_t n, float* y, std::int64_t r0, std::int64_t r1) {
+  constexpr std::int64_t kR = 4;
+  std::int64_t r = r0;
+  for (; r + kR <= r1; r += kR) {
+    if constexpr (kAvx512) {
+      expand_rows_avx512<kR, kStream>(x + r * k, k, wt, bias, n, y + r * n);
+    } else {
+      expand_rows_avx2<kR, kStream>(x + r * k, k, wt, bias, n, y + r * n);
+    }
+  }
+  for (; r < r1; ++r) {
+    if constexpr (kAvx512) {
+      expand_rows_avx512<1, kStream>(x + r * k, k, wt, bias, n, y + r * n);
+    } else {
+      expand_rows_avx2<1, kStream>(x + r * k, k, wt, bias, n, y + r * n);
+    }
+  }
+  if constexpr (kStream) _mm_sfence();  // the streamed stores are visible before the task ends
+}
+
 // ---- reduce: y[r, o] = b[o] + sum_k x[r, k] * w[o, k], o < 8 (w zero padded to 8 rows) ----
+// The weights (8 x K floats, 40 KB at K = 1280) do not share L1 with the x stream well: rows
+// run in blocks of kReduceRows, and each block walks K in chunks of kReduceChunk (8 KB of
+// weights, interleaved [K/L][8][L] for L lanes so a chunk is contiguous), keeping the rows'
+// accumulators in a small buffer between chunks. Every x load is paired with a prefetch into
+// L2 of the same place one block ahead.
 
 /// Lane sums of 8 vectors: {sum(a[0]), ..., sum(a[7])}.
 __attribute__((target("avx2,fma"))) inline __m256 hsum8(const __m256* a) {
@@ -129,49 +180,88 @@ __attribute__((target("avx2,fma"))) inline __m256 hsum8(const __m256* a) {
                        _mm256_permute2f128_ps(h0123, h4567, 0x31));
 }
 
+/// Keeps `v` in a register: GCC would otherwise fold a weight load into each of the R FMAs
+/// that use it (R loads instead of one).
+template <class T>
+inline void in_register(T& v) {
+  asm volatile("" : "+v"(v));
+}
+
 // GCC 12 warns that the _mm512_undefined_ps() inside its own intrinsic headers is used
-// uninitialized (GCC bug 105593, fixed in 13): silenced for this one function.
+// uninitialized (GCC bug 105593, fixed in 13): silenced for these functions.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+/// R rows (x, row stride k), columns [j0, j1) of K: acc[r * 8 + o] += the partial dot products
+/// (zeroed first when `first`). wi: the weights interleaved [kpad / 16][8][16].
 template <int R>
-__attribute__((target("avx512f,avx2,fma"))) void reduce_rows_avx512(const float* x, std::int64_t k,
-                                                                    std::int64_t kpad,
-                                                                    const float* w,
-                                                                    const float* bias,
-                                                                    std::int64_t n, float* y) {
+__attribute__((target("avx512f,avx2,fma"))) inline void reduce_chunk_avx512(
+    const float* x, std::int64_t k, std::int64_t j0, std::int64_t j1, const float* wi, __m512* acc,
+    bool first, std::int64_t ahead) {
   __m512 a[R][kMaxReduceN];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    for (int o = 0; o < kMaxReduceN; ++o) a[r][o] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int o = 0; o < kMaxReduceN; ++o) a[r][o] = first ? _mm512_setzero_ps() : acc[r * 8 + o];
   }
-  std::int64_t j = 0;
-  for (; j + 16 <= k; j += 16) {
+  std::int64_t j = j0;
+  for (; j + 16 <= j1; j += 16) {
     __m512 xv[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       xv[r] = _mm512_loadu_ps(x + r * k + j);
-      _mm_prefetch(reinterpret_cast<const char*>(x + r * k + j) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(x + r * k + j + ahead), _MM_HINT_T1);
     }
+    const float* wj = wi + j * kMaxReduceN;
+#pragma GCC unroll 8
     for (int o = 0; o < kMaxReduceN; ++o) {
-      const __m512 wv = _mm512_loadu_ps(w + o * kpad + j);
+      __m512 wv = _mm512_loadu_ps(wj + 16 * o);
+      if constexpr (R > 1) in_register(wv);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) a[r][o] = _mm512_fmadd_ps(xv[r], wv, a[r][o]);
     }
   }
-  if (j < k) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (k - j)) - 1);
+  if (j < j1) {  // the K tail (last chunk only): the weights are zero padded to kpad
+    const __mmask16 m = static_cast<__mmask16>((1u << (j1 - j)) - 1);
     __m512 xv[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) xv[r] = _mm512_maskz_loadu_ps(m, x + r * k + j);
+    const float* wj = wi + j * kMaxReduceN;
+#pragma GCC unroll 8
     for (int o = 0; o < kMaxReduceN; ++o) {
-      const __m512 wv = _mm512_loadu_ps(w + o * kpad + j);  // zero padded to kpad
+      const __m512 wv = _mm512_loadu_ps(wj + 16 * o);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) a[r][o] = _mm512_fmadd_ps(xv[r], wv, a[r][o]);
     }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int o = 0; o < kMaxReduceN; ++o) acc[r * 8 + o] = a[r][o];
+  }
+}
+
+/// Rows [0, rows) (rows <= kReduceRows) of x into y.
+__attribute__((target("avx512f,avx2,fma"))) void reduce_block_avx512(
+    const float* x, std::int64_t rows, std::int64_t k, const float* wi, const float* bias,
+    std::int64_t n, float* y) {
+  alignas(64) __m512 acc[kReduceRows * kMaxReduceN];
+  const std::int64_t ahead = kReduceRows * k;  // the same place in the next block
+  for (std::int64_t j0 = 0; j0 < k; j0 += kReduceChunk) {
+    const std::int64_t j1 = std::min(k, j0 + kReduceChunk);
+    std::int64_t r = 0;
+    for (; r + 2 <= rows; r += 2) {
+      reduce_chunk_avx512<2>(x + r * k, k, j0, j1, wi, acc + r * 8, j0 == 0, ahead);
+    }
+    if (r < rows) reduce_chunk_avx512<1>(x + r * k, k, j0, j1, wi, acc + r * 8, j0 == 0, ahead);
   }
   const __m256 b = _mm256_loadu_ps(bias);
-  for (int r = 0; r < R; ++r) {
+  for (std::int64_t r = 0; r < rows; ++r) {
     __m256 half[kMaxReduceN];
     for (int o = 0; o < kMaxReduceN; ++o) {
-      const __m512 folded =
-          _mm512_add_ps(a[r][o], _mm512_shuffle_f32x4(a[r][o], a[r][o], _MM_SHUFFLE(1, 0, 3, 2)));
-      half[o] = _mm512_castps512_ps256(folded);
+      const __m512 v = acc[r * 8 + o];
+      half[o] = _mm512_castps512_ps256(
+          _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2))));
     }
     alignas(32) float s[kMaxReduceN];
     _mm256_store_ps(s, _mm256_add_ps(hsum8(half), b));
@@ -180,25 +270,54 @@ __attribute__((target("avx512f,avx2,fma"))) void reduce_rows_avx512(const float*
 }
 #pragma GCC diagnostic pop
 
-__attribute__((target("avx2,fma"))) void reduce_row_avx2(const float* x, std::int64_t k,
-                                                         std::int64_t kpad, const float* w,
-                                                         const float* bias, std::int64_t n,
-                                                         float* y) {
-  __m256 a[kMaxReduceN];
-  for (int o = 0; o < kMaxReduceN; ++o) a[o] = _mm256_setzero_ps();
-  std::int64_t j = 0;
-  for (; j + 8 <= k; j += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + j);
-    for (int o = 0; o < kMaxReduceN; ++o) {
-      a[o] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + o * kpad + j), a[o]);
+/// The AVX2 block: one row at a time (8 accumulators of 8 lanes), the same chunks and
+/// prefetch; wi interleaved [kpad / 8][8][8].
+__attribute__((target("avx2,fma"))) void reduce_block_avx2(const float* x, std::int64_t rows,
+                                                           std::int64_t k, const float* wi,
+                                                           const float* bias, std::int64_t n,
+                                                           float* y) {
+  alignas(32) __m256 acc[kReduceRows * kMaxReduceN];
+  const std::int64_t ahead = kReduceRows * k;
+  alignas(32) std::int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  for (std::int64_t j0 = 0; j0 < k; j0 += kReduceChunk) {
+    const std::int64_t j1 = std::min(k, j0 + kReduceChunk);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * k;
+      __m256 a[kMaxReduceN];
+#pragma GCC unroll 8
+      for (int o = 0; o < kMaxReduceN; ++o) {
+        a[o] = j0 == 0 ? _mm256_setzero_ps() : acc[r * 8 + o];
+      }
+      std::int64_t j = j0;
+      for (; j + 8 <= j1; j += 8) {
+        const __m256 xv = _mm256_loadu_ps(xr + j);
+        _mm_prefetch(reinterpret_cast<const char*>(xr + j + ahead), _MM_HINT_T1);
+        const float* wj = wi + j * kMaxReduceN;
+#pragma GCC unroll 8
+        for (int o = 0; o < kMaxReduceN; ++o) {
+          a[o] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wj + 8 * o), a[o]);
+        }
+      }
+      if (j < j1) {  // the K tail: the weights are zero padded
+        const __m256i m =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - (j1 - j)));
+        const __m256 xv = _mm256_maskload_ps(xr + j, m);
+        const float* wj = wi + j * kMaxReduceN;
+#pragma GCC unroll 8
+        for (int o = 0; o < kMaxReduceN; ++o) {
+          a[o] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wj + 8 * o), a[o]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int o = 0; o < kMaxReduceN; ++o) acc[r * 8 + o] = a[o];
     }
   }
-  alignas(32) float s[kMaxReduceN];
-  _mm256_store_ps(s, _mm256_add_ps(hsum8(a), _mm256_loadu_ps(bias)));
-  for (; j < k; ++j) {
-    for (int o = 0; o < kMaxReduceN; ++o) s[o] += x[j] * w[o * kpad + j];
+  const __m256 b = _mm256_loadu_ps(bias);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    alignas(32) float s[kMaxReduceN];
+    _mm256_store_ps(s, _mm256_add_ps(hsum8(acc + r * 8), b));
+    std::memcpy(y + r * n, s, static_cast<std::size_t>(n) * sizeof(float));
   }
-  std::memcpy(y, s, static_cast<std::size_t>(n) * sizeof(float));
 }
 
 #endif  // __x86_64__
@@ -222,97 +341,92 @@ class SkinnyLinearKernel final : public Kernel {
         }
         bias_.assign(static_cast<std::size_t>(n), 0.f);
         break;
-      case Form::Reduce:  // w[8][kpad], zero padded
-        kpad_ = round_up(k, 16);
-        w_.assign(static_cast<std::size_t>(kMaxReduceN * kpad_), 0.f);
+      case Form::Reduce: {  // wi[kpad / L][8][L] for L lanes, zero padded in K and in the rows
+        const std::int64_t lanes = isa_ == CpuIsa::Avx512 ? 16 : 8;
+        const std::int64_t kpad = round_up(k, 16);
+        w_.assign(static_cast<std::size_t>(kMaxReduceN * kpad), 0.f);
         for (std::int64_t o = 0; o < n; ++o) {
-          std::memcpy(&w_[static_cast<std::size_t>(o * kpad_)], w + o * k,
-                      static_cast<std::size_t>(k) * sizeof(float));
+          for (std::int64_t j = 0; j < k; ++j) {
+            w_[static_cast<std::size_t>((j / lanes * kMaxReduceN + o) * lanes + j % lanes)] =
+                w[o * k + j];
+          }
         }
         bias_.assign(static_cast<std::size_t>(kMaxReduceN), 0.f);
         break;
+      }
     }
     if (b) std::memcpy(bias_.data(), b, static_cast<std::size_t>(n) * sizeof(float));
   }
+
+  bool wants_pool() const override { return true; }
 
   void run(const RunContext& cx) override {
 #if defined(__x86_64__)
     const auto* x = reinterpret_cast<const float*>(cx.values[x_]);
     auto* y = reinterpret_cast<float*>(cx.values[y_]);
-    switch (form_) {
-      case Form::Expand: {
-        const bool stream = reinterpret_cast<std::uintptr_t>(y) % 64 == 0 && (n_ * 4) % 64 == 0 &&
-                            static_cast<std::size_t>(m_ * n_) * sizeof(float) >= kStreamBytes;
-        run_expand(x, y, stream);
-        return;
+    const bool stream = form_ == Form::Expand && reinterpret_cast<std::uintptr_t>(y) % 64 == 0 &&
+                        (n_ * 4) % 64 == 0 &&
+                        static_cast<std::size_t>(m_ * n_) * sizeof(float) >= kStreamBytes;
+    auto rows = [&](std::int64_t r0, std::int64_t r1) {
+      switch (form_) {
+        case Form::Expand:
+          run_expand(x, y, stream, r0, r1);
+          return;
+        case Form::Reduce:
+          run_reduce(x, y, r0, r1);
+          return;
       }
-      case Form::Reduce:
-        run_reduce(x, y);
-        return;
+    };
+    // Tasks of kTaskRows rows, claimed in ascending order (the pool hands out the last first),
+    // so that each thread's reads and writes move forward through memory.
+    const std::int64_t tasks = (m_ + kTaskRows - 1) / kTaskRows;
+    if (!cx.pool || cx.pool->threads() <= 1) {
+      rows(0, m_);
+      return;
     }
+    cx.pool->run(tasks, [&](std::int64_t t) {
+      const std::int64_t r0 = (tasks - 1 - t) * kTaskRows;
+      rows(r0, std::min(m_, r0 + kTaskRows));
+    });
+#else
+    (void)cx;
 #endif
   }
 
  private:
 #if defined(__x86_64__)
-  void run_expand(const float* x, float* y, bool stream) const {
-    constexpr std::int64_t kR = 4;
-    const std::int64_t blocks = m_ / kR;
+  void run_expand(const float* x, float* y, bool stream, std::int64_t r0, std::int64_t r1) const {
     const float* wt = w_.data();
     const float* b = bias_.data();
-    const std::int64_t k = k_, n = n_;
-    const bool avx512 = isa_ == CpuIsa::Avx512;
-#pragma omp parallel
-    {
-#pragma omp for schedule(static)
-      for (std::int64_t i = 0; i < blocks; ++i) {
-        const float* xr = x + i * kR * k;
-        float* yr = y + i * kR * n;
-        if (avx512) {
-          if (stream) {
-            expand_rows_avx512<kR, true>(xr, k, wt, b, n, yr);
-          } else {
-            expand_rows_avx512<kR, false>(xr, k, wt, b, n, yr);
-          }
-        } else if (stream) {
-          expand_rows_avx2<kR, true>(xr, k, wt, b, n, yr);
-        } else {
-          expand_rows_avx2<kR, false>(xr, k, wt, b, n, yr);
-        }
-      }
-      if (stream) _mm_sfence();  // the streamed stores are visible before the next kernel
-    }
-    for (std::int64_t r = blocks * kR; r < m_; ++r) {  // the last rows (fewer than kR)
-      if (avx512) {
-        expand_rows_avx512<1, false>(x + r * k, k, wt, b, n, y + r * n);
+    if (isa_ == CpuIsa::Avx512) {
+      if (stream) {
+        expand_rows<true, true>(x, k_, wt, b, n_, y, r0, r1);
       } else {
-        expand_rows_avx2<1, false>(x + r * k, k, wt, b, n, y + r * n);
+        expand_rows<true, false>(x, k_, wt, b, n_, y, r0, r1);
       }
+    } else if (stream) {
+      expand_rows<false, true>(x, k_, wt, b, n_, y, r0, r1);
+    } else {
+      expand_rows<false, false>(x, k_, wt, b, n_, y, r0, r1);
     }
   }
 
-  void run_reduce(const float* x, float* y) const {
-    const float* w = w_.data();
-    const float* b = bias_.data();
-    const std::int64_t k = k_, n = n_, kpad = kpad_;
-    if (isa_ == CpuIsa::Avx512) {
-      const std::int64_t pairs = m_ / 2;
-#pragma omp parallel for schedule(static)
-      for (std::int64_t i = 0; i < pairs; ++i) {
-        reduce_rows_avx512<2>(x + 2 * i * k, k, kpad, w, b, n, y + 2 * i * n);
+  void run_reduce(const float* x, float* y, std::int64_t r0, std::int64_t r1) const {
+    for (std::int64_t r = r0; r < r1; r += kReduceRows) {
+      const std::int64_t rows = std::min(kReduceRows, r1 - r);
+      if (isa_ == CpuIsa::Avx512) {
+        reduce_block_avx512(x + r * k_, rows, k_, w_.data(), bias_.data(), n_, y + r * n_);
+      } else {
+        reduce_block_avx2(x + r * k_, rows, k_, w_.data(), bias_.data(), n_, y + r * n_);
       }
-      if (m_ % 2) reduce_rows_avx512<1>(x + (m_ - 1) * k, k, kpad, w, b, n, y + (m_ - 1) * n);
-      return;
     }
-#pragma omp parallel for schedule(static)
-    for (std::int64_t r = 0; r < m_; ++r) reduce_row_avx2(x + r * k, k, kpad, w, b, n, y + r * n);
   }
 #endif
 
   Form form_;
   CpuIsa isa_;
   int x_, y_;
-  std::int64_t m_, k_, n_, kpad_ = 0;
+  std::int64_t m_, k_, n_;
   std::vector<float> w_, bias_;
 };
 
