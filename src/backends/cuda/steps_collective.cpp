@@ -266,13 +266,13 @@ class CollectiveGroup {
       if (st == ncclSuccess && end != ncclInProgress) st = end;
     }
     if (st != ncclSuccess) {
-      abort_all();
+      abort_init();
       throw CollectiveError("cuda backend: [nccl] " + what + " failed: " + ncclGetErrorString(st));
     }
     for (int r : ranks) {
       NcclRank* n = nccl[static_cast<std::size_t>(r)].get();
       if (n == nullptr) {
-        abort_all();
+        abort_init();
         throw CollectiveError("cuda backend: [nccl] " + what + ": NCCL returned no communicator for rank " +
                               std::to_string(r));
       }
@@ -289,7 +289,7 @@ class CollectiveGroup {
                                              "failed"
                                        : std::string("failed: ") + ncclGetErrorString(state) + " (" +
                                              n->last_error() + ")";
-        abort_all();
+        abort_init();
         throw CollectiveError("cuda backend: [nccl] " + what + " " + why);
       }
     }
@@ -324,6 +324,13 @@ class CollectiveGroup {
     for (auto& n : nccl) {
       if (n) n->abort();
     }
+  }
+
+  /// The set-up failed: the communicators made so far are aborted; across processes the peers
+  /// may be stuck in theirs, so MPI is marked out of step (the job is aborted at exit).
+  void abort_init() {
+    abort_all();
+    if (world.multi_process()) mpi::mark_out_of_step();
   }
 
   /// Queues `f(comm)` (an NCCL collective) for rank `rank`, waiting within the timeout while
