@@ -109,13 +109,13 @@ TEST(CollectiveWatchdog, AHungCollectiveExpiresOnceWithinTheTimeout) {
 }
 
 TEST(CollectiveWatchdog, TimeQueuedBehindEarlierWorkDoesNotCount) {
-  constexpr double kTimeout = 0.15;
+  constexpr double kTimeout = 0.5;  // far above the 20 ms it runs once begun, even on a loaded machine
   Harness h(kTimeout);
   auto s = h.watch("all_reduce", 64, 0);
-  std::this_thread::sleep_for(400ms);  // not begun: the rank's earlier kernels still run
+  std::this_thread::sleep_for(800ms);  // not begun: the rank's earlier kernels still run
   EXPECT_FALSE(h.dog.expired());
   s->begun = true;
-  std::this_thread::sleep_for(50ms);  // begun, within the timeout
+  std::this_thread::sleep_for(20ms);  // begun, well within the timeout
   s->finished = true;
   ASSERT_TRUE(wait_for([&] { return h.dog.pending() == 0; }, 2000ms));
   EXPECT_FALSE(h.dog.expired());
