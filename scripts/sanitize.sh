@@ -55,10 +55,11 @@ unset ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS
 # itself: they cannot link under TSan. test_hardening has the load()-while-forward() case;
 # test_work_pool the decode kernels' thread team, test_world the rank groups' lifetimes,
 # test_llama generation with the cache buckets on the work pool and the streams,
-# test_light_stages stages run on the calling thread between the streams.)
+# test_light_stages stages run on the calling thread between the streams, test_collective_watchdog
+# the NCCL watchdog's thread against the ranks that queue collectives.)
 tsan_tests=()
 for t in test_concurrency test_pipeline test_pipeline_errors test_tensor_parallel test_timeline test_hardening \
-    test_work_pool test_world test_llama test_light_stages; do
+    test_work_pool test_world test_llama test_light_stages test_collective_watchdog; do
   if [ -f "tests/$t.cpp" ]; then tsan_tests+=("$t"); fi
 done
 bash scripts/configure_sanitize.sh build-tsan thread
