@@ -7,7 +7,12 @@
 
 #ifdef DEVPIPE_HAVE_CUDA
 
+#include <unistd.h>
+
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <thread>
 #include <vector>
@@ -380,6 +385,62 @@ TEST(CudaBackend, TensorParallelCollectives) {
       EXPECT_EQ(cat1[row * 10 + 5 + col], b[i]);
     }
   }
+}
+
+/// The child of AHungNcclPeerFailsTheOthersWithinTheTimeout: rank 0 of 2 NCCL ranks (on two
+/// GPUs) runs an all_reduce that rank 1 never joins, in a world whose collective timeout is
+/// 2 s. Prints the error and the time it took; exits 0 when the error came as a CollectiveError
+/// naming the collective, its bytes, the rank and the timeout, within the bound, and a later
+/// host wait refuses with it too.
+[[noreturn]] void hung_nccl_peer_child() {
+  alarm(120);  // a hang (the bug this checks) ends the child, which then fails the test
+  unsetenv("DEVPIPE_CUDA_COLLECTIVES");
+  constexpr double kTimeout = 2;
+  const World world(Transport::Threads, 1, 0, kTimeout);
+  auto group = world.rank_groups().get(world, cuda_backend(), 2);
+  Graph g = trace(
+      DType::Float32, {{"x", vi({256, 16}, DType::Float32)}},
+      [](const std::vector<Var>& v) { return std::vector<Var>{F::all_reduce(v[0])}; }, 2);
+  Backend& be = cuda_backend();
+  auto exe = be.compile(g, {}, group->rank_info(0, 1));  // sets up the NCCL communicators
+  const Device dev = group->devices()[0];
+  Tensor x = to_device(Tensor::randn({256, 16}, 3), dev);
+  Tensor y = be.allocate({256, 16}, DType::Float32, dev);
+  Tensor host = Tensor::empty({256, 16}, DType::Float32);
+  std::string first, second;
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    exe->run({x.raw_data()}, {y.raw_data()});
+    be.copy(host.raw_data(), Device::cpu(), y.raw_data(), dev, host.nbytes());
+  } catch (const CollectiveError& e) {
+    first = e.what();
+  } catch (const std::exception& e) {
+    first = std::string("not a CollectiveError: ") + e.what();
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  try {
+    be.copy(host.raw_data(), Device::cpu(), y.raw_data(), dev, host.nbytes());
+  } catch (const CollectiveError& e) {
+    second = e.what();
+  }
+  std::fprintf(stderr, "error: %s\nafter %.3f s\nlater: %s\n", first.c_str(), seconds, second.c_str());
+  const bool named = first.find("all_reduce of 16384 bytes on rank 0 of 2 (process 0 of 1, cuda:") != std::string::npos &&
+                     first.find("did not complete within 2 s") != std::string::npos;
+  const bool in_time = seconds >= kTimeout - 0.1 && seconds < kTimeout + 10;
+  std::fflush(stderr);
+  std::_Exit(named && in_time && second == first ? 0 : 1);
+}
+
+/// A hung peer on the NCCL path is bounded by the world's collective timeout (the watchdog of
+/// steps_collective.cpp aborts the communicators). In a child process (a death test that
+/// re-executes this binary): a collective failure is the process's for good.
+TEST(CudaBackendDeathTest, AHungNcclPeerFailsTheOthersWithinTheTimeout) {
+  REQUIRE_GPU();
+  if (cuda_device_count() < 2) {
+    GTEST_SKIP() << "needs 2 GPUs (NCCL ranks need distinct GPUs), found " << cuda_device_count();
+  }
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(hung_nccl_peer_child(), ::testing::ExitedWithCode(0), "did not complete within 2 s");
 }
 
 }  // namespace

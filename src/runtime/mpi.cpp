@@ -92,6 +92,7 @@ std::vector<std::string> all_gather_text(const std::string&, double) {
   no_mpi("MPI control plane");
 }
 void broadcast_from_process0(void*, std::size_t, double) { no_mpi("MPI control plane"); }
+void mark_out_of_step() {}
 
 #else
 
@@ -704,6 +705,8 @@ int local_size() {
   init(0);
   return state().local_size;
 }
+
+void mark_out_of_step() { state().broken = true; }
 
 std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, double timeout_s) {
   const auto world_size = init(0);

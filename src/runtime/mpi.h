@@ -37,6 +37,11 @@ int local_size();
 /// throws CollectiveError; a failure (a timeout, or abort() after a local rank failed) leaves the
 /// ranks out of step, so every later call throws too.
 std::unique_ptr<Communicator> make_communicator(DeviceKind kind, int tp_degree, double timeout_s);
+/// Marks the processes out of step (as a failed collective does): later MPI collectives and
+/// control-plane calls refuse, and at exit the job is aborted (MPI_Abort) instead of finalised,
+/// which also ends a hung peer. For collectives outside MPI that failed (the cuda backend's
+/// NCCL). A no-op without MPI or before init().
+void mark_out_of_step();
 /// Control plane: process 0's `bytes` at `data` copied to `data` on every process (MPI_Ibcast),
 /// waiting at most `timeout_s` (0: without bound).
 void broadcast_from_process0(void* data, std::size_t bytes, double timeout_s);

@@ -279,6 +279,7 @@ void DeviceState::copy_to_host(void* host_dst, const void* src, std::size_t byte
   if (is_pinned_host(host_dst)) {
     DEVPIPE_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, cs));
     sync_copies("copy device to host");
+    throw_if_collectives_failed();
     check_error_record_locked();
     return;
   }
@@ -299,6 +300,7 @@ void DeviceState::copy_to_host(void* host_dst, const void* src, std::size_t byte
     std::memcpy(static_cast<char*>(host_dst) + off, staging_[i % 2].get(), n);
   }
   sync_copies("copy device to host");
+  throw_if_collectives_failed();
   check_error_record_locked();
 }
 
@@ -314,6 +316,7 @@ void DeviceState::copy_on_device(void* dst, const void* src, std::size_t bytes, 
     DEVPIPE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cs));
   }
   sync_copies("copy device to device");
+  throw_if_collectives_failed();
   check_error_record_locked();
 }
 

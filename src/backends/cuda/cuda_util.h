@@ -73,6 +73,8 @@ class Handle {
     reset();
     return &h_;
   }
+  /// Gives up ownership: returns the handle (empty afterwards) without releasing it.
+  H release() { return std::exchange(h_, H{}); }
   void reset() {
     if (h_ != H{}) {
       (void)Destroy(h_);

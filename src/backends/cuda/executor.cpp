@@ -44,7 +44,11 @@ bool graphs_enabled_by_env() {
 class CudaDeviceEvent final : public DeviceEvent {
  public:
   explicit CudaDeviceEvent(int device) : event_(Event::create(device)) {}
-  void synchronize() override { DEVPIPE_CUDA_CHECK(cudaEventSynchronize(event_.get())); }
+  void synchronize() override {
+    const cudaError_t err = cudaEventSynchronize(event_.get());
+    throw_if_collectives_failed();  // an aborted NCCL collective ends early, its outputs invalid
+    check_cuda(err, "cudaEventSynchronize");
+  }
   cudaEvent_t get() const { return event_.get(); }
 
  private:

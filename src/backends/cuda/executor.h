@@ -79,5 +79,10 @@ std::unique_ptr<Executable> make_executable(const Graph& graph, const std::vecto
 /// The collectives of a rank group (steps_collective.cpp): NCCL communicators or the
 /// shared-GPU protocol's state, set up when the group's first collective step is built.
 std::unique_ptr<DeviceCollectives> make_device_collectives(const GroupPlacement& placement);
+/// Throws, as a CollectiveError, the first NCCL collective failure of this process (one that
+/// did not complete within the collective timeout, or an NCCL error: steps_collective.cpp);
+/// nothing when there was none. Every host wait of the backend (device events, copies) calls it
+/// after waiting: once a collective failed, the ranks are out of step for good.
+void throw_if_collectives_failed();
 
 }  // namespace devpipe::cuda
