@@ -295,6 +295,64 @@ TEST(CpuBackend, ConvGlobalAvgPoolEveryIsaPathMatchesReference) {
   }
 }
 
+// The fused conv + global average pool's row ring and pixel blocks on every instruction-set
+// path against the reference: the 3-wide unit-stride path (AVX-512) with every tail length
+// after the 6-pixel blocks (0 to 5) and 1 to 4 channel vectors, the general path with stride,
+// dilation, groups and a 5-wide filter; some images tall enough (N x OH > 512) that a task's
+// band spans several output rows, so the ring reuses rows (at stride 2 and dilation 2 it also
+// skips rows and wraps).
+// The result must not depend on the thread count: 2 and 3 threads give 1 thread's bits.
+TEST(CpuBackend, ConvGlobalAvgPoolRowRingAndTailsMatchReference) {
+  using cpu::cpu_isa;
+  using cpu::CpuIsa;
+  using cpu::isa_name;
+  const CpuIsa best = cpu_isa();
+  struct Case {
+    Shape x;
+    std::int64_t out, k, stride, pad, dil, groups;
+  };
+  for (const Case& c : {Case{{2, 3, 40, 8}, 24, 3, 1, 0, 1, 1},       // ow 6: no tail, 2 vectors
+                        Case{{1, 3, 600, 9}, 40, 3, 1, 0, 1, 1},      // ow 7: tail 1, 3 vectors
+                        Case{{2, 2, 400, 8}, 72, 3, 1, 1, 1, 1},      // tail 2, 4 + 1 vectors
+                        Case{{1, 3, 70, 15}, 16, 3, 1, 1, 1, 1},      // tail 3, 1 vector
+                        Case{{1, 3, 70, 10}, 64, 3, 1, 1, 1, 1},      // tail 4
+                        Case{{2, 3, 40, 13}, 8, 3, 1, 2, 1, 1},       // ow 15: tail 3, pad 2
+                        Case{{2, 3, 40, 11}, 20, 3, 1, 1, 1, 1},      // tail 5
+                        Case{{3, 3, 400, 9}, 8, 3, 2, 1, 2, 1},       // stride 2, dilation 2
+                        Case{{2, 4, 300, 16}, 16, 5, 1, 2, 1, 2}}) {  // 5-wide, 2 groups
+    Graph g =
+        trace(DType::Float32, {{"x", vi(c.x, DType::Float32)}}, [&](const std::vector<Var>& v) {
+          Var y =
+              F::conv2d(v[0], param("w", {c.out, c.x[1] / c.groups, c.k, c.k}), param("b", {c.out}),
+                        {c.stride, c.stride}, {c.pad, c.pad}, {c.dil, c.dil}, c.groups);
+          return std::vector<Var>{F::adaptive_avg_pool2d(y, {1, 1})};
+        });
+    ASSERT_EQ(fuse_conv_global_avg_pool(g), 1);
+    auto params = random_params(g);
+    Tensor x = Tensor::randn(c.x, 6);
+    auto want = run_reference(g, {x}, params);
+    for (CpuIsa isa : {CpuIsa::Baseline, CpuIsa::Avx2, CpuIsa::Avx512}) {
+      if (isa > best) continue;
+      IsaCap cap(isa_name(isa).data());
+      std::vector<float> one_thread;
+      for (int threads : {1, 2, 3}) {
+        auto exe = cpu_backend().compile(g, params, RankInfo{0, 1, nullptr, threads});
+        Tensor y = Tensor::empty(want[0].shape(), DType::Float32);
+        exe->run({x.raw_data()}, {y.raw_data()});
+        EXPECT_TRUE(testing::tensors_close(y, want[0], 1e-4, 1e-5))
+            << isa_name(isa) << " " << threads << " threads, x " << c.x.to_string();
+        const std::vector<float> got = y.to_float_vector();
+        if (threads == 1) {
+          one_thread = got;
+        } else {
+          EXPECT_EQ(got, one_thread)
+              << isa_name(isa) << " " << threads << " threads, x " << c.x.to_string();
+        }
+      }
+    }
+  }
+}
+
 // The skinny Linear kernels on each vector path (baseline: oneDNN's matmul) against the
 // reference: the large workload's two shapes, scaled down in rows but not in channels, and
 // shapes that leave tails (rows, channel blocks, K) on each path. Rows run in WorkPool tasks of

@@ -46,5 +46,32 @@ TEST(WorkPool, RunsEveryTaskOnceAndPublishesItsWrites) {
   }
 }
 
+// A body taking (task, thread) gets the index of the thread running it: the caller is 0, the
+// index is in [0, threads()), and one index always names the same thread (per-thread scratch).
+TEST(WorkPool, GivesEachTaskItsThreadIndex) {
+  for (int threads : {1, 2, 3}) {
+    cpu::WorkPool pool(threads);
+    std::vector<std::thread::id> owner(static_cast<std::size_t>(threads));
+    std::vector<int> index(256, -1);
+    std::vector<std::thread::id> ran_on(256);
+    const std::thread::id caller = std::this_thread::get_id();
+    for (int rep = 0; rep < 50; ++rep) {
+      pool.run(256, [&](std::int64_t i, int thread) {
+        index[static_cast<std::size_t>(i)] = thread;
+        ran_on[static_cast<std::size_t>(i)] = std::this_thread::get_id();
+      });
+      for (std::size_t i = 0; i < index.size(); ++i) {
+        const int t = index[i];
+        ASSERT_TRUE(t >= 0 && t < threads)
+            << "task " << i << " got thread " << t << " of " << threads;
+        if (t == 0) ASSERT_EQ(ran_on[i], caller) << "task " << i;
+        auto& o = owner[static_cast<std::size_t>(t)];
+        if (o == std::thread::id()) o = ran_on[i];
+        ASSERT_EQ(o, ran_on[i]) << "thread index " << t << " named two threads (task " << i << ")";
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace devpipe

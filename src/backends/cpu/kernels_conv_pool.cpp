@@ -5,18 +5,23 @@
 // row by row into registers and reduced there into the pooled sums, so its output
 // ([N, O, OH, OW], 411 MB for the seed's stage) is never written to memory.
 //
-// For each (image, output row, group) the input rows the filter touches are copied, zero
-// padded and widened to float32, into a small per-thread buffer (L1-sized for small C); the
-// micro-kernel then runs every filter tap over blocks of P output pixels with the output
-// channels in vector lanes (AVX-512: 4 x 16 channels x 6 pixels = 24 accumulators; AVX2:
-// 2 x 8 x 6 = 12), one weight load per channel vector and one broadcast per pixel per tap.
-// The accumulators keep summing over the whole row; their sum is added, per row, to a double
-// partial of the task (an image and a band of rows), and the partials are reduced in a fixed
-// order, so results do not depend on the thread count. The bias is added to the mean.
+// The tasks are bands of up to 16 output rows of one image, run on the executable's WorkPool
+// (its idle threads sleep; no OpenMP region). Each thread keeps the input rows its band reads,
+// zero padded and widened to float32, in a ring of (kh - 1) * dh + 1 rows per channel (L1-sized
+// for small C): moving to the next output row widens only the rows that enter the window. The
+// micro-kernel runs every filter tap over blocks of P output pixels with the output channels in
+// vector lanes (AVX-512: 4 x 16 channels x 6 pixels = 24 accumulators; AVX2: 2 x 8 x 6 = 12),
+// one weight load per channel vector and one broadcast per pixel per tap; for the common 3-wide
+// filter at unit stride and dilation (AVX-512) the three taps of a filter row are unrolled and
+// the tail pixels of a row run as one shorter block. The accumulators keep summing over the
+// whole row; their sum is added, per row, to a double partial of the task, and the partials
+// are reduced in a fixed order, so results do not depend on the thread count. The bias is
+// added to the mean.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -25,6 +30,7 @@
 
 #include "backends/cpu/cpu_isa.h"
 #include "backends/cpu/kernel.h"
+#include "backends/cpu/work_pool.h"
 
 namespace devpipe::cpu {
 
@@ -194,6 +200,87 @@ __attribute__((target("avx2,fma"))) void row_avx2(const float* rb, const std::in
     _mm256_storeu_ps(sums + 8 * v, _mm256_add_ps(_mm256_loadu_ps(sums + 8 * v), s));
   }
 }
+
+/// P pixels from `base` (unit stride and dilation, 3 taps a filter row): a[p] += the conv at
+/// pixel p, over the `rows` filter rows at base + roff[r] (cg * kh of them).
+template <int NV, int P>
+__attribute__((target("avx512f"), always_inline)) inline void block3_avx512(
+    const float* base, const std::int64_t* roff, std::int64_t rows, const float* w,
+    std::int64_t opad, __m512 (&a)[P][NV]) {
+  const float* wt = w;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* px0 = base + roff[r];
+#pragma GCC unroll 3
+    for (int k = 0; k < 3; ++k, wt += opad) {
+      // Opaque to the optimiser: otherwise it keeps the broadcasts that the next tap shares
+      // (px0[p + k]) live across taps, which spills accumulators out of the 32 registers.
+      const float* px = px0 + k;
+      asm("" : "+r"(px));
+      __m512 wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wt + 16 * v);
+      for (int p = 0; p < P; ++p) {
+        const __m512 xb = _mm512_set1_ps(px[p]);
+        for (int v = 0; v < NV; ++v) a[p][v] = _mm512_fmadd_ps(wv[v], xb, a[p][v]);
+      }
+    }
+  }
+}
+
+/// The last `R` pixels of a row (R < kPixels) as one block, added into a[0 .. R).
+template <int NV, int R>
+__attribute__((target("avx512f"), always_inline)) inline void tail3_avx512(
+    const float* base, const std::int64_t* roff, std::int64_t rows, const float* w,
+    std::int64_t opad, __m512 (&a)[kPixels][NV]) {
+  __m512 t[R][NV];
+  for (int p = 0; p < R; ++p) {
+    for (int v = 0; v < NV; ++v) t[p][v] = _mm512_setzero_ps();
+  }
+  block3_avx512<NV, R>(base, roff, rows, w, opad, t);
+  for (int p = 0; p < R; ++p) {
+    for (int v = 0; v < NV; ++v) a[p][v] = _mm512_add_ps(a[p][v], t[p][v]);
+  }
+}
+
+/// row_avx512 for a 3-wide filter at unit stride and dilation: the filter rows at roff[r],
+/// their three taps unrolled; the tail pixels as one shorter block.
+template <int NV>
+__attribute__((target("avx512f"))) void row3_avx512(const float* rb, const std::int64_t* roff,
+                                                    std::int64_t rows, std::int64_t ow,
+                                                    const float* w, std::int64_t opad,
+                                                    float* sums) {
+  __m512 a[kPixels][NV];
+  for (int p = 0; p < kPixels; ++p) {
+    for (int v = 0; v < NV; ++v) a[p][v] = _mm512_setzero_ps();
+  }
+  std::int64_t x = 0;
+  for (; x + kPixels <= ow; x += kPixels)
+    block3_avx512<NV, kPixels>(rb + x, roff, rows, w, opad, a);
+  static_assert(kPixels == 6, "the tail switch below covers 1 .. kPixels - 1 pixels");
+  switch (ow - x) {
+    case 1:
+      tail3_avx512<NV, 1>(rb + x, roff, rows, w, opad, a);
+      break;
+    case 2:
+      tail3_avx512<NV, 2>(rb + x, roff, rows, w, opad, a);
+      break;
+    case 3:
+      tail3_avx512<NV, 3>(rb + x, roff, rows, w, opad, a);
+      break;
+    case 4:
+      tail3_avx512<NV, 4>(rb + x, roff, rows, w, opad, a);
+      break;
+    case 5:
+      tail3_avx512<NV, 5>(rb + x, roff, rows, w, opad, a);
+      break;
+    default:
+      break;
+  }
+  for (int v = 0; v < NV; ++v) {
+    __m512 s = a[0][v];
+    for (int p = 1; p < kPixels; ++p) s = _mm512_add_ps(s, a[p][v]);
+    _mm512_storeu_ps(sums + 16 * v, _mm512_add_ps(_mm512_loadu_ps(sums + 16 * v), s));
+  }
+}
 #endif
 
 /// Any CPU: one pixel at a time, the channel loop left to the compiler's vectoriser.
@@ -209,6 +296,15 @@ void row_baseline(const float* rb, const std::int64_t* off, std::int64_t taps, s
   }
 }
 
+/// Output rows per task at most: a band of one image.
+constexpr std::int64_t kMaxBandRows = 16;
+/// Tasks to aim for (smaller bands when the problem is small), so that a thread the scheduler
+/// takes away near the end holds up little. Not a function of the thread count: the bands, and
+/// so the order of the sums, are the same on any number of threads.
+constexpr std::int64_t kTargetTasks = 256;
+
+std::int64_t floor_mod(std::int64_t a, std::int64_t m) { return ((a % m) + m) % m; }
+
 class ConvGlobalAvgPoolKernel final : public Kernel {
  public:
   explicit ConvGlobalAvgPoolKernel(const BuildContext& cx)
@@ -223,20 +319,21 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
     const ConvGeom& g = g_;
     const std::size_t lanes = isa_ == CpuIsa::Avx512 ? 16 : 8;
     opad_ = static_cast<std::int64_t>(round_up(static_cast<std::size_t>(g.og), lanes));
-    for (std::int64_t c = 0; c < g.cg; ++c) {
-      for (std::int64_t r = 0; r < g.kh; ++r) {
-        for (std::int64_t k = 0; k < g.kw; ++k) off_.push_back((c * g.kh + r) * g.wp + k * g.dw);
-      }
-    }
-    // Bands of rows per image: enough tasks to balance the threads, each a few rows.
+    three_ = isa_ == CpuIsa::Avx512 && g.kw == 3 && g.sw == 1 && g.dw == 1;
+    span_ = (g.kh - 1) * g.dh + 1;
+    // Bands of rows per image: enough tasks to balance the threads, each a few rows. The
+    // executable's pool has the thread count the kernel is built with (omp_get_max_threads()).
     threads_ = std::max(1, omp_get_max_threads());
-    bands_ =
-        std::min<std::int64_t>(g.oh, std::max<std::int64_t>(1, (4 * threads_ + g.n - 1) / g.n));
-    rows_per_band_ = (g.oh + bands_ - 1) / bands_;
+    rows_per_band_ = std::clamp<std::int64_t>((g.n * g.oh + kTargetTasks - 1) / kTargetTasks, 1,
+                                              std::min(g.oh, kMaxBandRows));
     bands_ = (g.oh + rows_per_band_ - 1) / rows_per_band_;
-    // Scratch: per thread a row buffer and a row sum; per task the double partials; the
+    // Per thread: which input row each ring slot holds, the filter rows' and the taps' offsets
+    // in the ring for the current output row.
+    index_stride_ = static_cast<std::size_t>(span_ + g.cg * g.kh + g.taps);
+    index_.resize(static_cast<std::size_t>(threads_) * index_stride_);
+    // Scratch: per thread the ring of rows and a row sum; per task the double partials; the
     // packed weights when they are not fixed at compile time.
-    rb_floats_ = round_up(static_cast<std::size_t>(g.cg * g.kh * g.wp), 16);
+    rb_floats_ = round_up(static_cast<std::size_t>(g.cg * span_ * g.wp), 16);
     thread_bytes_ = (rb_floats_ + static_cast<std::size_t>(opad_)) * sizeof(float);
     partial_off_ = static_cast<std::size_t>(threads_) * thread_bytes_;
     const std::size_t partial_bytes =
@@ -253,6 +350,8 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
 
   std::size_t scratch_bytes() const override { return scratch_; }
 
+  bool wants_pool() const override { return true; }
+
   void run(const RunContext& cx) override {
     const ConvGeom& g = g_;
     const float* wpk = packed_;
@@ -261,32 +360,21 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
       pack(cx.values[w_], dst);
       wpk = dst;
     }
-    const std::byte* x = cx.values[x_];
     auto* partial = reinterpret_cast<double*>(cx.scratch + partial_off_);
     const std::int64_t tasks = g.n * bands_;
-    const std::size_t esize = dtype_size(dt_);
-#pragma omp parallel num_threads(threads_)
-    {
-      const int tid = omp_get_thread_num();
-      auto* rb =
-          reinterpret_cast<float*>(cx.scratch + static_cast<std::size_t>(tid) * thread_bytes_);
-      float* sums = rb + rb_floats_;
-#pragma omp for schedule(dynamic)
-      for (std::int64_t task = 0; task < tasks; ++task) {
-        const std::int64_t n = task / bands_, band = task % bands_;
-        const std::int64_t r0 = band * rows_per_band_, r1 = std::min(g.oh, r0 + rows_per_band_);
-        double* part = partial + task * g.groups * opad_;
-        std::fill(part, part + g.groups * opad_, 0.0);
-        for (std::int64_t oh = r0; oh < r1; ++oh) {
-          for (std::int64_t gi = 0; gi < g.groups; ++gi) {
-            fill_rows(x, esize, n, oh, gi, rb);
-            std::fill(sums, sums + opad_, 0.f);
-            run_row(rb, wpk + gi * g.taps * opad_, sums);
-            double* pg = part + gi * opad_;
-            for (std::int64_t o = 0; o < opad_; ++o) pg[o] += sums[o];
-          }
-        }
+    auto task = [&](std::int64_t t, int thread) {
+      run_band(cx.values[x_], wpk, t, cx.scratch + static_cast<std::size_t>(thread) * thread_bytes_,
+               index_.data() + static_cast<std::size_t>(thread) * index_stride_,
+               partial + t * g.groups * opad_);
+    };
+    if (!cx.pool || cx.pool->threads() <= 1) {
+      for (std::int64_t t = 0; t < tasks; ++t) task(t, 0);
+    } else {
+      if (cx.pool->threads() > threads_) {
+        throw Error("cpu backend: " + where + " was built for " + std::to_string(threads_) +
+                    " threads, the executable's pool has " + std::to_string(cx.pool->threads()));
       }
+      cx.pool->run(tasks, task);
     }
     // Reduce the bands in order, divide, add the bias.
     std::byte* y = cx.values[y_];
@@ -303,7 +391,7 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
           double v = s * inv;
           if (bias) {
             float bv;
-            widen(bias + static_cast<std::size_t>(oc) * esize, dt_, 1, &bv);
+            widen(bias + static_cast<std::size_t>(oc) * dtype_size(dt_), dt_, 1, &bv);
             v += bv;
           }
           narrow_store(y, dt_, n * g.o + oc, static_cast<float>(v));
@@ -313,6 +401,46 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
   }
 
  private:
+  /// Task t (image t / bands_, band t % bands_) on a thread's scratch `mine` and index arrays
+  /// `idx`: the band's row sums, per group, into `part` [groups][opad].
+  void run_band(const std::byte* x, const float* wpk, std::int64_t t, std::byte* mine,
+                std::int64_t* idx, double* part) const {
+    const ConvGeom& g = g_;
+    const std::int64_t n = t / bands_, band = t % bands_;
+    const std::int64_t r0 = band * rows_per_band_, r1 = std::min(g.oh, r0 + rows_per_band_);
+    auto* rb = reinterpret_cast<float*>(mine);
+    float* sums = rb + rb_floats_;
+    std::int64_t* held = idx;                // [span_]: the input row in each ring slot
+    std::int64_t* roff = held + span_;       // [cg * kh]: each filter row's offset in the ring
+    std::int64_t* off = roff + g.cg * g.kh;  // [taps]: each tap's offset
+    std::fill(part, part + g.groups * opad_, 0.0);
+    for (std::int64_t gi = 0; gi < g.groups; ++gi) {
+      std::fill(held, held + span_, std::numeric_limits<std::int64_t>::min());  // none yet
+      for (std::int64_t oh = r0; oh < r1; ++oh) {
+        for (std::int64_t r = 0; r < g.kh; ++r) {
+          // The kh rows one output row reads lie within span_ consecutive input rows, so their
+          // slots differ.
+          const std::int64_t ih = oh * g.sh - g.ph + r * g.dh, slot = floor_mod(ih, span_);
+          if (held[slot] != ih) {
+            fill_row(x, n, gi, ih, slot, rb);
+            held[slot] = ih;
+          }
+          for (std::int64_t c = 0; c < g.cg; ++c) roff[c * g.kh + r] = (c * span_ + slot) * g.wp;
+        }
+        if (!three_) {
+          for (std::int64_t fr = 0; fr < g.cg * g.kh; ++fr) {
+            for (std::int64_t k = 0; k < g.kw; ++k) off[fr * g.kw + k] = roff[fr] + k * g.dw;
+          }
+        }
+        if (oh + 1 < r1) prefetch_rows(x, n, gi, oh + 1, held);
+        std::fill(sums, sums + opad_, 0.f);
+        run_row(rb, roff, off, wpk + gi * g.taps * opad_, sums);
+        double* pg = part + gi * opad_;
+        for (std::int64_t o = 0; o < opad_; ++o) pg[o] += sums[o];
+      }
+    }
+  }
+
   /// Weights [O, cg, kh, kw] (dtype dt_) to float32 [groups][taps][opad], zero padded.
   void pack(const std::byte* w, float* dst) const {
     const ConvGeom& g = g_;
@@ -327,37 +455,63 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
     }
   }
 
-  /// The input rows output row `oh` of group `gi` reads, zero padded, as float32.
-  void fill_rows(const std::byte* x, std::size_t esize, std::int64_t n, std::int64_t oh,
-                 std::int64_t gi, float* rb) const {
+  /// Asks for the input rows output row `oh` reads that the ring does not hold yet, so that
+  /// they arrive from memory while the current row computes.
+  void prefetch_rows(const std::byte* x, std::int64_t n, std::int64_t gi, std::int64_t oh,
+                     const std::int64_t* held) const {
     const ConvGeom& g = g_;
-    const std::int64_t lo = std::min(g.pw, g.wp);  // left padding
-    const std::int64_t len = std::max<std::int64_t>(0, std::min(g.w, g.wp - g.pw));
-    for (std::int64_t c = 0; c < g.cg; ++c) {
-      const std::int64_t ci = gi * g.cg + c;
-      for (std::int64_t r = 0; r < g.kh; ++r) {
-        float* dst = rb + (c * g.kh + r) * g.wp;
-        const std::int64_t ih = oh * g.sh - g.ph + r * g.dh;
-        if (ih < 0 || ih >= g.h || len == 0) {
-          std::fill(dst, dst + g.wp, 0.f);
-          continue;
-        }
-        std::fill(dst, dst + lo, 0.f);
-        widen(x + static_cast<std::size_t>(((n * g.c + ci) * g.h + ih) * g.w) * esize, dt_, len,
-              dst + lo);
-        std::fill(dst + lo + len, dst + g.wp, 0.f);
+    const std::size_t esize = dtype_size(dt_);
+    const std::size_t bytes = static_cast<std::size_t>(g.w) * esize;
+    for (std::int64_t r = 0; r < g.kh; ++r) {
+      const std::int64_t ih = oh * g.sh - g.ph + r * g.dh;
+      if (ih < 0 || ih >= g.h || held[floor_mod(ih, span_)] == ih) continue;
+      for (std::int64_t c = 0; c < g.cg; ++c) {
+        const std::byte* row =
+            x + static_cast<std::size_t>(((n * g.c + gi * g.cg + c) * g.h + ih) * g.w) * esize;
+        for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
       }
     }
   }
 
-  void run_row(const float* rb, const float* w, float* sums) const {
+  /// Input row `ih` (zeros outside the image) of every channel of group `gi`, zero padded and
+  /// widened to float32, into ring slot `slot`.
+  void fill_row(const std::byte* x, std::int64_t n, std::int64_t gi, std::int64_t ih,
+                std::int64_t slot, float* rb) const {
     const ConvGeom& g = g_;
-    const std::int64_t* off = off_.data();
+    const std::size_t esize = dtype_size(dt_);
+    const std::int64_t lo = std::min(g.pw, g.wp);  // left padding
+    const std::int64_t len = std::max<std::int64_t>(0, std::min(g.w, g.wp - g.pw));
+    for (std::int64_t c = 0; c < g.cg; ++c) {
+      float* dst = rb + (c * span_ + slot) * g.wp;
+      if (ih < 0 || ih >= g.h || len == 0) {
+        std::fill(dst, dst + g.wp, 0.f);
+        continue;
+      }
+      const std::int64_t ci = gi * g.cg + c;
+      std::fill(dst, dst + lo, 0.f);
+      widen(x + static_cast<std::size_t>(((n * g.c + ci) * g.h + ih) * g.w) * esize, dt_, len,
+            dst + lo);
+      std::fill(dst + lo + len, dst + g.wp, 0.f);
+    }
+  }
+
+  void run_row(const float* rb, const std::int64_t* roff, const std::int64_t* off, const float* w,
+               float* sums) const {
+    const ConvGeom& g = g_;
     switch (isa_) {
       case CpuIsa::Avx512:
 #if defined(__x86_64__)
         for (std::int64_t o0 = 0; o0 < opad_; o0 += 64) {
-          switch (std::min<std::int64_t>(4, (opad_ - o0) / 16)) {
+          const std::int64_t nv = std::min<std::int64_t>(4, (opad_ - o0) / 16);
+          if (three_) {
+            auto* row = nv == 4   ? row3_avx512<4>
+                        : nv == 3 ? row3_avx512<3>
+                        : nv == 2 ? row3_avx512<2>
+                                  : row3_avx512<1>;
+            row(rb, roff, g.cg * g.kh, g.ow, w + o0, opad_, sums + o0);
+            continue;
+          }
+          switch (nv) {
             case 4:
               (g.sw == 1 ? row_avx512<4, true> : row_avx512<4, false>)(rb, off, g.taps, g.sw, g.ow,
                                                                        w + o0, opad_, sums + o0);
@@ -402,9 +556,12 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
   CpuIsa isa_;
   ConvGeom g_{};
   std::int64_t opad_ = 0;
-  std::vector<std::int64_t> off_;
+  bool three_ = false;     // the AVX-512 3-wide unit-stride path
+  std::int64_t span_ = 1;  // ring rows per channel
   int threads_ = 1;
   std::int64_t bands_ = 1, rows_per_band_ = 1;
+  std::size_t index_stride_ = 0;
+  std::vector<std::int64_t> index_;  // per thread: held, roff, off (run_band)
   std::size_t rb_floats_ = 0, thread_bytes_ = 0, partial_off_ = 0, packed_off_ = 0;
   std::size_t packed_floats_ = 0, scratch_ = 0;
   std::vector<float> owned_;

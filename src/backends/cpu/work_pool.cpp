@@ -36,7 +36,7 @@ bool spin_until(Pred&& pred) {
 }  // namespace
 
 WorkPool::WorkPool(int threads) {
-  for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
 }
 
 WorkPool::~WorkPool() {
@@ -46,7 +46,7 @@ WorkPool::~WorkPool() {
   for (std::thread& t : workers_) t.join();
 }
 
-void WorkPool::work(std::uint32_t gen) {
+void WorkPool::work(std::uint32_t gen, int thread) {
   std::uint64_t u = unclaimed_.load(std::memory_order_acquire);
   for (;;) {
     if (static_cast<std::uint32_t>(u >> 32) != gen) return;
@@ -58,13 +58,13 @@ void WorkPool::work(std::uint32_t gen) {
     }
     // Claimed task left - 1 of this generation: the run is still waiting for it, so fn_ and
     // ctx_ are this generation's.
-    fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), left - 1);
+    fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), left - 1, thread);
     done_.fetch_add(1, std::memory_order_release);
     u = unclaimed_.load(std::memory_order_acquire);
   }
 }
 
-void WorkPool::worker_loop() {
+void WorkPool::worker_loop(int thread) {
   std::uint32_t seen = 0;
   for (;;) {
     std::uint32_t g = generation_.load(std::memory_order_acquire);
@@ -77,7 +77,7 @@ void WorkPool::worker_loop() {
     }
     seen = g;
     if (stop_.load(std::memory_order_relaxed)) return;
-    work(g);
+    work(g, thread);
   }
 }
 
@@ -90,7 +90,7 @@ void WorkPool::run_tasks(std::int64_t tasks, TaskFn fn, void* ctx) {
                    std::memory_order_release);
   generation_.store(gen, std::memory_order_release);
   generation_.notify_all();
-  work(gen);
+  work(gen, 0);
   auto all_done = [&] { return done_.load(std::memory_order_acquire) == tasks; };
   while (!spin_until(all_done)) std::this_thread::yield();  // a claimed task runs elsewhere
 }

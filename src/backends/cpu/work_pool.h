@@ -28,24 +28,35 @@ class WorkPool {
   int threads() const { return static_cast<int>(workers_.size()) + 1; }
 
   /// Runs body(i) for every i in [0, tasks), each once, over the caller and the workers, and
-  /// returns when all have run. Called from one thread at a time; no heap allocation.
+  /// returns when all have run. Called from one thread at a time; no heap allocation. A body
+  /// taking (i, thread) also gets the index of the thread running it, in [0, threads()) (the
+  /// caller is 0): per-thread scratch for tasks that need some.
   template <class Body>
   void run(std::int64_t tasks, Body&& body) {
     using B = std::remove_reference_t<Body>;
     if (tasks <= 1 || workers_.empty()) {
-      for (std::int64_t i = 0; i < tasks; ++i) body(i);
+      for (std::int64_t i = 0; i < tasks; ++i) call(body, i, 0);
       return;
     }
-    run_tasks(tasks, [](void* b, std::int64_t i) { (*static_cast<B*>(b))(i); },
-              const_cast<void*>(static_cast<const void*>(&body)));
+    run_tasks(
+        tasks, [](void* b, std::int64_t i, int thread) { call(*static_cast<B*>(b), i, thread); },
+        const_cast<void*>(static_cast<const void*>(&body)));
   }
 
  private:
-  using TaskFn = void (*)(void*, std::int64_t);
+  using TaskFn = void (*)(void*, std::int64_t, int);
+  template <class Body>
+  static void call(Body& body, std::int64_t i, int thread) {
+    if constexpr (std::is_invocable_v<Body&, std::int64_t, int>) {
+      body(i, thread);
+    } else {
+      body(i);
+    }
+  }
   void run_tasks(std::int64_t tasks, TaskFn fn, void* ctx);
-  /// Claims and runs tasks of generation `gen` until none is left.
-  void work(std::uint32_t gen);
-  void worker_loop();
+  /// Claims and runs tasks of generation `gen` until none is left, as thread `thread`.
+  void work(std::uint32_t gen, int thread);
+  void worker_loop(int thread);
 
   std::vector<std::thread> workers_;
   /// Bumped once per run (and once to stop); workers wait on it.
