@@ -502,5 +502,62 @@ TEST(CpuBackend, SmallRowsGeluIsAccurateOverItsRange) {
   }
 }
 
+// A Linear over at most 64 rows with fixed weights runs as column slices of one-thread oneDNN
+// matmuls on the work pool when it has more than one thread: against the reference in float32
+// and bfloat16, with slices of odd widths (200 outputs in 3 slices), bias, activations and the
+// 64-row limit; on 1 thread it is oneDNN's own matmul, on 2 and 3 the slices. Every run
+// allocates the same (oneDNN's executions allocate; nothing grows per run).
+TEST(CpuBackend, SlicedLinearMatchesReference) {
+  struct Case {
+    Shape x;
+    std::int64_t out;
+    bool bias;
+    std::string act;
+  };
+  const std::vector<Case> cases{
+      {{32, 256}, 512, true, "none"},     // the seed's text Linear
+      {{20, 3, 70}, 200, false, "gelu"},  // 60 rows; 3 slices of 67, 67, 66 columns
+      {{64, 33}, 130, true, "relu"},      // the row limit; 2 slices
+  };
+  for (DType dt : {DType::Float32, DType::BFloat16}) {
+    for (const Case& c : cases) {
+      Graph g = trace(dt, {{"x", vi(c.x, dt)}}, [&](const std::vector<Var>& v) {
+        std::optional<Var> b;
+        if (c.bias) b = param("b", {c.out});
+        return std::vector<Var>{F::linear(v[0], param("w", {c.out, c.x.dim(-1)}), b)};
+      });
+      g.nodes.back().attrs.set("activation", c.act);
+      auto params = random_params(g);
+      Tensor x = Tensor::randn(c.x, 8, dt);
+      auto want = run_reference(g, {x}, params);
+      const std::int64_t m = c.x.numel() / c.x.dim(-1);
+      for (int threads : {1, 2, 3}) {
+        const std::string what = std::string(dtype_name(dt)) + " " + c.x.to_string() + " -> " +
+                                 std::to_string(c.out) + " " + c.act + ", " +
+                                 std::to_string(threads) + " threads";
+        EXPECT_EQ(cpu::sliced_linear_applies(m, c.out, threads), threads > 1) << what;
+        auto exe = cpu_backend().compile(g, params, RankInfo{0, 1, nullptr, threads});
+        Tensor y = Tensor::empty(want[0].shape(), dt);
+        const std::vector<const void*> in{x.raw_data()};
+        const std::vector<void*> out{y.raw_data()};
+        std::vector<long> counts;
+        for (int rep = 0; rep < 3; ++rep) {
+          g_allocations = 0;
+          g_count_allocations = rep > 0;
+          exe->run(in, out);
+          g_count_allocations = false;
+          if (rep > 0) counts.push_back(g_allocations.load());
+          const double tol = dt == DType::Float32 ? 1e-4 : 2e-2;
+          EXPECT_TRUE(testing::tensors_close(y, want[0], tol, tol / 10)) << what << ", run " << rep;
+        }
+        EXPECT_EQ(counts[1], counts[0]) << what;
+      }
+    }
+  }
+  EXPECT_FALSE(cpu::sliced_linear_applies(65, 512, 2));   // more rows: oneDNN's matmul
+  EXPECT_FALSE(cpu::sliced_linear_applies(32, 127, 2));   // too few outputs for two slices
+  EXPECT_FALSE(cpu::sliced_linear_applies(32, 1024, 1));  // one thread
+}
+
 }  // namespace
 }  // namespace devpipe

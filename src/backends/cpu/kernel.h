@@ -223,6 +223,10 @@ SkinnyForm skinny_linear_form(std::int64_t m, std::int64_t k, std::int64_t n, Cp
 std::unique_ptr<Kernel> make_small_rows_linear_kernel(const BuildContext& cx);
 /// Whether the small-rows kernel runs x[m, k] @ w[n, k]^T in `dtype` on `isa` (Baseline: no).
 bool small_rows_linear_applies(std::int64_t m, std::int64_t k, DType dtype, CpuIsa isa);
+/// Whether a Linear of m rows and n outputs whose weights are fixed at compile, built for
+/// `threads` threads, runs as column slices of one-thread oneDNN matmuls on the executable's
+/// WorkPool (kernels_dnnl.cpp; when the skinny and small-rows kernels do not take it).
+bool sliced_linear_applies(std::int64_t m, std::int64_t n, int threads);
 std::unique_ptr<Kernel> make_conv2d_kernel(const BuildContext& cx);
 std::unique_ptr<Kernel> make_conv_global_avg_pool_kernel(const BuildContext& cx);  // kernels_conv_pool
 std::unique_ptr<Kernel> make_conv_patch_mean_kernel(const BuildContext& cx);       // kernels_conv_pool

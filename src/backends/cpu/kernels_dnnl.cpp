@@ -1,8 +1,12 @@
 // Kernels built from oneDNN primitives: linear, matmul, conv2d, pooling, layer norm, softmax,
 // activations, add/mul, and the data-movement ops permute, concat and slice.
+#include <omp.h>
+
+#include <algorithm>
 #include <numeric>
 
 #include "backends/cpu/kernel.h"
+#include "backends/cpu/work_pool.h"
 #include "graph/op_def.h"
 
 namespace devpipe::cpu {
@@ -31,18 +35,16 @@ Activation activation_of(const std::string& name, const std::string& where) {
   throw Unsupported("cpu backend: " + where + ": unknown activation '" + name + "'");
 }
 
-}  // namespace
-
-std::unique_ptr<Kernel> make_linear_kernel(const BuildContext& cx) {
-  if (auto skinny = make_skinny_linear_kernel(cx)) return skinny;
-  if (auto rows = make_small_rows_linear_kernel(cx)) return rows;
-  const Shape& w = cx.in(1).shape;
+/// Adds to `kernel` the matmul of Linear cx.node for output columns [n0, n0 + cols) of its
+/// [m, n] output: x [m, k] times rows n0 .. of the weight [n, k] (its layout as it lies, or the
+/// one the matmul prefers when `reorder_weights`: the weights are then fixed and reordered
+/// once), plus the bias and activation, written into those columns of y.
+void add_linear_columns(DnnlKernel& kernel, const BuildContext& cx, std::int64_t m, std::int64_t k,
+                        std::int64_t n, std::int64_t n0, std::int64_t cols, bool reorder_weights) {
   DType dt = cx.out().dtype;
-  const std::int64_t n = w[0], k = w[1];
-  const std::int64_t m = cx.in(0).shape.numel() / k;
   const bool has_bias = cx.num_inputs() == 3;
   const std::string act = cx.node.attrs.s("activation", "none");
-  const DnnlDims wstrides{1, k};
+  const DnnlDims wstrides{1, k}, ystrides{n, 1};
   auto pd = make_pd_with_fallback(cx, dt, [&](DnnlType t) {
     dnnl::primitive_attr attr = user_scratch_attr();
     if (act != "none") {
@@ -51,20 +53,130 @@ std::unique_ptr<Kernel> make_linear_kernel(const BuildContext& cx) {
       po.append_eltwise(1.f, a.alg, a.alpha, 0.f);
       attr.set_post_ops(po);
     }
-    DnnlDesc src = plain_desc({m, k}, t), wei = strided_desc({k, n}, t, wstrides),
-             dst = plain_desc({m, n}, t);
+    DnnlDesc src = plain_desc({m, k}, t),
+             wei = reorder_weights ? DnnlDesc({k, cols}, t, dnnl::memory::format_tag::any)
+                                   : strided_desc({k, cols}, t, wstrides),
+             dst = strided_desc({m, cols}, t, ystrides);
     if (has_bias) {
-      return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, plain_desc({1, n}, t), dst),
-                                          attr, cpu_engine());
+      return dnnl::matmul::primitive_desc(
+          dnnl::matmul::desc(src, wei, plain_desc({1, cols}, t), dst), attr, cpu_engine());
     }
     return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, dst), attr, cpu_engine());
   });
   DnnlType t = dnnl_type(dt, cx.where);
+  const auto esize = dtype_size(dt);
+  const auto at = static_cast<std::size_t>(n0) * esize;
   std::vector<Operand> in{{DNNL_ARG_SRC, cx.in_id(0), plain_desc({m, k}, t)},
-                          {DNNL_ARG_WEIGHTS, cx.in_id(1), strided_desc({k, n}, t, wstrides)}};
-  if (has_bias) in.push_back({DNNL_ARG_BIAS, cx.in_id(2), plain_desc({1, n}, t)});
+                          {DNNL_ARG_WEIGHTS, cx.in_id(1), strided_desc({k, cols}, t, wstrides),
+                           at * static_cast<std::size_t>(k)}};
+  if (has_bias) in.push_back({DNNL_ARG_BIAS, cx.in_id(2), plain_desc({1, cols}, t), at});
+  add_primitive(kernel, cx, pd, in,
+                {{DNNL_ARG_DST, cx.out_id(), strided_desc({m, cols}, t, ystrides), at}});
+}
+
+/// Sets the calling thread's OpenMP thread count for a scope (ICVs are per thread).
+class OmpThreads {
+ public:
+  explicit OmpThreads(int n) : previous_(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~OmpThreads() { omp_set_num_threads(previous_); }
+  OmpThreads(const OmpThreads&) = delete;
+  OmpThreads& operator=(const OmpThreads&) = delete;
+
+ private:
+  int previous_;
+};
+
+/// Rows up to which a Linear with fixed weights runs as column slices on the work pool.
+constexpr std::int64_t kSlicedMaxRows = 64;
+/// Output columns per slice at least, and slices per thread at most.
+constexpr std::int64_t kSliceMinColumns = 64;
+constexpr std::int64_t kSlicesPerThread = 4;
+
+/// A Linear over few rows (the seed's [32, 1024] x [1024, 1024]) as column slices, each a
+/// oneDNN matmul built for one thread, run on the executable's WorkPool. oneDNN's own parallel
+/// matmul is one OpenMP region that splits the columns statically and ends in a barrier: on a
+/// machine whose cores other processes share, a team thread that is not running holds the whole
+/// Linear up for a time slice (milliseconds, against a fraction of a millisecond of work), and
+/// one that has slept since the last region must be woken first. Here whichever threads run
+/// claim the slices.
+class SlicedLinearKernel final : public Kernel {
+ public:
+  SlicedLinearKernel(const BuildContext& cx, std::int64_t m, std::int64_t k, std::int64_t n,
+                     int threads) {
+    const std::int64_t slices =
+        std::clamp<std::int64_t>(n / kSliceMinColumns, 1, kSlicesPerThread * threads);
+    const std::int64_t cols = (n + slices - 1) / slices;
+    OmpThreads one(1);  // each slice runs on one thread
+    for (std::int64_t n0 = 0; n0 < n; n0 += cols) {
+      Slice s;
+      s.kernel = std::make_unique<DnnlKernel>();
+      add_linear_columns(*s.kernel, cx, m, k, n, n0, std::min(cols, n - n0), true);
+      s.scratch = scratch_;
+      scratch_ += (s.kernel->scratch_bytes() + 63) / 64 * 64;
+      slices_.push_back(std::move(s));
+    }
+    for (int i = 0; i < threads; ++i) streams_.emplace_back(cpu_engine());
+  }
+
+  std::size_t scratch_bytes() const override { return scratch_; }
+
+  bool wants_pool() const override { return true; }
+
+  void bind(const BindContext& cx) override {
+    for (Slice& s : slices_) {
+      s.kernel->where = where;
+      s.kernel->bind(BindContext{cx.values, cx.scratch ? cx.scratch + s.scratch : nullptr});
+    }
+  }
+
+  void run(const RunContext& cx) override {
+    OmpThreads one(1);  // the caller's share: one thread, as the slices were built
+    const int threads =
+        cx.pool ? std::min(cx.pool->threads(), static_cast<int>(streams_.size())) : 1;
+    auto slice = [&](std::int64_t i, int thread) {
+      if (thread != 0) omp_set_num_threads(1);  // a pool worker: its ICV is its own
+      const Slice& s = slices_[static_cast<std::size_t>(i)];
+      dnnl::stream& stream = streams_[static_cast<std::size_t>(thread)];
+      s.kernel->run(RunContext{cx.values, cx.scratch ? cx.scratch + s.scratch : nullptr, stream,
+                               cx.rank, nullptr});
+      stream.wait();
+    };
+    const auto count = static_cast<std::int64_t>(slices_.size());
+    if (threads <= 1) {
+      for (std::int64_t i = 0; i < count; ++i) slice(i, 0);
+      return;
+    }
+    cx.pool->run(count, slice);
+  }
+
+ private:
+  struct Slice {
+    std::unique_ptr<DnnlKernel> kernel;
+    std::size_t scratch = 0;  // offset in this kernel's scratch
+  };
+  std::vector<Slice> slices_;
+  std::vector<dnnl::stream> streams_;  // one per pool thread
+  std::size_t scratch_ = 0;
+};
+
+}  // namespace
+
+bool sliced_linear_applies(std::int64_t m, std::int64_t n, int threads) {
+  return threads > 1 && m >= 1 && m <= kSlicedMaxRows && n >= 2 * kSliceMinColumns;
+}
+
+std::unique_ptr<Kernel> make_linear_kernel(const BuildContext& cx) {
+  if (auto skinny = make_skinny_linear_kernel(cx)) return skinny;
+  if (auto rows = make_small_rows_linear_kernel(cx)) return rows;
+  const Shape& w = cx.in(1).shape;
+  const std::int64_t n = w[0], k = w[1];
+  const std::int64_t m = cx.in(0).shape.numel() / k;
+  const int threads = omp_get_max_threads();
+  if (cx.fixed_input(1) && sliced_linear_applies(m, n, threads)) {
+    return std::make_unique<SlicedLinearKernel>(cx, m, k, n, threads);
+  }
   auto kernel = std::make_unique<DnnlKernel>();
-  add_primitive(*kernel, cx, pd, in, {{DNNL_ARG_DST, cx.out_id(), plain_desc({m, n}, t)}});
+  add_linear_columns(*kernel, cx, m, k, n, 0, n, false);
   return kernel;
 }
 
