@@ -13,20 +13,6 @@ namespace devpipe::cpu {
 
 namespace {
 
-/// Sets the calling thread's OpenMP thread count for a scope (ICVs are per thread).
-class OmpThreadsScope {
- public:
-  explicit OmpThreadsScope(int n) : previous_(omp_get_max_threads()) {
-    if (n > 0) omp_set_num_threads(n);
-  }
-  ~OmpThreadsScope() { omp_set_num_threads(previous_); }
-  OmpThreadsScope(const OmpThreadsScope&) = delete;
-  OmpThreadsScope& operator=(const OmpThreadsScope&) = delete;
-
- private:
-  int previous_;
-};
-
 /// Elements a node may read and write (parameters aside) and still run on one thread.
 constexpr std::int64_t kSerialElements = 1 << 16;
 /// The same for attention, which streams its keys and values once per query block: a decode

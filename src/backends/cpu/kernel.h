@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <memory>
 #include <oneapi/dnnl/dnnl.hpp>
+#include <omp.h>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,21 @@ struct BindContext {
   const std::vector<std::byte*>& values;
   /// Start of the kernel's scratch region (nullptr when it asked for none).
   std::byte* scratch;
+};
+
+/// Sets the calling thread's OpenMP thread count to `n` for a scope when n > 0 (ICVs are per
+/// thread); the count it had comes back at the end of the scope.
+class OmpThreadsScope {
+ public:
+  explicit OmpThreadsScope(int n) : previous_(omp_get_max_threads()) {
+    if (n > 0) omp_set_num_threads(n);
+  }
+  ~OmpThreadsScope() { omp_set_num_threads(previous_); }
+  OmpThreadsScope(const OmpThreadsScope&) = delete;
+  OmpThreadsScope& operator=(const OmpThreadsScope&) = delete;
+
+ private:
+  int previous_;
 };
 
 class WorkPool;

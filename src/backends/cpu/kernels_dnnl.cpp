@@ -74,18 +74,6 @@ void add_linear_columns(DnnlKernel& kernel, const BuildContext& cx, std::int64_t
                 {{DNNL_ARG_DST, cx.out_id(), strided_desc({m, cols}, t, ystrides), at}});
 }
 
-/// Sets the calling thread's OpenMP thread count for a scope (ICVs are per thread).
-class OmpThreads {
- public:
-  explicit OmpThreads(int n) : previous_(omp_get_max_threads()) { omp_set_num_threads(n); }
-  ~OmpThreads() { omp_set_num_threads(previous_); }
-  OmpThreads(const OmpThreads&) = delete;
-  OmpThreads& operator=(const OmpThreads&) = delete;
-
- private:
-  int previous_;
-};
-
 /// Rows up to which a Linear with fixed weights runs as column slices on the work pool.
 constexpr std::int64_t kSlicedMaxRows = 64;
 /// Output columns per slice at least, and slices per thread at most.
@@ -106,7 +94,7 @@ class SlicedLinearKernel final : public Kernel {
     const std::int64_t slices =
         std::clamp<std::int64_t>(n / kSliceMinColumns, 1, kSlicesPerThread * threads);
     const std::int64_t cols = (n + slices - 1) / slices;
-    OmpThreads one(1);  // each slice runs on one thread
+    OmpThreadsScope one(1);  // each slice runs on one thread
     for (std::int64_t n0 = 0; n0 < n; n0 += cols) {
       Slice s;
       s.kernel = std::make_unique<DnnlKernel>();
@@ -130,7 +118,7 @@ class SlicedLinearKernel final : public Kernel {
   }
 
   void run(const RunContext& cx) override {
-    OmpThreads one(1);  // the caller's share: one thread, as the slices were built
+    OmpThreadsScope one(1);  // the caller's share: one thread, as the slices were built
     const int threads =
         cx.pool ? std::min(cx.pool->threads(), static_cast<int>(streams_.size())) : 1;
     auto slice = [&](std::int64_t i, int thread) {
