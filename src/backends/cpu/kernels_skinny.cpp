@@ -181,9 +181,9 @@ __attribute__((target("avx2,fma"))) inline __m256 hsum8(const __m256* a) {
 }
 
 /// Keeps `v` in a register: GCC would otherwise fold a weight load into each of the R FMAs
-/// that use it (R loads instead of one).
-template <class T>
-inline void in_register(T& v) {
+/// that use it (R loads instead of one). The ISA is named for clang, which allocates a vector
+/// register for the asm only where the function itself has that ISA.
+__attribute__((target("avx512f,avx2,fma"))) inline void in_register(__m512& v) {
   asm volatile("" : "+v"(v));
 }
 
