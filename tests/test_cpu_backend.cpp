@@ -48,6 +48,17 @@ const BackendUnderTest& cpu_target() {
 
 DEVPIPE_BACKEND_CONFORMANCE(CpuConformance, cpu_target);
 
+/// One Linear x [..., K] -> [..., out] (with a bias when `bias`) and the fused activation `act`.
+Graph linear_graph(DType dt, const Shape& x, std::int64_t out, bool bias, const std::string& act) {
+  Graph g = trace(dt, {{"x", vi(x, dt)}}, [&](const std::vector<Var>& v) {
+    std::optional<Var> b;
+    if (bias) b = param("b", {out});
+    return std::vector<Var>{F::linear(v[0], param("w", {out, x.dim(-1)}), b)};
+  });
+  g.nodes.back().attrs.set("activation", act);
+  return g;
+}
+
 void expect_matches_reference(const Graph& g, Tol tol) {
   testing::expect_matches_reference(cpu_backend(), g, random_inputs(g, 1), random_params(g, 1001),
                                     tol);
@@ -431,12 +442,7 @@ TEST(CpuBackend, SmallRowsLinearEveryIsaPathMatchesReference) {
   };
   for (DType dt : {DType::Float32, DType::BFloat16}) {
     for (const Case& c : cases) {
-      Graph g = trace(dt, {{"x", vi(c.x, dt)}}, [&](const std::vector<Var>& v) {
-        std::optional<Var> b;
-        if (c.bias) b = param("b", {c.out});
-        return std::vector<Var>{F::linear(v[0], param("w", {c.out, c.x.dim(-1)}), b)};
-      });
-      g.nodes.back().attrs.set("activation", c.act);
+      Graph g = linear_graph(dt, c.x, c.out, c.bias, c.act);
       auto params = random_params(g);
       Tensor x = Tensor::randn(c.x, 6, dt);
       auto want = run_reference(g, {x}, params);
@@ -521,12 +527,7 @@ TEST(CpuBackend, SlicedLinearMatchesReference) {
   };
   for (DType dt : {DType::Float32, DType::BFloat16}) {
     for (const Case& c : cases) {
-      Graph g = trace(dt, {{"x", vi(c.x, dt)}}, [&](const std::vector<Var>& v) {
-        std::optional<Var> b;
-        if (c.bias) b = param("b", {c.out});
-        return std::vector<Var>{F::linear(v[0], param("w", {c.out, c.x.dim(-1)}), b)};
-      });
-      g.nodes.back().attrs.set("activation", c.act);
+      Graph g = linear_graph(dt, c.x, c.out, c.bias, c.act);
       auto params = random_params(g);
       Tensor x = Tensor::randn(c.x, 8, dt);
       auto want = run_reference(g, {x}, params);
