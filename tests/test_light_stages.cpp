@@ -232,12 +232,12 @@ TEST(LightStages, ALightStageRunsOnTheCallingThreadAndLeavesItsThreadCount) {
   const StateDict sd = nn::random_state_dict(ParallelMlp(), 31);
   safetensors::save(dir.str("mlp.safetensors"), sd);
   auto light = load<ParallelMlp>(dir, dir.str("mlp.safetensors"), 2, 4, "light", false);
-  // 2 x 1024 rows x (16x32 + 32x16) multiply-adds: more than kLightFlops
-  auto heavy = load<ParallelMlp>(dir, dir.str("mlp.safetensors"), 2, 1024, "heavy", false);
+  // per rank 2 x 8192 rows x (16x16 + 16x16) flops: 8 times kLightFlops
+  auto heavy = load<ParallelMlp>(dir, dir.str("mlp.safetensors"), 2, 8192, "heavy", false);
   auto group = RankGroup::get(DeviceKind::Cpu, 2);
   EXPECT_EQ(omp_get_max_threads(), caller_threads) << "the loads' warm-ups changed the caller's OpenMP thread count";
   for (auto* w : {light.get(), heavy.get()}) {
-    const std::int64_t batch = w == light.get() ? 4 : 1024;
+    const std::int64_t batch = w == light.get() ? 4 : 8192;
     const std::size_t claimed = group->stream(0).claimed_runs(), claimed1 = group->stream(1).claimed_runs();
     for (int i = 0; i < 5; ++i) {
       // A stream may still be finishing its last task when forward() sees its result: wait.

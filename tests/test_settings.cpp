@@ -66,7 +66,7 @@ std::unique_ptr<TestWrapper<ParallelMlp>> load_mlp(const TempDir& dir, RuntimeCo
 /// rank threads themselves after the stage ran there (load() warms every bucket up). The MLP
 /// must be loaded at a batch with enough work that no rank's task runs on the calling thread
 /// (a light stage's first rank does): kHeavyBatch.
-constexpr std::int64_t kHeavyBatch = 1024;
+constexpr std::int64_t kHeavyBatch = 8192;  // per rank at tp 2: 8 MFLOP, 8 times kLightFlops
 std::vector<int> rank_omp_threads(int tp) {
   auto group = RankGroup::get(DeviceKind::Cpu, tp);
   std::vector<int> seen(static_cast<std::size_t>(tp), -1);
