@@ -614,7 +614,7 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   job.single = job.chunks.size() == 1;
   // Whether the first local rank computes for all of them, and whether its task may run on
   // this thread (Impl::once, Impl::light): only when every chunk's bucket allows it.
-  bool once = local.size() > 1, light = true;
+  bool once = true, light = true;
   for (const Chunk& c : job.chunks) {
     once = once && im.once[c.bucket];
     light = light && im.light[c.bucket];

@@ -668,6 +668,11 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
     impl->jobs = make_job_pool();
     impl->backend = &backend_for(rc.device);
     impl->group = RankGroup::get(rc.device, rc.tp_degree);
+    // Whether the local ranks share one device whose memory is the host's (Impl::once).
+    const std::vector<Device>& devices = impl->group->devices();
+    const bool shared_memory =
+        devices.size() > 1 && impl->backend->device_memory_is_host() &&
+        std::all_of(devices.begin(), devices.end(), [&](const Device& d) { return d == devices.front(); });
     for (const auto& b : m.buckets) {
       std::vector<std::unique_ptr<Executable>> per_rank(tpu);
       for (int r : local) {
@@ -676,11 +681,7 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
             impl->backend->compile(b.graph, impl->rank_params[static_cast<std::size_t>(r)], info);
       }
       impl->executables.push_back(std::move(per_rank));
-      bool one_device = true;
-      for (int r : local) one_device = one_device && impl->backend->device_for_rank(r, rc.tp_degree) ==
-                                                         impl->backend->device_for_rank(local.front(), rc.tp_degree);
-      impl->once.push_back(local.size() > 1 && one_device && impl->backend->device_memory_is_host() &&
-                           rank_dependence(b.graph).empty());
+      impl->once.push_back(shared_memory && rank_dependence(b.graph).empty());
       const GraphCost cost = graph_cost(b.graph);
       impl->light.push_back(impl->backend->runs_on_calling_thread() && cost.flops <= kLightFlops &&
                             cost.min_bytes() + cost.intermediate_bytes <= kLightBytes);
