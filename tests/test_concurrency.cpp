@@ -7,13 +7,16 @@
 // the collectives of two stages submitted from different threads must never pair up.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <random>
 #include <thread>
 
+#include "core/pool.h"
 #include "pipeline_util.h"
 #include "test_util.h"
 
@@ -119,4 +122,72 @@ TEST(Concurrency, ResultsOutliveTheirWrappers) {
   auto h = ranked.ranked().to_host();
   ASSERT_EQ(h.size(), 1u);
   EXPECT_EQ(h[0].shape(), (Shape{4, 16}));
+}
+
+// The host pool's per-thread cache of small blocks (tensor.cpp, LocalHostBlocks): blocks live
+// at once never overlap, whichever list they come from; a small block let go on one thread is
+// the one that thread takes next; and the blocks a thread holds when it ends go back to the
+// shared lists, where another thread then finds them.
+TEST(Concurrency, SmallHostBlocksAreReusedOnTheirThreadAndOutliveIt) {
+  using devpipe::detail::host_pool_acquire;
+  using devpipe::detail::host_pool_release;
+  struct Block {
+    void* p;
+    std::size_t bytes, cls;
+  };
+  // Sizes below, at and above the per-thread cache's 4 KiB classes, 6 live blocks of each
+  // (more than the 4 per class a thread keeps).
+  std::vector<Block> live;
+  for (std::size_t bytes : {1, 64, 65, 200, 256, 1000, 4096, 4097, 10000}) {
+    for (int k = 0; k < 6; ++k) {
+      std::size_t cls = 0;
+      void* p = host_pool_acquire(bytes, &cls);
+      ASSERT_GE(cls, bytes);
+      live.push_back({p, bytes, cls});
+    }
+  }
+  auto fill_and_check = [&](int round) {
+    for (std::size_t i = 0; i < live.size(); ++i) {
+      std::memset(live[i].p, static_cast<int>((i * 7 + static_cast<std::size_t>(round)) & 0xff), live[i].bytes);
+    }
+    for (std::size_t i = 0; i < live.size(); ++i) {
+      const auto* b = static_cast<const unsigned char*>(live[i].p);
+      const auto want = static_cast<unsigned char>((i * 7 + static_cast<std::size_t>(round)) & 0xff);
+      for (std::size_t j = 0; j < live[i].bytes; ++j) ASSERT_EQ(b[j], want) << "block " << i << " byte " << j;
+    }
+  };
+  fill_and_check(0);
+  // Let go of all, take the same sizes again (now partly from this thread's cache): still apart.
+  for (const Block& b : live) host_pool_release(b.p, b.cls);
+  for (Block& b : live) b.p = host_pool_acquire(b.bytes, &b.cls);
+  fill_and_check(1);
+  for (const Block& b : live) host_pool_release(b.p, b.cls);
+
+  // Reuse on one thread: the 256-byte block let go last is the next one taken.
+  std::size_t cls = 0;
+  void* a = host_pool_acquire(256, &cls);
+  host_pool_release(a, cls);
+  EXPECT_EQ(host_pool_acquire(256, &cls), a);
+  host_pool_release(a, cls);
+
+  // A thread's cached blocks outlive it: 3 blocks of 3000 bytes (class 3072) taken and let go
+  // on a thread that then ends are the 3 this thread takes next. This thread first holds 4
+  // blocks of that class, so its own cache of them (at most 4) is empty.
+  std::vector<void*> held;
+  for (int k = 0; k < 4; ++k) held.push_back(host_pool_acquire(3000, &cls));
+  std::vector<void*> theirs;
+  std::thread t([&] {
+    std::size_t c = 0;
+    for (int k = 0; k < 3; ++k) theirs.push_back(host_pool_acquire(3000, &c));
+    for (void* p : theirs) host_pool_release(p, c);
+  });
+  t.join();
+  std::vector<void*> mine;
+  for (int k = 0; k < 3; ++k) mine.push_back(host_pool_acquire(3000, &cls));
+  EXPECT_EQ(cls, 3072u);
+  std::sort(theirs.begin(), theirs.end());
+  std::sort(mine.begin(), mine.end());
+  EXPECT_EQ(mine, theirs);
+  for (void* p : mine) host_pool_release(p, cls);
+  for (void* p : held) host_pool_release(p, cls);
 }

@@ -91,6 +91,68 @@ void* aligned_alloc_bytes(std::size_t bytes) {
 
 void free_aligned(void*, void* data, std::size_t) noexcept { std::free(data); }
 
+class HostPool;
+HostPool& host_pool();
+
+/// A thread's own few free small host blocks in front of the HostPool's shared lists: a small
+/// buffer released and acquired again on one thread (a chain of light stages, each forward's
+/// output let go when the next one's is taken) takes no lock. Blocks of at most kMaxClass
+/// bytes, at most kPerClass per size class in kClasses classes, so a thread holds at most
+/// 128 KiB here; a thread's blocks go to the shared lists when it ends. host_pool_trim() does
+/// not reach them.
+class LocalHostBlocks {
+ public:
+  static constexpr std::size_t kMaxClass = 4 << 10;
+  /// A cached block of size class `cls`, or null.
+  static void* get(std::size_t cls) noexcept {
+    if (cls > kMaxClass || dead_) return nullptr;
+    for (Slot& s : cache().slots) {
+      if (s.cls == cls && s.head) {
+        void* p = s.head;
+        s.head = *static_cast<void**>(p);
+        --s.count;
+        return p;
+      }
+    }
+    return nullptr;
+  }
+  /// Keeps `p` (of size class `cls`) when there is room; false when the caller must release it.
+  static bool put(void* p, std::size_t cls) noexcept {
+    if (cls > kMaxClass || dead_) return false;
+    Slot* room = nullptr;
+    for (Slot& s : cache().slots) {
+      if (s.cls == cls) {
+        room = s.count < kPerClass ? &s : nullptr;
+        break;
+      }
+      if (!room && s.count == 0) room = &s;  // a free slot, unless cls has its own further on
+    }
+    if (!room) return false;
+    room->cls = cls;
+    *static_cast<void**>(p) = room->head;
+    room->head = p;
+    ++room->count;
+    return true;
+  }
+
+ private:
+  static constexpr int kClasses = 8, kPerClass = 4;
+  struct Slot {
+    std::size_t cls = 0;
+    void* head = nullptr;
+    int count = 0;
+  };
+  struct Cache {
+    Slot slots[kClasses];
+    ~Cache();
+  };
+  static Cache& cache() {
+    thread_local Cache c;
+    return c;
+  }
+  static inline thread_local bool dead_ = false;  // trivially destructible: readable until the end
+};
+
 /// Caches 64-byte aligned host blocks in free lists keyed by size class, so that a steady
 /// state of acquire/release (one forward after another) reuses the same blocks with no heap
 /// allocation (the free lists are threaded through the cached blocks themselves). Size classes
@@ -103,6 +165,7 @@ class HostPool {
     if (bytes > kMaxBytes) throw OutOfMemory("host allocation of " + std::to_string(bytes) + " bytes failed");
     const std::size_t cls = size_class(bytes);
     *cls_out = cls;
+    if (void* p = LocalHostBlocks::get(cls)) return p;
     {
       std::lock_guard lock(mutex_);
       auto it = free_.find(cls);
@@ -130,6 +193,12 @@ class HostPool {
   }
 
   void release(void* p, std::size_t cls) noexcept {
+    if (LocalHostBlocks::put(p, cls)) return;
+    release_shared(p, cls);
+  }
+
+  /// Into the shared free list (a thread's own blocks go there when it ends).
+  void release_shared(void* p, std::size_t cls) noexcept {
     std::lock_guard lock(mutex_);
     auto it = free_.find(cls);
     if (it == free_.end()) {  // not from acquire(); cannot happen
@@ -171,6 +240,17 @@ class HostPool {
 HostPool& host_pool() {
   static HostPool* pool = new HostPool();
   return *pool;
+}
+
+LocalHostBlocks::Cache::~Cache() {
+  dead_ = true;  // blocks released later in this thread's exit go to the shared lists
+  for (Slot& s : slots) {
+    while (s.head) {
+      void* next = *static_cast<void**>(s.head);
+      host_pool().release_shared(s.head, s.cls);
+      s.head = next;
+    }
+  }
 }
 
 void release_to_host_pool(void*, void* data, std::size_t cls) noexcept {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <mutex>
 
 #include "compiler/artifact.h"
 #include "core/device_copy.h"
@@ -67,6 +68,7 @@ struct Job {
   const std::vector<std::vector<Shape>>* in_shapes = nullptr;   // [bucket][input]
   const std::vector<std::vector<Shape>>* out_shapes = nullptr;  // [bucket][output]
   const std::vector<std::vector<void*>>* state_ptrs = nullptr;  // [rank][state]
+  const std::vector<Device>* rank_device = nullptr;             // [rank]: Impl::rank_device
   std::vector<std::int64_t> real;  // per named dim: the arguments' size (-1: none carries it)
   bool single = false;       // one chunk: outputs are the bucket itself
   bool host_result = false;  // forward() waits for `finished`, then copies to the host
@@ -116,13 +118,17 @@ struct Job {
 namespace wrapper_detail {
 
 /// A wrapper's free jobs. Shared by the wrapper and every job handed out (their deleter brings
-/// them back), so results may outlive the wrapper.
+/// them back), so results may outlive the wrapper. The job a forward gave back last waits in a
+/// one-job slot taken and filled with one atomic exchange, so a chain of forwards from one
+/// thread, each letting go of the previous result, takes no lock; more free jobs wait in a
+/// locked list.
 class JobPool {
  public:
   JobPool() = default;
   JobPool(const JobPool&) = delete;
   JobPool& operator=(const JobPool&) = delete;
   ~JobPool() {
+    delete spare_.load();
     while (head_) {
       Job* next = head_->next_free;
       delete head_;
@@ -133,8 +139,8 @@ class JobPool {
   /// A free job (a new one when none is free), owned by the returned pointer; its control block
   /// comes from a pool allocator, so this allocates nothing in steady state.
   static std::shared_ptr<Job> acquire(const std::shared_ptr<JobPool>& pool) {
-    Job* job = nullptr;
-    {
+    Job* job = pool->spare_.exchange(nullptr, std::memory_order_acquire);
+    if (!job) {
       std::lock_guard lock(pool->mu_);
       if (pool->head_) {
         job = pool->head_;
@@ -151,12 +157,17 @@ class JobPool {
     std::shared_ptr<JobPool> pool;
     void operator()(Job* job) const noexcept {
       job->drop_all();
+      Job* empty = nullptr;
+      if (pool->spare_.compare_exchange_strong(empty, job, std::memory_order_release, std::memory_order_relaxed)) {
+        return;
+      }
       std::lock_guard lock(pool->mu_);
       job->next_free = pool->head_;
       pool->head_ = job;
     }
   };
 
+  std::atomic<Job*> spare_{nullptr};
   std::mutex mu_;
   Job* head_ = nullptr;
 };
@@ -237,7 +248,7 @@ void run_chunks(Job& job, RankWork& w, int r) {
   const Manifest& m = *job.manifest;
   Backend& be = *job.backend;
   const std::string& tag = job.result.producer;
-  const Device dev = be.device_for_rank(r, m.tp_degree);
+  const Device dev = (*job.rank_device)[static_cast<std::size_t>(r)];
   const bool host_shared = be.device_memory_is_host();
   const std::size_t nargs = job.num_args;
   const auto ru = static_cast<std::size_t>(r);
@@ -421,13 +432,18 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
 
   std::shared_ptr<Job> held = JobPool::acquire(im.jobs);
   Job& job = *held;
-  job.manifest = &m;
-  job.backend = &be;
-  job.group = im.group.get();
-  job.executables = &im.executables;
-  job.in_shapes = &im.in_shapes;
-  job.out_shapes = &im.out_shapes;
-  job.state_ptrs = &im.state_ptrs;
+  if (!job.manifest) {  // a new job: what every forward of this load shares (im.jobs is per load)
+    job.manifest = &m;
+    job.backend = &be;
+    job.group = im.group.get();
+    job.executables = &im.executables;
+    job.in_shapes = &im.in_shapes;
+    job.out_shapes = &im.out_shapes;
+    job.state_ptrs = &im.state_ptrs;
+    job.rank_device = &im.rank_device;
+    job.result.producer = tag;
+    job.result.bucket.dims = im.named;
+  }
   job.real.assign(im.named.size(), -1);
 
   // ---- expand and validate the arguments
@@ -497,7 +513,7 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
       }
       for (int rk : local) {
         const Tensor& t = r[rk][static_cast<std::size_t>(a.output)];
-        Device want = be.device_for_rank(rk, tp);
+        const Device want = im.rank_device[static_cast<std::size_t>(rk)];
         if (t.device() != want) {
           throw InvalidArgument(prefix(tag) + arg_name(i) + ": rank " + std::to_string(rk) + "'s tensor from '" +
                                 r.producer() + "' lives on " + t.device().to_string() + ", this stage's rank " +
@@ -641,7 +657,7 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   }
   for (int rk : local) {
     const auto r = static_cast<std::size_t>(rk);
-    Device dev = be.device_for_rank(rk, tp);
+    const Device dev = im.rank_device[r];
     res.per_rank[r].resize(m.outputs.size());
     for (std::size_t o = 0; o < m.outputs.size(); ++o) {
       if (once && rk != first) {  // the first rank's buffer, which this rank's memory is too
@@ -654,11 +670,9 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
     }
   }
   res.real_batch = batch;
-  res.producer = tag;
   {  // the bucket (of the first chunk); assignments keep the capacity (no steady-state allocation)
     const std::size_t bi = job.chunks.front().bucket;
     res.bucket.batch = m.buckets[bi].batch;
-    res.bucket.dims = im.named;
     if (im.has_named) {
       res.bucket.sizes.assign(im.bucket_named[bi].begin(), im.bucket_named[bi].end());
     } else {

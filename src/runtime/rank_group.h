@@ -62,7 +62,8 @@ class RankGroup {
   /// Queues `fn(context, r)` on the stream of every rank r this process runs (only on rank
   /// `only` when it is >= 0), atomically with respect to other submissions: every stream sees
   /// the group's work in the same order, so the collectives of two stages submitted from
-  /// different threads cannot pair up across stages. With `on_caller`, the first of those
+  /// different threads cannot pair up across stages (a task for rank `only` alone goes through
+  /// that stream's own lock, since it is in no other stream's order). With `on_caller`, the first of those
   /// ranks' task runs on the calling thread before submit() returns when that rank's stream is
   /// idle (RankStream::claim_if_idle); the others are queued first, so collectives between them
   /// pair up as usual. Allocates nothing in steady state.

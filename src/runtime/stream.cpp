@@ -39,8 +39,9 @@ bool EventState::ready() const { return done_.load(); }
 std::exception_ptr EventState::error() const { return done_.load() ? error_ : nullptr; }
 
 void EventState::reset() {
-  error_ = nullptr;
-  done_.store(false);
+  // Nobody waits on an event being reset: the submission that reuses it publishes the store.
+  if (error_) error_ = nullptr;
+  done_.store(false, std::memory_order_relaxed);
 }
 
 }  // namespace detail

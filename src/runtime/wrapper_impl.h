@@ -45,6 +45,9 @@ struct ModelWrapper::Impl {
   // stream costs more than running it: on a backend that runs on the calling thread, the first
   // local rank's task runs on the thread that calls forward() when that rank's stream is idle.
   std::vector<char> once, light;
+  // rank_device[r]: the device of local rank r (RankGroup::devices()), indexed by rank (other
+  // processes' ranks hold a default Device, never read).
+  std::vector<Device> rank_device;
   // Reusable per-forward state, shared with the jobs handed out (they come back to it).
   std::shared_ptr<wrapper_detail::JobPool> jobs;
   // States: the store's buffers [rank][manifest.states order], and the pointers runs get
