@@ -27,8 +27,8 @@ struct BareStageRun {
   std::vector<safetensors::File> files;  // the weights' mapping, viewed by `params`
   std::vector<Tensor> params;
   std::unique_ptr<Executable> exe;
-  std::vector<Tensor> host_in;   // copies of the stage's host inputs
-  std::vector<Tensor> outputs;   // its output buffers
+  std::vector<Tensor> host_in;  // copies of the stage's host inputs
+  std::vector<Tensor> outputs;  // its output buffers
   std::vector<const void*> in_ptrs;
   std::vector<void*> out_ptrs;
   int threads = 1;
@@ -62,13 +62,13 @@ std::string ExecutablesBare::why_not_alone(const std::string& dir, std::int64_t 
   if (m.tp_degree == 1) return "";
   const ArtifactBucket* b = find_bucket(m, batch);
   if (!b) {
-    return "artifact '" + dir + "' has no bucket of batch " + std::to_string(batch) + " (it has " + bucket_list(m) +
-           ")";
+    return "artifact '" + dir + "' has no bucket of batch " + std::to_string(batch) + " (it has " +
+           bucket_list(m) + ")";
   }
   const std::string dep = rank_dependence(b->graph);
   if (dep.empty()) return "";
-  return "stage '" + m.tag + "' (artifact '" + dir + "') at tp_degree " + std::to_string(m.tp_degree) +
-         " needs every rank: " + dep;
+  return "stage '" + m.tag + "' (artifact '" + dir + "') at tp_degree " +
+         std::to_string(m.tp_degree) + " needs every rank: " + dep;
 }
 
 ExecutablesBare::ExecutablesBare(const std::vector<std::string>& artifact_dirs, std::int64_t batch,
@@ -76,8 +76,9 @@ ExecutablesBare::ExecutablesBare(const std::vector<std::string>& artifact_dirs, 
     : plan_(std::make_unique<Plan>()) {
   if (artifact_dirs.empty()) throw InvalidArgument("executables_bare: no stage artifacts given");
   if (host_inputs.size() != artifact_dirs.size()) {
-    throw InvalidArgument("executables_bare: " + std::to_string(artifact_dirs.size()) + " stage artifacts but " +
-                          std::to_string(host_inputs.size()) + " lists of host inputs");
+    throw InvalidArgument("executables_bare: " + std::to_string(artifact_dirs.size()) +
+                          " stage artifacts but " + std::to_string(host_inputs.size()) +
+                          " lists of host inputs");
   }
   std::ostringstream what;
   int tp = 0;
@@ -85,26 +86,28 @@ ExecutablesBare::ExecutablesBare(const std::vector<std::string>& artifact_dirs, 
   for (std::size_t i = 0; i < artifact_dirs.size(); ++i) {
     const std::string& dir = artifact_dirs[i];
     const Manifest m = read_manifest(dir);
-    const std::string where = "executables_bare: stage " + std::to_string(i) + " '" + m.tag + "' (artifact '" +
-                              dir + "')";
+    const std::string where = "executables_bare: stage " + std::to_string(i) + " '" + m.tag +
+                              "' (artifact '" + dir + "')";
     const ArtifactBucket* bucket = find_bucket(m, batch);
     if (!bucket) {
-      throw InvalidArgument(where + " has no bucket of batch " + std::to_string(batch) + " (it has " +
-                            bucket_list(m) + ")");
+      throw InvalidArgument(where + " has no bucket of batch " + std::to_string(batch) +
+                            " (it has " + bucket_list(m) + ")");
     }
     if (const std::string why = why_not_alone(dir, batch); !why.empty()) {
       throw InvalidArgument("executables_bare: rank 0 cannot run " + why);
     }
     if (!m.states.empty()) {
       throw InvalidArgument(where + " has " + std::to_string(m.states.size()) + " state(s) ('" +
-                            m.states.front().name + "', ...); executables_bare runs stateless stages only");
+                            m.states.front().name +
+                            "', ...); executables_bare runs stateless stages only");
     }
     const Graph& g = bucket->graph;
     const RuntimeConfig rc = InferenceConfig::from_json(m.config_json).runtime_config();
     Backend& backend = backend_for(rc.device);
     if (!backend.device_memory_is_host()) {
-      throw InvalidArgument(where + " is compiled for " + std::string(device_kind_name(rc.device)) +
-                            "; executables_bare runs backends whose device memory is the host's (cpu)");
+      throw InvalidArgument(
+          where + " is compiled for " + std::string(device_kind_name(rc.device)) +
+          "; executables_bare runs backends whose device memory is the host's (cpu)");
     }
     const Device dev = backend.device_for_rank(0, m.tp_degree);
 
@@ -118,12 +121,13 @@ ExecutablesBare::ExecutablesBare(const std::vector<std::string>& artifact_dirs, 
     if (!entry) throw FormatError(where + ": the manifest lists no weight file for rank 0");
     const std::string real = resolve_artifact_file(dir, entry->file);
     if (const std::string sum = file_checksum(real); sum != entry->checksum) {
-      throw FormatError(where + ": weight file '" + real + "' has checksum " + sum + ", the manifest records " +
-                        entry->checksum);
+      throw FormatError(where + ": weight file '" + real + "' has checksum " + sum +
+                        ", the manifest records " + entry->checksum);
     }
     s.files.push_back(safetensors::File::open(real));
     for (const auto& p : g.params) {
-      Tensor t = s.files.back().get(p.key);  // InvalidArgument naming the file and the key when absent
+      Tensor t =
+          s.files.back().get(p.key);  // InvalidArgument naming the file and the key when absent
       const ValueInfo& info = g.value(p.value);
       if (t.shape() != info.shape || t.dtype() != info.dtype) {
         throw FormatError(where + ": weight '" + p.key + "' is " + io_text(t.shape(), t.dtype()) +
@@ -143,18 +147,21 @@ ExecutablesBare::ExecutablesBare(const std::vector<std::string>& artifact_dirs, 
                             (i > 0 ? "the previous stage's output and " : "") +
                             std::to_string(host_inputs[i].size()) + " host input(s)");
     }
-    auto expect = [&](std::size_t k, const Shape& shape, DType dtype, const std::string& what_input) {
+    auto expect = [&](std::size_t k, const Shape& shape, DType dtype,
+                      const std::string& what_input) {
       const ValueInfo& info = g.value(g.inputs[k].value);
       if (shape != info.shape || dtype != info.dtype) {
-        throw ShapeError(where + " input " + std::to_string(k) + " ('" + g.inputs[k].name + "'): " + what_input +
-                         " is " + io_text(shape, dtype) + ", the graph takes " + io_text(info.shape, info.dtype));
+        throw ShapeError(where + " input " + std::to_string(k) + " ('" + g.inputs[k].name +
+                         "'): " + what_input + " is " + io_text(shape, dtype) +
+                         ", the graph takes " + io_text(info.shape, info.dtype));
       }
     };
     if (i > 0) {
       const BareStageRun& prev = plan_->stages.back();
       if (prev.outputs.size() != 1) {
         throw InvalidArgument(where + ": the previous stage '" + prev.tag + "' has " +
-                              std::to_string(prev.outputs.size()) + " outputs; the pipeline hands on one");
+                              std::to_string(prev.outputs.size()) +
+                              " outputs; the pipeline hands on one");
       }
       expect(0, prev.outputs[0].shape(), prev.outputs[0].dtype(), "the previous stage's output");
       s.in_ptrs.push_back(prev.outputs[0].raw_data());
@@ -162,7 +169,8 @@ ExecutablesBare::ExecutablesBare(const std::vector<std::string>& artifact_dirs, 
     for (std::size_t k = 0; k < host_inputs[i].size(); ++k) {
       const Tensor& h = host_inputs[i][k];
       expect(from_prev + k, h.shape(), h.dtype(), "host input " + std::to_string(k));
-      if (!h.device().is_host()) throw InvalidArgument(where + ": host input " + std::to_string(k) + " is not on the host");
+      if (!h.device().is_host())
+        throw InvalidArgument(where + ": host input " + std::to_string(k) + " is not on the host");
       Tensor buf = backend.allocate(h.shape(), h.dtype(), dev);
       backend.copy(buf.raw_data(), dev, h.raw_data(), Device::cpu(), h.nbytes());
       s.in_ptrs.push_back(buf.raw_data());
@@ -178,7 +186,8 @@ ExecutablesBare::ExecutablesBare(const std::vector<std::string>& artifact_dirs, 
     tp = m.tp_degree;
     threads.push_back(s.threads);
     what << " " << m.tag << "[";
-    for (std::size_t n = 0; n < g.nodes.size(); ++n) what << (n ? "+" : "") << op_name(g.nodes[n].op);
+    for (std::size_t n = 0; n < g.nodes.size(); ++n)
+      what << (n ? "+" : "") << op_name(g.nodes[n].op);
     what << ", " << s.threads << " thread(s)]";
     plan_->stages.push_back(std::move(s));
   }
@@ -192,7 +201,8 @@ ExecutablesBare::ExecutablesBare(const std::vector<std::string>& artifact_dirs, 
 ExecutablesBare::~ExecutablesBare() = default;
 
 std::vector<double> ExecutablesBare::run(int iters) {
-  if (iters < 1) throw InvalidArgument("executables_bare: iters must be >= 1, got " + std::to_string(iters));
+  if (iters < 1)
+    throw InvalidArgument("executables_bare: iters must be >= 1, got " + std::to_string(iters));
   std::vector<double> samples;
   samples.reserve(static_cast<std::size_t>(iters));
   for (int it = 0; it < iters; ++it) {

@@ -276,18 +276,23 @@ class DevpipeWorker : public Worker {
   std::uint64_t between_ = 0, forwards_ = 0;
 };
 
+/// One round of a floor run in this process (KernelsBare, ExecutablesBare): its samples and the
+/// process's CPU time over them.
+template <class Floor>
+Round floor_round(Floor& floor, int iters) {
+  Round r;
+  const double c0 = process_cpu_ms();
+  r.samples_ms = floor.run(iters);
+  r.cpu_ms = process_cpu_ms() - c0;
+  return r;
+}
+
 /// kernels_bare: the oneDNN primitives alone, on the same weights and inputs.
 class BareWorker : public Worker {
  public:
   BareWorker(const Workload& w, const bench::BareData& data, int threads)
       : Worker("kernels_bare"), bare_(w.peer_name, threads, data), threads_(threads) {}
-  Round run(int iters) override {
-    Round r;
-    const double c0 = process_cpu_ms();
-    r.samples_ms = bare_.run(iters);
-    r.cpu_ms = process_cpu_ms() - c0;
-    return r;
-  }
+  Round run(int iters) override { return floor_round(bare_, iters); }
   std::vector<float> output() override { return bare_.output(); }
   json info() override { return {{"what", bare_.what()}, {"threads", threads_}}; }
 
@@ -305,13 +310,7 @@ class ExecutablesBareWorker : public Worker {
  public:
   ExecutablesBareWorker(const Workload& w, const std::string& work, bool pipeline_built)
       : Worker("executables_bare"), bare_(artifacts(w, work, pipeline_built, note_), batch(w), w.extra) {}
-  Round run(int iters) override {
-    Round r;
-    const double c0 = process_cpu_ms();
-    r.samples_ms = bare_.run(iters);
-    r.cpu_ms = process_cpu_ms() - c0;
-    return r;
-  }
+  Round run(int iters) override { return floor_round(bare_, iters); }
   std::vector<float> output() override { return bare_.output(); }
   json info() override {
     json j{{"what", bare_.what()}, {"threads", bare_.threads()}};
