@@ -1,7 +1,10 @@
 // The benchmark's own arithmetic and checks: the FLOP/byte count of a graph (against a hand
 // count), the peer-output check (fails on a perturbed output), the worker protocol's error
-// paths, the bare-kernel floor's output on given weights (against a float64 reference), and the
-// llm workload end to end on a small Llama (devpipe, the PyTorch twin, llama.cpp when installed).
+// paths, the two floors' outputs on given weights (the bare oneDNN kernels, and the compiled
+// executables without the runtime on small chain8, large and seed stages: against float64
+// references and the pipeline's output), chain8 through `devpipe bench` with both floors, and
+// the llm workload end to end on a small Llama (devpipe, the PyTorch twin, llama.cpp when
+// installed).
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
@@ -11,6 +14,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -18,10 +23,14 @@
 
 #include "devpipe/devpipe.h"
 #include "compiler/fuse.h"
+#include "executables_bare.h"
 #include "graph/cost.h"
 #include "kernels_bare.h"
 #include "peers.h"
+#include "runtime/rank_group.h"
 #include "test_util.h"
+#include "vision_text/models.h"
+#include "workloads.h"
 
 namespace devpipe {
 namespace {
@@ -192,6 +201,211 @@ TEST(KernelsBare, Chain8OnGivenWeightsMatchesAFloat64ReferenceOnEveryRun) {
   EXPECT_THROW(bench::KernelsBare("chain8", 1, data), std::invalid_argument);
 }
 
+// ---- executables_bare: the compiled stages without the runtime ------------------------------
+
+/// A stage for the executables_bare tests: random weights (seed `seed`) saved as its checkpoint,
+/// compiled with the bench's pipeline-mode options into dir/<tag> and loaded; its weights by
+/// key in float64 for the references.
+struct TestStage {
+  std::string dir;
+  std::unique_ptr<ModelWrapper> wrapper;
+  std::map<std::string, std::vector<double>> w;
+};
+
+template <class M>
+TestStage make_stage(const testing::TempDir& t, const InferenceConfig& c, const std::string& tag,
+                     std::vector<Tensor> example, std::uint64_t seed, bool last) {
+  TestStage s;
+  const auto sd = nn::random_state_dict(*model_cls<M>().create(c), seed);
+  const std::string ckpt = t.str(tag + ".safetensors");
+  safetensors::save(ckpt, sd);
+  for (const auto& [key, v] : sd) {
+    const std::vector<float> f = v.to_float_vector();
+    s.w[key].assign(f.begin(), f.end());
+  }
+  s.wrapper = std::make_unique<bench::BenchWrapper<M>>(
+      c, WrapperOptions{.pipeline_execution = true, .return_ranked_to_cpu = last, .tag = tag}, std::move(example));
+  s.dir = t.str(tag);
+  s.wrapper->compile(ckpt, s.dir);
+  s.wrapper->load(s.dir);
+  return s;
+}
+
+std::vector<std::string> dirs_of(const std::vector<TestStage>& stages) {
+  std::vector<std::string> d;
+  for (const auto& s : stages) d.push_back(s.dir);
+  return d;
+}
+
+/// The pipeline's output through the loaded wrappers: stage i gets the previous output, then extra[i].
+std::vector<float> pipeline_output(std::vector<TestStage>& stages, const std::vector<std::vector<Tensor>>& extra) {
+  Output prev;
+  for (std::size_t i = 0; i < stages.size(); ++i) {
+    std::vector<Input> args;
+    if (i > 0) args.push_back(prev);
+    for (const Tensor& x : extra[i]) args.emplace_back(x);
+    prev = stages[i].wrapper->forward(args);
+  }
+  return prev.tensor().to_float_vector();
+}
+
+/// y[r][o] = b[o] + sum_k W[o][k] x[r][k] over `rows` rows (W stored [out, in] as PyTorch does).
+std::vector<double> ref_linear(const std::vector<double>& x, const std::vector<double>& w, const std::vector<double>& b,
+                               std::size_t rows) {
+  const std::size_t out = b.size(), in = w.size() / out;
+  std::vector<double> y(rows * out);
+  for (std::size_t r = 0; r < rows; ++r) {
+    for (std::size_t o = 0; o < out; ++o) {
+      double acc = b[o];
+      for (std::size_t k = 0; k < in; ++k) acc += w[o * in + k] * x[r * in + k];
+      y[r * out + o] = acc;
+    }
+  }
+  return y;
+}
+
+std::vector<double> doubles(const Tensor& t) {
+  const std::vector<float> f = t.to_float_vector();
+  return {f.begin(), f.end()};
+}
+
+/// `got` within 1e-5 x max |want| (+ 1e-7) of the float64 reference `want`, and within the
+/// bench's peer tolerance of the pipeline's output `pipe`.
+void expect_matches(const std::vector<float>& got, const std::vector<double>& want, const std::vector<float>& pipe,
+                    const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double max_diff = 0, scale = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    max_diff = std::max(max_diff, std::fabs(got[i] - want[i]));
+    scale = std::max(scale, std::fabs(want[i]));
+  }
+  EXPECT_GT(scale, 1e-3) << what;
+  EXPECT_LE(max_diff, 1e-5 * scale + 1e-7) << what << ": max |got - float64 reference| of max |reference| " << scale;
+  const bench::OutputCheck c = bench::check_output("executables_bare", what, pipe, got);
+  EXPECT_TRUE(c.ok) << c.message;
+}
+
+TEST(ExecutablesBare, Chain8AtTp2RunsRank0OfTheReplicatedStagesWithThePipelinesThreads) {
+  testing::TempDir t;
+  const InferenceConfig c(RuntimeConfig{.batch_size = 1, .tp_degree = 2});
+  const Tensor x = Tensor::randn({1, 64}, 45);
+  std::vector<TestStage> st;
+  std::vector<std::vector<Tensor>> extra;
+  for (int i = 0; i < 8; ++i) {
+    st.push_back(make_stage<bench::ChainStage>(t, c, "stage" + std::to_string(i), {x}, 300 + i, i == 7));
+    extra.push_back(i == 0 ? std::vector<Tensor>{x} : std::vector<Tensor>{});
+  }
+  // Batch 1 is not split over the 2 ranks: every stage is replicated, so rank 0 runs it alone.
+  for (const auto& s : st) EXPECT_EQ(bench::ExecutablesBare::why_not_alone(s.dir, 1), "") << s.dir;
+  std::vector<double> h = doubles(x);
+  for (int i = 0; i < 8; ++i) {
+    h = ref_linear(h, st[i].w["fc.weight"], st[i].w["fc.bias"], 1);
+    for (double& v : h) v = 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
+  }
+  const std::vector<float> pipe = pipeline_output(st, extra);
+  bench::ExecutablesBare bare(dirs_of(st), 1, extra);
+  EXPECT_EQ(bare.threads(), threads_per_rank(c.runtime_config()));
+  EXPECT_NE(bare.what().find("rank 0 of tp 2"), std::string::npos) << bare.what();
+  for (int run = 0; run < 2; ++run) {  // every run computes from the input again
+    const std::vector<double> samples = bare.run(3);
+    ASSERT_EQ(samples.size(), 3u);
+    for (double ms : samples) EXPECT_GT(ms, 0);
+    expect_matches(bare.output(), h, pipe, "chain8 run " + std::to_string(run));
+  }
+}
+
+TEST(ExecutablesBare, LargeAtReducedSizeMatchesTheReferenceAndNamesBadInputs) {
+  testing::TempDir t;
+  const InferenceConfig c(RuntimeConfig{.batch_size = 2, .tp_degree = 1});
+  const Tensor x = Tensor::randn({2, 16, 8}, 44);  // large's [32, 1440, 8] at batch 2, 16 rows
+  std::vector<TestStage> st;
+  st.push_back(make_stage<bench::Expand>(t, c, "expand", {x}, 100, false));
+  st.push_back(make_stage<bench::Reduce>(t, c, "reduce", {Tensor::zeros({2, 16, 1280})}, 101, true));
+  const std::vector<std::vector<Tensor>> extra{{x}, {}};
+  const std::vector<double> hid = ref_linear(doubles(x), st[0].w["proj.weight"], st[0].w["proj.bias"], 32);
+  const std::vector<double> want = ref_linear(hid, st[1].w["proj.weight"], st[1].w["proj.bias"], 32);
+  bench::ExecutablesBare bare(dirs_of(st), 2, extra);
+  EXPECT_EQ(bare.threads(), threads_per_rank(c.runtime_config()));
+  bare.run(2);
+  expect_matches(bare.output(), want, pipeline_output(st, extra), "large [2, 16, 8]");
+
+  try {
+    bench::ExecutablesBare bad(dirs_of(st), 2, {{Tensor::zeros({2, 16, 9})}, {}});
+    ADD_FAILURE() << "a host input of the wrong shape was taken";
+  } catch (const ShapeError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("'expand'"), std::string::npos) << m;
+    EXPECT_NE(m.find("[2, 16, 9]"), std::string::npos) << m;
+    EXPECT_NE(m.find("[2, 16, 8]"), std::string::npos) << m;
+  }
+  EXPECT_THROW(bench::ExecutablesBare(dirs_of(st), 2, {{x}, {x}}), InvalidArgument);  // reduce takes one input
+  EXPECT_THROW(bench::ExecutablesBare(dirs_of(st), 4, extra), InvalidArgument);       // no bucket of batch 4
+}
+
+TEST(ExecutablesBare, SeedStagesWireThePreviousOutputBeforeTheHostInput) {
+  testing::TempDir t;
+  const InferenceConfig c(RuntimeConfig{.batch_size = 2, .tp_degree = 1},
+                          {{"vision_embedding_size", 5}, {"text_input_size", 6}, {"text_embedding_size", 4},
+                           {"output_size", 7}});
+  const Tensor image = Tensor::randn({2, 3, 8, 8}, 42), text = Tensor::randn({2, 6}, 43);
+  std::vector<TestStage> st;
+  st.push_back(make_stage<vision_text::VisionModel>(t, c, "vision_model", {image}, 100, false));
+  st.push_back(make_stage<vision_text::TextModel>(t, c, "text_model", {Tensor::zeros({2, 5}), text}, 101, true));
+  const std::vector<std::vector<Tensor>> extra{{image}, {text}};
+  // conv(3->64, 3x3, pad 1) averaged over the 8x8 positions, fc; embedding; cat; fusion.
+  const std::vector<double> img = doubles(image);
+  const std::vector<double>& cw = st[0].w["conv.weight"];
+  std::vector<double> pooled(2 * 64);
+  for (int n = 0; n < 2; ++n) {
+    for (int o = 0; o < 64; ++o) {
+      double acc = 0;
+      for (int y = 0; y < 8; ++y) {
+        for (int xx = 0; xx < 8; ++xx) {
+          for (int ci = 0; ci < 3; ++ci) {
+            for (int ky = 0; ky < 3; ++ky) {
+              for (int kx = 0; kx < 3; ++kx) {
+                const int iy = y + ky - 1, ix = xx + kx - 1;
+                if (iy < 0 || iy >= 8 || ix < 0 || ix >= 8) continue;
+                acc += cw[((o * 3 + ci) * 3 + ky) * 3 + kx] * img[((n * 3 + ci) * 8 + iy) * 8 + ix];
+              }
+            }
+          }
+        }
+      }
+      pooled[n * 64 + o] = st[0].w["conv.bias"][o] + acc / 64;
+    }
+  }
+  const std::vector<double> vis = ref_linear(pooled, st[0].w["fc.weight"], st[0].w["fc.bias"], 2);
+  const std::vector<double> emb = ref_linear(doubles(text), st[1].w["embedding.weight"], st[1].w["embedding.bias"], 2);
+  std::vector<double> cat;
+  for (int n = 0; n < 2; ++n) {
+    cat.insert(cat.end(), vis.begin() + n * 5, vis.begin() + n * 5 + 5);
+    cat.insert(cat.end(), emb.begin() + n * 4, emb.begin() + n * 4 + 4);
+  }
+  const std::vector<double> want = ref_linear(cat, st[1].w["fusion.weight"], st[1].w["fusion.bias"], 2);
+  bench::ExecutablesBare bare(dirs_of(st), 2, extra);
+  bare.run(1);
+  expect_matches(bare.output(), want, pipeline_output(st, extra), "seed at batch 2, 8x8 images");
+}
+
+TEST(ExecutablesBare, AStageSplitOverTheRanksIsRefusedNamingItsArtifact) {
+  testing::TempDir t;
+  // Batch 2 at tp 2: each rank computes one row and the ranks all-gather the output.
+  const InferenceConfig c(RuntimeConfig{.batch_size = 2, .tp_degree = 2});
+  const Tensor x = Tensor::randn({2, 16, 8}, 44);
+  std::vector<TestStage> st;
+  st.push_back(make_stage<bench::Expand>(t, c, "expand", {x}, 100, true));
+  const std::string why = bench::ExecutablesBare::why_not_alone(st[0].dir, 2);
+  EXPECT_NE(why.find(st[0].dir), std::string::npos) << why;
+  EXPECT_NE(why.find("needs every rank"), std::string::npos) << why;
+  try {
+    bench::ExecutablesBare bad(dirs_of(st), 2, {{x}});
+    ADD_FAILURE() << "rank 0 was let run a split stage alone";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find(why), std::string::npos) << e.what();
+  }
+}
+
 // ---- the llm workload, end to end through `devpipe bench` on the small model -----------------
 
 struct BenchRun {
@@ -200,11 +414,10 @@ struct BenchRun {
   nlohmann::json report;
 };
 
-/// `devpipe bench --workload llm --llm-small` with 1 iteration, 4 decode tokens, in `dir`.
-BenchRun run_llm_bench(const testing::TempDir& dir, const std::string& extra) {
-  const std::string cmd = "cd " + dir.str() + " && '" + DEVPIPE_CLI +
-                          "' bench --workload llm --llm-small --iters 1 --warmup 0 --llm-decode-tokens 4 --out " +
-                          dir.str("report.json") + " " + extra + " >" + dir.str("log") + " 2>&1 </dev/null";
+/// `devpipe bench ARGS --out dir/report.json`, run in `dir`.
+BenchRun run_bench(const testing::TempDir& dir, const std::string& args) {
+  const std::string cmd = "cd " + dir.str() + " && '" + DEVPIPE_CLI + "' bench " + args + " --out " +
+                          dir.str("report.json") + " >" + dir.str("log") + " 2>&1 </dev/null";
   BenchRun r;
   const int status = std::system(cmd.c_str());
   if (status != -1 && WIFEXITED(status)) r.code = WEXITSTATUS(status);
@@ -215,6 +428,49 @@ BenchRun run_llm_bench(const testing::TempDir& dir, const std::string& extra) {
   std::ifstream rf(dir.str("report.json"));
   if (rf) r.report = nlohmann::json::parse(rf);
   return r;
+}
+
+/// `devpipe bench --workload llm --llm-small` with 1 iteration, 4 decode tokens, in `dir`.
+BenchRun run_llm_bench(const testing::TempDir& dir, const std::string& extra) {
+  return run_bench(dir, "--workload llm --llm-small --iters 1 --warmup 0 --llm-decode-tokens 4 " + extra);
+}
+
+TEST(BenchFloors, Chain8HasBothFloorsCheckedAndTheBoundaryOverheadAgainstEach) {
+  testing::TempDir t;
+  const BenchRun r = run_bench(t, "--workload chain8 --modes pipeline,kernels_bare,executables_bare --no-pytorch "
+                                  "--iters 20 --warmup 2 --rounds 2");
+  ASSERT_EQ(r.code, 0) << r.log;
+  const nlohmann::json& modes = r.report["workloads"]["chain8"]["modes"];
+  const double pipe = modes["pipeline"]["latency_ms"]["p50"].get<double>();
+  for (const char* floor : {"kernels_bare", "executables_bare"}) {
+    const nlohmann::json& m = modes[floor];
+    ASSERT_TRUE(m.contains("latency_ms")) << floor << ": " << m.dump();
+    EXPECT_TRUE(m["output_check"]["ok"].get<bool>()) << m["output_check"].dump();
+    EXPECT_GT(m["latency_ms"]["p50"].get<double>(), 0) << floor;
+    EXPECT_TRUE(std::filesystem::exists(t.path() / "work" / "outputs" / (std::string("chain8.") + floor + ".safetensors")))
+        << floor;
+  }
+  const nlohmann::json& exe = modes["executables_bare"];
+  // chain8 is tp 2: rank 0 of the replicated stages, with the pipeline's threads per rank.
+  EXPECT_EQ(exe["threads"].get<int>(), threads_per_rank(RuntimeConfig{.batch_size = 1, .tp_degree = 2}));
+  EXPECT_NE(exe["what"].get<std::string>().find("rank 0 of tp 2"), std::string::npos) << exe["what"];
+  EXPECT_FALSE(exe.contains("note")) << exe["note"];
+  const double exe_p50 = exe["latency_ms"]["p50"].get<double>();
+  const double bare_p50 = modes["kernels_bare"]["latency_ms"]["p50"].get<double>();
+  EXPECT_NEAR(modes["pipeline"]["boundary_overhead_us"].get<double>(), (pipe - bare_p50) * 1000 / 7, 1e-9);
+  EXPECT_NEAR(modes["pipeline"]["boundary_overhead_vs_executables_us"].get<double>(), (pipe - exe_p50) * 1000 / 7,
+              1e-9);
+  EXPECT_NE(r.log.find("boundary overhead vs executables_bare:"), std::string::npos) << r.log;
+  bool found = false;
+  for (const auto& target : r.report["targets"]) {
+    if (target["target"] != "chain8: pipeline p50 / executables_bare p50") continue;
+    found = true;
+    EXPECT_NEAR(target["measured"].get<double>(), pipe / exe_p50, 1e-12);
+    EXPECT_EQ(target["limit"].get<double>(), 1.3);
+    EXPECT_NE(target["status"], "n/a");
+  }
+  EXPECT_TRUE(found) << r.report["targets"].dump();
+  EXPECT_TRUE(r.report["correctness_failures"].empty()) << r.report["correctness_failures"].dump();
 }
 
 // The small model of `llm_peers.py write-model --small`: hidden 64, intermediate 128, 2 layers,

@@ -1,5 +1,6 @@
 // devpipe bench — the benchmark workloads through devpipe (pipeline and round-trip mode), the
-// bare oneDNN floor, PyTorch and ONNX Runtime, as persistent workers timed in alternating rounds
+// two floors (the bare oneDNN primitives, and devpipe's own compiled executables without the
+// runtime), PyTorch and ONNX Runtime, as persistent workers timed in alternating rounds
 // on the same weights and inputs, every output checked against devpipe's; the machine's limits
 // (peak FMA throughput, memory bandwidth) measured first and each workload's roofline reported.
 // Writes a JSON report and a latency plot. See bench/README.md.
@@ -26,6 +27,7 @@
 #include "devpipe/devpipe.h"
 #include "devpipe/models/llama.h"
 #include "devpipe/timeline.h"
+#include "executables_bare.h"
 #include "graph/cost.h"
 #include "kernels_bare.h"
 #include "machine_limits.h"
@@ -147,20 +149,32 @@ Tensor run_chain(std::vector<std::unique_ptr<ModelWrapper>>& ws, const Workload&
   return out;
 }
 
-/// Compiles and loads every stage of `w` from the checkpoints under work/weights/<workload>:
-/// with `pipeline`, stages hand ranked outputs on; without, every stage returns to the host.
-/// Tags get `tag_suffix`; artifacts go to work/artifacts/<workload>/<label>/<stage>.
+/// Where stage `i` of `w` is compiled for the mode labelled `label`:
+/// work/artifacts/<workload>/<label>/<stage>.
+std::string artifact_dir(const Workload& w, const std::string& work, const std::string& label, std::size_t i) {
+  return (fs::path(work) / "artifacts" / w.name / label / w.stages[i].tag).string();
+}
+
+/// A wrapper of stage `i` of `w`, compiled from its checkpoint under work/weights/<workload> into
+/// artifact_dir(w, work, label, i): with `pipeline`, stages hand ranked outputs on; without,
+/// every stage returns to the host. The tag gets `tag_suffix`.
+std::unique_ptr<ModelWrapper> compile_stage(const Workload& w, std::size_t i, bool pipeline, const std::string& work,
+                                            const std::string& label, const std::string& tag_suffix) {
+  const std::string wdir = (fs::path(work) / "weights" / w.name).string();
+  const bool last = i + 1 == w.stages.size();
+  auto wr = w.stages[i].wrapper(w.config, {.pipeline_execution = pipeline, .return_ranked_to_cpu = last,
+                                           .tag = w.stages[i].tag + tag_suffix});
+  wr->compile(wdir + "/" + w.stages[i].weights_file, artifact_dir(w, work, label, i));
+  return wr;
+}
+
+/// Compiles (compile_stage) and loads every stage of `w`.
 std::vector<std::unique_ptr<ModelWrapper>> build_stages(const Workload& w, bool pipeline, const std::string& work,
                                                         const std::string& label, const std::string& tag_suffix) {
-  const std::string wdir = (fs::path(work) / "weights" / w.name).string();
   std::vector<std::unique_ptr<ModelWrapper>> ws;
   for (std::size_t i = 0; i < w.stages.size(); ++i) {
-    const bool last = i + 1 == w.stages.size();
-    auto wr = w.stages[i].wrapper(w.config, {.pipeline_execution = pipeline, .return_ranked_to_cpu = last,
-                                             .tag = w.stages[i].tag + tag_suffix});
-    std::string art = (fs::path(work) / "artifacts" / w.name / label / w.stages[i].tag).string();
-    wr->compile(wdir + "/" + w.stages[i].weights_file, art);
-    wr->load(art);
+    auto wr = compile_stage(w, i, pipeline, work, label, tag_suffix);
+    wr->load(artifact_dir(w, work, label, i));
     ws.push_back(std::move(wr));
   }
   return ws;
@@ -262,24 +276,73 @@ class DevpipeWorker : public Worker {
   std::uint64_t between_ = 0, forwards_ = 0;
 };
 
+/// One round of a floor run in this process (KernelsBare, ExecutablesBare): its samples and the
+/// process's CPU time over them.
+template <class Floor>
+Round floor_round(Floor& floor, int iters) {
+  Round r;
+  const double c0 = process_cpu_ms();
+  r.samples_ms = floor.run(iters);
+  r.cpu_ms = process_cpu_ms() - c0;
+  return r;
+}
+
 /// kernels_bare: the oneDNN primitives alone, on the same weights and inputs.
 class BareWorker : public Worker {
  public:
   BareWorker(const Workload& w, const bench::BareData& data, int threads)
       : Worker("kernels_bare"), bare_(w.peer_name, threads, data), threads_(threads) {}
-  Round run(int iters) override {
-    Round r;
-    const double c0 = process_cpu_ms();
-    r.samples_ms = bare_.run(iters);
-    r.cpu_ms = process_cpu_ms() - c0;
-    return r;
-  }
+  Round run(int iters) override { return floor_round(bare_, iters); }
   std::vector<float> output() override { return bare_.output(); }
   json info() override { return {{"what", bare_.what()}, {"threads", threads_}}; }
 
  private:
   bench::KernelsBare bare_;
   int threads_;
+};
+
+/// executables_bare: the pipeline mode's compiled stages run by the backend alone, back to back
+/// (bench/executables_bare.h). It reads the pipeline mode's artifacts when that mode was built
+/// (`pipeline_built`), else compiles its own with the pipeline's options; where rank 0 cannot run
+/// a stage of the workload's tp degree alone (a stage split over the ranks, with collectives),
+/// it compiles the workload at tp 1 instead and says so in `note`.
+class ExecutablesBareWorker : public Worker {
+ public:
+  ExecutablesBareWorker(const Workload& w, const std::string& work, bool pipeline_built)
+      : Worker("executables_bare"), bare_(artifacts(w, work, pipeline_built, note_), batch(w), w.extra) {}
+  Round run(int iters) override { return floor_round(bare_, iters); }
+  std::vector<float> output() override { return bare_.output(); }
+  json info() override {
+    json j{{"what", bare_.what()}, {"threads", bare_.threads()}};
+    if (!note_.empty()) j["note"] = note_;
+    return j;
+  }
+
+ private:
+  static std::int64_t batch(const Workload& w) { return w.config.runtime_config().batch_size; }
+  static std::vector<std::string> artifacts(const Workload& w, const std::string& work, bool pipeline_built,
+                                            std::string& note) {
+    const std::string label = pipeline_built ? "pipeline" : "executables_bare";
+    std::vector<std::string> dirs;
+    std::string blocked;
+    for (std::size_t i = 0; i < w.stages.size(); ++i) {
+      if (!pipeline_built) compile_stage(w, i, /*pipeline=*/true, work, label, "@executables_bare");
+      dirs.push_back(artifact_dir(w, work, label, i));
+      if (blocked.empty()) blocked = bench::ExecutablesBare::why_not_alone(dirs.back(), batch(w));
+    }
+    if (blocked.empty()) return dirs;
+    Workload tp1 = w;
+    tp1.config.mutable_runtime_config().tp_degree = 1;
+    note = "compiled at tp 1 for this mode, since " + blocked;
+    dirs.clear();
+    for (std::size_t i = 0; i < w.stages.size(); ++i) {
+      compile_stage(tp1, i, /*pipeline=*/true, work, "executables_bare_tp1", "@executables_bare");
+      dirs.push_back(artifact_dir(tp1, work, "executables_bare_tp1", i));
+    }
+    return dirs;
+  }
+  std::string note_;  // set by artifacts(), before bare_ is built
+  bench::ExecutablesBare bare_;
 };
 
 /// pytorch_eager / onnxruntime: a child process on the worker protocol.
@@ -454,7 +517,7 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
                         {"bound", compute_ms >= memory_ms ? "compute" : "memory"}};
 
   // The workers, built once. A peer that cannot start is reported as skipped.
-  const auto wanted = a.get_list("modes", "pipeline,roundtrip,folded,kernels_bare,pytorch,onnxruntime");
+  const auto wanted = a.get_list("modes", "pipeline,roundtrip,folded,kernels_bare,executables_bare,pytorch,onnxruntime");
   auto want = [&](const std::string& m) { return std::find(wanted.begin(), wanted.end(), m) != wanted.end(); };
   std::vector<std::unique_ptr<Worker>> timed, check_only;
   auto peers = [&]() -> std::vector<std::unique_ptr<Worker>>& { return w.time_peers ? timed : check_only; };
@@ -469,6 +532,15 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
     std::cerr << "  " << mode << " skipped: " << why << "\n";
   };
   if (want("kernels_bare")) peers().push_back(std::make_unique<BareWorker>(w, bare_data, threads));
+  if (want("executables_bare")) {
+    try {
+      peers().push_back(std::make_unique<ExecutablesBareWorker>(w, work, want("pipeline")));
+      std::cerr << "  " << peers().back()->info()["what"].get<std::string>() << "\n";
+    } catch (const Error& e) {  // reported as the mode's error; its output is then not checked
+      report["modes"]["executables_bare"] = {{"error", e.what()}};
+      std::cerr << "  executables_bare failed: " << e.what() << "\n";
+    }
+  }
   if (want("pytorch") && !a.has("no-pytorch")) {
     std::cerr << "  starting the PyTorch worker...\n";
     try {
@@ -562,8 +634,10 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
     });
   };
 
-  const double bare_p50 =
-      times.count("kernels_bare") ? summarize(times["kernels_bare"].samples_ms).p50 : std::nan("");
+  auto p50_if_timed = [&](const std::string& mode) {
+    return times.count(mode) && !times[mode].samples_ms.empty() ? summarize(times[mode].samples_ms).p50 : std::nan("");
+  };
+  const double bare_p50 = p50_if_timed("kernels_bare"), exe_p50 = p50_if_timed("executables_bare");
   auto describe = [&](Worker& wk, bool was_timed) {
     json m = wk.info();
     m["timed"] = was_timed;
@@ -580,8 +654,12 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
       m["roofline_ratio_cpu"] = m["cpu_ms_per_forward"].get<double>() / (roofline_ms * threads);
       if (auto* dw = dynamic_cast<DevpipeWorker*>(&wk)) {
         m["stage_compute_ms"] = dw->stage_compute_ms(std::min(iters, 3));
+        const auto boundaries = static_cast<double>(w.stages.size() - 1);
         if (w.boundary_overhead && std::isfinite(bare_p50)) {
-          m["boundary_overhead_us"] = (p50 - bare_p50) * 1000.0 / static_cast<double>(w.stages.size() - 1);
+          m["boundary_overhead_us"] = (p50 - bare_p50) * 1000.0 / boundaries;
+        }
+        if (w.boundary_overhead && std::isfinite(exe_p50)) {
+          m["boundary_overhead_vs_executables_us"] = (p50 - exe_p50) * 1000.0 / boundaries;
         }
       }
       plot.emplace_back(name + " " + wk.mode(), t.samples_ms);
@@ -1180,6 +1258,9 @@ json evaluate_targets(const json& r) {
       1.1, true);
   add("chain8: pipeline p50 / kernels_bare p50", p50_of(r, "chain8", "pipeline") / p50_of(r, "chain8", "kernels_bare"),
       1.3, true);
+  add("chain8: pipeline p50 / executables_bare p50",
+      p50_of(r, "chain8", "pipeline") / p50_of(r, "chain8", "executables_bare"), 1.3, true,
+      "informational: the runtime around the same executables");
   for (const char* peer : {"onnxruntime", "pytorch_eager"}) {
     for (const char* wl : {"seed_tp1", "large", "chain8"}) {
       add(std::string(wl) + ": " + peer + " p50 / pipeline p50 (devpipe faster)",
@@ -1234,8 +1315,8 @@ const Command& bench_command() {
             .choices = {"seed", "seed_tp1", "seed_tp2", "large", "chain8", "llm"}},
            {.name = "modes", .kind = OptionKind::ChoiceList, .value = "M,...",
             .help = "modes to run (default all; llm: pipeline or roundtrip is devpipe, pytorch is both twin modes)",
-            .choices = {"pipeline", "roundtrip", "folded", "kernels_bare", "pytorch", "onnxruntime", "pytorch_mkldnn",
-                        "pytorch_eager", "llama_cpp"}},
+            .choices = {"pipeline", "roundtrip", "folded", "kernels_bare", "executables_bare", "pytorch", "onnxruntime",
+                        "pytorch_mkldnn", "pytorch_eager", "llama_cpp"}},
            {.name = "iters", .kind = OptionKind::Int, .value = "N",
             .help = "timed iterations per mode (default 20; chain8 200; llm 4 prefills and 4 decode runs per batch)",
             .min = 1, .max = 1000000},
@@ -1339,12 +1420,12 @@ int bench_main(const Args& a) {
   std::cout << "wrote " << out << "\n";
 
   if (others) {
-    std::printf("\n%-10s %-14s %10s %10s %10s %12s %10s %9s  %s\n", "workload", "mode", "p50 ms", "p90 ms", "mean ms",
+    std::printf("\n%-10s %-16s %10s %10s %10s %12s %10s %9s  %s\n", "workload", "mode", "p50 ms", "p90 ms", "mean ms",
                 "cpu ms/fwd", "/roofline", "cpu/roof", "output");
   }
   for (const auto& [wl, wj] : report["workloads"].items()) {
     if (wl == "llm") continue;  // its own table below
-    std::printf("%-10s %-14s %10.3f %34s  (%s-bound: compute %.3f ms, memory %.3f ms)\n", wl.c_str(), "roofline",
+    std::printf("%-10s %-16s %10.3f %34s  (%s-bound: compute %.3f ms, memory %.3f ms)\n", wl.c_str(), "roofline",
                 wj["roofline"]["time_ms"].get<double>(), "", wj["roofline"]["bound"].get<std::string>().c_str(),
                 wj["roofline"]["compute_ms"].get<double>(), wj["roofline"]["memory_ms"].get<double>());
     for (const auto& [mode, mj] : wj["modes"].items()) {
@@ -1353,21 +1434,25 @@ int bench_main(const Args& a) {
                               ? (mj["output_check"]["ok"].get<bool>() ? "matches" : "MISMATCH")
                               : "not checked";
       if (mj.contains("skipped")) {
-        std::printf("%-10s %-14s skipped: %s\n", wl.c_str(), mode.c_str(), mj["skipped"].get<std::string>().c_str());
+        std::printf("%-10s %-16s skipped: %s\n", wl.c_str(), mode.c_str(), mj["skipped"].get<std::string>().c_str());
       } else if (mj.contains("error")) {
-        std::printf("%-10s %-14s error: %s\n", wl.c_str(), mode.c_str(), mj["error"].get<std::string>().c_str());
+        std::printf("%-10s %-16s error: %s\n", wl.c_str(), mode.c_str(), mj["error"].get<std::string>().c_str());
       } else if (mj.contains("latency_ms")) {
-        std::printf("%-10s %-14s %10.3f %10.3f %10.3f %12.3f %10.2f %9.2f  %s\n", wl.c_str(), mode.c_str(),
+        std::printf("%-10s %-16s %10.3f %10.3f %10.3f %12.3f %10.2f %9.2f  %s\n", wl.c_str(), mode.c_str(),
                     mj["latency_ms"]["p50"].get<double>(), mj["latency_ms"]["p90"].get<double>(),
                     mj["latency_ms"]["mean"].get<double>(), mj["cpu_ms_per_forward"].get<double>(),
                     mj["roofline_ratio"].get<double>(), mj["roofline_ratio_cpu"].get<double>(), check.c_str());
       } else {
-        std::printf("%-10s %-14s %10s %10s %10s %12s %10s  %s (not timed here)\n", wl.c_str(), mode.c_str(), "-", "-",
+        std::printf("%-10s %-16s %10s %10s %10s %12s %10s  %s (not timed here)\n", wl.c_str(), mode.c_str(), "-", "-",
                     "-", "-", "-", check.c_str());
       }
       if (mj.contains("boundary_overhead_us")) {
-        std::printf("%-10s %-14s boundary overhead vs kernels_bare: %.2f us per boundary\n", "", "",
+        std::printf("%-10s %-16s boundary overhead vs kernels_bare: %.2f us per boundary\n", "", "",
                     mj["boundary_overhead_us"].get<double>());
+      }
+      if (mj.contains("boundary_overhead_vs_executables_us")) {
+        std::printf("%-10s %-16s boundary overhead vs executables_bare: %.2f us per boundary\n", "", "",
+                    mj["boundary_overhead_vs_executables_us"].get<double>());
       }
     }
   }
