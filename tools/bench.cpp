@@ -136,14 +136,18 @@ Tensor run_chain(std::vector<std::unique_ptr<ModelWrapper>>& ws, const Workload&
   // devices are taken over the whole chain, complete once the final output is.
   const TransferStats start = transfer_stats();
   Output prev;
+  // The argument list keeps its capacity from one call to the next, as a caller in a loop would
+  // keep it: the harness allocates nothing per stage.
+  thread_local std::vector<Input> args;
   for (std::size_t i = 0; i < ws.size(); ++i) {
-    std::vector<Input> args;
+    args.clear();
     if (i > 0) args.push_back(prev);
     for (const Tensor& t : w.extra[i]) args.emplace_back(t);
     const std::uint64_t d2h = transfer_stats().device_to_host_bytes;
     prev = ws[i]->forward(args);
     if (between && i + 1 < ws.size()) *between += transfer_stats().device_to_host_bytes - d2h;
   }
+  args.clear();  // holds no stage's results past the chain
   Tensor out = prev.tensor();
   if (between) *between += transfer_stats().device_to_device_bytes - start.device_to_device_bytes;
   return out;

@@ -32,6 +32,7 @@ namespace {
 struct Arg {
   Tensor host;           // defined for host arguments (already in the stage dtype)
   RankedTensors ranked;  // non-empty for ranked arguments
+  const detail::RankedData* data = nullptr;  // ranked's data (read without its checks once valid)
   int output = 0;        // which output of `ranked`
 };
 
@@ -97,6 +98,7 @@ struct Job {
     for (Arg& a : args) {
       detail::TensorAccess::drop(a.host);
       a.ranked = RankedTensors();
+      a.data = nullptr;
     }
   }
 
@@ -267,7 +269,7 @@ void run_chunks(Job& job, RankWork& w, int r) {
     if (a.ranked.empty()) continue;
     // The producer's task has queued its work (its failure propagates here); this rank's queue
     // waits for the producer's device event, the host does not.
-    const detail::EventState& ready = *a.ranked.ready(r);
+    const detail::EventState& ready = *a.data->ready[static_cast<std::size_t>(r)];
     ready.wait_queued();
     if (DeviceEvent* e = ready.device()) first.wait(*e);
   }
@@ -309,7 +311,7 @@ void run_chunks(Job& job, RankWork& w, int r) {
       const Shape& bucket = in_shapes[i];
       const std::size_t row_bytes = bytes_per_row(bucket, spec.dtype);
       if (!a.ranked.empty()) {
-        const Tensor& t = a.ranked[r][static_cast<std::size_t>(a.output)];
+        const Tensor& t = a.data->per_rank[ru][static_cast<std::size_t>(a.output)];
         if (t.shape()[0] >= c.begin + bsz && same_sample(t.shape(), bucket)) {
           w.in_ptrs[i] = static_cast<const char*>(t.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
           ++stats::in_place;
@@ -451,16 +453,20 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
   std::size_t nargs = 0;
   for (const Input& in : inputs) {
     if (in.is_ranked()) {
-      for (int k = 0; k < in.ranked().num_outputs(); ++k) {
+      const RankedTensors& rt = in.ranked();
+      const int outputs = rt.num_outputs();
+      for (int k = 0; k < outputs; ++k) {
         Arg& a = job.arg(nargs++);
         detail::TensorAccess::drop(a.host);
-        a.ranked = in.ranked();
+        a.ranked = rt;
+        a.data = rt.data_.get();
         a.output = k;
       }
     } else {
       Arg& a = job.arg(nargs++);
       a.host = in.tensor();
       a.ranked = RankedTensors();
+      a.data = nullptr;
       a.output = 0;
     }
   }
@@ -512,7 +518,9 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
                               std::to_string(r.num_ranks()) + " ranks, this stage has tp_degree " + std::to_string(tp));
       }
       for (int rk : local) {
-        const Tensor& t = r[rk][static_cast<std::size_t>(a.output)];
+        const std::vector<Tensor>& outs = a.data->per_rank[static_cast<std::size_t>(rk)];
+        // operator[] names a rank of another process (outs empty); a local rank has them all
+        const Tensor& t = (outs.empty() ? r[rk] : outs)[static_cast<std::size_t>(a.output)];
         const Device want = im.rank_device[static_cast<std::size_t>(rk)];
         if (t.device() != want) {
           throw InvalidArgument(prefix(tag) + arg_name(i) + ": rank " + std::to_string(rk) + "'s tensor from '" +
@@ -530,7 +538,7 @@ Output ModelWrapper::run_forward(Impl& im, const std::vector<Input>& inputs) {
         }
       }
       rows = r.real_batch();
-      shape = &r[first][static_cast<std::size_t>(a.output)].shape();
+      shape = &a.data->per_rank[static_cast<std::size_t>(first)][static_cast<std::size_t>(a.output)].shape();
     } else {
       if (!a.host.defined()) throw InvalidArgument(prefix(tag) + arg_name(i) + " is an undefined tensor");
       if (!fits(spec, a.host.shape())) {
