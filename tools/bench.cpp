@@ -385,6 +385,14 @@ std::string fmt_number(double v) {
   return buf;
 }
 
+/// A time in ms for the tables, in a column of 10: 3 decimals, 4 below 0.1 ms (chain8's
+/// microseconds), so that times a few tenths of a microsecond apart print apart.
+std::string fmt_ms(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, std::fabs(v) < 0.1 ? "%10.4f" : "%10.3f", v);
+  return buf;
+}
+
 /// Runs `cmd` through the shell; returns its exit status and its stdout+stderr in `out`.
 int run_command(const std::string& cmd, std::string& out) {
   FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
@@ -1429,8 +1437,8 @@ int bench_main(const Args& a) {
   }
   for (const auto& [wl, wj] : report["workloads"].items()) {
     if (wl == "llm") continue;  // its own table below
-    std::printf("%-10s %-16s %10.3f %34s  (%s-bound: compute %.3f ms, memory %.3f ms)\n", wl.c_str(), "roofline",
-                wj["roofline"]["time_ms"].get<double>(), "", wj["roofline"]["bound"].get<std::string>().c_str(),
+    std::printf("%-10s %-16s %s %34s  (%s-bound: compute %.3f ms, memory %.3f ms)\n", wl.c_str(), "roofline",
+                fmt_ms(wj["roofline"]["time_ms"].get<double>()).c_str(), "", wj["roofline"]["bound"].get<std::string>().c_str(),
                 wj["roofline"]["compute_ms"].get<double>(), wj["roofline"]["memory_ms"].get<double>());
     for (const auto& [mode, mj] : wj["modes"].items()) {
       std::string check = mode == "pipeline" ? "reference"
@@ -1442,9 +1450,11 @@ int bench_main(const Args& a) {
       } else if (mj.contains("error")) {
         std::printf("%-10s %-16s error: %s\n", wl.c_str(), mode.c_str(), mj["error"].get<std::string>().c_str());
       } else if (mj.contains("latency_ms")) {
-        std::printf("%-10s %-16s %10.3f %10.3f %10.3f %12.3f %10.2f %9.2f  %s\n", wl.c_str(), mode.c_str(),
-                    mj["latency_ms"]["p50"].get<double>(), mj["latency_ms"]["p90"].get<double>(),
-                    mj["latency_ms"]["mean"].get<double>(), mj["cpu_ms_per_forward"].get<double>(),
+        std::printf("%-10s %-16s %s %s %s   %s %10.2f %9.2f  %s\n", wl.c_str(), mode.c_str(),
+                    fmt_ms(mj["latency_ms"]["p50"].get<double>()).c_str(),
+                    fmt_ms(mj["latency_ms"]["p90"].get<double>()).c_str(),
+                    fmt_ms(mj["latency_ms"]["mean"].get<double>()).c_str(),
+                    fmt_ms(mj["cpu_ms_per_forward"].get<double>()).c_str(),
                     mj["roofline_ratio"].get<double>(), mj["roofline_ratio_cpu"].get<double>(), check.c_str());
       } else {
         std::printf("%-10s %-16s %10s %10s %10s %12s %10s  %s (not timed here)\n", wl.c_str(), mode.c_str(), "-", "-",
