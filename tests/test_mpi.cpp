@@ -72,10 +72,10 @@ class ProcessesEqualThreads : public ::testing::TestWithParam<std::tuple<std::st
   void SetUp() override { setenv("DEVPIPE_COLLECTIVE_TIMEOUT_S", "60", 1); }
 };
 
-TEST_P(ProcessesEqualThreads, OnEveryProcess) {
-  DEVPIPE_SKIP_WITHOUT_MPI();
-  const auto& [scenario, tp, np_param] = GetParam();
-  const int np = np_param == 0 ? tp : np_param;
+/// Runs `scenario` at `tp` in thread mode, then as `np` processes under `mpirun` with
+/// `launcher_flags`, and expects every process's outputs equal to thread mode's (rel 1e-6; token
+/// ids exactly).
+void expect_processes_equal_threads(const std::string& scenario, int tp, int np, const std::string& launcher_flags) {
   TempDir dir;
   // Thread mode: one process runs every rank.
   Proc t = run("DEVPIPE_WORLD=threads " +
@@ -84,11 +84,11 @@ TEST_P(ProcessesEqualThreads, OnEveryProcess) {
   ASSERT_EQ(t.code, 0) << "thread mode failed; log " << dir.str("threads.log");
   auto expected = safetensors::load_all(dir.str("threads/out.p0.safetensors"));
   // Process mode: tp / np ranks per process.
-  Proc p = run(mpirun(np) + worker(scenario, dir.str("mpi"), dir.str("mpi/out"), tp) + " > " +
+  Proc p = run(mpirun(np, launcher_flags) + worker(scenario, dir.str("mpi"), dir.str("mpi/out"), tp) + " > " +
                dir.str("mpi.log") + " 2>&1");
   std::ifstream log(dir.str("mpi.log"));
   std::string log_text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
-  ASSERT_EQ(p.code, 0) << "mpirun -np " << np << " failed:\n" << log_text;
+  ASSERT_EQ(p.code, 0) << "mpirun -np " << np << " " << launcher_flags << " failed:\n" << log_text;
   for (int proc = 0; proc < np; ++proc) {
     const std::string path = dir.str("mpi/out.p" + std::to_string(proc) + ".safetensors");
     ASSERT_TRUE(fs::exists(path)) << "process " << proc << " wrote no output; log:\n" << log_text;
@@ -108,6 +108,31 @@ TEST_P(ProcessesEqualThreads, OnEveryProcess) {
             << scenario << " " << name << " process " << proc;
       }
     }
+  }
+}
+
+TEST_P(ProcessesEqualThreads, OnEveryProcess) {
+  DEVPIPE_SKIP_WITHOUT_MPI();
+  const auto& [scenario, tp, np_param] = GetParam();
+  expect_processes_equal_threads(scenario, tp, np_param == 0 ? tp : np_param, "");
+}
+
+// What a run across machines changes, short of a second machine: the processes are placed by a
+// hostfile and talk over TCP sockets only (Open MPI's ob1 messaging over the tcp transport, on
+// the loopback interface), not over shared memory, as processes on two machines would.
+TEST(MpiTransport, AHostfileAndTcpOnlyGiveThreadModesResults) {
+  DEVPIPE_SKIP_WITHOUT_MPI();
+  setenv("DEVPIPE_COLLECTIVE_TIMEOUT_S", "60", 1);
+  TempDir hosts;
+  {
+    std::ofstream f(hosts.str("hosts"));
+    f << "localhost slots=2\n";
+  }
+  const std::string flags = "--hostfile " + hosts.str("hosts") +
+                            " --mca pml ob1 --mca btl tcp,self --mca btl_tcp_if_include lo";
+  for (const char* scenario : {"seed", "llama"}) {
+    SCOPED_TRACE(scenario);
+    expect_processes_equal_threads(scenario, 2, 2, flags);
   }
 }
 
