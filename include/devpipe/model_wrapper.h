@@ -12,7 +12,9 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
+#include <span>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -184,6 +186,10 @@ class ModelWrapper {
   /// the largest bucket runs in chunks. Returns ranked tensors (pipeline_execution and not
   /// return_ranked_to_cpu; asynchronous) or host tensors of the caller's batch (blocking).
   Output forward(const std::vector<Input>& inputs);
+  /// The same for a braced list, `forward({prev})` or `forward({features, tokens})`, which then
+  /// builds no vector: passing stages' results on (ranked tensors) allocates nothing in steady
+  /// state, like forward() itself. (An argument made from a host Tensor copies its Shape.)
+  Output forward(std::initializer_list<Input> inputs);
 
   /// Bucket batch sizes of the loaded artifact (one per bucket: repeated when other dims are
   /// bucketed too).
@@ -193,7 +199,7 @@ class ModelWrapper {
 
  private:
   struct Impl;
-  Output run_forward(Impl& impl, const std::vector<Input>& inputs);
+  Output run_forward(Impl& impl, std::span<const Input> inputs);
   // compile() in this process (every process under MPI calls compile(); process 0 runs this).
   void compile_in_process(const std::string& checkpoint_path, const std::string& dir,
                           const ProgressFn& progress);
