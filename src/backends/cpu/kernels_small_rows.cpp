@@ -289,16 +289,23 @@ DEVPIPE_AVX512 __attribute__((always_inline)) inline void accumulate_avx512(
   }
 }
 
+/// The weight rows of a block: w + c ld; in a partial block (kPartial: cols < C) rows cols..
+/// C - 1 repeat row cols - 1 (in cache; their sums are not stored).
+template <int C, bool kPartial, class T>
+__attribute__((always_inline)) inline void block_weights(const T* w, std::int64_t ld, int cols,
+                                                         const T* (&wc)[C]) {
+#pragma GCC unroll 16
+  for (int c = 0; c < C; ++c) wc[c] = w + (kPartial ? std::min(c, cols - 1) : c) * ld;
+}
+
 /// out[r * stride + c] (+)= sum_{j < len} x[r * ld + j] * w[c * ld + j] for r < R, c < cols
-/// <= C (added to what out holds when `add`): rows cols.. C - 1 of the block repeat row
-/// cols - 1 (in cache) and are not stored.
-template <int R, class T>
+/// (cols = C unless kPartial; added to what out holds when `add`).
+template <int R, bool kPartial, class T>
 DEVPIPE_AVX512 void dot_block_avx512(const float* x, const T* w, std::int64_t ld, std::int64_t len,
                                      int cols, float* out, std::int64_t stride, bool add) {
   constexpr int C = cols_avx512(R);
   const T* wc[C];
-#pragma GCC unroll 16
-  for (int c = 0; c < C; ++c) wc[c] = w + std::min(c, cols - 1) * ld;
+  block_weights<C, kPartial>(w, ld, cols, wc);
   __m512 a[16];
 #pragma GCC unroll 16
   for (auto& v : a) v = _mm512_setzero_ps();
@@ -528,13 +535,12 @@ DEVPIPE_AVX2 __attribute__((always_inline)) inline void accumulate_avx2(
 
 /// dot_block_avx512 in 8 lanes; it stores all C outputs of a row (cols.. C - 1: repeats), so
 /// out needs room for them.
-template <int R, class T>
+template <int R, bool kPartial, class T>
 DEVPIPE_AVX2 void dot_block_avx2(const float* x, const T* w, std::int64_t ld, std::int64_t len,
                                  int cols, float* out, std::int64_t stride, bool add) {
   constexpr int C = cols_avx2(R);
   const T* wc[C];
-#pragma GCC unroll 16
-  for (int c = 0; c < C; ++c) wc[c] = w + std::min(c, cols - 1) * ld;
+  block_weights<C, kPartial>(w, ld, cols, wc);
   __m256 a[8];
 #pragma GCC unroll 16
   for (auto& v : a) v = _mm256_setzero_ps();
@@ -746,13 +752,22 @@ class SmallRowsLinearKernel final : public Kernel {
       const auto count = static_cast<int>(std::min<std::int64_t>(n1 - c0, kCols));
       for (std::int64_t j0 = 0; j0 < k_; j0 += kBlock) {
         const std::int64_t len = std::min(kBlock, k_ - j0);
-        for (int c = 0; c < count; c += C) {
-          const int cols = std::min(C, count - c);
-          const T* wb = w + (c0 + c) * k_ + j0;
+        const T* wb = w + c0 * k_ + j0;
+        const bool add = j0 > 0;
+        int c = 0;
+        for (; c + C <= count; c += C) {
           if constexpr (kAvx512) {
-            dot_block_avx512<R>(xr + j0, wb, k_, len, cols, chunk + c, kChunk, j0 > 0);
+            dot_block_avx512<R, false>(xr + j0, wb + c * k_, k_, len, C, chunk + c, kChunk, add);
           } else {
-            dot_block_avx2<R>(xr + j0, wb, k_, len, cols, chunk + c, kChunk, j0 > 0);
+            dot_block_avx2<R, false>(xr + j0, wb + c * k_, k_, len, C, chunk + c, kChunk, add);
+          }
+        }
+        if (c < count) {
+          const int cols = count - c;
+          if constexpr (kAvx512) {
+            dot_block_avx512<R, true>(xr + j0, wb + c * k_, k_, len, cols, chunk + c, kChunk, add);
+          } else {
+            dot_block_avx2<R, true>(xr + j0, wb + c * k_, k_, len, cols, chunk + c, kChunk, add);
           }
         }
       }
