@@ -646,9 +646,10 @@ class SmallRowsLinearKernel final : public Kernel {
     const bool avx512 = isa == CpuIsa::Avx512;
     const std::int64_t group = avx512 ? kRowsAvx512 : kRowsAvx2;
     for (std::int64_t rows : {std::min(m, group), m % group}) {
-      if (rows > 0)
-        unit = std::lcm(
-            unit, avx512 ? cols_avx512(static_cast<int>(rows)) : cols_avx2(static_cast<int>(rows)));
+      if (rows == 0) continue;
+      const int cols =
+          avx512 ? cols_avx512(static_cast<int>(rows)) : cols_avx2(static_cast<int>(rows));
+      unit = std::lcm(unit, std::int64_t{cols});
     }
 #endif
     rows_per_task_ = (n + tasks - 1) / tasks;
@@ -743,9 +744,9 @@ class SmallRowsLinearKernel final : public Kernel {
                   std::int64_t n1) const {
     constexpr int C = kAvx512 ? cols_avx512(R) : cols_avx2(R);
     constexpr int kCols = kChunk / C * C;
-    static_assert(kAvx512 || kCols == kChunk, "the AVX2 blocks store C outputs a row");
+    static_assert(kAvx512 || kCols == kChunk, "the AVX2 blocks store C outputs per row");
     // K in blocks whose R rows of x fit in the L1 cache, each block of K for the whole chunk.
-    constexpr std::int64_t kBlock = kBlockFloats / R & ~std::int64_t{15};
+    constexpr std::int64_t kBlock = (kBlockFloats / R) & ~std::int64_t{15};
     const float* xr = x + r0 * k_;
     alignas(64) float chunk[R * kChunk];
     for (std::int64_t c0 = n0; c0 < n1; c0 += kCols) {
