@@ -5,7 +5,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <new>
 #include <string>
 #include <thread>
@@ -17,6 +19,7 @@
 #include "backends/cpu/executor.h"
 #include "backends/cpu/kernel.h"
 #include "backends/cpu/work_pool.h"
+#include "devpipe/dtype.h"
 #include "devpipe/error.h"
 #include "replace_new.h"
 #include "test_util.h"
@@ -416,11 +419,15 @@ TEST(CpuBackend, SkinnyLinearEveryIsaPathMatchesReference) {
 
 
 // The small-rows Linear kernel (token generation: at most 16 rows) on each vector path
-// (baseline: oneDNN's matmul) against the reference, float32 and bfloat16: row counts of one
-// and of several row groups (AVX-512 blocks 8 rows, AVX2 4), output counts that leave a tail
-// after the column blocks, K tails after the 16- and 8-lane vectors, bias and the fused
-// activations, and weights big enough to split into several pool tasks. A second run
-// allocates nothing.
+// (baseline: oneDNN's matmul) against the reference, float32 and bfloat16. A grid of every
+// row count of a block (AVX-512 blocks 1..8 rows, AVX2 1..4) and of several groups (13, 16) by
+// output counts 1, 7, 17, 33, 64 and 100 (none, some or all of the 16 / 8 columns of a
+// transpose-reduce filled, tails after the blocks and after the 64-output chunks), with K
+// below one vector (5, 13), whole vectors (16, 64) and vectors plus a tail (37, 200: a tail
+// for 16 lanes, none for 8), bias or none, and every activation, spread over the grid (a
+// Latin square); then rows of x over several dims, weights big enough for several pool tasks,
+// and K long enough to run in blocks (partial sums added up; the weight prefetch). A second
+// run allocates nothing.
 TEST(CpuBackend, SmallRowsLinearEveryIsaPathMatchesReference) {
   using cpu::CpuIsa;
   using cpu::cpu_isa;
@@ -432,14 +439,28 @@ TEST(CpuBackend, SmallRowsLinearEveryIsaPathMatchesReference) {
     bool bias;
     std::string act;
   };
-  const std::vector<Case> cases{
-      {{1, 1, 300}, 131, false, "none"},  // batch 1 decode: K tail 12, N tail after 8-blocks
-      {{8, 1, 203}, 77, true, "silu"},    // batch 8: one AVX-512 group, two AVX2 groups
-      {{13, 37}, 29, true, "none"},       // two AVX-512 groups (8 + 5), four AVX2 (3 x 4 + 1)
-      {{2, 3, 16}, 5, false, "gelu"},     // no K tail; N below one block
-      {{3, 1}, 4, true, "relu"},          // K = 1: masked / scalar only
-      {{16, 301}, 257, false, "gelu_tanh"},  // 16 rows; 301 KB of weight: several tasks
+  std::vector<Case> cases;
+  const std::int64_t ks[] = {5, 13, 16, 37, 64, 200};
+  const std::int64_t ns[] = {1, 7, 17, 33, 64, 100};
+  const char* const acts[] = {"none", "relu", "gelu", "gelu_tanh", "silu"};
+  int q = 0;
+  for (std::int64_t m : {1, 2, 3, 4, 5, 6, 7, 8, 13, 16}) {
+    for (int p = 0; p < 6; ++p) {
+      cases.push_back({{m, ks[(p + q) % 6]}, ns[p], (p + q) % 2 == 0, acts[(p + 2 * q) % 5]});
+    }
+    ++q;
+  }
+  const std::vector<Case> more{
+      {{1, 1, 300}, 131, false, "none"},     // batch 1 decode over [1, 1, K]
+      {{2, 3, 16}, 5, false, "gelu"},        // 6 rows over two dims
+      {{3, 1}, 4, true, "relu"},             // K = 1: masked / first lanes only
+      {{16, 301}, 257, false, "gelu_tanh"},  // 301 KB of weight: several tasks
+      {{8, 1100}, 33, true, "gelu"},         // K blocks of 1024 + 76 for 8 rows
+      {{5, 1700}, 17, false, "silu"},        // 1632 + 68 for 5 rows (AVX2: 4 + 1)
+      {{3, 2800}, 64, true, "none"},         // 2720 + 80 for 3 rows
+      {{1, 8200}, 7, true, "relu"},          // 8192 + 8 for one row
   };
+  cases.insert(cases.end(), more.begin(), more.end());
   for (DType dt : {DType::Float32, DType::BFloat16}) {
     for (const Case& c : cases) {
       Graph g = linear_graph(dt, c.x, c.out, c.bias, c.act);
@@ -450,8 +471,8 @@ TEST(CpuBackend, SmallRowsLinearEveryIsaPathMatchesReference) {
       for (CpuIsa isa : {CpuIsa::Baseline, CpuIsa::Avx2, CpuIsa::Avx512}) {
         if (isa > best) continue;
         const std::string what = std::string(isa_name(isa)) + " " + std::string(dtype_name(dt)) +
-                                 " " + c.x.to_string() + " -> " + std::to_string(c.out) + " " +
-                                 c.act;
+                                 " " + c.x.to_string() + " -> " + std::to_string(c.out) +
+                                 (c.bias ? " bias " : " ") + c.act;
         EXPECT_EQ(cpu::small_rows_linear_applies(m, c.x.dim(-1), dt, isa), isa != CpuIsa::Baseline)
             << what;
         IsaCap cap(isa_name(isa).data());
@@ -476,6 +497,65 @@ TEST(CpuBackend, SmallRowsLinearEveryIsaPathMatchesReference) {
   EXPECT_FALSE(cpu::small_rows_linear_applies(17, 64, DType::Float32, CpuIsa::Avx2));
   EXPECT_FALSE(cpu::small_rows_linear_applies(4, 64, DType::Float16, CpuIsa::Avx2));
   EXPECT_FALSE(cpu::small_rows_linear_applies(4, 0, DType::Float32, CpuIsa::Avx2));
+}
+
+// The small-rows kernel's bfloat16 outputs are float_to_bf16 of the float32 result, bit for
+// bit, on each vector path: y[m, n] = x[m] w[n] + b[n] with K = 1 (the product of two bfloat16
+// is exact in float32, so the float32 result is known), 37 outputs (tails after 16 and 8
+// lanes); rows of random values, rows 1 and 1 + 2^-7 against w = 1, b = 2^-8 (ties to even,
+// one down and one up), and rows of NaN (kept quiet), infinity and -1e38.
+TEST(CpuBackend, SmallRowsBfloat16OutputRoundsToNearestEven) {
+  using cpu::CpuIsa;
+  using cpu::isa_name;
+  constexpr std::int64_t kRows = 7, kOut = 37;
+  Graph g = trace(DType::BFloat16, {{"x", vi({kRows, 1}, DType::BFloat16)}},
+                  [&](const std::vector<Var>& v) {
+                    Var y = F::linear(v[0], param("w", {kOut, 1}), param("b", {kOut}));
+                    return std::vector<Var>{y};
+                  });
+  const std::vector<float> xs = {0.7f, -3.1f, 1.f, 1.f + 1.f / 128, std::nanf(""),
+                                 std::numeric_limits<float>::infinity(), -1e38f};
+  std::vector<float> ws(kOut), bs(kOut);
+  const std::vector<float> wr = Tensor::uniform({kOut}, -2, 2, 11).to_float_vector();
+  const std::vector<float> br = Tensor::uniform({kOut}, -2, 2, 12).to_float_vector();
+  for (std::int64_t n = 0; n < kOut; ++n) {
+    const bool tie = n % 5 == 0;
+    ws[static_cast<std::size_t>(n)] = tie ? 1.f : wr[static_cast<std::size_t>(n)];
+    bs[static_cast<std::size_t>(n)] = tie ? 1.f / 256 : br[static_cast<std::size_t>(n)];
+  }
+  const Tensor x = Tensor::from_vector(xs, {kRows, 1}, DType::BFloat16);
+  // The parameters in trace order: b, then w.
+  const std::vector<Tensor> params{Tensor::from_vector(bs, {kOut}, DType::BFloat16),
+                                   Tensor::from_vector(ws, {kOut, 1}, DType::BFloat16)};
+  const std::vector<float> xq = x.to_float_vector(), bq = params[0].to_float_vector(),
+                           wq = params[1].to_float_vector();
+  std::vector<std::uint16_t> want(static_cast<std::size_t>(kRows * kOut));
+  for (std::int64_t m = 0; m < kRows; ++m) {
+    for (std::int64_t n = 0; n < kOut; ++n) {
+      const float v = xq[static_cast<std::size_t>(m)] * wq[static_cast<std::size_t>(n)] +
+                      bq[static_cast<std::size_t>(n)];
+      want[static_cast<std::size_t>(m * kOut + n)] = float_to_bf16(v);
+    }
+  }
+  // The ties are there: 1 + 2^-8 rounds down to 1, 1 + 2^-7 + 2^-8 up to 1 + 2^-6.
+  ASSERT_EQ(want[2 * kOut], float_to_bf16(1.f));
+  ASSERT_EQ(want[3 * kOut], float_to_bf16(1.f + 1.f / 64));
+  for (CpuIsa isa : {CpuIsa::Avx2, CpuIsa::Avx512}) {
+    if (isa > cpu::cpu_isa()) continue;
+    IsaCap cap(isa_name(isa).data());
+    auto exe = cpu_backend().compile(g, params, RankInfo{0, 1, nullptr, 1});
+    Tensor y = Tensor::empty({kRows, kOut}, DType::BFloat16);
+    exe->run({x.raw_data()}, {y.raw_data()});
+    const auto* got = y.data<std::uint16_t>();
+    int bad = 0;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      if (got[i] != want[i] && ++bad <= 5) {
+        ADD_FAILURE() << isa_name(isa) << ": output " << i << " (row " << i / kOut << ") is 0x"
+                      << std::hex << got[i] << ", float_to_bf16 gives 0x" << want[i] << std::dec;
+      }
+    }
+    EXPECT_EQ(bad, 0) << isa_name(isa);
+  }
 }
 
 // The small-rows kernel's exact GELU (its own erf, no library call) over the whole range where
