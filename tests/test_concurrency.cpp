@@ -191,3 +191,33 @@ TEST(Concurrency, SmallHostBlocksAreReusedOnTheirThreadAndOutliveIt) {
   for (void* p : mine) host_pool_release(p, cls);
   for (void* p : held) host_pool_release(p, cls);
 }
+
+// The process-wide counters are kept per thread (runtime/stats.h): a thread's counts stay after
+// it ends, threads counting at once sum, and reset_transfer_stats() zeroes what is seen without
+// writing the threads' own counters.
+TEST(Concurrency, TransferStatsSumEveryThreadIncludingEndedOnes) {
+  TempDir dir;
+  auto w = build(dir, "stats", /*last=*/true, 4);
+  const Tensor x = Tensor::randn({4, 16}, 3);
+  const std::uint64_t out_bytes = 4 * 16 * sizeof(float);
+  auto forwards = [&](int n) {
+    for (int i = 0; i < n; ++i) EXPECT_EQ(w->forward({x}).shape(), (Shape{4, 16}));
+  };
+  reset_transfer_stats();
+  std::thread ended([&] { forwards(3); });
+  ended.join();
+  TransferStats s = transfer_stats();
+  EXPECT_EQ(s.forwards, 3u);
+  EXPECT_EQ(s.device_to_host_bytes, 3 * out_bytes);
+  std::thread a([&] { forwards(5); }), b([&] { forwards(7); });
+  a.join();
+  b.join();
+  forwards(1);
+  s = transfer_stats();
+  EXPECT_EQ(s.forwards, 16u);
+  EXPECT_EQ(s.device_to_host_bytes, 16 * out_bytes);
+  reset_transfer_stats();
+  EXPECT_EQ(transfer_stats(), TransferStats());
+  forwards(2);
+  EXPECT_EQ(transfer_stats().forwards, 2u);
+}

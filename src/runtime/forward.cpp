@@ -314,27 +314,27 @@ void run_chunks(Job& job, RankWork& w, int r) {
         const Tensor& t = a.data->per_rank[ru][static_cast<std::size_t>(a.output)];
         if (t.shape()[0] >= c.begin + bsz && same_sample(t.shape(), bucket)) {
           w.in_ptrs[i] = static_cast<const char*>(t.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
-          ++stats::in_place;
+          stats::add(stats::kInPlace);
           ++w.counts.ranked_inputs_in_place;
           timeline::instant("ranked hand-off (in place)", "handoff", r + 1);
           continue;
         }
         auto [ptr, bytes] = copy_padded(spec, bucket, t);
         w.in_ptrs[i] = ptr;
-        stats::d2d += bytes;
-        ++stats::copied;
+        stats::add(stats::kD2d, bytes);
+        stats::add(stats::kCopied);
         w.counts.device_to_device_bytes += bytes;
         ++w.counts.ranked_inputs_copied;
         timeline::instant("ranked hand-off (re-padded on device)", "handoff", r + 1);
       } else if (host_shared && c.rows == bsz && a.host.device().is_host() && same_sample(a.host.shape(), bucket)) {
         // The rank's device memory is host memory and no padding is needed: read in place.
         w.in_ptrs[i] = static_cast<const char*>(a.host.raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes;
-        ++stats::host_in_place;
+        stats::add(stats::kHostInPlace);
         ++w.counts.host_inputs_in_place;
       } else {
         auto [ptr, bytes] = copy_padded(spec, bucket, a.host);
         w.in_ptrs[i] = ptr;
-        stats::h2d += bytes;
+        stats::add(stats::kH2d, bytes);
         w.counts.host_to_device_bytes += bytes;
       }
     }
@@ -360,7 +360,7 @@ void run_chunks(Job& job, RankWork& w, int r) {
       const std::size_t row_bytes = bytes_per_row(out_shapes[o], spec.dtype);
       be.copy(static_cast<char*>(out[o].raw_data()) + static_cast<std::size_t>(c.begin) * row_bytes, dev,
               w.temps[k].raw_data(), dev, static_cast<std::size_t>(c.rows) * row_bytes);
-      stats::d2d += static_cast<std::size_t>(c.rows) * row_bytes;
+      stats::add(stats::kD2d, static_cast<std::size_t>(c.rows) * row_bytes);
       w.counts.device_to_device_bytes += static_cast<std::size_t>(c.rows) * row_bytes;
     }
   }
@@ -388,7 +388,13 @@ void run_rank(void* context, int r) {
   if (error) job.group->mark_failed();
   w.done.signal(error);
 
-  if (job.pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  // The count only falls, one decrement per task: reading 1 means this is the last task and the
+  // others' decrements (releases) are seen, so the one task of a `once` forward takes no locked
+  // instruction here. (Reset per forward, the count is read by nothing else.)
+  if (job.pending.load(std::memory_order_acquire) != 1 &&
+      job.pending.fetch_sub(1, std::memory_order_acq_rel) != 1) {
+    return;
+  }
   // The last task of the forward: let go of the inputs and of the tasks' reference.
   job.drop_inputs();
   if (job.host_result) {
@@ -443,7 +449,7 @@ Output ModelWrapper::run_forward(Impl& im, std::span<const Input> inputs) {
   const int first = local.front();
   Backend& be = *im.backend;
   im.group->recover_if_failed();
-  ++stats::forwards;
+  stats::add(stats::kForwards);
   timeline::Span host_span(tag.c_str(), "host", 0);
 
   std::shared_ptr<Job> held = JobPool::acquire(im.jobs);
@@ -757,7 +763,7 @@ Output ModelWrapper::run_forward(Impl& im, std::span<const Input> inputs) {
         detail::TensorAccess::rebind_host_pool(h, job.shape, t.dtype());
         const std::size_t bytes = copy_region(be, h.raw_data(), h.device(), h.shape(), t.raw_data(), t.device(),
                                               t.shape(), 0, job.shape, dtype_size(t.dtype()), false);
-        stats::d2h += bytes;
+        stats::add(stats::kD2h, bytes);
         job.host_counts.device_to_host_bytes += bytes;
       }
     }

@@ -162,7 +162,7 @@ std::uint64_t detail::copy_rank0_to_host(const RankedData& data, std::vector<Ten
     Tensor& h = out[o];
     TensorAccess::rebind_host_pool(h, scratch, t.dtype());
     copy_bytes(h.raw_data(), h.device(), t.raw_data(), t.device(), h.nbytes());
-    stats::d2h += h.nbytes();
+    stats::add(stats::kD2h, h.nbytes());
     bytes += h.nbytes();
   }
   return bytes;

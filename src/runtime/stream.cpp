@@ -90,7 +90,8 @@ bool RankStream::claim_if_idle() {
   std::lock_guard lock(mu_);
   if (count_ != 0 || running_task_) return false;
   running_task_ = true;
-  claimed_runs_.fetch_add(1, std::memory_order_relaxed);
+  // Written under mu_ only: a load and a store (no locked instruction); read anywhere.
+  claimed_runs_.store(claimed_runs_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   return true;
 }
 
