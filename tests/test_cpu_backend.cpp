@@ -588,6 +588,58 @@ TEST(CpuBackend, SmallRowsGeluIsAccurateOverItsRange) {
   }
 }
 
+// The executables of one rank share one work pool (per rank and thread count), so that the
+// workers spinning after one stage's tasks take the next stage's; other ranks and thread counts
+// get their own. Two executables of one rank run at once from two threads (one then runs its
+// tasks alone) still give the fused conv's result bit for bit: its bands and their sums do not
+// depend on which threads run them.
+TEST(CpuBackend, ExecutablesOfOneRankShareAWorkPool) {
+  const Shape xs{3, 3, 40, 24};
+  Graph g = trace(DType::Float32, {{"x", vi(xs, DType::Float32)}}, [&](const std::vector<Var>& v) {
+    Var y = F::conv2d(v[0], param("w", {32, 3, 3, 3}), param("b", {32}), {1, 1}, {1, 1}, {1, 1}, 1);
+    return std::vector<Var>{F::adaptive_avg_pool2d(y, {1, 1})};
+  });
+  ASSERT_EQ(fuse_conv_global_avg_pool(g), 1);
+  auto params = random_params(g);
+  auto compile = [&](const RankInfo& rank) {
+    std::unique_ptr<Executable> exe = cpu_backend().compile(g, params, rank);
+    return std::unique_ptr<cpu::CpuExecutable>(static_cast<cpu::CpuExecutable*>(exe.release()));
+  };
+  auto a = compile(RankInfo{0, 1, nullptr, 2});
+  auto b = compile(RankInfo{0, 1, nullptr, 2});
+  auto three = compile(RankInfo{0, 1, nullptr, 3});
+  auto other_rank = compile(RankInfo{1, 2, nullptr, 2});
+  auto one = compile(RankInfo{0, 1, nullptr, 1});
+  ASSERT_NE(a->pool(), nullptr);
+  EXPECT_EQ(a->pool(), b->pool());
+  EXPECT_NE(three->pool(), a->pool());
+  EXPECT_NE(other_rank->pool(), a->pool());
+  EXPECT_EQ(a->pool()->threads(), 2);
+  EXPECT_EQ(three->pool()->threads(), 3);
+
+  const std::vector<Tensor> xs_in{Tensor::randn(xs, 21), Tensor::randn(xs, 22)};
+  std::vector<std::vector<float>> want;
+  for (const Tensor& x : xs_in) {
+    Tensor y = Tensor::empty({3, 32, 1, 1}, DType::Float32);
+    one->run({x.raw_data()}, {y.raw_data()});
+    EXPECT_TRUE(testing::tensors_close(y, run_reference(g, {x}, params)[0], 1e-4, 1e-5));
+    want.push_back(y.to_float_vector());
+  }
+  std::vector<std::string> errors(2);
+  auto loop = [&](cpu::CpuExecutable& exe, std::size_t k) {
+    Tensor y = Tensor::empty({3, 32, 1, 1}, DType::Float32);
+    for (int rep = 0; rep < 50 && errors[k].empty(); ++rep) {
+      exe.run({xs_in[k].raw_data()}, {y.raw_data()});
+      if (y.to_float_vector() != want[k]) errors[k] = "run " + std::to_string(rep) + " differs";
+    }
+  };
+  std::thread ta([&] { loop(*a, 0); }), tb([&] { loop(*b, 1); });
+  ta.join();
+  tb.join();
+  EXPECT_EQ(errors[0], "");
+  EXPECT_EQ(errors[1], "");
+}
+
 // A Linear over at most 64 rows with fixed weights runs as column slices of one-thread oneDNN
 // matmuls on the work pool when it has more than one thread: against the reference in float32
 // and bfloat16, with slices of odd widths (200 outputs in 3 slices), bias, activations and the

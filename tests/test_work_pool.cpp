@@ -73,5 +73,84 @@ TEST(WorkPool, GivesEachTaskItsThreadIndex) {
   }
 }
 
+// A pool shared by two threads (the executables of one rank, rank_pool in executor.cpp): a run
+// that starts while another thread's run holds the workers runs every one of its tasks on its
+// own caller, as thread 0, and returns without waiting for the other; the other's tasks are
+// unaffected, and the pool takes part in later runs again.
+TEST(WorkPool, RunFromAnotherThreadDuringARunRunsOnItsCaller) {
+  for (int threads : {2, 3}) {
+    cpu::WorkPool pool(threads);
+    std::atomic<bool> second_done{false};
+    std::atomic<int> first_started{0};
+    std::vector<int> first_ran(static_cast<std::size_t>(threads)), second_ran(40);
+    std::vector<int> second_index(40, -1);
+    std::vector<std::thread::id> second_on(40);
+    std::thread::id second_caller;
+    // The first run's tasks, one per thread of the pool, hold the workers (and the first
+    // caller) until the second run has finished: it cannot have had a worker's help.
+    std::thread first([&] {
+      pool.run(threads, [&](std::int64_t i) {
+        first_started.fetch_add(1);
+        while (!second_done.load()) std::this_thread::yield();
+        ++first_ran[static_cast<std::size_t>(i)];
+      });
+    });
+    while (first_started.load() == 0) std::this_thread::yield();
+    std::thread second([&] {
+      second_caller = std::this_thread::get_id();
+      pool.run(40, [&](std::int64_t i, int thread) {
+        ++second_ran[static_cast<std::size_t>(i)];
+        second_index[static_cast<std::size_t>(i)] = thread;
+        second_on[static_cast<std::size_t>(i)] = std::this_thread::get_id();
+      });
+      second_done.store(true);
+    });
+    second.join();
+    first.join();
+    for (std::size_t i = 0; i < second_ran.size(); ++i) {
+      EXPECT_EQ(second_ran[i], 1) << threads << " threads, second run's task " << i;
+      EXPECT_EQ(second_index[i], 0) << threads << " threads, second run's task " << i;
+      EXPECT_EQ(second_on[i], second_caller) << threads << " threads, second run's task " << i;
+    }
+    for (std::size_t i = 0; i < first_ran.size(); ++i) {
+      EXPECT_EQ(first_ran[i], 1) << threads << " threads, first run's task " << i;
+    }
+    // Free again: a later run's tasks are shared with the workers.
+    std::vector<std::thread::id> ran_on(256);
+    for (int rep = 0; rep < 20; ++rep) {
+      pool.run(256, [&](std::int64_t i) {
+        ran_on[static_cast<std::size_t>(i)] = std::this_thread::get_id();
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      });
+      bool helped = false;
+      for (const auto& id : ran_on) helped = helped || id != std::this_thread::get_id();
+      if (helped) break;
+      ASSERT_LT(rep, 19) << threads << " threads: no worker took a task in 20 runs after the busy one";
+    }
+  }
+}
+
+// Two threads calling run() on one pool over and over (the executables of one rank run from two
+// threads): every task of every run runs once and its writes are visible to its caller, whichever
+// threads ran it (under TSan: no race between the runs).
+TEST(WorkPool, ConcurrentRunsFromTwoThreadsEachRunEveryTaskOnce) {
+  cpu::WorkPool pool(2);
+  auto caller = [&](int who) {
+    std::vector<int> ran(97);
+    for (int rep = 0; rep < 400; ++rep) {
+      const std::int64_t tasks = 1 + (rep * 7 + who) % 97;
+      for (int& r : ran) r = 0;
+      pool.run(tasks, [&](std::int64_t i) { ++ran[static_cast<std::size_t>(i)]; });
+      for (std::int64_t i = 0; i < 97; ++i) {
+        ASSERT_EQ(ran[static_cast<std::size_t>(i)], i < tasks ? 1 : 0)
+            << "caller " << who << ", run " << rep << ", task " << i << " of " << tasks;
+      }
+    }
+  };
+  std::thread a(caller, 0), b(caller, 1);
+  a.join();
+  b.join();
+}
+
 }  // namespace
 }  // namespace devpipe

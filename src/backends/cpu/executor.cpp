@@ -8,6 +8,10 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
 
 namespace devpipe::cpu {
 
@@ -41,6 +45,31 @@ bool runs_serial(const Graph& g, const Node& node, const std::vector<std::byte*>
            elements <= kSerialAttentionElements;
   }
   return elements <= kSerialElements;
+}
+
+/// The WorkPool of `threads` threads for the executables of `rank` (its communicator, rank and
+/// thread count), made on first use and shared while one holds it. A rank's stages run one
+/// after another on its thread, so one pool serves them all: at a stage boundary its workers
+/// are still spinning from the last stage's tasks and take the next stage's at once, where a
+/// pool per executable would have to wake its own sleeping workers (and, on a machine with as
+/// many cores as threads, hand the cores from one set of workers to another) at every stage.
+/// Executables of one rank run from two threads at once are still correct: the run that finds
+/// the pool busy runs its tasks on its own thread (WorkPool::run).
+std::shared_ptr<WorkPool> rank_pool(const RankInfo& rank, int threads) {
+  using Key = std::tuple<const Communicator*, int, int>;
+  static std::mutex mu;
+  static auto* pools = new std::map<Key, std::weak_ptr<WorkPool>>;  // never destroyed: an
+                                                                    // executable may outlive main
+  const Key key{rank.comm, rank.rank, threads};
+  std::lock_guard lock(mu);
+  std::erase_if(*pools, [](const auto& kv) { return kv.second.expired(); });
+  std::weak_ptr<WorkPool>& slot = (*pools)[key];
+  std::shared_ptr<WorkPool> pool = slot.lock();
+  if (!pool) {
+    pool = std::make_shared<WorkPool>(threads);
+    slot = pool;
+  }
+  return pool;
 }
 
 /// A kernel that does nothing (nodes whose outputs are empty).
@@ -134,8 +163,7 @@ CpuExecutable::CpuExecutable(const Graph& graph, const std::vector<Tensor>& para
     k->where = cx.where;
     steps_[static_cast<std::size_t>(i)].serial = serial;
     if (k->wants_pool() && !pool_) {
-      pool_ = std::make_unique<WorkPool>(rank.num_threads > 0 ? rank.num_threads
-                                                              : omp_get_max_threads());
+      pool_ = rank_pool(rank, rank.num_threads > 0 ? rank.num_threads : omp_get_max_threads());
     }
     scratch[static_cast<std::size_t>(i)] = k->scratch_bytes();
     steps_[static_cast<std::size_t>(i)].kernel = std::move(k);

@@ -31,6 +31,8 @@ class CpuExecutable final : public Executable {
 
   /// Address of value `id` in the last run (tests: aliasing and in-place outputs).
   const void* value_address(int id) const { return values_.at(id); }
+  /// The work pool its kernels run on, or nullptr (tests: which executables share one).
+  const WorkPool* pool() const { return pool_.get(); }
 
  private:
   struct Step {
@@ -50,8 +52,9 @@ class CpuExecutable final : public Executable {
   std::unique_ptr<std::byte, ArenaFree> arena_;
   ValueAddresses values_;
   std::vector<Step> steps_;
-  /// The thread team of the kernels that want one (nullptr when none does).
-  std::unique_ptr<WorkPool> pool_;
+  /// The thread team of the kernels that want one (nullptr when none does), shared with the
+  /// other executables of the rank (rank_pool in executor.cpp).
+  std::shared_ptr<WorkPool> pool_;
   dnnl::stream stream_;
 };
 

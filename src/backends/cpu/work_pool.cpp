@@ -93,6 +93,7 @@ void WorkPool::run_tasks(std::int64_t tasks, TaskFn fn, void* ctx) {
   work(gen, 0);
   auto all_done = [&] { return done_.load(std::memory_order_acquire) == tasks; };
   while (!spin_until(all_done)) std::this_thread::yield();  // a claimed task runs elsewhere
+  busy_.store(false, std::memory_order_release);
 }
 
 }  // namespace devpipe::cpu

@@ -28,13 +28,15 @@ class WorkPool {
   int threads() const { return static_cast<int>(workers_.size()) + 1; }
 
   /// Runs body(i) for every i in [0, tasks), each once, over the caller and the workers, and
-  /// returns when all have run. Called from one thread at a time; no heap allocation. A body
-  /// taking (i, thread) also gets the index of the thread running it, in [0, threads()) (the
-  /// caller is 0): per-thread scratch for tasks that need some.
+  /// returns when all have run. No heap allocation. A body taking (i, thread) also gets the
+  /// index of the thread running it, in [0, threads()) (the caller is 0): per-thread scratch
+  /// for tasks that need some. The pool may be shared (the executables of one rank): a run
+  /// from a thread that finds another thread's run in progress runs all its tasks on its
+  /// caller, as thread 0 (not from inside a task: that thread 0 would be the other run's).
   template <class Body>
   void run(std::int64_t tasks, Body&& body) {
     using B = std::remove_reference_t<Body>;
-    if (tasks <= 1 || workers_.empty()) {
+    if (tasks <= 1 || workers_.empty() || busy_.exchange(true, std::memory_order_acquire)) {
       for (std::int64_t i = 0; i < tasks; ++i) call(body, i, 0);
       return;
     }
@@ -68,6 +70,8 @@ class WorkPool {
   std::atomic<TaskFn> fn_{nullptr};
   std::atomic<void*> ctx_{nullptr};
   std::atomic<bool> stop_{false};
+  /// Set while a run uses the workers (run_tasks clears it).
+  std::atomic<bool> busy_{false};
 };
 
 }  // namespace devpipe::cpu
