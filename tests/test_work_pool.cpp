@@ -152,5 +152,70 @@ TEST(WorkPool, ConcurrentRunsFromTwoThreadsEachRunEveryTaskOnce) {
   b.join();
 }
 
+// Idle workers spin for 1.5 times the longest recent gap between runs, within [kMinSpin,
+// max_spin]: first kMinSpin; runs about 1 ms apart raise the spin to 1.5 ms or more (so the
+// workers are awake for the next one); a gap longer than max_spin (the pool idle) takes it back
+// to kMinSpin. (max_spin 200 ms: far above the 1 ms gaps even when the test thread is
+// descheduled for a while.)
+TEST(WorkPool, WorkersSpinThroughTheRecentGapsBetweenRuns) {
+  using std::chrono::milliseconds;
+  cpu::WorkPool pool(2, milliseconds(200));
+  std::atomic<int> sum{0};
+  auto run = [&] { pool.run(8, [&](std::int64_t i) { sum.fetch_add(static_cast<int>(i)); }); };
+  EXPECT_EQ(pool.spin(), cpu::WorkPool::kMinSpin);
+  run();
+  for (int i = 0; i < 5; ++i) {
+    std::this_thread::sleep_for(milliseconds(1));
+    run();
+  }
+  EXPECT_GE(pool.spin(), std::chrono::microseconds(1500));
+  EXPECT_LE(pool.spin(), milliseconds(200));
+  std::this_thread::sleep_for(milliseconds(250));  // idle longer than max_spin
+  run();
+  EXPECT_EQ(pool.spin(), cpu::WorkPool::kMinSpin);
+  EXPECT_EQ(sum.load(), 7 * 28);
+}
+
+// A worker goes to sleep once its spin runs out, and at once on park(): here the spin is about
+// 600 ms (runs 400 ms apart), so a worker that sleeps within 300 ms of park() was sent there by
+// it; the next run wakes it and it takes tasks again.
+TEST(WorkPool, ParkSendsSpinningWorkersToSleep) {
+  using std::chrono::milliseconds;
+  using Clock = std::chrono::steady_clock;
+  cpu::WorkPool pool(2, milliseconds(2000));
+  auto run = [&] { pool.run(2, [](std::int64_t) {}); };
+  run();
+  std::this_thread::sleep_for(milliseconds(400));
+  run();
+  ASSERT_GE(pool.spin(), milliseconds(600));
+  // The worker may have been asleep since before the second run and be waking now: wait until
+  // it is back spinning, i.e. its sleep count holds still for 20 ms.
+  std::int64_t before = pool.sleeps();
+  for (;;) {
+    std::this_thread::sleep_for(milliseconds(20));
+    if (pool.sleeps() == before) break;
+    before = pool.sleeps();
+  }
+  const auto parked = Clock::now();
+  pool.park();
+  while (pool.sleeps() == before && Clock::now() - parked < milliseconds(1000)) {
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  EXPECT_GT(pool.sleeps(), before) << "no worker slept within 1 s of park()";
+  EXPECT_LT(Clock::now() - parked, milliseconds(300)) << "the worker slept only when its spin ran out";
+  // Woken by the next run: it takes a task when the caller's first one waits for it.
+  std::atomic<bool> helped{false};
+  const std::thread::id caller = std::this_thread::get_id();
+  pool.run(2, [&](std::int64_t) {
+    if (std::this_thread::get_id() != caller) {
+      helped.store(true);
+      return;
+    }
+    const auto until = Clock::now() + milliseconds(2000);
+    while (!helped.load() && Clock::now() < until) std::this_thread::yield();
+  });
+  EXPECT_TRUE(helped.load());
+}
+
 }  // namespace
 }  // namespace devpipe

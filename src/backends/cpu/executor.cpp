@@ -162,6 +162,7 @@ CpuExecutable::CpuExecutable(const Graph& graph, const std::vector<Tensor>& para
     }
     k->where = cx.where;
     steps_[static_cast<std::size_t>(i)].serial = serial;
+    steps_[static_cast<std::size_t>(i)].parks_pool = !serial && !empty && !k->wants_pool();
     if (k->wants_pool() && !pool_) {
       pool_ = rank_pool(rank, rank.num_threads > 0 ? rank.num_threads : omp_get_max_threads());
     }
@@ -214,6 +215,7 @@ void CpuExecutable::run(const std::vector<const void*>& inputs, const std::vecto
       if (!s.kernel) continue;
       timeline::Span span(s.label, "kernel", rank_.rank + 1);
       threads_for(s);
+      if (s.parks_pool && pool_) pool_->park();
       RunContext cx{values_.data(), s.scratch, stream_, rank_, pool_.get()};
       s.kernel->run(cx);
       stream_.wait();
@@ -222,6 +224,7 @@ void CpuExecutable::run(const std::vector<const void*>& inputs, const std::vecto
     for (Step& s : steps_) {
       if (!s.kernel) continue;
       threads_for(s);
+      if (s.parks_pool && pool_) pool_->park();
       RunContext cx{values_.data(), s.scratch, stream_, rank_, pool_.get()};
       s.kernel->run(cx);
     }

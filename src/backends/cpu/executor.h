@@ -40,6 +40,8 @@ class CpuExecutable final : public Executable {
     std::byte* scratch = nullptr;
     const char* label = "";  // op name, for timeline spans
     bool serial = false;     // runs with one OpenMP thread (see runs_serial in executor.cpp)
+    bool parks_pool = false;  // opens OpenMP regions of several threads: the pool's spinning
+                              // workers are sent to sleep first (WorkPool::park)
   };
   struct ArenaFree {
     void operator()(std::byte* p) const;

@@ -1,5 +1,6 @@
 #include "backends/cpu/work_pool.h"
 
+#include <algorithm>
 #include <chrono>
 
 #if defined(__x86_64__)
@@ -10,9 +11,7 @@ namespace devpipe::cpu {
 
 namespace {
 
-/// How long an idle thread spins before it sleeps (a worker) or yields (the caller waiting for
-/// claimed tasks).
-constexpr auto kSpin = std::chrono::microseconds(50);
+using Clock = std::chrono::steady_clock;
 
 inline void cpu_relax() {
 #if defined(__x86_64__)
@@ -20,22 +19,32 @@ inline void cpu_relax() {
 #endif
 }
 
-/// Spins until pred() or kSpin passes; returns pred().
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+      .count();
+}
+
+/// Spins until pred() or `limit` passes; returns pred().
 template <class Pred>
-bool spin_until(Pred&& pred) {
-  const auto until = std::chrono::steady_clock::now() + kSpin;
+bool spin_until(std::chrono::nanoseconds limit, Pred&& pred) {
+  const auto until = Clock::now() + limit;
   for (;;) {
     for (int i = 0; i < 64; ++i) {
       if (pred()) return true;
       cpu_relax();
     }
-    if (std::chrono::steady_clock::now() >= until) return pred();
+    if (Clock::now() >= until) return pred();
   }
 }
 
+/// The caller waiting for tasks claimed by others spins this long, then yields.
+constexpr std::chrono::nanoseconds kCallerSpin = WorkPool::kMinSpin;
+
 }  // namespace
 
-WorkPool::WorkPool(int threads) {
+WorkPool::WorkPool(int threads, std::chrono::microseconds max_spin)
+    : spin_ns_(std::chrono::nanoseconds(kMinSpin).count()),
+      max_spin_ns_(std::chrono::nanoseconds(std::max(max_spin, kMinSpin)).count()) {
   for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
 }
 
@@ -69,9 +78,14 @@ void WorkPool::worker_loop(int thread) {
   for (;;) {
     std::uint32_t g = generation_.load(std::memory_order_acquire);
     if (g == seen) {
-      spin_until([&] { return (g = generation_.load(std::memory_order_acquire)) != seen; });
+      const std::uint32_t parks = parks_.load(std::memory_order_relaxed);
+      spin_until(std::chrono::nanoseconds(spin_ns_.load(std::memory_order_relaxed)), [&] {
+        return (g = generation_.load(std::memory_order_acquire)) != seen ||
+               parks_.load(std::memory_order_relaxed) != parks;
+      });
     }
     if (g == seen) {
+      sleeps_.fetch_add(1, std::memory_order_relaxed);
       generation_.wait(seen, std::memory_order_acquire);
       continue;
     }
@@ -82,6 +96,17 @@ void WorkPool::worker_loop(int thread) {
 }
 
 void WorkPool::run_tasks(std::int64_t tasks, TaskFn fn, void* ctx) {
+  // How long the workers spin after this run: 1.5 times the longest recent gap between runs
+  // that spinning could have bridged (it decays by 1/16 a run); a longer gap (the pool idle)
+  // forgets them.
+  const std::int64_t start = now_ns();
+  if (last_end_ns_ != 0) {
+    const std::int64_t gap = start - last_end_ns_;
+    longest_gap_ns_ = gap > max_spin_ns_ ? 0 : std::max(gap, longest_gap_ns_ - longest_gap_ns_ / 16);
+    const std::int64_t min_ns = std::chrono::nanoseconds(kMinSpin).count();
+    spin_ns_.store(std::clamp(longest_gap_ns_ * 3 / 2, min_ns, max_spin_ns_),
+                   std::memory_order_relaxed);
+  }
   const std::uint32_t gen = generation_.load(std::memory_order_relaxed) + 1;
   fn_.store(fn, std::memory_order_relaxed);
   ctx_.store(ctx, std::memory_order_relaxed);
@@ -92,7 +117,8 @@ void WorkPool::run_tasks(std::int64_t tasks, TaskFn fn, void* ctx) {
   generation_.notify_all();
   work(gen, 0);
   auto all_done = [&] { return done_.load(std::memory_order_acquire) == tasks; };
-  while (!spin_until(all_done)) std::this_thread::yield();  // a claimed task runs elsewhere
+  while (!spin_until(kCallerSpin, all_done)) std::this_thread::yield();  // claimed elsewhere
+  last_end_ns_ = now_ns();
   busy_.store(false, std::memory_order_release);
 }
 

@@ -5,11 +5,16 @@
 // time slice back, and a decode step has hundreds of regions. Here the tasks of a parallel
 // run are claimed one by one from a counter by whichever threads are running, the caller
 // included: a descheduled worker simply claims nothing, and the caller only ever waits for
-// tasks already claimed. Idle workers spin briefly (the next kernel of a step usually follows
-// within microseconds), then sleep on the counter's futex.
+// tasks already claimed. Idle workers spin, then sleep on the counter's futex: they spin for
+// 1.5 times the longest recent gap between runs that was under max_spin (at least 50 us, at
+// most max_spin, 500 us by default), so that back-to-back work (the kernels of a step, the
+// stages and forwards of a pipeline run back to back) finds them awake (waking a sleeping one
+// costs tens to hundreds of microseconds, most on a virtual machine's idle vCPU), and an idle
+// pool spins only 50 us after each run.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <thread>
 #include <type_traits>
@@ -19,13 +24,28 @@ namespace devpipe::cpu {
 
 class WorkPool {
  public:
-  /// A pool of `threads` threads in all: the caller of run() and threads - 1 workers.
-  explicit WorkPool(int threads);
+  static constexpr std::chrono::microseconds kMinSpin{50};
+  static constexpr std::chrono::microseconds kDefaultMaxSpin{500};
+
+  /// A pool of `threads` threads in all: the caller of run() and threads - 1 workers, which
+  /// spin at most `max_spin` between runs (at least kMinSpin).
+  explicit WorkPool(int threads, std::chrono::microseconds max_spin = kDefaultMaxSpin);
   ~WorkPool();
   WorkPool(const WorkPool&) = delete;
   WorkPool& operator=(const WorkPool&) = delete;
 
   int threads() const { return static_cast<int>(workers_.size()) + 1; }
+
+  /// Sends the workers spinning for the next run to sleep now: the caller is about to use the
+  /// cores otherwise (an OpenMP region, whose threads would take turns with spinning workers).
+  void park() { parks_.fetch_add(1, std::memory_order_relaxed); }
+
+  /// How long idle workers spin now before they sleep (from the gaps between the last runs).
+  std::chrono::nanoseconds spin() const {
+    return std::chrono::nanoseconds(spin_ns_.load(std::memory_order_relaxed));
+  }
+  /// How many times a worker has gone to sleep (tests).
+  std::int64_t sleeps() const { return sleeps_.load(std::memory_order_relaxed); }
 
   /// Runs body(i) for every i in [0, tasks), each once, over the caller and the workers, and
   /// returns when all have run. No heap allocation. A body taking (i, thread) also gets the
@@ -72,6 +92,16 @@ class WorkPool {
   std::atomic<bool> stop_{false};
   /// Set while a run uses the workers (run_tasks clears it).
   std::atomic<bool> busy_{false};
+  /// Bumped by park(); a spinning worker that sees it change sleeps.
+  std::atomic<std::uint32_t> parks_{0};
+  /// How long idle workers spin (ns), set by run_tasks.
+  std::atomic<std::int64_t> spin_ns_;
+  std::atomic<std::int64_t> sleeps_{0};
+  // The caller's (under busy_): the longest spin a run may set, when the last run ended (steady
+  // clock ns, 0 before the first) and the longest recent gap between runs under max_spin.
+  std::int64_t max_spin_ns_;
+  std::int64_t last_end_ns_ = 0;
+  std::int64_t longest_gap_ns_ = 0;
 };
 
 }  // namespace devpipe::cpu
