@@ -419,6 +419,10 @@ std::string shell_quote(const std::string& s) {
   return q + "'";
 }
 
+/// How far the limits measured at the end may differ from the start's (relative) before the run's
+/// roofline ratios are flagged.
+constexpr double kLimitsMoved = 0.15;
+
 json machine_json(const bench::MachineLimits& lim) {
   json m = bench::host_json();
   m["isa_flags"] = bench::cpu_isa_flags();
@@ -1259,7 +1263,9 @@ json evaluate_targets(const json& r) {
     try {
       const double v = r.at("workloads").at(wl).at("modes").at("pipeline").at("roofline_ratio_cpu").get<double>();
       const bool loaded = r.at("machine").at("limits").at("contended").get<bool>();
-      return (loaded ? "machine loaded; " : "") + std::string("CPU time / (threads x roofline) = ") + fmt_number(v);
+      const bool moved = r.at("machine").value("limits_moved", false);
+      return (loaded ? "machine loaded; " : "") + std::string(moved ? "limits moved during the run; " : "") +
+             "CPU time / (threads x roofline) = " + fmt_number(v);
     } catch (const json::exception&) {
       return "";
     }
@@ -1419,6 +1425,22 @@ int bench_main(const Args& a) {
                                         : run_workload(n, a, work, lim, ort, plot, mismatches);
   }
   report["run"]["load_average_end"] = bench::load_average_json();
+  {
+    // The limits again: on a shared host they move (another guest on the cores' siblings), and
+    // a roofline from limits that did not hold for the run is no floor.
+    const bench::MachineLimits end = bench::measure_machine_limits(threads);
+    const double moved = std::max(std::fabs(end.peak_gflops / lim.peak_gflops - 1),
+                                  std::fabs(end.triad_gbs / lim.triad_gbs - 1));
+    report["machine"]["limits_at_end"] = machine_json(end)["limits"];
+    report["machine"]["limits_moved"] = moved > kLimitsMoved;
+    std::printf("machine at the end: peak fp32 FMA %.1f GFLOP/s, triad %.1f GB/s (%+.0f%% and %+.0f%% against the start)\n",
+                end.peak_gflops, end.triad_gbs, (end.peak_gflops / lim.peak_gflops - 1) * 100,
+                (end.triad_gbs / lim.triad_gbs - 1) * 100);
+    if (moved > kLimitsMoved) {
+      std::printf("machine: the limits MOVED by more than %.0f%% during the run: its roofline ratios are not trustworthy\n",
+                  kLimitsMoved * 100);
+    }
+  }
   report["targets"] = evaluate_targets(report);
   report["correctness_failures"] = mismatches;
   {
