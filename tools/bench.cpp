@@ -419,6 +419,9 @@ std::string shell_quote(const std::string& s) {
   return q + "'";
 }
 
+/// The pause before each mode's turn in a round (see run_workload).
+constexpr std::chrono::milliseconds kSettle{50};
+
 /// How far the limits measured at the end may differ from the start's (relative) before the run's
 /// roofline ratios are flagged.
 constexpr double kLimitsMoved = 0.15;
@@ -599,7 +602,11 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
   }
 
   // Warm-up, then the timed rounds: every worker runs iters/rounds forwards in turn, the order
-  // rotating from round to round, so that each mode sees the same machine.
+  // rotating from round to round and reversed every other round, so that each mode sees the
+  // same machine and follows different modes. Before each mode's turn the bench waits
+  // kSettle, so that the previous mode's threads that spin after their work (OpenMP teams,
+  // ONNX Runtime's pool, the rank streams) are asleep and take no core from it: without the
+  // wait, the mode that always followed onnxruntime ran with one vCPU of two taken.
   std::map<std::string, Round> times;
   std::map<std::string, std::string> failed;
   auto safely = [&](Worker& wk, const std::function<void()>& fn) {
@@ -619,7 +626,9 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
   for (int r = 0; r < rounds; ++r) {
     const int n = iters / rounds + (r < iters % rounds ? 1 : 0);
     for (std::size_t k = 0; k < timed.size(); ++k) {
-      Worker& wk = *timed[(k + static_cast<std::size_t>(r)) % timed.size()];
+      const std::size_t at = r % 2 == 0 ? k : timed.size() - 1 - k;
+      Worker& wk = *timed[(at + static_cast<std::size_t>(r)) % timed.size()];
+      if (timed.size() > 1) std::this_thread::sleep_for(kSettle);
       safely(wk, [&] {
         Round got = wk.run(n);
         Round& acc = times[wk.mode()];
