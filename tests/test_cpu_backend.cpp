@@ -510,8 +510,11 @@ TEST(CpuBackend, SmallRowsBfloat16OutputRoundsToNearestEven) {
   constexpr std::int64_t kRows = 7, kOut = 37;
   Graph g = trace(DType::BFloat16, {{"x", vi({kRows, 1}, DType::BFloat16)}},
                   [&](const std::vector<Var>& v) {
-                    Var y = F::linear(v[0], param("w", {kOut, 1}), param("b", {kOut}));
-                    return std::vector<Var>{y};
+                    // Declared one by one: the order of a call's arguments is unspecified
+                    // (GCC and clang differ), and the parameters' order is their trace order.
+                    Var w = param("w", {kOut, 1});
+                    Var b = param("b", {kOut});
+                    return std::vector<Var>{F::linear(v[0], w, b)};
                   });
   const std::vector<float> xs = {0.7f, -3.1f, 1.f, 1.f + 1.f / 128, std::nanf(""),
                                  std::numeric_limits<float>::infinity(), -1e38f};
@@ -524,11 +527,11 @@ TEST(CpuBackend, SmallRowsBfloat16OutputRoundsToNearestEven) {
     bs[static_cast<std::size_t>(n)] = tie ? 1.f / 256 : br[static_cast<std::size_t>(n)];
   }
   const Tensor x = Tensor::from_vector(xs, {kRows, 1}, DType::BFloat16);
-  // The parameters in trace order: b, then w.
-  const std::vector<Tensor> params{Tensor::from_vector(bs, {kOut}, DType::BFloat16),
-                                   Tensor::from_vector(ws, {kOut, 1}, DType::BFloat16)};
-  const std::vector<float> xq = x.to_float_vector(), bq = params[0].to_float_vector(),
-                           wq = params[1].to_float_vector();
+  // The parameters in trace order: w, then b.
+  const std::vector<Tensor> params{Tensor::from_vector(ws, {kOut, 1}, DType::BFloat16),
+                                   Tensor::from_vector(bs, {kOut}, DType::BFloat16)};
+  const std::vector<float> xq = x.to_float_vector(), wq = params[0].to_float_vector(),
+                           bq = params[1].to_float_vector();
   std::vector<std::uint16_t> want(static_cast<std::size_t>(kRows * kOut));
   for (std::int64_t m = 0; m < kRows; ++m) {
     for (std::int64_t n = 0; n < kOut; ++n) {
