@@ -199,6 +199,8 @@ class ModelWrapper {
 
  private:
   struct Impl;
+  // forward(): marks the call in flight (load() refuses meanwhile), checks a load() happened.
+  Output forward_loaded(std::span<const Input> inputs);
   Output run_forward(Impl& impl, std::span<const Input> inputs);
   // compile() in this process (every process under MPI calls compile(); process 0 runs this).
   void compile_in_process(const std::string& checkpoint_path, const std::string& dir,

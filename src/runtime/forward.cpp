@@ -416,27 +416,19 @@ void run_rank(void* context, int r) {
 // from the wrapper's pool; output buffers come from the backend's caching pool into reused
 // tensor handles; each rank gets a plain StreamTask; the RankedTensors / Output returned alias
 // the job. Errors (exceptions, messages) may allocate: they are not the hot path.
-namespace {
-
-/// forward()'s checks before the wrapper's loaded state is read.
-void check_loaded(const void* impl, const std::string& tag) {
-  if (!impl) {
-    throw StateError(prefix(tag) + "forward() called before load(): compile(path) and load(path) the model first");
-  }
-}
-
-}  // namespace
-
-Output ModelWrapper::forward(const std::vector<Input>& inputs) {
-  CallGuard guard(calls_in_flight_, loading_, options_.tag, "forward()");
-  check_loaded(impl_.get(), options_.tag);
-  return run_forward(*impl_, inputs);
-}
+Output ModelWrapper::forward(const std::vector<Input>& inputs) { return forward_loaded(inputs); }
 
 Output ModelWrapper::forward(std::initializer_list<Input> inputs) {
+  return forward_loaded(std::span<const Input>(inputs.begin(), inputs.size()));
+}
+
+Output ModelWrapper::forward_loaded(std::span<const Input> inputs) {
   CallGuard guard(calls_in_flight_, loading_, options_.tag, "forward()");
-  check_loaded(impl_.get(), options_.tag);
-  return run_forward(*impl_, std::span<const Input>(inputs.begin(), inputs.size()));
+  if (!impl_) {
+    throw StateError(prefix(options_.tag) +
+                     "forward() called before load(): compile(path) and load(path) the model first");
+  }
+  return run_forward(*impl_, inputs);
 }
 
 Output ModelWrapper::run_forward(Impl& im, std::span<const Input> inputs) {

@@ -668,10 +668,10 @@ void ModelWrapper::load(const std::string& dir, const ProgressFn& progress) {
     impl->jobs = make_job_pool();
     impl->backend = &backend_for(rc.device);
     impl->group = RankGroup::get(rc.device, rc.tp_degree);
-    // Whether the local ranks share one device whose memory is the host's (Impl::once).
     const std::vector<Device>& devices = impl->group->devices();
     impl->rank_device.assign(tpu, Device{});
     for (std::size_t i = 0; i < local.size(); ++i) impl->rank_device[static_cast<std::size_t>(local[i])] = devices[i];
+    // Whether the local ranks share one device whose memory is the host's (Impl::once).
     const bool shared_memory =
         devices.size() > 1 && impl->backend->device_memory_is_host() &&
         std::all_of(devices.begin(), devices.end(), [&](const Device& d) { return d == devices.front(); });

@@ -107,21 +107,19 @@ std::size_t RankGroups::live() const {
 
 void RankGroup::submit(void (*fn)(void* context, int rank), void* context, int only, bool on_caller) {
   const int here = only >= 0 ? only : ranks_.front();  // the rank the caller may run
-  bool claimed = false;
-  if (only >= 0) {
-    // One stream: its own lock orders this task against every other submission to it, and no
-    // other stream gets a task whose order against this one matters.
-    claimed = on_caller && stream(here).claim_if_idle();
-    if (!claimed) stream(here).enqueue(StreamTask{fn, context, here});
-  } else {
-    std::lock_guard lock(submit_mu_);
+  // A task for one rank alone goes through that stream's own lock, which orders it against every
+  // other submission to the stream; no other stream gets a task whose order against it matters.
+  std::unique_lock lock(submit_mu_, std::defer_lock);
+  if (only < 0) {
+    lock.lock();
     for (int r : ranks_) {
       if (r != here) stream(r).enqueue(StreamTask{fn, context, r});
     }
-    // Claimed under the lock: a later submission queues behind this task on every stream.
-    claimed = on_caller && stream(here).claim_if_idle();
-    if (!claimed) stream(here).enqueue(StreamTask{fn, context, here});
   }
+  // Claimed under the lock: a later submission queues behind this task on every stream.
+  const bool claimed = on_caller && stream(here).claim_if_idle();
+  if (!claimed) stream(here).enqueue(StreamTask{fn, context, here});
+  if (lock.owns_lock()) lock.unlock();
   if (claimed) {
     fn(context, here);
     stream(here).end_claim();
