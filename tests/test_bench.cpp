@@ -473,6 +473,37 @@ TEST(BenchFloors, Chain8HasBothFloorsCheckedAndTheBoundaryOverheadAgainstEach) {
   EXPECT_TRUE(r.report["correctness_failures"].empty()) << r.report["correctness_failures"].dump();
 }
 
+// seed_tp2's ranks each run half the batch: the report gives each rank's own compute (its
+// kernels less its collectives' waits), and the tp2 / tp1 line names their range.
+TEST(BenchRanks, SeedTp2ReportsEachRanksOwnComputeBesideTheStageTimes) {
+  testing::TempDir t;
+  const BenchRun r = run_bench(t, "--workload seed --modes pipeline --no-pytorch --iters 2 --warmup 1 --rounds 1");
+  ASSERT_EQ(r.code, 0) << r.log;
+  const nlohmann::json& tp2 = r.report["workloads"]["seed_tp2"]["modes"]["pipeline"];
+  ASSERT_TRUE(tp2.contains("rank_own_compute_ms")) << tp2.dump();
+  const nlohmann::json& own = tp2["rank_own_compute_ms"];
+  ASSERT_EQ(own.size(), 2u) << own.dump();
+  double stages = 0;  // rank 0's stage spans, collectives' waits included
+  for (const auto& [tag, ms] : tp2["stage_compute_ms"].items()) stages += ms.get<double>();
+  for (const auto& ms : own) {
+    // Most of a stage is the rank's own convolution; its own time cannot exceed the spans by
+    // more than the other rank's may (a few percent on this machine, bounded loosely here).
+    EXPECT_GT(ms.get<double>(), 0.5 * stages) << own.dump() << " vs " << stages;
+    EXPECT_LT(ms.get<double>(), 1.5 * stages) << own.dump() << " vs " << stages;
+  }
+  // tp 1 has one rank: no per-rank figure.
+  EXPECT_FALSE(r.report["workloads"]["seed_tp1"]["modes"]["pipeline"].contains("rank_own_compute_ms"));
+  bool found = false;
+  for (const auto& target : r.report["targets"]) {
+    if (target["target"] != "seed: tp2 pipeline p50 / tp1 pipeline p50") continue;
+    found = true;
+    EXPECT_NE(target["note"].get<std::string>().find("the ranks' own compute per forward on equal shares: "),
+              std::string::npos)
+        << target.dump();
+  }
+  EXPECT_TRUE(found) << r.report["targets"].dump();
+}
+
 // The small model of `llm_peers.py write-model --small`: hidden 64, intermediate 128, 2 layers,
 // 4 heads (head_dim 16), 2 KV heads, vocab 300, untied: per layer q,o 64x64, k,v 64x32, the MLP
 // 3 x 64x128, two norms; the embedding and lm_head 300x64 each; the final norm.
