@@ -54,6 +54,9 @@ std::string io_text(const Shape& shape, DType dtype) {
 }  // namespace
 
 struct ExecutablesBare::Plan {
+  // Rank 0's resources (Backend::make_rank_resources), shared by every stage's executable as a
+  // rank group shares them: on cpu one WorkPool per thread count for all the stages.
+  std::shared_ptr<RankResources> rank0;
   std::vector<BareStageRun> stages;
 };
 
@@ -136,7 +139,8 @@ ExecutablesBare::ExecutablesBare(const std::vector<std::string>& artifact_dirs, 
       s.params.push_back(std::move(t));
     }
     s.threads = threads_per_rank(rc);
-    s.exe = backend.compile(g, s.params, RankInfo{0, m.tp_degree, nullptr, s.threads, nullptr});
+    if (!plan_->rank0) plan_->rank0 = backend.make_rank_resources(0, dev);
+    s.exe = backend.compile(g, s.params, RankInfo{0, m.tp_degree, nullptr, s.threads, nullptr, plan_->rank0});
 
     // Inputs: the previous stage's output buffer, then this stage's host inputs.
     std::size_t data_inputs = 0;

@@ -21,7 +21,9 @@
 #include "backends/cpu/work_pool.h"
 #include "devpipe/dtype.h"
 #include "devpipe/error.h"
+#include "devpipe/world.h"
 #include "replace_new.h"
+#include "runtime/rank_group.h"
 #include "test_util.h"
 
 // Counts heap allocations made while g_count_allocations is set (the whole process, oneDNN
@@ -591,11 +593,13 @@ TEST(CpuBackend, SmallRowsGeluIsAccurateOverItsRange) {
   }
 }
 
-// The executables of one rank share one work pool (per rank and thread count), so that the
-// workers spinning after one stage's tasks take the next stage's; other ranks and thread counts
-// get their own. Two executables of one rank run at once from two threads (one then runs its
-// tasks alone) still give the fused conv's result bit for bit: its bands and their sums do not
-// depend on which threads run them.
+// The executables of one rank of a rank group share one work pool (per thread count: the
+// rank's resources, RankGroup::rank_info), so that the workers spinning after one stage's tasks
+// take the next stage's; the group's other ranks, other thread counts, other groups and
+// executables compiled without a group's resources get their own. Two executables of one rank
+// run at once from two threads (one then runs its tasks alone) still give the fused conv's
+// result bit for bit: its bands and their sums do not depend on which threads run them. The
+// rank's resources outlive the group while an executable holds them, and no longer.
 TEST(CpuBackend, ExecutablesOfOneRankShareAWorkPool) {
   const Shape xs{3, 3, 40, 24};
   Graph g = trace(DType::Float32, {{"x", vi(xs, DType::Float32)}}, [&](const std::vector<Var>& v) {
@@ -608,17 +612,27 @@ TEST(CpuBackend, ExecutablesOfOneRankShareAWorkPool) {
     std::unique_ptr<Executable> exe = cpu_backend().compile(g, params, rank);
     return std::unique_ptr<cpu::CpuExecutable>(static_cast<cpu::CpuExecutable*>(exe.release()));
   };
-  auto a = compile(RankInfo{0, 1, nullptr, 2});
-  auto b = compile(RankInfo{0, 1, nullptr, 2});
-  auto three = compile(RankInfo{0, 1, nullptr, 3});
-  auto other_rank = compile(RankInfo{1, 2, nullptr, 2});
+  auto group = std::make_unique<RankGroup>(World::get(), cpu_backend(), 2);
+  auto other_group = std::make_unique<RankGroup>(World::get(), cpu_backend(), 2);
+  auto a = compile(group->rank_info(0, 2));
+  auto b = compile(group->rank_info(0, 2));
+  auto three = compile(group->rank_info(0, 3));
+  auto other_rank = compile(group->rank_info(1, 2));
+  auto other_groups = compile(other_group->rank_info(0, 2));
+  auto own = compile(RankInfo{0, 1, nullptr, 2});
+  auto own_too = compile(RankInfo{0, 1, nullptr, 2});
   auto one = compile(RankInfo{0, 1, nullptr, 1});
   ASSERT_NE(a->pool(), nullptr);
   EXPECT_EQ(a->pool(), b->pool());
   EXPECT_NE(three->pool(), a->pool());
   EXPECT_NE(other_rank->pool(), a->pool());
+  EXPECT_NE(other_groups->pool(), a->pool());
+  ASSERT_NE(own->pool(), nullptr);
+  EXPECT_NE(own->pool(), a->pool());
+  EXPECT_NE(own->pool(), own_too->pool());
   EXPECT_EQ(a->pool()->threads(), 2);
   EXPECT_EQ(three->pool()->threads(), 3);
+  EXPECT_EQ(own->pool()->threads(), 2);
 
   const std::vector<Tensor> xs_in{Tensor::randn(xs, 21), Tensor::randn(xs, 22)};
   std::vector<std::vector<float>> want;
@@ -641,6 +655,24 @@ TEST(CpuBackend, ExecutablesOfOneRankShareAWorkPool) {
   tb.join();
   EXPECT_EQ(errors[0], "");
   EXPECT_EQ(errors[1], "");
+
+  // The rank's resources hold its pools weakly: a thread count no executable uses has none.
+  const std::weak_ptr<RankResources> rank0 = group->rank_info(0, 2).resources;
+  auto* resources = dynamic_cast<cpu::CpuRankResources*>(rank0.lock().get());
+  ASSERT_NE(resources, nullptr);
+  EXPECT_EQ(resources->pool(2).get(), a->pool());
+  const std::weak_ptr<cpu::WorkPool> unused = resources->pool(5);
+  EXPECT_TRUE(unused.expired());
+  // The group gone, its executables keep the rank's resources and pool; the last one frees them.
+  const std::weak_ptr<cpu::WorkPool> pool = resources->pool(2);
+  group.reset();
+  EXPECT_FALSE(rank0.expired());
+  a.reset();
+  three.reset();
+  EXPECT_FALSE(pool.expired());
+  b.reset();
+  EXPECT_TRUE(pool.expired());
+  EXPECT_TRUE(rank0.expired());
 }
 
 // A Linear over at most 64 rows with fixed weights runs as column slices of one-thread oneDNN

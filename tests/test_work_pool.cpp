@@ -73,7 +73,7 @@ TEST(WorkPool, GivesEachTaskItsThreadIndex) {
   }
 }
 
-// A pool shared by two threads (the executables of one rank, rank_pool in executor.cpp): a run
+// A pool shared by two threads (the executables of one rank, CpuRankResources in executor.h): a run
 // that starts while another thread's run holds the workers runs every one of its tasks on its
 // own caller, as thread 0, and returns without waiting for the other; the other's tasks are
 // unaffected, and the pool takes part in later runs again.

@@ -50,13 +50,23 @@ int thread_count() {
   return -1;
 }
 
-/// A backend with `devices` devices that only makes collectives, recording what it was told.
+/// A backend with `devices` devices that only makes collectives and rank resources, recording
+/// what it was told.
 class FakeBackend final : public Backend {
  public:
   struct Made final : DeviceCollectives {
     explicit Made(int* alive) : alive_(alive) { ++*alive_; }
     ~Made() override { --*alive_; }
     int* alive_;
+  };
+  struct Resources final : RankResources {
+    Resources(int* alive, int rank, Device device) : alive_(alive), rank(rank), device(device) {
+      ++*alive_;
+    }
+    ~Resources() override { --*alive_; }
+    int* alive_;
+    int rank;
+    Device device;
   };
 
   explicit FakeBackend(int devices) : devices_(devices) {}
@@ -65,6 +75,9 @@ class FakeBackend final : public Backend {
   std::unique_ptr<DeviceCollectives> make_collectives(const GroupPlacement& p) override {
     placements.push_back(p);
     return std::make_unique<Made>(&alive);
+  }
+  std::shared_ptr<RankResources> make_rank_resources(int rank, Device device) override {
+    return std::make_shared<Resources>(&resources_alive, rank, device);
   }
   std::unique_ptr<Executable> compile(const Graph&, const std::vector<Tensor>&, const RankInfo&) override {
     throw Unsupported("FakeBackend compiles nothing");
@@ -75,7 +88,8 @@ class FakeBackend final : public Backend {
   }
 
   std::vector<GroupPlacement> placements;
-  int alive = 0;  // collectives made and not yet freed
+  int alive = 0;            // collectives made and not yet freed
+  int resources_alive = 0;  // rank resources made and not yet freed
 
  private:
   int devices_;
@@ -220,6 +234,49 @@ TEST(World, TheRegistryFreesAGroupWithItsLastUser) {
   auto c = world.rank_groups().get(world, be, 3);
   EXPECT_EQ(be.placements.size(), 2u);
   EXPECT_EQ(be.alive, 1);
+}
+
+// A group makes each of its ranks' resources once, on the rank's device, when it first hands out
+// the rank's RankInfo, and gives every later caller (any thread count) the same object; other
+// ranks and other groups get their own. An executable holding a RankInfo keeps them after the
+// group is gone; the last holder frees them.
+TEST(World, GroupsOwnTheirRanksResources) {
+  World world = threads_world();
+  FakeBackend be(2);
+  auto group = world.rank_groups().get(world, be, 3);
+  EXPECT_EQ(be.resources_alive, 0);  // none before a rank is compiled for
+  std::vector<std::shared_ptr<RankResources>> made;
+  for (int r : group->ranks()) {
+    const RankInfo info = group->rank_info(r, 2);
+    auto* res = dynamic_cast<FakeBackend::Resources*>(info.resources.get());
+    ASSERT_NE(res, nullptr);
+    EXPECT_EQ(res->rank, r);
+    EXPECT_EQ(res->device, group->devices()[static_cast<std::size_t>(r)]);
+    EXPECT_EQ(group->rank_info(r, 2).resources, info.resources);
+    EXPECT_EQ(group->rank_info(r, 5).resources, info.resources);
+    for (const auto& m : made) EXPECT_NE(m, info.resources);
+    made.push_back(info.resources);
+  }
+  EXPECT_EQ(be.resources_alive, 3);
+  EXPECT_THROW_MSG(group->rank_info(3, 2), InvalidArgument,
+                   "rank 3 of tp_degree 3 is not one this process runs");
+  auto other = world.rank_groups().get(world, be, 2);
+  EXPECT_NE(other->rank_info(0, 2).resources, made[0]);
+  EXPECT_EQ(be.resources_alive, 4);
+  other.reset();
+  EXPECT_EQ(be.resources_alive, 3);  // freed with the group that held them alone
+  // Rank 1's executable outlives the group: its resources stay, the others go with the group.
+  const std::weak_ptr<RankResources> rank1 = made[1];
+  {
+    const RankInfo executable = group->rank_info(1, 2);
+    made.clear();
+    group.reset();
+    EXPECT_EQ(be.resources_alive, 1);
+    EXPECT_FALSE(rank1.expired());
+    EXPECT_EQ(executable.resources, rank1.lock());
+  }
+  EXPECT_EQ(be.resources_alive, 0);
+  EXPECT_TRUE(rank1.expired());
 }
 
 TEST(World, LoadedStagesShareTheProcessWorldsGroups) {

@@ -29,6 +29,17 @@ class DeviceCollectives {
   virtual ~DeviceCollectives() = default;
 };
 
+/// What a backend keeps for one rank of a rank group (runtime/rank_group.h): made by the backend
+/// for the rank's device (Backend::make_rank_resources) the first time the group hands out the
+/// rank's RankInfo, then shared by every executable compiled for that rank of the group, each of
+/// which holds it (RankInfo::resources), so it outlives both the group and its last executable.
+/// On cpu: the rank's WorkPools, one per thread count, so that a rank's stages run on one thread
+/// team. On cuda: the rank's stream, cuBLASLt and cuDNN handles and workspace (RankContext).
+class RankResources {
+ public:
+  virtual ~RankResources() = default;
+};
+
 /// What a backend is told of a rank group when it makes the group's collectives.
 struct GroupPlacement {
   const World* world = nullptr;  // the world the group belongs to (not owned)
@@ -46,6 +57,10 @@ struct RankInfo {
   // The group's device collectives (not owned); required when tp_degree > 1 on a backend whose
   // make_collectives() makes them (cuda).
   DeviceCollectives* collectives = nullptr;
+  // The rank's resources in its group (RankGroup::rank_info), shared with the rank's other
+  // executables; null for an executable compiled on its own (it then makes resources of its own,
+  // shared with no other executable).
+  std::shared_ptr<RankResources> resources;
 };
 
 /// Completion of device work queued on a rank's queue (a CUDA event on cuda). The cpu backend
@@ -92,6 +107,12 @@ class Backend {
   /// The device collectives of a new rank group (runtime/rank_group.h), or null when the
   /// backend's collectives need nothing beyond the group's host Communicator (the default).
   virtual std::unique_ptr<DeviceCollectives> make_collectives(const GroupPlacement& placement) {
+    return nullptr;
+  }
+  /// The state of a new rank group's rank `rank` on `device` (the device the group gives it),
+  /// shared by the executables compiled for that rank of the group, or null when the backend
+  /// keeps none (the default).
+  virtual std::shared_ptr<RankResources> make_rank_resources(int rank, Device device) {
     return nullptr;
   }
   /// Compiles `graph` for one rank. `params`: host tensors in graph.params order with the

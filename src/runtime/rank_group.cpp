@@ -1,5 +1,6 @@
 #include "runtime/rank_group.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <map>
@@ -22,6 +23,8 @@ RankGroup::RankGroup(const World& world, Backend& backend, int tp_degree)
               ? mpi::make_communicator(kind_, tp_degree, world.collective_timeout_s())
               : make_local_communicator(tp_degree);
   collectives_ = backend.make_collectives(GroupPlacement{&world, tp_degree, ranks_, devices_});
+  resources_.resize(ranks_.size());
+  made_.assign(ranks_.size(), false);
   streams_.resize(static_cast<std::size_t>(tp_degree));
   for (int r : ranks_)
     streams_[static_cast<std::size_t>(r)] =
@@ -29,7 +32,8 @@ RankGroup::RankGroup(const World& world, Backend& backend, int tp_degree)
 }
 
 RankGroup::~RankGroup() {
-  // The streams' tasks may use the communicator and the collectives: finish and stop them first.
+  // The streams' tasks may use the communicator, the collectives and the ranks' resources:
+  // finish and stop them first.
   for (auto& s : streams_) {
     if (s) s->synchronize();
   }
@@ -37,7 +41,18 @@ RankGroup::~RankGroup() {
 }
 
 RankInfo RankGroup::rank_info(int rank, int num_threads) {
-  return RankInfo{rank, size(), comm_.get(), num_threads, collectives_.get()};
+  const auto it = std::find(ranks_.begin(), ranks_.end(), rank);
+  if (it == ranks_.end()) {
+    throw InvalidArgument("RankGroup::rank_info: rank " + std::to_string(rank) + " of tp_degree " +
+                          std::to_string(size()) + " is not one this process runs");
+  }
+  const auto i = static_cast<std::size_t>(it - ranks_.begin());
+  std::lock_guard lock(resources_mu_);
+  if (!made_[i]) {
+    resources_[i] = backend_.make_rank_resources(rank, devices_[i]);
+    made_[i] = true;
+  }
+  return RankInfo{rank, size(), comm_.get(), num_threads, collectives_.get(), resources_[i]};
 }
 
 int default_num_threads() {

@@ -3,9 +3,10 @@
 // process runs, their devices (World::device_of_rank), a stream per rank (FIFO, so stages
 // chained on the same ranks run in order without host synchronisation), the communicator
 // between the ranks (shared memory between threads, or MPI between processes: see
-// devpipe/world.h) and the backend's device collectives for them (Backend::make_collectives:
-// NCCL on cuda). The World owns the registry (World::rank_groups()); a group lives while a
-// stage uses it.
+// devpipe/world.h), the backend's device collectives for them (Backend::make_collectives:
+// NCCL on cuda) and the backend's state of each rank (Backend::make_rank_resources: the cpu
+// rank's thread teams, the cuda rank's stream and library handles). The World owns the
+// registry (World::rank_groups()); a group lives while a stage uses it.
 #pragma once
 
 #include <atomic>
@@ -41,7 +42,8 @@ class RankGroup {
   /// The group of `tp_degree` ranks of `backend` as `world` places them in this process (both
   /// must outlive it). Use RankGroups::get; this makes a group of its own.
   RankGroup(const World& world, Backend& backend, int tp_degree);
-  /// Waits for the streams and stops their threads, then frees the collectives.
+  /// Waits for the streams and stops their threads, then lets go of the ranks' resources (freed
+  /// here unless an executable still holds them) and frees the collectives.
   ~RankGroup();
   RankGroup(const RankGroup&) = delete;
   RankGroup& operator=(const RankGroup&) = delete;
@@ -57,7 +59,9 @@ class RankGroup {
   /// The stream of rank `rank`, one this process runs.
   RankStream& stream(int rank) { return *streams_[static_cast<std::size_t>(rank)]; }
   /// What an executable of rank `rank` (one this process runs) is compiled with: the group's
-  /// communicator and device collectives, `num_threads` host threads.
+  /// communicator and device collectives, the rank's resources (made by the backend on the
+  /// rank's device on the first call for the rank, the same object on every later one, whatever
+  /// `num_threads`), `num_threads` host threads. Called at load, never per forward.
   RankInfo rank_info(int rank, int num_threads);
   /// Queues `fn(context, r)` on the stream of every rank r this process runs (only on rank
   /// `only` when it is >= 0), atomically with respect to other submissions: every stream sees
@@ -85,6 +89,10 @@ class RankGroup {
   std::unique_ptr<Communicator> comm_;
   std::unique_ptr<DeviceCollectives> collectives_;
   std::vector<std::unique_ptr<RankStream>> streams_;  // [rank]; null for ranks of other processes
+  std::mutex resources_mu_;
+  // [i]: the resources of ranks_[i] once made (made_[i]); the backend may make none (null).
+  std::vector<std::shared_ptr<RankResources>> resources_;
+  std::vector<bool> made_;
   std::mutex submit_mu_;
   std::atomic<bool> failed_{false};
 };

@@ -22,6 +22,15 @@ class CpuBackend final : public Backend {
   /// Every rank runs on the host: one device, cpu:0.
   int device_count() const override { return 1; }
 
+  /// The rank's WorkPools (CpuRankResources), shared by its executables in the group.
+  std::shared_ptr<RankResources> make_rank_resources(int rank, Device device) override {
+    if (!device.is_host()) {
+      throw InvalidArgument("cpu backend: rank " + std::to_string(rank) + " cannot run on " +
+                            device.to_string());
+    }
+    return std::make_shared<cpu::CpuRankResources>();
+  }
+
   std::unique_ptr<Executable> compile(const Graph& graph, const std::vector<Tensor>& params,
                                       const RankInfo& rank) override {
     if (rank.tp_degree < 1 || rank.rank < 0 || rank.rank >= rank.tp_degree) {

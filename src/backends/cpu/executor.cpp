@@ -8,10 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <memory>
-#include <mutex>
-#include <tuple>
 
 namespace devpipe::cpu {
 
@@ -47,31 +44,6 @@ bool runs_serial(const Graph& g, const Node& node, const std::vector<std::byte*>
   return elements <= kSerialElements;
 }
 
-/// The WorkPool of `threads` threads for the executables of `rank` (its communicator, rank and
-/// thread count), made on first use and shared while one holds it. A rank's stages run one
-/// after another on its thread, so one pool serves them all: at a stage boundary its workers
-/// are still spinning from the last stage's tasks and take the next stage's at once, where a
-/// pool per executable would have to wake its own sleeping workers (and, on a machine with as
-/// many cores as threads, hand the cores from one set of workers to another) at every stage.
-/// Executables of one rank run from two threads at once are still correct: the run that finds
-/// the pool busy runs its tasks on its own thread (WorkPool::run).
-std::shared_ptr<WorkPool> rank_pool(const RankInfo& rank, int threads) {
-  using Key = std::tuple<const Communicator*, int, int>;
-  static std::mutex mu;
-  static auto* pools = new std::map<Key, std::weak_ptr<WorkPool>>;  // never destroyed: an
-                                                                    // executable may outlive main
-  const Key key{rank.comm, rank.rank, threads};
-  std::lock_guard lock(mu);
-  std::erase_if(*pools, [](const auto& kv) { return kv.second.expired(); });
-  std::weak_ptr<WorkPool>& slot = (*pools)[key];
-  std::shared_ptr<WorkPool> pool = slot.lock();
-  if (!pool) {
-    pool = std::make_shared<WorkPool>(threads);
-    slot = pool;
-  }
-  return pool;
-}
-
 /// A kernel that does nothing (nodes whose outputs are empty).
 class NoopKernel : public Kernel {
  public:
@@ -83,6 +55,18 @@ class NoopKernel : public Kernel {
 namespace {
 thread_local int t_last_run_threads = 0;
 }  // namespace
+
+std::shared_ptr<WorkPool> CpuRankResources::pool(int threads) {
+  std::lock_guard lock(mu_);
+  std::erase_if(pools_, [](const auto& kv) { return kv.second.expired(); });
+  std::weak_ptr<WorkPool>& slot = pools_[threads];
+  std::shared_ptr<WorkPool> pool = slot.lock();
+  if (!pool) {
+    pool = std::make_shared<WorkPool>(threads);
+    slot = pool;
+  }
+  return pool;
+}
 
 int last_run_threads() { return t_last_run_threads; }
 
@@ -164,7 +148,17 @@ CpuExecutable::CpuExecutable(const Graph& graph, const std::vector<Tensor>& para
     steps_[static_cast<std::size_t>(i)].serial = serial;
     steps_[static_cast<std::size_t>(i)].parks_pool = !serial && !empty && !k->wants_pool();
     if (k->wants_pool() && !pool_) {
-      pool_ = rank_pool(rank, rank.num_threads > 0 ? rank.num_threads : omp_get_max_threads());
+      const int pool_threads = rank.num_threads > 0 ? rank.num_threads : omp_get_max_threads();
+      if (rank.resources) {
+        auto* resources = dynamic_cast<CpuRankResources*>(rank.resources.get());
+        if (!resources) {
+          throw StateError("cpu backend: compile for rank " + std::to_string(rank.rank) +
+                           " got another backend's rank resources (RankInfo.resources)");
+        }
+        pool_ = resources->pool(pool_threads);
+      } else {
+        pool_ = std::make_shared<WorkPool>(pool_threads);
+      }
     }
     scratch[static_cast<std::size_t>(i)] = k->scratch_bytes();
     steps_[static_cast<std::size_t>(i)].kernel = std::move(k);

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstddef>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <vector>
 
@@ -17,6 +19,25 @@ namespace devpipe::cpu {
 /// The OpenMP thread count the calling thread's last CpuExecutable::run() gave its kernels (the
 /// rank's num_threads, else the thread's own count), or 0 when the thread ran none (tests).
 int last_run_threads();
+
+/// What the cpu backend keeps for one rank of a rank group (Backend::make_rank_resources): the
+/// rank's WorkPools, one per thread count. A rank's stages run one after another on its thread,
+/// so one pool serves them all: at a stage boundary its workers are still spinning from the last
+/// stage's tasks and take the next stage's at once, where a pool per executable would have to
+/// wake its own sleeping workers (and, on a machine with as many cores as threads, hand the
+/// cores from one set of workers to another) at every stage. Executables of one rank run from
+/// two threads at once are still correct: the run that finds the pool busy runs its tasks on its
+/// own thread (WorkPool::run).
+class CpuRankResources final : public RankResources {
+ public:
+  /// The pool of `threads` threads (>= 1) for the rank's executables: made on first use, shared
+  /// while one holds it (the resources hold it weakly: it goes with the last executable using it).
+  std::shared_ptr<WorkPool> pool(int threads);
+
+ private:
+  std::mutex mu_;
+  std::map<int, std::weak_ptr<WorkPool>> pools_;  // by thread count
+};
 
 /// The cpu backend's Executable. Memory is planned by the compiler pass plan_views/plan_arena
 /// (compiler/memory_plan.h): intermediates and the kernels' scratch share one 64-byte aligned
@@ -54,8 +75,9 @@ class CpuExecutable final : public Executable {
   std::unique_ptr<std::byte, ArenaFree> arena_;
   ValueAddresses values_;
   std::vector<Step> steps_;
-  /// The thread team of the kernels that want one (nullptr when none does), shared with the
-  /// other executables of the rank (rank_pool in executor.cpp).
+  /// The thread team of the kernels that want one (nullptr when none does): the rank's, shared
+  /// with its other executables (CpuRankResources), or the executable's own when it was compiled
+  /// without the resources of a rank group.
   std::shared_ptr<WorkPool> pool_;
   dnnl::stream stream_;
 };
