@@ -312,6 +312,50 @@ TEST(CudaBackend, CopiesFillsAndPaddedRows) {
   for (std::size_t i = 12; i < 20; ++i) EXPECT_EQ(v[i], 0.f);
 }
 
+/// The executables of one rank of a rank group run in the rank's context (its stream, handles and
+/// workspace: the group's RankResources, the same for every thread count), which outlives the
+/// group while one of them holds it. When the last goes, so does the context, and its stream
+/// leaves the device's set: copies and pool fences, which order against every stream of the
+/// set, still work.
+TEST(CudaBackend, ExecutablesOfARankShareItsGroupsContext) {
+  REQUIRE_GPU();
+  Backend& be = cuda_backend();
+  Graph g = mixed_graph();
+  auto params = random_params(g);
+  const World world(Transport::Threads, 1, 0, 300);
+  auto group = world.rank_groups().get(world, be, 1);
+  const Device dev = group->devices()[0];
+  const std::weak_ptr<RankResources> context = group->rank_info(0, 1).resources;
+  ASSERT_FALSE(context.expired());
+  EXPECT_EQ(group->rank_info(0, 4).resources, context.lock());
+  auto a = be.compile(g, params, group->rank_info(0, 1));
+  auto b = be.compile(g, params, group->rank_info(0, 2));
+  Tensor x = Tensor::randn({2, 4, 8, 8}, 3), idx = Tensor::randint({2, 3}, 10, 4);
+  auto forward = [&](Executable& exe) {
+    Tensor dx = to_device(x, dev), di = to_device(idx, dev);
+    Tensor o0 = be.allocate({2, 3, 5}, DType::Float32, dev),
+           o1 = be.allocate({2, 72}, DType::Float32, dev);
+    exe.run({dx.raw_data(), di.raw_data()}, {o0.raw_data(), o1.raw_data()});
+    return std::vector<Tensor>{o0.to_host(), o1.to_host()};
+  };
+  const auto want = run_reference(g, {x, idx}, params);
+  for (Executable* exe : {a.get(), b.get()}) {
+    const auto got = forward(*exe);
+    EXPECT_TRUE(testing::tensors_close(got[0], want[0], 1e-4, 1e-5));
+    EXPECT_TRUE(testing::tensors_close(got[1], want[1], 1e-4, 1e-5));
+  }
+  group.reset();
+  a.reset();
+  EXPECT_FALSE(context.expired());  // b holds it
+  b.reset();
+  EXPECT_TRUE(context.expired());
+  // An executable of its own (no group) runs in a context of its own; copies still work.
+  auto own = be.compile(g, params, RankInfo{});
+  const auto got = forward(*own);
+  EXPECT_TRUE(testing::tensors_close(got[0], want[0], 1e-4, 1e-5));
+  EXPECT_TRUE(testing::tensors_close(got[1], want[1], 1e-4, 1e-5));
+}
+
 /// A collective at tp_degree > 1 needs its rank group's collectives, not only a communicator.
 TEST(CudaBackend, CollectivesComeFromTheRankGroup) {
   REQUIRE_GPU();

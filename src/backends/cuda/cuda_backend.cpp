@@ -1,5 +1,5 @@
 // The cuda backend: device state (stream registry, fences, caching pool, staged copies),
-// rank contexts, and the Backend implementation.
+// the rank contexts of rank groups, and the Backend implementation.
 #include "backends/cuda/cuda_backend.h"
 
 #include <algorithm>
@@ -12,7 +12,6 @@
 #include "backends/cuda/runtime.h"
 #include "core/device_copy.h"
 #include "devpipe/error.h"
-#include "devpipe/world.h"
 
 namespace devpipe {
 namespace cuda {
@@ -80,6 +79,11 @@ DeviceState::DeviceState(int device) : device_(device) {
 void DeviceState::register_stream(cudaStream_t s) {
   std::lock_guard lock(mu_);
   streams_.push_back(s);
+}
+
+void DeviceState::unregister_stream(cudaStream_t s) {
+  std::lock_guard lock(mu_);
+  std::erase(streams_, s);
 }
 
 cudaEvent_t DeviceState::take_event_locked() {
@@ -386,6 +390,16 @@ RankContext::RankContext(int rank, DeviceState& dev) : rank_(rank), dev_(dev) {
   dev.register_stream(stream_.get());
 }
 
+RankContext::~RankContext() {
+  // Given back while the stream is still registered, so that the block's fence covers the work
+  // queued on it; then fences no longer wait for the stream, and its work finishes before the
+  // handles and the stream go. At process exit the runtime may be gone: nothing to wait for.
+  lt_workspace_.reset();
+  dev_.unregister_stream(stream_.get());
+  note_host_sync();
+  if (cudaStreamSynchronize(stream_.get()) != cudaSuccess) (void)cudaGetLastError();
+}
+
 void* RankContext::lt_workspace() {
   std::lock_guard lock(lazy_mu_);
   if (!lt_workspace_) lt_workspace_ = dev_.acquire(kLtWorkspaceBytes);
@@ -408,8 +422,6 @@ namespace {
 /// Process-wide state, created with the backend and never destroyed.
 struct Globals {
   std::vector<std::unique_ptr<DeviceState>> devices;
-  std::mutex ranks_mu;
-  std::map<std::pair<int, int>, std::unique_ptr<RankContext>> ranks;  // by (device, rank)
   std::mutex params_mu;
   // (host address, bytes, device) -> (the host tensor, so the address stays its own; the
   // device copy while some executable still uses it)
@@ -444,6 +456,12 @@ class CudaBackend final : public Backend {
 
   std::unique_ptr<DeviceCollectives> make_collectives(const GroupPlacement& placement) override {
     return make_device_collectives(placement);
+  }
+
+  /// The rank's RankContext on `device`, shared by its executables in the group.
+  std::shared_ptr<RankResources> make_rank_resources(int rank, Device device) override {
+    check_device(device, ("make the context of rank " + std::to_string(rank) + " on").c_str());
+    return std::make_shared<RankContext>(rank, device_state(device.index));
   }
 
   std::unique_ptr<Executable> compile(const Graph& graph, const std::vector<Tensor>& params,
@@ -511,18 +529,6 @@ DeviceState& device_state(int device) {
     throw InvalidArgument("cuda backend: no device cuda:" + std::to_string(device));
   }
   return *devs[static_cast<std::size_t>(device)];
-}
-
-RankContext& rank_context(int rank, int tp_degree) {
-  const int device = World::device_of_rank(DeviceKind::Cuda, rank, tp_degree, num_devices()).index;
-  Globals& g = globals();
-  std::lock_guard lock(g.ranks_mu);
-  auto it = g.ranks.find({device, rank});
-  if (it == g.ranks.end()) {
-    auto ctx = std::make_unique<RankContext>(rank, device_state(device));
-    it = g.ranks.emplace(std::make_pair(device, rank), std::move(ctx)).first;
-  }
-  return *it->second;
 }
 
 Tensor device_tensor(const Shape& shape, DType dtype, int device) {

@@ -23,6 +23,7 @@
 
 #include "compiler/memory_plan.h"
 #include "devpipe/error.h"
+#include "devpipe/world.h"
 
 namespace devpipe::cuda {
 
@@ -54,6 +55,22 @@ class CudaDeviceEvent final : public DeviceEvent {
  private:
   Event event_;
 };
+
+/// The context `rank`'s executables run in: its group's (RankInfo::resources), else one of the
+/// executable's own on the device World::device_of_rank gives the rank.
+std::shared_ptr<RankContext> context_for(const RankInfo& rank) {
+  if (!rank.resources) {
+    const Device device =
+        World::device_of_rank(DeviceKind::Cuda, rank.rank, rank.tp_degree, num_devices());
+    return std::make_shared<RankContext>(rank.rank, device_state(device.index));
+  }
+  auto ctx = std::dynamic_pointer_cast<RankContext>(rank.resources);
+  if (!ctx) {
+    throw StateError("cuda backend: compile for rank " + std::to_string(rank.rank) +
+                     " got another backend's rank resources (RankInfo.resources)");
+  }
+  return ctx;
+}
 
 /// A step for nodes whose outputs are empty.
 class NoopStep final : public Step {
@@ -94,6 +111,7 @@ class CudaExecutable final : public Executable {
 
   Graph graph_;
   RankInfo rank_;
+  std::shared_ptr<RankContext> context_;  // the rank's (its group's) or this executable's own
   RankContext& ctx_;
   std::vector<Tensor> params_;  // device copies (keep them alive)
   MemoryPlan plan_;
@@ -109,7 +127,7 @@ class CudaExecutable final : public Executable {
 
 CudaExecutable::CudaExecutable(const Graph& graph, const std::vector<Tensor>& params,
                                const RankInfo& rank)
-    : graph_(graph), rank_(rank), ctx_(rank_context(rank.rank, rank.tp_degree)) {
+    : graph_(graph), rank_(rank), context_(context_for(rank)), ctx_(*context_) {
   if (params.size() != graph.params.size()) {
     throw InvalidArgument("cuda backend: compile got " + std::to_string(params.size()) +
                           " parameters, the graph has " + std::to_string(graph.params.size()));

@@ -1,5 +1,5 @@
 // Internal (cuda backend): process-wide device state (stream registry, fences, caching pool,
-// copy stream and staging, device error record) and per-rank contexts.
+// copy stream and staging, device error record) and the rank contexts of rank groups.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -15,6 +15,7 @@
 #include "backends/cuda/kernels.h"
 #include "backends/cuda/libs.h"
 #include "devpipe/tensor.h"
+#include "runtime/backend.h"
 
 namespace devpipe::cuda {
 
@@ -31,6 +32,8 @@ class DeviceState {
   // ---- streams and fences ----
   /// Adds a stream of this device to the set that copies, fills and pool fences order against.
   void register_stream(cudaStream_t s);
+  /// Takes `s` out of that set again (before it is destroyed).
+  void unregister_stream(cudaStream_t s);
   /// Makes `waiter` wait for all work enqueued so far on every registered stream but itself.
   void wait_for_all_streams(cudaStream_t waiter);
   /// Makes every registered stream (but `s`) wait for the work enqueued so far on `s`.
@@ -93,11 +96,16 @@ class DeviceState {
   PinnedBuffer error_readback_;
 };
 
-/// The state of a rank: its device, its stream, library handles and the cuBLASLt workspace.
-/// Shared by every executable compiled for that rank; `mu` is held for the whole of a run.
-class RankContext {
+/// The state of a rank of a rank group: its device, its stream, library handles and the cuBLASLt
+/// workspace. The cuda backend's RankResources (Backend::make_rank_resources): made by the group
+/// on the device it gives the rank and shared by every executable compiled for that rank of the
+/// group, each holding it; an executable compiled without a group's resources makes its own.
+/// `mu` is held for the whole of a run.
+class RankContext final : public RankResources {
  public:
   RankContext(int rank, DeviceState& dev);
+  /// Gives back the workspace, takes the stream out of the device's set and waits for its work.
+  ~RankContext() override;
   RankContext(const RankContext&) = delete;
   RankContext& operator=(const RankContext&) = delete;
 
@@ -131,9 +139,6 @@ class RankContext {
 /// Number of devices the backend uses (>= 1 once the backend exists).
 int num_devices();
 DeviceState& device_state(int device);
-/// The context of rank `rank` of `tp_degree` ranks (created on first use), on the device
-/// World::device_of_rank gives it.
-RankContext& rank_context(int rank, int tp_degree);
 /// Registers the description of a node whose kernel may record an error; returns its tag.
 int register_error_tag(const std::string& where);
 /// Device copy of a host parameter (shared with earlier uploads of the same host tensor while
