@@ -32,7 +32,8 @@ class DeviceCollectives {
 /// What a backend keeps for one rank of a rank group (runtime/rank_group.h): made by the backend
 /// for the rank's device (Backend::make_rank_resources) the first time the group hands out the
 /// rank's RankInfo, then shared by every executable compiled for that rank of the group, each of
-/// which holds it (RankInfo::resources), so it outlives both the group and its last executable.
+/// which holds it (RankInfo::resources), so it lives until both the group and the rank's last
+/// executable are gone.
 /// On cpu: the rank's WorkPools, one per thread count, so that a rank's stages run on one thread
 /// team. On cuda: the rank's stream, cuBLASLt and cuDNN handles and workspace (RankContext).
 class RankResources {
