@@ -24,7 +24,6 @@ RankGroup::RankGroup(const World& world, Backend& backend, int tp_degree)
               : make_local_communicator(tp_degree);
   collectives_ = backend.make_collectives(GroupPlacement{&world, tp_degree, ranks_, devices_});
   resources_.resize(ranks_.size());
-  made_.assign(ranks_.size(), false);
   streams_.resize(static_cast<std::size_t>(tp_degree));
   for (int r : ranks_)
     streams_[static_cast<std::size_t>(r)] =
@@ -48,10 +47,8 @@ RankInfo RankGroup::rank_info(int rank, int num_threads) {
   }
   const auto i = static_cast<std::size_t>(it - ranks_.begin());
   std::lock_guard lock(resources_mu_);
-  if (!made_[i]) {
-    resources_[i] = backend_.make_rank_resources(rank, devices_[i]);
-    made_[i] = true;
-  }
+  // A backend that keeps nothing (null) is simply asked again.
+  if (!resources_[i]) resources_[i] = backend_.make_rank_resources(rank, devices_[i]);
   return RankInfo{rank, size(), comm_.get(), num_threads, collectives_.get(), resources_[i]};
 }
 

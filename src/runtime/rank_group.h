@@ -90,9 +90,8 @@ class RankGroup {
   std::unique_ptr<DeviceCollectives> collectives_;
   std::vector<std::unique_ptr<RankStream>> streams_;  // [rank]; null for ranks of other processes
   std::mutex resources_mu_;
-  // [i]: the resources of ranks_[i] once made (made_[i]); the backend may make none (null).
+  // [i]: the resources of ranks_[i] once made (null until then, or when the backend keeps none).
   std::vector<std::shared_ptr<RankResources>> resources_;
-  std::vector<bool> made_;
   std::mutex submit_mu_;
   std::atomic<bool> failed_{false};
 };
