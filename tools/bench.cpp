@@ -257,24 +257,24 @@ class DevpipeWorker : public Worker {
     return j;
   }
   /// Per-stage compute ms of rank 0 over `iters` forwards recorded with the timeline (untimed).
-  /// With more than one rank, `by_rank` gets each rank's own compute per forward: its kernels'
-  /// time less the time they spent in collectives (waiting for the other ranks). Ranks given
-  /// equal shares of the work spread as far as their cores do: a static split cannot follow a
-  /// core that runs slower.
+  /// With more than one rank, `by_rank` gets each rank's own compute per forward: the time of
+  /// its stages' compute spans less the time its collectives spent in them (waiting for the
+  /// other ranks). Ranks given equal shares of the work spread as far as their cores do: a
+  /// static split cannot follow a core that runs slower.
   json stage_compute_ms(int iters, json* by_rank = nullptr) {
-    // Kernels are recorded only for the ranks' own compute (a span per kernel is not free).
-    timeline::start(by_rank && w_.config.runtime_config().tp_degree > 1);
+    timeline::start(false);
     for (int i = 0; i < iters; ++i) run_chain(wrappers_, w_);
     timeline::stop();
     std::map<std::string, double> us;
-    std::map<int, double> own_us;  // track (rank + 1) -> kernel less collective us
+    std::map<int, double> own_us;  // track (rank + 1) -> compute less collective us
     for (const auto& e : timeline::events()) {
       if (e.track < 1) continue;
-      if (e.category == "kernel") own_us[e.track] += e.dur_us;
       if (e.category == "collective") own_us[e.track] -= e.dur_us;
-      if (e.category != "compute" || e.track != 1) continue;
+      if (e.category != "compute") continue;
       const auto at = e.name.find('@');
-      if (at != std::string::npos && e.name.substr(at + 1) == mode()) us[e.name.substr(0, at)] += e.dur_us;
+      if (at == std::string::npos || e.name.substr(at + 1) != mode()) continue;
+      own_us[e.track] += e.dur_us;
+      if (e.track == 1) us[e.name.substr(0, at)] += e.dur_us;
     }
     json j = json::object();
     for (const auto& [tag, v] : us) j[tag] = v / iters / 1000.0;
