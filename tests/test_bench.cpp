@@ -473,8 +473,9 @@ TEST(BenchFloors, Chain8HasBothFloorsCheckedAndTheBoundaryOverheadAgainstEach) {
   EXPECT_TRUE(r.report["correctness_failures"].empty()) << r.report["correctness_failures"].dump();
 }
 
-// seed_tp2's ranks each run half the batch: the report gives each rank's own compute (its
-// stage spans less its collectives' waits), and the tp2 / tp1 line names their range.
+// seed_tp2's ranks each run half the batch: the report gives each rank's compute (its stage
+// spans less its collectives' waits, plus the peer's bands it ran while waiting there) and that
+// help alone, and the tp2 / tp1 line names both ranges.
 TEST(BenchRanks, SeedTp2ReportsEachRanksOwnComputeBesideTheStageTimes) {
   testing::TempDir t;
   const BenchRun r = run_bench(t, "--workload seed --modes pipeline --no-pytorch --iters 2 --warmup 1 --rounds 1");
@@ -494,15 +495,24 @@ TEST(BenchRanks, SeedTp2ReportsEachRanksOwnComputeBesideTheStageTimes) {
   // Rank 0's own compute is its stage spans less its collectives' time in them (the all_gathers
   // of both stages take some): below the spans.
   EXPECT_LT(own[0].get<double>(), stages) << own.dump() << " vs " << stages;
+  // The help is part of the rank's compute, and runs inside its collectives' spans.
+  ASSERT_TRUE(tp2.contains("rank_help_ms")) << tp2.dump();
+  const nlohmann::json& help = tp2["rank_help_ms"];
+  ASSERT_EQ(help.size(), 2u) << help.dump();
+  for (std::size_t i = 0; i < 2; ++i) {
+    EXPECT_GE(help[i].get<double>(), 0.0) << help.dump();
+    EXPECT_LT(help[i].get<double>(), own[i].get<double>()) << help.dump() << " vs " << own.dump();
+  }
   // tp 1 has one rank: no per-rank figure.
   EXPECT_FALSE(r.report["workloads"]["seed_tp1"]["modes"]["pipeline"].contains("rank_own_compute_ms"));
+  EXPECT_FALSE(r.report["workloads"]["seed_tp1"]["modes"]["pipeline"].contains("rank_help_ms"));
   bool found = false;
   for (const auto& target : r.report["targets"]) {
     if (target["target"] != "seed: tp2 pipeline p50 / tp1 pipeline p50") continue;
     found = true;
-    EXPECT_NE(target["note"].get<std::string>().find("the ranks' own compute per forward on equal shares: "),
-              std::string::npos)
-        << target.dump();
+    const std::string note = target["note"].get<std::string>();
+    EXPECT_NE(note.find("the ranks' compute per forward: "), std::string::npos) << target.dump();
+    EXPECT_NE(note.find(" ms, of which a peer's bands "), std::string::npos) << target.dump();
   }
   EXPECT_TRUE(found) << r.report["targets"].dump();
 }

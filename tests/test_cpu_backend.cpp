@@ -369,6 +369,57 @@ TEST(CpuBackend, ConvGlobalAvgPoolRowRingAndTailsMatchReference) {
   }
 }
 
+// At tp > 1 with the ranks as threads of one process, a rank waiting at a collective runs bands
+// of a peer's fused conv + pool (HelpBoard): rank 0 of a 2-rank shared-memory communicator runs
+// while rank 1 waits at a barrier, and gives the bits of a tp 1 build (the bands are reduced in
+// band order whichever thread ran them), which match the reference. DEVPIPE_RANK_HELP=0 at
+// build: no band is helped.
+TEST(CpuBackend, ConvGlobalAvgPoolBandsRunByAWaitingPeerRankGiveTheSameBits) {
+  const Shape xs{8, 3, 128, 112};
+  Graph g = trace(DType::Float32, {{"x", vi(xs, DType::Float32)}}, [](const std::vector<Var>& v) {
+    Var c = F::conv2d(v[0], param("w", {64, 3, 3, 3}), param("b", {64}), {1, 1}, {1, 1}, {1, 1}, 1);
+    return std::vector<Var>{F::adaptive_avg_pool2d(c, {1, 1})};
+  });
+  ASSERT_EQ(fuse_conv_global_avg_pool(g), 1);
+  auto params = random_params(g);
+  Tensor x = Tensor::randn(xs, 7);
+  auto want = run_reference(g, {x}, params);
+  auto alone = cpu_backend().compile(g, params, RankInfo{0, 1, nullptr, 1});
+  Tensor y1 = Tensor::empty({8, 64, 1, 1}, DType::Float32);
+  alone->run({x.raw_data()}, {y1.raw_data()});
+  EXPECT_TRUE(testing::tensors_close(y1, want[0], 1e-4, 1e-5));
+  const std::vector<float> bits = y1.to_float_vector();
+
+  auto comm = make_local_communicator(2);
+  HelpBoard* board = comm->help_board();
+  // Runs the executable as rank 0 while rank 1 waits at a barrier (there before the run starts).
+  auto run_beside_waiting_peer = [&](Executable& exe, Tensor& y) {
+    std::thread peer([&] { comm->barrier(1); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    exe.run({x.raw_data()}, {y.raw_data()});
+    comm->barrier(0);
+    peer.join();
+  };
+  auto ranked = cpu_backend().compile(g, params, RankInfo{0, 2, comm.get(), 1});
+  for (int rep = 0; rep < 20 && (rep < 3 || board->helped() == 0); ++rep) {
+    Tensor y = Tensor::empty({8, 64, 1, 1}, DType::Float32);
+    run_beside_waiting_peer(*ranked, y);
+    ASSERT_EQ(y.to_float_vector(), bits) << "run " << rep;
+  }
+  EXPECT_GT(board->helped(), 0) << "the waiting rank ran none of the bands in 20 runs";
+
+  setenv("DEVPIPE_RANK_HELP", "0", 1);
+  auto unshared = cpu_backend().compile(g, params, RankInfo{0, 2, comm.get(), 1});
+  unsetenv("DEVPIPE_RANK_HELP");
+  const std::int64_t before = board->helped();
+  for (int rep = 0; rep < 3; ++rep) {
+    Tensor y = Tensor::empty({8, 64, 1, 1}, DType::Float32);
+    run_beside_waiting_peer(*unshared, y);
+    ASSERT_EQ(y.to_float_vector(), bits) << "run " << rep;
+  }
+  EXPECT_EQ(board->helped(), before);
+}
+
 // The skinny Linear kernels on each vector path (baseline: oneDNN's matmul) against the
 // reference: the large workload's two shapes, scaled down in rows but not in channels, and
 // shapes that leave tails (rows, channel blocks, K) on each path. Rows run in WorkPool tasks of

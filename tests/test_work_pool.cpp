@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "backends/cpu/work_pool.h"
+#include "runtime/communicator.h"
 
 namespace devpipe {
 namespace {
@@ -150,6 +151,102 @@ TEST(WorkPool, ConcurrentRunsFromTwoThreadsEachRunEveryTaskOnce) {
   std::thread a(caller, 0), b(caller, 1);
   a.join();
   b.join();
+}
+
+// Waits up to 10 s for `flag` (a task that must see a helper run first): false if it never came.
+bool wait_for(const std::atomic<bool>& flag) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!flag.load()) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+// A rank waiting at a collective runs tasks of the shared run of a peer rank (HelpBoard of a
+// shared-memory communicator), as thread threads() + its slot: the owner's tasks here wait
+// until a helper has run one, so the run only ends if the waiting peer helps. Every task runs
+// once, and the helper's plain stores are visible to the owner when run_shared returns.
+TEST(WorkPool, ASharedRunIsHelpedByAPeerWaitingAtACollective) {
+  constexpr int kTasks = 16;
+  for (int threads : {1, 2}) {
+    auto comm = make_local_communicator(2);
+    HelpBoard* board = comm->help_board();
+    ASSERT_NE(board, nullptr);
+    ASSERT_EQ(board->helpers(), 1);
+    cpu::WorkPool pool(threads);
+    for (int rep = 0; rep < 30; ++rep) {
+      std::vector<int> ran(kTasks), by(kTasks, -1);
+      std::atomic<bool> helped{false}, timed_out{false};
+      std::thread peer([&] { comm->barrier(1); });
+      pool.run_shared(
+          kTasks,
+          [&](std::int64_t i, int thread) {
+            ++ran[static_cast<std::size_t>(i)];
+            by[static_cast<std::size_t>(i)] = thread;
+            if (thread == pool.threads()) {
+              helped.store(true);
+            } else if (!wait_for(helped)) {
+              timed_out.store(true);
+            }
+          },
+          board, 0);
+      comm->barrier(0);
+      peer.join();
+      ASSERT_FALSE(timed_out.load()) << threads << " threads, run " << rep << ": the waiting peer never helped";
+      int on_helper = 0;
+      for (int i = 0; i < kTasks; ++i) {
+        ASSERT_EQ(ran[static_cast<std::size_t>(i)], 1) << threads << " threads, run " << rep << ", task " << i;
+        const int t = by[static_cast<std::size_t>(i)];
+        ASSERT_TRUE(t >= 0 && t <= threads) << "task " << i << " ran as thread " << t;
+        on_helper += t == threads;
+      }
+      EXPECT_GE(on_helper, 1);
+    }
+    EXPECT_GE(board->helped(), 30);
+  }
+}
+
+// Three ranks: ranks 0 and 1 each post a run whose tasks wait until some helper ran one of
+// them; rank 2, waiting at the barrier, helps the first, finds it spent, and goes on to the
+// second (a job with no tasks left is not picked again). Helpers of a run have distinct slots.
+TEST(WorkPool, AWaitingRankHelpsEveryPeersRunInTurn) {
+  constexpr int kTasks = 12;
+  auto comm = make_local_communicator(3);
+  HelpBoard* board = comm->help_board();
+  ASSERT_EQ(board->helpers(), 2);
+  for (int rep = 0; rep < 20; ++rep) {
+    std::atomic<bool> timed_out{false};
+    auto owner = [&](int rank) {
+      cpu::WorkPool pool(1);
+      std::vector<int> ran(kTasks), by(kTasks, -1);
+      std::atomic<bool> helped{false};
+      pool.run_shared(
+          kTasks,
+          [&](std::int64_t i, int thread) {
+            ++ran[static_cast<std::size_t>(i)];
+            by[static_cast<std::size_t>(i)] = thread;
+            if (thread >= 1) {
+              helped.store(true);
+            } else if (!wait_for(helped)) {
+              timed_out.store(true);
+            }
+          },
+          board, rank);
+      comm->barrier(rank);
+      for (int i = 0; i < kTasks; ++i) {
+        EXPECT_EQ(ran[static_cast<std::size_t>(i)], 1) << "rank " << rank << ", task " << i;
+        EXPECT_TRUE(by[static_cast<std::size_t>(i)] >= 0 && by[static_cast<std::size_t>(i)] <= 2)
+            << "rank " << rank << ", task " << i << " ran as thread " << by[static_cast<std::size_t>(i)];
+      }
+    };
+    std::thread waiter([&] { comm->barrier(2); });
+    std::thread r0(owner, 0), r1(owner, 1);
+    r0.join();
+    r1.join();
+    waiter.join();
+    ASSERT_FALSE(timed_out.load()) << "run " << rep << ": a posted run was never helped";
+  }
 }
 
 // Idle workers spin for 1.5 times the longest recent gap between runs, within [kMinSpin,

@@ -257,19 +257,26 @@ class DevpipeWorker : public Worker {
     return j;
   }
   /// Per-stage compute ms of rank 0 over `iters` forwards recorded with the timeline (untimed).
-  /// With more than one rank, `by_rank` gets each rank's own compute per forward: the time of
-  /// its stages' compute spans less the time its collectives spent in them (waiting for the
-  /// other ranks). Ranks given equal shares of the work spread as far as their cores do: a
-  /// static split cannot follow a core that runs slower.
-  json stage_compute_ms(int iters, json* by_rank = nullptr) {
+  /// With more than one rank, `by_rank` gets each rank's compute per forward: the time of its
+  /// stages' compute spans less the time its collectives spent in them (waiting for the other
+  /// ranks), plus the time it ran a peer's tasks while it waited there (`help` spans, inside
+  /// the collective's); `help_by_rank` gets that last part alone. A static split of equal shares
+  /// spreads as far as the cores do; with the ranks helping each other (HelpBoard) the one that
+  /// finished first takes over part of the other's share.
+  json stage_compute_ms(int iters, json* by_rank = nullptr, json* help_by_rank = nullptr) {
     timeline::start(false);
     for (int i = 0; i < iters; ++i) run_chain(wrappers_, w_);
     timeline::stop();
     std::map<std::string, double> us;
-    std::map<int, double> own_us;  // track (rank + 1) -> compute less collective us
+    std::map<int, double> own_us;   // track (rank + 1) -> compute less collective plus help us
+    std::map<int, double> help_us;  // track -> help us
     for (const auto& e : timeline::events()) {
       if (e.track < 1) continue;
       if (e.category == "collective") own_us[e.track] -= e.dur_us;
+      if (e.category == "help") {
+        own_us[e.track] += e.dur_us;
+        help_us[e.track] += e.dur_us;
+      }
       if (e.category != "compute") continue;
       const auto at = e.name.find('@');
       if (at == std::string::npos || e.name.substr(at + 1) != mode()) continue;
@@ -280,7 +287,11 @@ class DevpipeWorker : public Worker {
     for (const auto& [tag, v] : us) j[tag] = v / iters / 1000.0;
     if (by_rank && own_us.size() > 1) {
       *by_rank = json::array();
-      for (const auto& [track, v] : own_us) by_rank->push_back(v / iters / 1000.0);
+      if (help_by_rank) *help_by_rank = json::array();
+      for (const auto& [track, v] : own_us) {
+        by_rank->push_back(v / iters / 1000.0);
+        if (help_by_rank) help_by_rank->push_back(help_us[track] / iters / 1000.0);
+      }
     }
     return j;
   }
@@ -691,9 +702,12 @@ json run_workload(const std::string& name, const Args& a, const std::string& wor
       // an idle machine when the mode keeps every thread busy; the honest figure on a loaded one.
       m["roofline_ratio_cpu"] = m["cpu_ms_per_forward"].get<double>() / (roofline_ms * threads);
       if (auto* dw = dynamic_cast<DevpipeWorker*>(&wk)) {
-        json by_rank;
-        m["stage_compute_ms"] = dw->stage_compute_ms(std::min(iters, 3), &by_rank);
-        if (!by_rank.is_null()) m["rank_own_compute_ms"] = by_rank;
+        json by_rank, help_by_rank;
+        m["stage_compute_ms"] = dw->stage_compute_ms(std::min(iters, 3), &by_rank, &help_by_rank);
+        if (!by_rank.is_null()) {
+          m["rank_own_compute_ms"] = by_rank;
+          m["rank_help_ms"] = help_by_rank;
+        }
         const auto boundaries = static_cast<double>(w.stages.size() - 1);
         if (w.boundary_overhead && std::isfinite(bare_p50)) {
           m["boundary_overhead_us"] = (p50 - bare_p50) * 1000.0 / boundaries;
@@ -1297,14 +1311,19 @@ json evaluate_targets(const json& r) {
   add("seed_tp1: pipeline p50 / roofline", roof("seed_tp1"), 1.15, true, cpu_note("seed_tp1"));
   add("large: pipeline p50 / roofline", roof("large"), 1.5, true, cpu_note("large"));
   // The ranks of seed_tp2 each run the vision stage on half the batch: how far apart their compute
-  // times are on this machine (one slower core holds up the stage, where tp 1's pool balances).
+  // times are on this machine, and how much of it went to the other rank's bands (a rank that
+  // finishes first runs them while it waits at the all-gather).
   auto rank_spread_note = [&]() -> std::string {
     try {
       const json& per = r.at("workloads").at("seed_tp2").at("modes").at("pipeline").at("rank_own_compute_ms");
       const auto [lo, hi] = std::minmax_element(per.begin(), per.end());
       if (lo->get<double>() <= 0) return "";
-      return "the ranks' own compute per forward on equal shares: " + fmt_number(lo->get<double>()) + " to " +
-             fmt_number(hi->get<double>()) + " ms";
+      std::string note = "the ranks' compute per forward: " + fmt_number(lo->get<double>()) + " to " +
+                         fmt_number(hi->get<double>()) + " ms";
+      const json& help = r.at("workloads").at("seed_tp2").at("modes").at("pipeline").at("rank_help_ms");
+      const auto [hlo, hhi] = std::minmax_element(help.begin(), help.end());
+      return note + ", of which a peer's bands " + fmt_number(hlo->get<double>()) + " to " +
+             fmt_number(hhi->get<double>()) + " ms";
     } catch (const json::exception&) {
       return "";
     }

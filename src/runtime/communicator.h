@@ -6,11 +6,43 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 
 #include "devpipe/dtype.h"
 
 namespace devpipe {
+
+/// Work a rank has open for its peers: tasks any thread may claim and run, one at a time.
+class HelpJob {
+ public:
+  virtual ~HelpJob() = default;
+  /// Claims one task and runs it as helper `slot` (in [0, HelpBoard::helpers())); false when
+  /// none was left to claim.
+  virtual bool help(int slot) = 0;
+};
+
+/// Where the ranks of a communicator that are threads of one process lend each other their
+/// waiting time: a rank posts a job of independent tasks (a batch-split stage's convolution
+/// bands), and a peer blocked in a collective of the same communicator runs tasks of it until
+/// the collective completes or the job has none left. A rank whose core is slower (shared with
+/// another process, or throttled) is so helped by the one that finished first, instead of that
+/// one idling at the next collective. A job's tasks must not call collectives or take locks a
+/// waiting rank may hold.
+class HelpBoard {
+ public:
+  virtual ~HelpBoard() = default;
+  /// The most helpers a job can have at once (the other ranks): helper slots [0, helpers()).
+  virtual int helpers() const = 0;
+  /// Opens `job` of rank `rank` (one job per rank at a time) to its peers and wakes those that
+  /// are waiting. Allocates nothing.
+  virtual void post(int rank, HelpJob* job) = 0;
+  /// Closes rank `rank`'s job: no helper starts a task of it after this returns, and none is
+  /// still inside its help() (the job may be freed).
+  virtual void withdraw(int rank) = 0;
+  /// Tasks run by helpers so far (tests, reports).
+  virtual std::int64_t helped() const = 0;
+};
 
 class Communicator {
  public:
@@ -29,6 +61,9 @@ class Communicator {
   virtual void abort() = 0;
   /// Clears an abort once every rank is idle again.
   virtual void reset() = 0;
+  /// The board on which this communicator's ranks in this process help each other while they
+  /// wait in its collectives, or null when they do not (ranks in other processes).
+  virtual HelpBoard* help_board() { return nullptr; }
 };
 
 /// Collectives for `size` ranks that are threads of this process, over shared memory.

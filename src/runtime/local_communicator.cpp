@@ -13,12 +13,16 @@
 namespace devpipe {
 namespace {
 
-class LocalCommunicator final : public Communicator {
+class LocalCommunicator final : public Communicator, public HelpBoard {
  public:
   explicit LocalCommunicator(int size)
       : size_(size),
         slots_(static_cast<std::size_t>(size)),
-        sources_(static_cast<std::size_t>(size) * static_cast<std::size_t>(size)) {}
+        sources_(static_cast<std::size_t>(size) * static_cast<std::size_t>(size)),
+        jobs_(static_cast<std::size_t>(size)),
+        exhausted_(static_cast<std::size_t>(size)),
+        inside_(static_cast<std::size_t>(size)),
+        seen_(static_cast<std::size_t>(size)) {}
 
   int size() const override { return size_; }
 
@@ -74,12 +78,65 @@ class LocalCommunicator final : public Communicator {
       cv_.notify_all();
       return;
     }
-    cv_.wait(lock, [&] { return generation_ != gen || aborted_; });
-    if (generation_ == gen) {
-      throw Error("collective aborted: another rank failed (rank " + std::to_string(rank) + " stopped)");
+    // While the others come, run tasks of a job another rank posted (HelpBoard). No rank's
+    // arrival can complete the barrier while this one helps: the job's owner is one of the
+    // ranks still to come, and it leaves its job only once every task claimed of it has run.
+    bool look = true;
+    for (;;) {
+      if (!look) cv_.wait(lock, [&] { return generation_ != gen || aborted_ || posts_ != seen_posts(rank); });
+      if (generation_ != gen) return;
+      if (aborted_) {
+        throw Error("collective aborted: another rank failed (rank " + std::to_string(rank) + " stopped)");
+      }
+      look = false;
+      seen_[static_cast<std::size_t>(rank)] = posts_;
+      int owner = -1;
+      for (int i = 1; i < size_ && owner < 0; ++i) {
+        const int r = (rank + i) % size_;
+        if (jobs_[static_cast<std::size_t>(r)] != nullptr && !exhausted_[static_cast<std::size_t>(r)]) owner = r;
+      }
+      if (owner < 0) continue;
+      const auto o = static_cast<std::size_t>(owner);
+      HelpJob* job = jobs_[o];
+      ++inside_[o];
+      lock.unlock();
+      std::int64_t ran = 0;
+      {
+        timeline::Span span("help", "help", rank + 1);
+        const int slot = rank < owner ? rank : rank - 1;
+        while (job->help(slot)) ++ran;
+      }
+      lock.lock();
+      helped_.fetch_add(ran, std::memory_order_relaxed);
+      if (jobs_[o] == job) exhausted_[o] = true;  // not picked again until its owner posts anew
+      if (--inside_[o] == 0) cv_.notify_all();      // its owner may be withdrawing it
+      look = true;                                  // another rank's job may be open
     }
   }
 
+  int helpers() const override { return size_ - 1; }
+
+  void post(int rank, HelpJob* job) override {
+    {
+      std::lock_guard lock(mu_);
+      const auto r = static_cast<std::size_t>(rank);
+      jobs_[r] = job;
+      exhausted_[r] = false;
+      ++posts_;
+    }
+    cv_.notify_all();
+  }
+
+  void withdraw(int rank) override {
+    std::unique_lock lock(mu_);
+    const auto r = static_cast<std::size_t>(rank);
+    jobs_[r] = nullptr;
+    cv_.wait(lock, [&] { return inside_[r] == 0; });
+  }
+
+  std::int64_t helped() const override { return helped_.load(std::memory_order_relaxed); }
+
+  HelpBoard* help_board() override { return this; }
 
   void abort() override {
     std::lock_guard lock(mu_);
@@ -104,6 +161,16 @@ class LocalCommunicator final : public Communicator {
   int arrived_ = 0;
   std::uint64_t generation_ = 0;
   bool aborted_ = false;
+  // The help board (under mu_): per rank its posted job (null when none), whether a helper
+  // found it without tasks left, how many helpers are inside it, and the posts_ count it last
+  // looked at while waiting; posts_ counts every post.
+  std::uint64_t seen_posts(int rank) const { return seen_[static_cast<std::size_t>(rank)]; }
+  std::vector<HelpJob*> jobs_;
+  std::vector<char> exhausted_;
+  std::vector<int> inside_;
+  std::vector<std::uint64_t> seen_;
+  std::uint64_t posts_ = 0;
+  std::atomic<std::int64_t> helped_{0};
 };
 
 }  // namespace

@@ -6,7 +6,9 @@
 // ([N, O, OH, OW], 411 MB for the seed's stage) is never written to memory.
 //
 // The tasks are bands of up to 16 output rows of one image, run on the executable's WorkPool
-// (its idle threads sleep; no OpenMP region). Each thread keeps the input rows its band reads,
+// (its idle threads sleep; no OpenMP region); at tp > 1 with the ranks as threads of one process,
+// a rank waiting at a collective runs bands of a rank still at its convolution (HelpBoard), so a
+// batch split over ranks on unevenly fast cores is balanced as the bands of one rank are. Each thread keeps the input rows its band reads,
 // zero padded and widened to float32, in a ring of (kh - 1) * dh + 1 rows per channel (L1-sized
 // for small C): moving to the next output row widens only the rows that enter the window. The
 // micro-kernel runs every filter tap over blocks of P output pixels with the output channels in
@@ -324,18 +326,23 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
     // Bands of rows per image: enough tasks to balance the threads, each a few rows. The
     // executable's pool has the thread count the kernel is built with (omp_get_max_threads()).
     threads_ = std::max(1, omp_get_max_threads());
+    // Ranks that are threads of this process help each other with their bands while they wait
+    // at a collective (HelpBoard): scratch for them too, as threads threads_ + slot.
+    board_ = cx.rank.tp_degree > 1 && cx.rank.comm != nullptr && rank_help_enabled() ? cx.rank.comm->help_board()
+                                                                                       : nullptr;
+    const int slots = threads_ + (board_ != nullptr ? board_->helpers() : 0);
     rows_per_band_ = std::clamp<std::int64_t>((g.n * g.oh + kTargetTasks - 1) / kTargetTasks, 1,
                                               std::min(g.oh, kMaxBandRows));
     bands_ = (g.oh + rows_per_band_ - 1) / rows_per_band_;
     // Per thread: which input row each ring slot holds, the filter rows' and the taps' offsets
     // in the ring for the current output row.
     index_stride_ = static_cast<std::size_t>(span_ + g.cg * g.kh + g.taps);
-    index_.resize(static_cast<std::size_t>(threads_) * index_stride_);
+    index_.resize(static_cast<std::size_t>(slots) * index_stride_);
     // Scratch: per thread the ring of rows and a row sum; per task the double partials; the
     // packed weights when they are not fixed at compile time.
     rb_floats_ = round_up(static_cast<std::size_t>(g.cg * span_ * g.wp), 16);
     thread_bytes_ = (rb_floats_ + static_cast<std::size_t>(opad_)) * sizeof(float);
-    partial_off_ = static_cast<std::size_t>(threads_) * thread_bytes_;
+    partial_off_ = static_cast<std::size_t>(slots) * thread_bytes_;
     const std::size_t partial_bytes =
         static_cast<std::size_t>(g.n * bands_ * g.groups * opad_) * sizeof(double);
     packed_floats_ = static_cast<std::size_t>(g.groups * g.taps * opad_);
@@ -367,14 +374,15 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
                index_.data() + static_cast<std::size_t>(thread) * index_stride_,
                partial + t * g.groups * opad_);
     };
-    if (!cx.pool || cx.pool->threads() <= 1) {
+    if (!cx.pool || (cx.pool->threads() <= 1 && board_ == nullptr)) {
       for (std::int64_t t = 0; t < tasks; ++t) task(t, 0);
     } else {
       if (cx.pool->threads() > threads_) {
         throw Error("cpu backend: " + where + " was built for " + std::to_string(threads_) +
                     " threads, the executable's pool has " + std::to_string(cx.pool->threads()));
       }
-      cx.pool->run(tasks, task);
+      // The bands' sums are reduced in band order below, whichever thread ran them.
+      cx.pool->run_shared(tasks, task, board_, cx.rank.rank);
     }
     // Reduce the bands in order, divide, add the bias.
     std::byte* y = cx.values[y_];
@@ -559,9 +567,10 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
   bool three_ = false;     // the AVX-512 3-wide unit-stride path
   std::int64_t span_ = 1;  // ring rows per channel
   int threads_ = 1;
+  HelpBoard* board_ = nullptr;  // the rank's peers in this process that help with its bands
   std::int64_t bands_ = 1, rows_per_band_ = 1;
   std::size_t index_stride_ = 0;
-  std::vector<std::int64_t> index_;  // per thread: held, roff, off (run_band)
+  std::vector<std::int64_t> index_;  // per thread and helper slot: held, roff, off (run_band)
   std::size_t rb_floats_ = 0, thread_bytes_ = 0, partial_off_ = 0, packed_off_ = 0;
   std::size_t packed_floats_ = 0, scratch_ = 0;
   std::vector<float> owned_;

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -42,6 +44,11 @@ constexpr std::chrono::nanoseconds kCallerSpin = WorkPool::kMinSpin;
 
 }  // namespace
 
+bool rank_help_enabled() {
+  const char* v = std::getenv("DEVPIPE_RANK_HELP");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 WorkPool::WorkPool(int threads, std::chrono::microseconds max_spin)
     : spin_ns_(std::chrono::nanoseconds(kMinSpin).count()),
       max_spin_ns_(std::chrono::nanoseconds(std::max(max_spin, kMinSpin)).count()) {
@@ -55,22 +62,22 @@ WorkPool::~WorkPool() {
   for (std::thread& t : workers_) t.join();
 }
 
-void WorkPool::work(std::uint32_t gen, int thread) {
+bool WorkPool::work_one(std::uint32_t gen, int thread) {
   std::uint64_t u = unclaimed_.load(std::memory_order_acquire);
   for (;;) {
-    if (static_cast<std::uint32_t>(u >> 32) != gen) return;
+    if (static_cast<std::uint32_t>(u >> 32) != gen) return false;
     const auto left = static_cast<std::uint32_t>(u);
-    if (left == 0) return;
-    if (!unclaimed_.compare_exchange_weak(u, u - 1, std::memory_order_acq_rel,
-                                          std::memory_order_acquire)) {
-      continue;
+    if (left == 0) return false;
+    if (unclaimed_.compare_exchange_weak(u, u - 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+      break;
     }
-    // Claimed task left - 1 of this generation: the run is still waiting for it, so fn_ and
-    // ctx_ are this generation's.
-    fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), left - 1, thread);
-    done_.fetch_add(1, std::memory_order_release);
-    u = unclaimed_.load(std::memory_order_acquire);
   }
+  // Claimed task left - 1 of this generation: the run is still waiting for it, so fn_ and ctx_
+  // are this generation's.
+  const auto task = static_cast<std::uint32_t>(u) - 1;
+  fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), task, thread);
+  done_.fetch_add(1, std::memory_order_release);
+  return true;
 }
 
 void WorkPool::worker_loop(int thread) {
@@ -95,7 +102,18 @@ void WorkPool::worker_loop(int thread) {
   }
 }
 
-void WorkPool::run_tasks(std::int64_t tasks, TaskFn fn, void* ctx) {
+/// A shared run's tasks as a HelpBoard job: helper `slot` runs tasks as thread threads() + slot.
+class WorkPool::Helped final : public HelpJob {
+ public:
+  Helped(WorkPool& pool, std::uint32_t gen) : pool_(pool), gen_(gen) {}
+  bool help(int slot) override { return pool_.work_one(gen_, pool_.threads() + slot); }
+
+ private:
+  WorkPool& pool_;
+  std::uint32_t gen_;
+};
+
+void WorkPool::run_tasks(std::int64_t tasks, TaskFn fn, void* ctx, HelpBoard* board, int rank) {
   // How long the workers spin after this run: 1.5 times the longest recent gap between runs
   // that spinning could have bridged (it decays by 1/16 a run); a longer gap (the pool idle)
   // forgets them.
@@ -114,8 +132,15 @@ void WorkPool::run_tasks(std::int64_t tasks, TaskFn fn, void* ctx) {
   unclaimed_.store((static_cast<std::uint64_t>(gen) << 32) | static_cast<std::uint64_t>(tasks),
                    std::memory_order_release);
   generation_.store(gen, std::memory_order_release);
-  generation_.notify_all();
-  work(gen, 0);
+  if (!workers_.empty()) generation_.notify_all();
+  if (board != nullptr) {
+    Helped job(*this, gen);
+    board->post(rank, &job);
+    work(gen, 0);
+    board->withdraw(rank);  // no helper is inside the job now, nor starts a task of it
+  } else {
+    work(gen, 0);
+  }
   auto all_done = [&] { return done_.load(std::memory_order_acquire) == tasks; };
   while (!spin_until(kCallerSpin, all_done)) std::this_thread::yield();  // claimed elsewhere
   last_end_ns_ = now_ns();

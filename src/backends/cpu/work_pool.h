@@ -20,7 +20,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "runtime/communicator.h"
+
 namespace devpipe::cpu {
+
+/// Whether kernels built now open their tasks to the peers of their rank (WorkPool::run_shared):
+/// yes unless DEVPIPE_RANK_HELP is 0 (read at each call; the kernels read it when built, at load).
+bool rank_help_enabled();
 
 class WorkPool {
  public:
@@ -62,11 +68,34 @@ class WorkPool {
     }
     run_tasks(
         tasks, [](void* b, std::int64_t i, int thread) { call(*static_cast<B*>(b), i, thread); },
-        const_cast<void*>(static_cast<const void*>(&body)));
+        const_cast<void*>(static_cast<const void*>(&body)), nullptr, 0);
+  }
+
+  /// Like run(), with the tasks also open on `board` (when not null) to the peers of rank
+  /// `rank` (HelpBoard, runtime/communicator.h): a peer waiting in a collective runs some of
+  /// them, as thread threads() + its helper slot, so a body taking (i, thread) must have
+  /// scratch for threads() + board->helpers() threads. Each run takes the board's lock twice:
+  /// for tasks of tens of microseconds or more (a conv band), whose results do not depend on
+  /// which thread ran which task.
+  template <class Body>
+  void run_shared(std::int64_t tasks, Body&& body, HelpBoard* board, int rank) {
+    using B = std::remove_reference_t<Body>;
+    if (board == nullptr || board->helpers() == 0) {
+      run(tasks, body);
+      return;
+    }
+    if (tasks <= 1 || busy_.exchange(true, std::memory_order_acquire)) {
+      for (std::int64_t i = 0; i < tasks; ++i) call(body, i, 0);
+      return;
+    }
+    run_tasks(
+        tasks, [](void* b, std::int64_t i, int thread) { call(*static_cast<B*>(b), i, thread); },
+        const_cast<void*>(static_cast<const void*>(&body)), board, rank);
   }
 
  private:
   using TaskFn = void (*)(void*, std::int64_t, int);
+  class Helped;
   template <class Body>
   static void call(Body& body, std::int64_t i, int thread) {
     if constexpr (std::is_invocable_v<Body&, std::int64_t, int>) {
@@ -75,9 +104,14 @@ class WorkPool {
       body(i);
     }
   }
-  void run_tasks(std::int64_t tasks, TaskFn fn, void* ctx);
+  void run_tasks(std::int64_t tasks, TaskFn fn, void* ctx, HelpBoard* board, int rank);
+  /// Claims and runs one task of generation `gen` as thread `thread`; false when none is left.
+  bool work_one(std::uint32_t gen, int thread);
   /// Claims and runs tasks of generation `gen` until none is left, as thread `thread`.
-  void work(std::uint32_t gen, int thread);
+  void work(std::uint32_t gen, int thread) {
+    while (work_one(gen, thread)) {
+    }
+  }
   void worker_loop(int thread);
 
   std::vector<std::thread> workers_;
