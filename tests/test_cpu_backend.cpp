@@ -369,6 +369,18 @@ TEST(CpuBackend, ConvGlobalAvgPoolRowRingAndTailsMatchReference) {
   }
 }
 
+// The weights the own kernels pack for themselves start on a cache line, at any size (a vector
+// load from malloc's 16-byte alignment would straddle two lines).
+TEST(CpuBackend, PackedWeightBuffersStartOnACacheLine) {
+  for (std::size_t n : {1u, 27u, 1728u, 100000u}) {
+    cpu::AlignedFloats v(n, 1.f);
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(v.data()) % 64, 0u) << n << " floats";
+    v.resize(3 * n);
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(v.data()) % 64, 0u) << 3 * n << " floats";
+    EXPECT_EQ(v[0], 1.f);
+  }
+}
+
 // At tp > 1 with the ranks as threads of one process, a rank waiting at a collective runs bands
 // of a peer's fused conv + pool (HelpBoard): rank 0 of a 2-rank shared-memory communicator runs
 // while rank 1 waits at a barrier, and gives the bits of a tp 1 build (the bands are reduced in

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <new>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <omp.h>
 #include <string>
@@ -18,6 +19,27 @@
 #include "runtime/backend.h"
 
 namespace devpipe::cpu {
+
+/// A std::allocator that aligns to a cache line: weights a kernel packs for itself and loads a
+/// vector register at a time (a 64-byte load from malloc's 16-byte alignment straddles two cache
+/// lines three times in four: the fused conv + pool's micro-kernel ran about 5% slower so).
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, std::size_t n) { ::operator delete(p, n * sizeof(T), std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const CacheLineAllocator<U>&) const {
+    return true;
+  }
+};
+/// Floats starting on a cache line (CacheLineAllocator).
+using AlignedFloats = std::vector<float, CacheLineAllocator<float>>;
 
 /// Where a kernel operand lives: a graph value (plus a byte offset), the kernel's own scratch
 /// region (an offset into it), or fixed memory (a parameter or a buffer the kernel owns).

@@ -573,7 +573,7 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
   std::vector<std::int64_t> index_;  // per thread and helper slot: held, roff, off (run_band)
   std::size_t rb_floats_ = 0, thread_bytes_ = 0, partial_off_ = 0, packed_off_ = 0;
   std::size_t packed_floats_ = 0, scratch_ = 0;
-  std::vector<float> owned_;
+  AlignedFloats owned_;  // the packed weights, when fixed at compile
   const float* packed_ = nullptr;
 };
 

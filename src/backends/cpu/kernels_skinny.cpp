@@ -427,7 +427,7 @@ class SkinnyLinearKernel final : public Kernel {
   CpuIsa isa_;
   int x_, y_;
   std::int64_t m_, k_, n_;
-  std::vector<float> w_, bias_;
+  AlignedFloats w_, bias_;
 };
 
 }  // namespace
