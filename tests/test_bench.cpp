@@ -503,6 +503,12 @@ TEST(BenchRanks, SeedTp2ReportsEachRanksOwnComputeBesideTheStageTimes) {
     EXPECT_GE(help[i].get<double>(), 0.0) << help.dump();
     EXPECT_LT(help[i].get<double>(), own[i].get<double>()) << help.dump() << " vs " << own.dump();
   }
+  // tp 1 timed in seed_tp2's own rounds, its output checked against tp 2's, and the target
+  // taken from it.
+  const nlohmann::json& tp1_beside = r.report["workloads"]["seed_tp2"]["modes"]["pipeline_tp1"];
+  ASSERT_TRUE(tp1_beside.contains("latency_ms")) << r.report["workloads"]["seed_tp2"]["modes"].dump();
+  EXPECT_TRUE(tp1_beside["output_check"]["ok"].get<bool>()) << tp1_beside.dump();
+  EXPECT_FALSE(tp1_beside.contains("rank_own_compute_ms"));
   // tp 1 has one rank: no per-rank figure.
   EXPECT_FALSE(r.report["workloads"]["seed_tp1"]["modes"]["pipeline"].contains("rank_own_compute_ms"));
   EXPECT_FALSE(r.report["workloads"]["seed_tp1"]["modes"]["pipeline"].contains("rank_help_ms"));
@@ -511,6 +517,9 @@ TEST(BenchRanks, SeedTp2ReportsEachRanksOwnComputeBesideTheStageTimes) {
     if (target["target"] != "seed: tp2 pipeline p50 / tp1 pipeline p50") continue;
     found = true;
     const std::string note = target["note"].get<std::string>();
+    EXPECT_NE(note.find("tp 1 timed in seed_tp2's rounds (pipeline_tp1)"), std::string::npos) << target.dump();
+    const double want_ratio = tp2["latency_ms"]["p50"].get<double>() / tp1_beside["latency_ms"]["p50"].get<double>();
+    EXPECT_NEAR(target["measured"].get<double>(), want_ratio, 1e-6 * want_ratio) << target.dump();
     EXPECT_NE(note.find("the ranks' compute per forward: "), std::string::npos) << target.dump();
     EXPECT_NE(note.find(" ms, of which a peer's bands "), std::string::npos) << target.dump();
   }
