@@ -432,6 +432,36 @@ TEST(CpuBackend, ConvGlobalAvgPoolBandsRunByAWaitingPeerRankGiveTheSameBits) {
   EXPECT_EQ(board->helped(), before);
 }
 
+// The skinny Linear's row tasks, like the conv's bands, are taken by a peer rank waiting at a
+// collective: both forms (a streamed expand, and reduce) give the bits of a tp 1 build.
+TEST(CpuBackend, SkinnyLinearRowsRunByAWaitingPeerRankGiveTheSameBits) {
+  if (cpu::cpu_isa() == cpu::CpuIsa::Baseline) GTEST_SKIP() << "the skinny kernels need AVX2";
+  for (const auto& [xs, out] : {std::pair<Shape, std::int64_t>{{4096, 8}, 1280}, {{8192, 1280}, 8}}) {
+    const std::int64_t k = xs.dim(-1);
+    Graph g = trace(DType::Float32, {{"x", vi(xs, DType::Float32)}}, [&](const std::vector<Var>& v) {
+      return std::vector<Var>{F::linear(v[0], param("w", {out, k}), param("b", {out}))};
+    });
+    auto params = random_params(g);
+    Tensor x = Tensor::randn(xs, 8);
+    auto alone = cpu_backend().compile(g, params, RankInfo{0, 1, nullptr, 1});
+    Tensor y1 = Tensor::empty({xs[0], out}, DType::Float32);
+    alone->run({x.raw_data()}, {y1.raw_data()});
+    const std::vector<float> bits = y1.to_float_vector();
+    auto comm = make_local_communicator(2);
+    auto ranked = cpu_backend().compile(g, params, RankInfo{0, 2, comm.get(), 1});
+    for (int rep = 0; rep < 20 && (rep < 3 || comm->help_board()->helped() == 0); ++rep) {
+      Tensor y = Tensor::empty({xs[0], out}, DType::Float32);
+      std::thread peer([&] { comm->barrier(1); });
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      ranked->run({x.raw_data()}, {y.raw_data()});
+      comm->barrier(0);
+      peer.join();
+      ASSERT_EQ(y.to_float_vector(), bits) << xs.to_string() << " x " << out << ", run " << rep;
+    }
+    EXPECT_GT(comm->help_board()->helped(), 0) << xs.to_string() << ": the waiting rank ran no rows in 20 runs";
+  }
+}
+
 // The skinny Linear kernels on each vector path (baseline: oneDNN's matmul) against the
 // reference: the large workload's two shapes, scaled down in rows but not in channels, and
 // shapes that leave tails (rows, channel blocks, K) on each path. Rows run in WorkPool tasks of

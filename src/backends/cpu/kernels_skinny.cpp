@@ -329,6 +329,10 @@ class SkinnyLinearKernel final : public Kernel {
   SkinnyLinearKernel(const BuildContext& cx, Form form, CpuIsa isa, std::int64_t m, std::int64_t k,
                      std::int64_t n)
       : form_(form), isa_(isa), x_(cx.in_id(0)), y_(cx.out_id()), m_(m), k_(k), n_(n) {
+    // At tp > 1 with the ranks as threads, a rank waiting at a collective takes row tasks of
+    // this one (HelpBoard): rows are independent, so the result does not depend on who ran them.
+    board_ = cx.rank.tp_degree > 1 && cx.rank.comm != nullptr && rank_help_enabled() ? cx.rank.comm->help_board()
+                                                                                       : nullptr;
     const auto* w = reinterpret_cast<const float*>(cx.fixed_input(1));
     const auto* b =
         cx.num_inputs() == 3 ? reinterpret_cast<const float*>(cx.fixed_input(2)) : nullptr;
@@ -380,14 +384,17 @@ class SkinnyLinearKernel final : public Kernel {
     // Tasks of kTaskRows rows, claimed in ascending order (the pool hands out the last first),
     // so that each thread's reads and writes move forward through memory.
     const std::int64_t tasks = (m_ + kTaskRows - 1) / kTaskRows;
-    if (!cx.pool || cx.pool->threads() <= 1) {
+    if (!cx.pool || (cx.pool->threads() <= 1 && board_ == nullptr)) {
       rows(0, m_);
       return;
     }
-    cx.pool->run(tasks, [&](std::int64_t t) {
-      const std::int64_t r0 = (tasks - 1 - t) * kTaskRows;
-      rows(r0, std::min(m_, r0 + kTaskRows));
-    });
+    cx.pool->run_shared(
+        tasks,
+        [&](std::int64_t t) {
+          const std::int64_t r0 = (tasks - 1 - t) * kTaskRows;
+          rows(r0, std::min(m_, r0 + kTaskRows));
+        },
+        board_, cx.rank.rank);
 #else
     (void)cx;
 #endif
@@ -428,6 +435,7 @@ class SkinnyLinearKernel final : public Kernel {
   int x_, y_;
   std::int64_t m_, k_, n_;
   AlignedFloats w_, bias_;
+  HelpBoard* board_ = nullptr;  // the rank's peers in this process that help with its rows
 };
 
 }  // namespace
