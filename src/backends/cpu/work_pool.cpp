@@ -136,8 +136,13 @@ void WorkPool::run_tasks(std::int64_t tasks, TaskFn fn, void* ctx, HelpBoard* bo
   if (board != nullptr) {
     Helped job(*this, gen);
     board->post(rank, &job);
+    // Withdrawn however this scope ends: no helper is inside the job after, nor starts a task of it.
+    struct Withdraw {
+      HelpBoard* board;
+      int rank;
+      ~Withdraw() { board->withdraw(rank); }
+    } withdraw{board, rank};
     work(gen, 0);
-    board->withdraw(rank);  // no helper is inside the job now, nor starts a task of it
   } else {
     work(gen, 0);
   }
