@@ -3,6 +3,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <vector>
 
@@ -22,6 +23,7 @@ class LocalCommunicator final : public Communicator, public HelpBoard {
         jobs_(static_cast<std::size_t>(size)),
         exhausted_(static_cast<std::size_t>(size)),
         inside_(static_cast<std::size_t>(size)),
+        post_of_(static_cast<std::size_t>(size)),
         seen_(static_cast<std::size_t>(size)) {}
 
   int size() const override { return size_; }
@@ -98,19 +100,26 @@ class LocalCommunicator final : public Communicator, public HelpBoard {
       if (owner < 0) continue;
       const auto o = static_cast<std::size_t>(owner);
       HelpJob* job = jobs_[o];
+      const std::uint64_t post = post_of_[o];
       ++inside_[o];
       lock.unlock();
       std::int64_t ran = 0;
-      {
+      std::exception_ptr failed;
+      try {
         timeline::Span span("help", "help", rank + 1);
         const int slot = rank < owner ? rank : rank - 1;
         while (job->help(slot)) ++ran;
+      } catch (...) {
+        failed = std::current_exception();
       }
       lock.lock();
       helped_.fetch_add(ran, std::memory_order_relaxed);
-      if (jobs_[o] == job) exhausted_[o] = true;  // not picked again until its owner posts anew
-      if (--inside_[o] == 0) cv_.notify_all();      // its owner may be withdrawing it
-      look = true;                                  // another rank's job may be open
+      // The same post (its owner may have posted another job since, at the same address): not
+      // picked again until the owner posts anew.
+      if (jobs_[o] != nullptr && post_of_[o] == post) exhausted_[o] = true;
+      if (--inside_[o] == 0) cv_.notify_all();  // its owner may be withdrawing it
+      if (failed) std::rethrow_exception(failed);
+      look = true;  // another rank's job may be open
     }
   }
 
@@ -122,7 +131,7 @@ class LocalCommunicator final : public Communicator, public HelpBoard {
       const auto r = static_cast<std::size_t>(rank);
       jobs_[r] = job;
       exhausted_[r] = false;
-      ++posts_;
+      post_of_[r] = ++posts_;
     }
     cv_.notify_all();
   }
@@ -162,12 +171,13 @@ class LocalCommunicator final : public Communicator, public HelpBoard {
   std::uint64_t generation_ = 0;
   bool aborted_ = false;
   // The help board (under mu_): per rank its posted job (null when none), whether a helper
-  // found it without tasks left, how many helpers are inside it, and the posts_ count it last
-  // looked at while waiting; posts_ counts every post.
+  // found it without tasks left, how many helpers are inside it, which post it is (posts_
+  // counts every post), and the posts_ count the rank last looked at while waiting.
   std::uint64_t seen_posts(int rank) const { return seen_[static_cast<std::size_t>(rank)]; }
   std::vector<HelpJob*> jobs_;
   std::vector<char> exhausted_;
   std::vector<int> inside_;
+  std::vector<std::uint64_t> post_of_;
   std::vector<std::uint64_t> seen_;
   std::uint64_t posts_ = 0;
   std::atomic<std::int64_t> helped_{0};
