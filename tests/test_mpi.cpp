@@ -146,9 +146,10 @@ INSTANTIATE_TEST_SUITE_P(Mpi, ProcessesEqualThreads,
                          ::testing::Combine(::testing::Values("seed", "mlp", "bcast", "llama"), ::testing::Values(2, 4),
                                             ::testing::Values(0)),
                          [](const auto& info) { return param_name(info); });
-// Two ranks per process: tp 4 over 2 processes (threads inside, MPI between).
+// Two ranks per process: tp 4 over 2 processes (threads inside, MPI between; the seed's two
+// local ranks may run each other's conv bands while they wait in the local barriers).
 INSTANTIATE_TEST_SUITE_P(MpiGroups, ProcessesEqualThreads,
-                         ::testing::Combine(::testing::Values("mlp", "bcast", "llama"), ::testing::Values(4),
+                         ::testing::Combine(::testing::Values("seed", "mlp", "bcast", "llama"), ::testing::Values(4),
                                             ::testing::Values(2)),
                          [](const auto& info) { return param_name(info); });
 

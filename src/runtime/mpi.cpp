@@ -572,7 +572,24 @@ class GroupCommunicator final : public Communicator {
   }
   void reset() override { local_->reset(); }
 
+  /// The process's ranks meet in the local communicator's barriers: they help each other there
+  /// as ranks of a thread-mode group do (the leader, waiting on MPI, does not).
+  HelpBoard* help_board() override { return local_->help_board() != nullptr ? &board_ : nullptr; }
+
  private:
+  /// The local communicator's board in this communicator's rank numbering.
+  class LocalBoard final : public HelpBoard {
+   public:
+    explicit LocalBoard(GroupCommunicator& g) : g_(g) {}
+    int helpers() const override { return g_.k_ - 1; }
+    void post(int rank, HelpJob* job) override { g_.local_->help_board()->post(g_.local_index(rank, "post"), job); }
+    void withdraw(int rank) override { g_.local_->help_board()->withdraw(g_.local_index(rank, "withdraw")); }
+    std::int64_t helped() const override { return g_.local_->help_board()->helped(); }
+
+   private:
+    GroupCommunicator& g_;
+  };
+
   int local_index(int rank, const char* call) const {
     const int l = rank - process_ * k_;
     if (l < 0 || l >= k_) {
@@ -658,6 +675,7 @@ class GroupCommunicator final : public Communicator {
   int processes_, process_, k_;
   double timeout_s_;
   std::unique_ptr<Communicator> local_;
+  LocalBoard board_{*this};
   std::vector<void*> slots_;
   std::vector<const void*> cslots_;
   std::vector<int> counts_, displs_, rcounts_, rdispls_;
