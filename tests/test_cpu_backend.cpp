@@ -436,8 +436,9 @@ TEST(CpuBackend, ConvGlobalAvgPoolBandsRunByAWaitingPeerRankGiveTheSameBits) {
 // collective: both forms (a streamed expand, and reduce) give the bits of a tp 1 build.
 TEST(CpuBackend, SkinnyLinearRowsRunByAWaitingPeerRankGiveTheSameBits) {
   if (cpu::cpu_isa() == cpu::CpuIsa::Baseline) GTEST_SKIP() << "the skinny kernels need AVX2";
-  for (const auto& [xs, out] : {std::pair<Shape, std::int64_t>{{4096, 8}, 1280}, {{8192, 1280}, 8}}) {
-    const std::int64_t k = xs.dim(-1);
+  for (const auto& c : {std::pair<Shape, std::int64_t>{{4096, 8}, 1280}, {{8192, 1280}, 8}}) {
+    const Shape xs = c.first;
+    const std::int64_t out = c.second, k = xs.dim(-1);
     Graph g = trace(DType::Float32, {{"x", vi(xs, DType::Float32)}}, [&](const std::vector<Var>& v) {
       return std::vector<Var>{F::linear(v[0], param("w", {out, k}), param("b", {out}))};
     });
