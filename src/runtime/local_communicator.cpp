@@ -85,7 +85,7 @@ class LocalCommunicator final : public Communicator, public HelpBoard {
     // ranks still to come, and it leaves its job only once every task claimed of it has run.
     bool look = true;
     for (;;) {
-      if (!look) cv_.wait(lock, [&] { return generation_ != gen || aborted_ || posts_ != seen_posts(rank); });
+      if (!look) cv_.wait(lock, [&] { return generation_ != gen || aborted_ || posts_ != seen_[static_cast<std::size_t>(rank)]; });
       if (generation_ != gen) return;
       if (aborted_) {
         throw Error("collective aborted: another rank failed (rank " + std::to_string(rank) + " stopped)");
@@ -173,7 +173,6 @@ class LocalCommunicator final : public Communicator, public HelpBoard {
   // The help board (under mu_): per rank its posted job (null when none), whether a helper
   // found it without tasks left, how many helpers are inside it, which post it is (posts_
   // counts every post), and the posts_ count the rank last looked at while waiting.
-  std::uint64_t seen_posts(int rank) const { return seen_[static_cast<std::size_t>(rank)]; }
   std::vector<HelpJob*> jobs_;
   std::vector<char> exhausted_;
   std::vector<int> inside_;

@@ -328,8 +328,7 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
     threads_ = std::max(1, omp_get_max_threads());
     // Ranks that are threads of this process help each other with their bands while they wait
     // at a collective (HelpBoard): scratch for them too, as threads threads_ + slot.
-    board_ = cx.rank.tp_degree > 1 && cx.rank.comm != nullptr && rank_help_enabled() ? cx.rank.comm->help_board()
-                                                                                       : nullptr;
+    board_ = rank_help_board(cx.rank);
     const int slots = threads_ + (board_ != nullptr ? board_->helpers() : 0);
     rows_per_band_ = std::clamp<std::int64_t>((g.n * g.oh + kTargetTasks - 1) / kTargetTasks, 1,
                                               std::min(g.oh, kMaxBandRows));
@@ -374,7 +373,7 @@ class ConvGlobalAvgPoolKernel final : public Kernel {
                index_.data() + static_cast<std::size_t>(thread) * index_stride_,
                partial + t * g.groups * opad_);
     };
-    if (!cx.pool || (cx.pool->threads() <= 1 && board_ == nullptr)) {
+    if (!cx.pool) {
       for (std::int64_t t = 0; t < tasks; ++t) task(t, 0);
     } else {
       if (cx.pool->threads() > threads_) {

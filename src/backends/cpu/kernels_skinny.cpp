@@ -331,8 +331,7 @@ class SkinnyLinearKernel final : public Kernel {
       : form_(form), isa_(isa), x_(cx.in_id(0)), y_(cx.out_id()), m_(m), k_(k), n_(n) {
     // At tp > 1 with the ranks as threads, a rank waiting at a collective takes row tasks of
     // this one (HelpBoard): rows are independent, so the result does not depend on who ran them.
-    board_ = cx.rank.tp_degree > 1 && cx.rank.comm != nullptr && rank_help_enabled() ? cx.rank.comm->help_board()
-                                                                                       : nullptr;
+    board_ = rank_help_board(cx.rank);
     const auto* w = reinterpret_cast<const float*>(cx.fixed_input(1));
     const auto* b =
         cx.num_inputs() == 3 ? reinterpret_cast<const float*>(cx.fixed_input(2)) : nullptr;

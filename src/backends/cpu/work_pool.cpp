@@ -44,9 +44,10 @@ constexpr std::chrono::nanoseconds kCallerSpin = WorkPool::kMinSpin;
 
 }  // namespace
 
-bool rank_help_enabled() {
+HelpBoard* rank_help_board(const RankInfo& rank) {
   const char* v = std::getenv("DEVPIPE_RANK_HELP");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  if (rank.tp_degree <= 1 || rank.comm == nullptr || (v != nullptr && std::strcmp(v, "0") == 0)) return nullptr;
+  return rank.comm->help_board();
 }
 
 WorkPool::WorkPool(int threads, std::chrono::microseconds max_spin)
@@ -133,19 +134,18 @@ void WorkPool::run_tasks(std::int64_t tasks, TaskFn fn, void* ctx, HelpBoard* bo
                    std::memory_order_release);
   generation_.store(gen, std::memory_order_release);
   if (!workers_.empty()) generation_.notify_all();
-  if (board != nullptr) {
-    Helped job(*this, gen);
-    board->post(rank, &job);
-    // Withdrawn however this scope ends: no helper is inside the job after, nor starts a task of it.
-    struct Withdraw {
-      HelpBoard* board;
-      int rank;
-      ~Withdraw() { board->withdraw(rank); }
-    } withdraw{board, rank};
-    work(gen, 0);
-  } else {
-    work(gen, 0);
-  }
+  Helped job(*this, gen);
+  // Posted to the board, if any, and withdrawn however this scope ends: no helper is inside the
+  // job after, nor starts a task of it.
+  struct Posted {
+    HelpBoard* board;
+    int rank;
+    ~Posted() {
+      if (board != nullptr) board->withdraw(rank);
+    }
+  } posted{board, rank};
+  if (board != nullptr) board->post(rank, &job);
+  work(gen, 0);
   auto all_done = [&] { return done_.load(std::memory_order_acquire) == tasks; };
   while (!spin_until(kCallerSpin, all_done)) std::this_thread::yield();  // claimed elsewhere
   last_end_ns_ = now_ns();

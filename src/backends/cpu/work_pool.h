@@ -20,13 +20,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "runtime/backend.h"
 #include "runtime/communicator.h"
 
 namespace devpipe::cpu {
 
-/// Whether kernels built now open their tasks to the peers of their rank (WorkPool::run_shared):
-/// yes unless DEVPIPE_RANK_HELP is 0 (read at each call; the kernels read it when built, at load).
-bool rank_help_enabled();
+/// The board on which a kernel built now for `rank` opens its tasks to the rank's peers
+/// (WorkPool::run_shared): its communicator's at tp > 1 (null when the ranks are not threads of
+/// one process), and null when DEVPIPE_RANK_HELP is 0 (read at each call; kernels call this when
+/// built, at load).
+HelpBoard* rank_help_board(const RankInfo& rank);
 
 class WorkPool {
  public:
@@ -61,14 +64,7 @@ class WorkPool {
   /// caller, as thread 0 (not from inside a task: that thread 0 would be the other run's).
   template <class Body>
   void run(std::int64_t tasks, Body&& body) {
-    using B = std::remove_reference_t<Body>;
-    if (tasks <= 1 || workers_.empty() || busy_.exchange(true, std::memory_order_acquire)) {
-      for (std::int64_t i = 0; i < tasks; ++i) call(body, i, 0);
-      return;
-    }
-    run_tasks(
-        tasks, [](void* b, std::int64_t i, int thread) { call(*static_cast<B*>(b), i, thread); },
-        const_cast<void*>(static_cast<const void*>(&body)), nullptr, 0);
+    run_shared(tasks, body, nullptr, 0);
   }
 
   /// Like run(), with the tasks also open on `board` (when not null) to the peers of rank
@@ -80,11 +76,8 @@ class WorkPool {
   template <class Body>
   void run_shared(std::int64_t tasks, Body&& body, HelpBoard* board, int rank) {
     using B = std::remove_reference_t<Body>;
-    if (board == nullptr || board->helpers() == 0) {
-      run(tasks, body);
-      return;
-    }
-    if (tasks <= 1 || busy_.exchange(true, std::memory_order_acquire)) {
+    if (board != nullptr && board->helpers() == 0) board = nullptr;
+    if (tasks <= 1 || (workers_.empty() && board == nullptr) || busy_.exchange(true, std::memory_order_acquire)) {
       for (std::int64_t i = 0; i < tasks; ++i) call(body, i, 0);
       return;
     }
