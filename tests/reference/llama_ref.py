@@ -251,9 +251,10 @@ class LlamaForCausalLM(nn.Module):
             sd.pop("lm_head.weight")
         return sd
 
-    def _run(self, ids, positions, mask, cache=None, rows=None):
-        """rows [B] (optional): the lm_head runs only at x[b, rows[b]] -> logits [B, 1, V]."""
-        x = self.model.embed_tokens(ids.clamp(min=0))
+    def _run(self, ids, positions, mask, cache=None, rows=None, inputs_embeds=None):
+        """rows [B] (optional): the lm_head runs only at x[b, rows[b]] -> logits [B, 1, V].
+        inputs_embeds [B, T, hidden] (optional) replaces embed_tokens(ids) (a multimodal merge)."""
+        x = self.model.embed_tokens(ids.clamp(min=0)) if inputs_embeds is None else inputs_embeds
         cos, sin = rope_cos_sin(positions.clamp(min=0), head_dim(self.cfg), self.cfg["rope_theta"], x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache.layers[i], positions)
@@ -261,25 +262,28 @@ class LlamaForCausalLM(nn.Module):
             x = x[torch.arange(x.shape[0]), rows][:, None]
         return self.lm_head(self.model.norm(x))
 
-    def forward_full(self, ids):
-        """No cache: ids [B, T] (all real tokens) -> logits [B, T, V], causal attention."""
+    def forward_full(self, ids, inputs_embeds=None):
+        """No cache: ids [B, T] (all real tokens) -> logits [B, T, V], causal attention
+        (inputs_embeds [B, T, hidden]: used instead of embed_tokens(ids))."""
         b, t = ids.shape
         pos = torch.arange(t)[None].expand(b, t)
         mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None].expand(b, 1, t, t)
-        return self._run(ids, pos, mask)
+        return self._run(ids, pos, mask, inputs_embeds=inputs_embeds)
 
-    def prefill(self, cache, ids, lengths, last_only=False):
+    def prefill(self, cache, ids, lengths, last_only=False, inputs_embeds=None):
         """ids [B, T] right-padded (pads anything >= 0 or -1), lengths [B]: writes positions
         0..T-1 of the cache (padding rows are overwritten by later decode steps before they are
         ever visible) and returns logits [B, T, V] (last_only: [B, 1, V], each prompt's last
-        position only, as a generator needs)."""
+        position only, as a generator needs). inputs_embeds [B, T, hidden]: used instead of
+        embed_tokens(ids)."""
         b, t = ids.shape
         if t > cache.max_len:
             raise ValueError(f"prompt length {t} > cache length {cache.max_len}")
         pos = torch.arange(t)[None].expand(b, t)
         j = torch.arange(t)
         mask = (j[None, :] <= j[:, None])[None] & (j[None, None, :] < lengths[:, None, None])
-        logits = self._run(ids, pos, mask[:, None], cache, rows=lengths - 1 if last_only else None)
+        logits = self._run(ids, pos, mask[:, None], cache, rows=lengths - 1 if last_only else None,
+                           inputs_embeds=inputs_embeds)
         cache.lengths = lengths.clone()
         return logits
 
@@ -417,8 +421,10 @@ def pad_prompts(prompts):
 
 
 def generate(model, prompts, max_new_tokens, greedy=True, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-             stop_at_eos=True, record=True):
-    """Returns dict with generated (list of lists) and, when record, the logits tensors (float32)."""
+             stop_at_eos=True, record=True, inputs_embeds=None):
+    """Returns dict with generated (list of lists) and, when record, the logits tensors (float32).
+    inputs_embeds [B, Tmax, hidden] (optional): the prefill's input instead of embed_tokens of the
+    right-padded prompts (rows >= a prompt's length are ignored); decode steps embed token ids."""
     cfg = model.cfg
     for i, p in enumerate(prompts):
         if not p:
@@ -432,12 +438,15 @@ def generate(model, prompts, max_new_tokens, greedy=True, temperature=1.0, top_k
     ids, lengths = pad_prompts(prompts)
     b, t = ids.shape
     dt = model.lm_head.weight.dtype
+    if inputs_embeds is not None and tuple(inputs_embeds.shape) != (b, t, cfg["hidden_size"]):
+        raise ValueError(f"inputs_embeds shape {tuple(inputs_embeds.shape)} != (batch {b}, "
+                         f"longest prompt {t}, hidden_size {cfg['hidden_size']})")
     cache = KVCache(cfg, b, t + max_new_tokens, dt)
     gen = torch.Generator().manual_seed(seed)
     eos = cfg.get("eos_token_id")
     out = {"generated": [[] for _ in range(b)]}
     with torch.inference_mode():
-        logits = model.prefill(cache, ids, lengths)
+        logits = model.prefill(cache, ids, lengths, inputs_embeds=inputs_embeds)
         last = logits[torch.arange(b), lengths - 1]
         if record:
             pl = logits.to(torch.float32).clone()
@@ -504,14 +513,24 @@ def cmd_write_model(a):
     print(json.dumps({"dir": a.dir, "config": cfg}))
 
 
+def sampling_from_args(a):
+    """The run command's sampling flags (add_sampling_args) -> {"greedy", "temperature", "top_k",
+    "top_p", "seed"}; greedy when none of --temperature/--top-k/--top-p is given."""
+    greedy = a.greedy or (a.temperature is None and a.top_k is None and a.top_p is None)
+    if not greedy and a.temperature is not None and a.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {a.temperature}")
+    return {"greedy": greedy, "temperature": a.temperature or 1.0, "top_k": a.top_k or 0,
+            "top_p": 1.0 if a.top_p is None else a.top_p, "seed": a.seed}
+
+
 def cmd_run(a):
     model = load_model(a.dir, a.dtype)
     prompts = parse_prompts(a.prompts)
-    greedy = a.greedy or (a.temperature is None and a.top_k is None and a.top_p is None)
-    if not greedy and a.temperature is not None and a.temperature <= 0:
-        raise SystemExit(f"llama_ref: --temperature must be > 0, got {a.temperature}")
-    samp = {"greedy": greedy, "temperature": a.temperature or 1.0, "top_k": a.top_k or 0,
-            "top_p": 1.0 if a.top_p is None else a.top_p, "seed": a.seed}
+    try:
+        samp = sampling_from_args(a)
+    except ValueError as e:
+        raise SystemExit(f"llama_ref: {e}")
+    greedy = samp["greedy"]
     try:
         r = generate(model, prompts, a.max_new_tokens, greedy, samp["temperature"], samp["top_k"],
                      samp["top_p"], a.seed, stop_at_eos=not a.ignore_eos)
@@ -575,11 +594,8 @@ def cmd_selftest(a):
     print("selftest ok")
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Plain-PyTorch twin of HF LlamaForCausalLM")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("write-model")
-    w.add_argument("dir")
+def add_text_model_args(w):
+    """write-model's text-model flags (--hidden .. --tie), shared with pixtral_ref."""
     w.add_argument("--hidden", type=int, default=64)
     w.add_argument("--intermediate", type=int, default=128)
     w.add_argument("--layers", type=int, default=2)
@@ -590,6 +606,25 @@ def main():
     w.add_argument("--rope-theta", type=float, default=10000.0)
     w.add_argument("--eps", type=float, default=1e-5)
     w.add_argument("--tie", action="store_true")
+
+
+def add_sampling_args(r):
+    """run's sampling and execution flags (see sampling_from_args), shared with pixtral_ref."""
+    r.add_argument("--greedy", action="store_true")
+    r.add_argument("--temperature", type=float)
+    r.add_argument("--top-k", type=int)
+    r.add_argument("--top-p", type=float)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--ignore-eos", action="store_true")
+    r.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Plain-PyTorch twin of HF LlamaForCausalLM")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write-model")
+    w.add_argument("dir")
+    add_text_model_args(w)
     w.add_argument("--dtype", choices=list(_DTYPES), default="float32")
     w.add_argument("--shards", type=int, default=1)
     w.add_argument("--seed", type=int, default=0)
@@ -599,14 +634,8 @@ def main():
     r.add_argument("--prompts", required=True)
     r.add_argument("--max-new-tokens", type=int, required=True)
     r.add_argument("--out", required=True, help="output prefix: PREFIX.safetensors and PREFIX.json")
-    r.add_argument("--greedy", action="store_true")
-    r.add_argument("--temperature", type=float)
-    r.add_argument("--top-k", type=int)
-    r.add_argument("--top-p", type=float)
-    r.add_argument("--seed", type=int, default=0)
+    add_sampling_args(r)
     r.add_argument("--dtype", choices=list(_DTYPES))
-    r.add_argument("--ignore-eos", action="store_true")
-    r.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     s = sub.add_parser("selftest")
     s.add_argument("--dtype", choices=list(_DTYPES), default="float32")
     a = ap.parse_args()
