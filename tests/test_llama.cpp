@@ -30,6 +30,7 @@
 #include "compiler/memory_plan.h"
 #include "devpipe/devpipe.h"
 #include "devpipe/models/llama.h"
+#include "lm_twin.h"
 #include "test_util.h"
 
 using namespace devpipe;
@@ -66,46 +67,9 @@ std::string prompts_arg(const std::vector<std::vector<std::int64_t>>& prompts = 
   return s;
 }
 
-struct Twin {
-  std::map<std::string, Tensor> t;
-  std::vector<std::vector<std::int64_t>> generated;
-};
-
-Twin load_twin(const std::string& prefix) {
-  Twin tw;
-  tw.t = safetensors::load_all(prefix + ".safetensors");
-  std::ifstream f(prefix + ".json");
-  nlohmann::json j = nlohmann::json::parse(f);
-  tw.generated = j.at("generated").get<std::vector<std::vector<std::int64_t>>>();
-  return tw;
-}
-
-/// Step s of the twin's decode logits [S, B, V], as [B, V].
-Tensor decode_step(const Tensor& dec, std::int64_t s) {
-  const std::vector<float> all = dec.to_float_vector();
-  const std::int64_t n = dec.dim(1) * dec.dim(2);
-  return Tensor::from_vector(std::vector<float>(all.begin() + s * n, all.begin() + (s + 1) * n), {dec.dim(1), dec.dim(2)});
-}
-
-/// Rows [b, t < length] of logits [B, T, V] (the real prompt positions), as [sum(len), V].
-Tensor prompt_rows(const Tensor& logits, std::int64_t t_stride,
-                   const std::vector<std::vector<std::int64_t>>& prompts = kPrompts) {
-  const std::int64_t V = logits.dim(2);
-  std::vector<float> all = logits.to_float_vector(), out;
-  for (std::size_t b = 0; b < prompts.size(); ++b) {
-    for (std::size_t t = 0; t < prompts[b].size(); ++t) {
-      auto row = all.begin() + static_cast<std::ptrdiff_t>((static_cast<std::int64_t>(b) * t_stride + static_cast<std::int64_t>(t)) * V);
-      out.insert(out.end(), row, row + V);
-    }
-  }
-  return Tensor::from_vector(out, {static_cast<std::int64_t>(out.size()) / V, V});
-}
-
 class LlamaTest : public ::testing::Test {
  protected:
-  // The twin's folders and outputs are made once per build tree (each gtest case is its own
-  // ctest entry): under the test's working directory, keyed by a hash of llama_ref.py and
-  // the arguments, written beside and renamed into place.
+  // The twin's folders and outputs are made once per build tree (cached_twin_dir).
   static void SetUpTestSuite() {
     dir_ = new TempDir();
     const std::string ref = "llama_ref.py";
@@ -113,27 +77,15 @@ class LlamaTest : public ::testing::Test {
     const std::string run_short =
         " --prompts '" + prompts_arg(kShort) + "' --max-new-tokens " + std::to_string(kShortNew) + " --greedy --ignore-eos";
     const std::string quiet = " > /dev/null";
-    std::ifstream script(std::string(DEVPIPE_REFERENCE_DIR) + "/" + ref);
-    std::stringstream text;
-    text << script.rdbuf() << run << run_short;
-    char key[32];
-    std::snprintf(key, sizeof key, "%016zx", std::hash<std::string>{}(text.str()));
-    twin_ = new std::filesystem::path(std::filesystem::current_path() / ("llama_twin_" + std::string(key)));
-    if (!std::filesystem::exists(*twin_ / "done")) {
-      const std::filesystem::path tmp = twin_->string() + ".tmp." + std::to_string(::getpid());
-      std::filesystem::create_directories(tmp);
+    twin_ = new std::filesystem::path(cached_twin_dir("llama_twin", {ref}, run + run_short, [&](const std::filesystem::path& tmp) {
       auto at = [&](const std::string& name) { return (tmp / name).string(); };
-      ASSERT_TRUE(run_torch_script(ref, "write-model " + at("untied") + quiet));
-      ASSERT_TRUE(run_torch_script(ref, "write-model " + at("tied") + " --tie --shards 2 --seed 1" + quiet));
-      ASSERT_TRUE(run_torch_script(ref, "run " + at("untied") + run + " --out " + at("untied_f32") + quiet));
-      ASSERT_TRUE(run_torch_script(ref, "run " + at("untied") + run + " --dtype bfloat16 --out " + at("untied_bf16") + quiet));
-      ASSERT_TRUE(run_torch_script(ref, "run " + at("tied") + run + " --out " + at("tied_f32") + quiet));
-      ASSERT_TRUE(run_torch_script(ref, "run " + at("untied") + run_short + " --out " + at("short_f32") + quiet));
-      std::ofstream(at("done")) << "ok\n";
-      std::error_code ec;
-      std::filesystem::rename(tmp, *twin_, ec);  // another process may have won: use its copy
-      if (ec) std::filesystem::remove_all(tmp, ec);
-    }
+      return run_torch_script(ref, "write-model " + at("untied") + quiet) &&
+             run_torch_script(ref, "write-model " + at("tied") + " --tie --shards 2 --seed 1" + quiet) &&
+             run_torch_script(ref, "run " + at("untied") + run + " --out " + at("untied_f32") + quiet) &&
+             run_torch_script(ref, "run " + at("untied") + run + " --dtype bfloat16 --out " + at("untied_bf16") + quiet) &&
+             run_torch_script(ref, "run " + at("tied") + run + " --out " + at("tied_f32") + quiet) &&
+             run_torch_script(ref, "run " + at("untied") + run_short + " --out " + at("short_f32") + quiet);
+    }));
     f32_ = new Twin(load_twin(twin("untied_f32")));
     bf16_ = new Twin(load_twin(twin("untied_bf16")));
     tied_ = new Twin(load_twin(twin("tied_f32")));
@@ -179,18 +131,7 @@ class LlamaTest : public ::testing::Test {
 
   /// Every prefill and decode logit and every token against the twin.
   static void expect_matches(const models::GenerationResult& r, const Twin& tw, double rtol, double atol) {
-    ASSERT_EQ(r.tokens.size(), kPrompts.size());
-    EXPECT_EQ(r.tokens, tw.generated);
-    const Tensor& want_prefill = tw.t.at("prefill_logits");
-    ASSERT_EQ(r.prefill_logits.shape(), want_prefill.shape());
-    EXPECT_TRUE(tensors_close(prompt_rows(r.prefill_logits, r.prefill_logits.dim(1)),
-                              prompt_rows(want_prefill, want_prefill.dim(1)), rtol, atol));
-    const Tensor& dec = tw.t.at("decode_logits");
-    ASSERT_EQ(static_cast<std::int64_t>(r.decode_logits.size()), kNew - 1);
-    for (std::int64_t s = 0; s + 1 < kNew; ++s) {
-      SCOPED_TRACE("decode step " + std::to_string(s));
-      EXPECT_TRUE(tensors_close(r.decode_logits[static_cast<std::size_t>(s)], decode_step(dec, s), rtol, atol));
-    }
+    expect_generation_matches(r, tw, kPrompts, kNew, rtol, atol);
   }
 
   static TempDir* dir_;
@@ -235,7 +176,7 @@ TEST_F(LlamaTest, BFloat16MatchesTheTwinWithinItsTolerance) {
   auto a = app("untied", config("untied", 2, DType::BFloat16), "bf16_tp2");
   auto r = a->generate(kPrompts, greedy());
   const Tensor& want = bf16_->t.at("prefill_logits");
-  EXPECT_TRUE(tensors_close(prompt_rows(r.prefill_logits, r.prefill_logits.dim(1)), prompt_rows(want, want.dim(1)),
+  EXPECT_TRUE(tensors_close(prompt_rows(r.prefill_logits, kPrompts), prompt_rows(want, kPrompts),
                             kBf16Rtol, kBf16Atol));
   // Token 0 and the first decode step, before sequences can drift apart at a near-tie.
   for (std::size_t s = 0; s < kPrompts.size(); ++s) {
@@ -373,8 +314,8 @@ TEST_P(LlamaCacheTp, EveryDecodeStepMatchesTheTwinAcrossCacheBuckets) {
   ASSERT_EQ(r.tokens.size(), kShort.size());
   EXPECT_EQ(r.tokens, short_->generated);
   const Tensor& want_prefill = short_->t.at("prefill_logits");
-  EXPECT_TRUE(tensors_close(prompt_rows(r.prefill_logits, r.prefill_logits.dim(1), kShort),
-                            prompt_rows(want_prefill, want_prefill.dim(1), kShort), kRtol, kAtol));
+  EXPECT_TRUE(tensors_close(prompt_rows(r.prefill_logits, kShort),
+                            prompt_rows(want_prefill, kShort), kRtol, kAtol));
   const Tensor& dec = short_->t.at("decode_logits");
   ASSERT_EQ(static_cast<std::int64_t>(r.decode_logits.size()), kShortNew - 1);
   ASSERT_EQ(r.decode_cache_buckets.size(), r.decode_logits.size());

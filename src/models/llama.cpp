@@ -13,6 +13,7 @@
 
 #include "devpipe/error.h"
 #include "devpipe/functional.h"
+#include "models/llama_parts.h"
 
 namespace devpipe::models {
 
@@ -20,41 +21,38 @@ using nlohmann::json;
 
 // ------------------------------------------------------------------------------ config
 
-LlamaConfig LlamaConfig::from_hf_folder(const std::string& model_dir) {
+json read_hf_config_json(const std::string& model_dir) {
   const std::string path = (std::filesystem::path(model_dir) / "config.json").string();
   std::ifstream f(path);
   if (!f) throw IoError("cannot open '" + path + "': a Hugging Face model folder needs a config.json");
-  json j;
   try {
-    j = json::parse(f);
+    json j = json::parse(f);
+    if (!j.is_object()) throw ConfigError("'" + path + "' holds " + std::string(j.type_name()) + ", expected a JSON object");
+    return j;
   } catch (const json::exception& e) {
     throw ConfigError("'" + path + "' is not valid JSON: " + e.what());
   }
-  auto int_of = [&](const char* key, std::optional<std::int64_t> fallback) -> std::int64_t {
-    if (!j.contains(key) || j[key].is_null()) {
-      if (fallback) return *fallback;
-      throw ConfigError("'" + path + "' lacks \"" + key + "\"");
-    }
-    if (!j[key].is_number_integer()) throw ConfigError("'" + path + "': \"" + key + "\" is " + j[key].dump() + ", expected an integer");
-    return j[key].get<std::int64_t>();
-  };
-  auto float_of = [&](const char* key, double fallback) -> double {
-    if (!j.contains(key) || j[key].is_null()) return fallback;
-    if (!j[key].is_number()) throw ConfigError("'" + path + "': \"" + key + "\" is " + j[key].dump() + ", expected a number");
-    return j[key].get<double>();
-  };
+}
+
+LlamaConfig LlamaConfig::from_hf_folder(const std::string& model_dir) {
+  const std::string path = (std::filesystem::path(model_dir) / "config.json").string();
+  return parse_llama_config(read_hf_config_json(model_dir), "'" + path + "'");
+}
+
+LlamaConfig parse_llama_config(const json& j, const std::string& where) {
+  const HfFields f{j, where};
   LlamaConfig c;
-  c.hidden_size = int_of("hidden_size", std::nullopt);
-  c.intermediate_size = int_of("intermediate_size", std::nullopt);
-  c.num_hidden_layers = int_of("num_hidden_layers", std::nullopt);
-  c.num_attention_heads = int_of("num_attention_heads", std::nullopt);
-  c.num_key_value_heads = int_of("num_key_value_heads", c.num_attention_heads);
-  c.vocab_size = int_of("vocab_size", std::nullopt);
-  c.max_position_embeddings = int_of("max_position_embeddings", std::nullopt);
-  c.rms_norm_eps = float_of("rms_norm_eps", 1e-6);
-  c.rope_theta = float_of("rope_theta", 10000.0);
+  c.hidden_size = f.integer("hidden_size", std::nullopt);
+  c.intermediate_size = f.integer("intermediate_size", std::nullopt);
+  c.num_hidden_layers = f.integer("num_hidden_layers", std::nullopt);
+  c.num_attention_heads = f.integer("num_attention_heads", std::nullopt);
+  c.num_key_value_heads = f.integer("num_key_value_heads", c.num_attention_heads);
+  c.vocab_size = f.integer("vocab_size", std::nullopt);
+  c.max_position_embeddings = f.integer("max_position_embeddings", std::nullopt);
+  c.rms_norm_eps = f.number("rms_norm_eps", 1e-6);
+  c.rope_theta = f.number("rope_theta", 10000.0);
   if (j.contains("tie_word_embeddings") && !j["tie_word_embeddings"].is_null()) {
-    if (!j["tie_word_embeddings"].is_boolean()) throw ConfigError("'" + path + "': \"tie_word_embeddings\" must be true or false");
+    if (!j["tie_word_embeddings"].is_boolean()) throw ConfigError(where + ": \"tie_word_embeddings\" must be true or false");
     c.tie_word_embeddings = j["tie_word_embeddings"].get<bool>();
   }
   if (j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {
@@ -64,37 +62,44 @@ LlamaConfig LlamaConfig::from_hf_folder(const std::string& model_dir) {
     } else if (e.is_array() && std::all_of(e.begin(), e.end(), [](const json& x) { return x.is_number_integer(); })) {
       c.eos_token_ids = e.get<std::vector<std::int64_t>>();
     } else {
-      throw ConfigError("'" + path + "': \"eos_token_id\" is " + e.dump() + ", expected an integer or a list of them");
+      throw ConfigError(where + ": \"eos_token_id\" is " + e.dump() + ", expected an integer or a list of them");
     }
   }
   if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
-    throw ConfigError("'" + path + "': \"rope_scaling\" " + j["rope_scaling"].dump() +
+    throw ConfigError(where + ": \"rope_scaling\" " + j["rope_scaling"].dump() +
                       " is not supported (plain rotary embedding with rope_theta only)");
   }
+  if (j.contains("sliding_window") && !j["sliding_window"].is_null()) {
+    if (!j["sliding_window"].is_number_integer() || j["sliding_window"].get<std::int64_t>() < 1) {
+      throw ConfigError(where + ": \"sliding_window\" is " + j["sliding_window"].dump() +
+                        ", expected a positive integer or null");
+    }
+    c.sliding_window = j["sliding_window"].get<std::int64_t>();
+  }
   if (j.contains("hidden_act") && j["hidden_act"] != "silu") {
-    throw ConfigError("'" + path + "': \"hidden_act\" " + j["hidden_act"].dump() + " is not supported (silu only)");
+    throw ConfigError(where + ": \"hidden_act\" " + j["hidden_act"].dump() + " is not supported (silu only)");
   }
   for (const char* key : {"attention_bias", "mlp_bias"}) {
     if (j.contains(key) && j[key].is_boolean() && j[key].get<bool>()) {
-      throw ConfigError("'" + path + "': \"" + std::string(key) + "\": true is not supported");
+      throw ConfigError(where + ": \"" + std::string(key) + "\": true is not supported");
     }
   }
   for (auto [key, v] : {std::pair{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
                         {"num_hidden_layers", c.num_hidden_layers}, {"num_attention_heads", c.num_attention_heads},
                         {"num_key_value_heads", c.num_key_value_heads}, {"vocab_size", c.vocab_size},
                         {"max_position_embeddings", c.max_position_embeddings}}) {
-    if (v < 1) throw ConfigError("'" + path + "': \"" + key + "\" must be >= 1, got " + std::to_string(v));
+    if (v < 1) throw ConfigError(where + ": \"" + key + "\" must be >= 1, got " + std::to_string(v));
   }
-  c.head_dim = int_of("head_dim", c.hidden_size / c.num_attention_heads);
+  c.head_dim = f.integer("head_dim", c.hidden_size / c.num_attention_heads);
   if (!j.contains("head_dim") && c.hidden_size % c.num_attention_heads != 0) {
-    throw ConfigError("'" + path + "': hidden_size " + std::to_string(c.hidden_size) +
+    throw ConfigError(where + ": hidden_size " + std::to_string(c.hidden_size) +
                       " is not a multiple of num_attention_heads " + std::to_string(c.num_attention_heads));
   }
   if (c.head_dim < 2 || c.head_dim % 2 != 0) {
-    throw ConfigError("'" + path + "': head_dim " + std::to_string(c.head_dim) + " must be even (rotary embedding)");
+    throw ConfigError(where + ": head_dim " + std::to_string(c.head_dim) + " must be even (rotary embedding)");
   }
   if (c.num_attention_heads % c.num_key_value_heads != 0) {
-    throw ConfigError("'" + path + "': num_attention_heads " + std::to_string(c.num_attention_heads) +
+    throw ConfigError(where + ": num_attention_heads " + std::to_string(c.num_attention_heads) +
                       " is not a multiple of num_key_value_heads " + std::to_string(c.num_key_value_heads));
   }
   return c;
@@ -113,6 +118,7 @@ void LlamaConfig::to_attributes(InferenceConfig& config) const {
   config.set("max_position_embeddings", max_position_embeddings);
   config.set("tie_word_embeddings", tie_word_embeddings);
   config.set("eos_token_id", eos_token_ids);
+  config.set("sliding_window", sliding_window);
 }
 
 LlamaConfig LlamaConfig::from_attributes(const InferenceConfig& config) {
@@ -129,12 +135,11 @@ LlamaConfig LlamaConfig::from_attributes(const InferenceConfig& config) {
   c.max_position_embeddings = config.get_int("max_position_embeddings");
   c.tie_word_embeddings = config.get_bool("tie_word_embeddings");
   c.eos_token_ids = config.get_ints("eos_token_id");
+  c.sliding_window = config.get_int("sliding_window");
   return c;
 }
 
-namespace {
-
-LlamaOptions options_of(const InferenceConfig& config) {
+LlamaOptions llama_options_of(const InferenceConfig& config) {
   LlamaOptions o;
   o.context_buckets = config.get_ints("context_buckets");
   o.cache_buckets = config.get_ints("cache_buckets");
@@ -142,8 +147,6 @@ LlamaOptions options_of(const InferenceConfig& config) {
   o.output_logits = config.get_bool("output_logits");
   return o;
 }
-
-}  // namespace
 
 std::vector<std::int64_t> resolve_cache_buckets(std::vector<std::int64_t> buckets, std::int64_t max_length) {
   if (max_length < 1) throw ConfigError("llama: max_length must be >= 1, got " + std::to_string(max_length));
@@ -161,7 +164,11 @@ std::vector<std::int64_t> resolve_cache_buckets(std::vector<std::int64_t> bucket
 }
 
 InferenceConfig llama_config(const std::string& model_dir, RuntimeConfig runtime, const LlamaOptions& options) {
-  LlamaConfig cfg = LlamaConfig::from_hf_folder(model_dir);
+  return llama_inference_config(LlamaConfig::from_hf_folder(model_dir), model_dir, std::move(runtime), options);
+}
+
+InferenceConfig llama_inference_config(const LlamaConfig& cfg, const std::string& model_dir, RuntimeConfig runtime,
+                                       const LlamaOptions& options) {
   std::vector<std::int64_t> ctx = options.context_buckets;
   if (ctx.empty()) throw ConfigError("llama: context_buckets is empty");
   std::sort(ctx.begin(), ctx.end());
@@ -170,6 +177,15 @@ InferenceConfig llama_config(const std::string& model_dir, RuntimeConfig runtime
   if (max_length > cfg.max_position_embeddings) {
     throw ConfigError("llama: max_length " + std::to_string(max_length) + " exceeds max_position_embeddings " +
                       std::to_string(cfg.max_position_embeddings) + " of '" + model_dir + "'");
+  }
+  if (cfg.sliding_window > 0 && cfg.sliding_window < max_length) {
+    // Mistral's sliding-window attention is not implemented: refused rather than attending
+    // further back than the model was trained to. A window covering the cache is plain
+    // causal attention.
+    throw ConfigError("llama: sliding_window " + std::to_string(cfg.sliding_window) + " of '" + model_dir +
+                      "' is shorter than max_length " + std::to_string(max_length) +
+                      " (sliding-window attention is not supported: set max_length <= " +
+                      std::to_string(cfg.sliding_window) + ")");
   }
   if (ctx.front() < 1 || ctx.back() > max_length) {
     throw ConfigError("llama: context buckets " + Shape(ctx).to_string() + " must lie in [1, max_length " +
@@ -321,7 +337,7 @@ struct LlamaModel::Layers {
 
 LlamaModel::LlamaModel(const InferenceConfig& config, bool decode)
     : cfg_(LlamaConfig::from_attributes(config)),
-      opts_(options_of(config)),
+      opts_(llama_options_of(config)),
       rows_(config.runtime_config().batch_size),
       tp_(config.runtime_config().tp_degree),
       layers_(std::make_unique<Layers>()) {
@@ -352,14 +368,15 @@ Var LlamaModel::lm_head(Var h) {
   return L.lm_head_split ? (*L.lm_head_split)(h) : (*L.lm_head_full)(h);
 }
 
-Var LlamaModel::hidden(Var input_ids, Var positions, Var kv_lengths, std::optional<Var> attention_mask) {
+Var LlamaModel::embed(Var input_ids) { return layers_->model->embed(input_ids); }
+
+Var LlamaModel::hidden(Var x, Var positions, Var kv_lengths, std::optional<Var> attention_mask) {
   const bool prefill = !attention_mask.has_value();
   Layers& L = *layers_;
-  const std::int64_t B = input_ids.dim(0), T = input_ids.dim(1), hd = cfg_.head_dim;
+  const std::int64_t B = x.dim(0), T = x.dim(1), hd = cfg_.head_dim;
   const std::int64_t heads = cfg_.num_attention_heads / tp_;
   const std::int64_t kv_heads = L.kv_split ? cfg_.num_key_value_heads / tp_ : 1;
   const DType dt = Tracer::current().options().dtype;
-  Var x = L.model->embed(input_ids);
   for (std::size_t i = 0; i < L.model->layers.size(); ++i) {
     DecoderLayer& layer = L.model->layers[i];
     Attention& at = layer.self_attn;
@@ -400,10 +417,14 @@ Var LlamaModel::hidden(Var input_ids, Var positions, Var kv_lengths, std::option
 }
 
 std::vector<Var> LlamaModel::encode(Var input_ids, Var positions1, Var last_index, Var sampling, Var u) {
-  const std::int64_t B = input_ids.dim(0);
+  return encode_embeds(embed(input_ids), positions1, last_index, sampling, u);
+}
+
+std::vector<Var> LlamaModel::encode_embeds(Var embeds, Var positions1, Var last_index, Var sampling, Var u) {
+  const std::int64_t B = embeds.dim(0);
   Var positions = positions1 - 1.0;  // padding (0) becomes -1: nothing written, nothing seen
   Var kv_lengths = last_index + 1.0;
-  Var h = hidden(input_ids, positions, kv_lengths, std::nullopt);
+  Var h = hidden(embeds, positions, kv_lengths, std::nullopt);
   auto last_rows = [&](Var y) {  // y[b, last_index[b], :]
     const std::int64_t n = y.dim(2);
     Var idx = F::reshape(last_index, {B, 1, 1}) + F::full({1, 1, n}, 0, DType::Int64);
@@ -420,7 +441,7 @@ std::vector<Var> LlamaModel::decode(Var input_ids, Var positions1, Var attention
   const std::int64_t B = input_ids.dim(0);
   Var positions = positions1 - 1.0;
   Var kv_lengths = F::reshape(positions1, {B});  // the cache holds positions 0..p after this step
-  Var h = hidden(input_ids, positions, kv_lengths, attention_mask);
+  Var h = hidden(embed(input_ids), positions, kv_lengths, attention_mask);
   Var logits = F::reshape(lm_head(h), {B, cfg_.vocab_size});
   Var next = F::sample(logits, sampling, u);
   if (opts_.output_logits) return {next, logits};
@@ -473,9 +494,13 @@ class ContextWrapper : public ModelWrapper {
 
 class TokenWrapper : public ModelWrapper {
  public:
-  explicit TokenWrapper(const InferenceConfig& c)
+  TokenWrapper(const InferenceConfig& c, std::function<std::string(const std::string&)> key_map)
       : ModelWrapper(c, model_cls<TokenGeneration>(),
-                     {.pipeline_execution = false, .return_ranked_to_cpu = true, .tag = "token_generation"}) {}
+                     {.pipeline_execution = false,
+                      .return_ranked_to_cpu = true,
+                      .tag = "token_generation",
+                      .ignore_checkpoint_keys = {},
+                      .checkpoint_key_map = std::move(key_map)}) {}
   std::vector<std::vector<Tensor>> input_generator() const override {
     return {{Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1, 1}, DType::Int64),
              Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1, 3}), Tensor::zeros({1})}};
@@ -492,28 +517,38 @@ class TokenWrapper : public ModelWrapper {
 
 }  // namespace
 
+std::shared_ptr<ModelWrapper> make_token_generation(const InferenceConfig& config,
+                                                    std::function<std::string(const std::string&)> checkpoint_key_map) {
+  return std::make_shared<TokenWrapper>(config, std::move(checkpoint_key_map));
+}
+
 LlamaForCausalLM::LlamaForCausalLM(const std::string& model_dir, const InferenceConfig& config)
     : ApplicationBase(model_dir, config),
       cfg_(LlamaConfig::from_attributes(config)),
-      opts_(options_of(config)),
+      opts_(llama_options_of(config)),
       rows_(config.runtime_config().batch_size) {
   models.push_back(std::make_shared<ContextWrapper>(config));
-  models.push_back(std::make_shared<TokenWrapper>(config));
+  models.push_back(make_token_generation(config));
 }
 
 void LlamaForCausalLM::check_request(const std::vector<std::vector<std::int64_t>>& prompts,
                                      const GenerationConfig& gen) const {
+  check_generation_request(cfg_, opts_, rows_, prompts, gen);
+}
+
+void check_generation_request(const LlamaConfig& cfg, const LlamaOptions& opts, std::int64_t rows,
+                              const std::vector<std::vector<std::int64_t>>& prompts, const GenerationConfig& gen) {
   const auto n = static_cast<std::int64_t>(prompts.size());
   // ---- every request checked before anything runs
   if (n < 1) throw InvalidArgument("generate: no prompts");
-  if (n > rows_) {
+  if (n > rows) {
     throw InvalidArgument("generate: " + std::to_string(n) + " prompts, but the model was compiled for batch_size " +
-                          std::to_string(rows_) + " sequences");
+                          std::to_string(rows) + " sequences");
   }
   if (gen.max_new_tokens < 1) {
     throw InvalidArgument("generate: max_new_tokens must be >= 1, got " + std::to_string(gen.max_new_tokens));
   }
-  const std::int64_t largest = opts_.context_buckets.back();
+  const std::int64_t largest = opts.context_buckets.back();
   for (std::int64_t s = 0; s < n; ++s) {
     const auto& p = prompts[static_cast<std::size_t>(s)];
     const auto len = static_cast<std::int64_t>(p.size());
@@ -525,20 +560,20 @@ void LlamaForCausalLM::check_request(const std::vector<std::vector<std::int64_t>
     }
     for (std::int64_t t = 0; t < len; ++t) {
       const std::int64_t id = p[static_cast<std::size_t>(t)];
-      if (id < 0 || id >= cfg_.vocab_size) {
+      if (id < 0 || id >= cfg.vocab_size) {
         throw InvalidArgument(seq + "token id " + std::to_string(id) + " at position " + std::to_string(t) +
-                              " is outside the vocabulary [0, " + std::to_string(cfg_.vocab_size) + ")");
+                              " is outside the vocabulary [0, " + std::to_string(cfg.vocab_size) + ")");
       }
     }
-    if (len + gen.max_new_tokens > cfg_.max_position_embeddings) {
+    if (len + gen.max_new_tokens > cfg.max_position_embeddings) {
       throw InvalidArgument(seq + "prompt length " + std::to_string(len) + " + max_new_tokens " +
                             std::to_string(gen.max_new_tokens) + " = " + std::to_string(len + gen.max_new_tokens) +
-                            " exceeds max_position_embeddings " + std::to_string(cfg_.max_position_embeddings));
+                            " exceeds max_position_embeddings " + std::to_string(cfg.max_position_embeddings));
     }
-    if (len + gen.max_new_tokens > opts_.max_length) {
+    if (len + gen.max_new_tokens > opts.max_length) {
       throw InvalidArgument(seq + "prompt length " + std::to_string(len) + " + max_new_tokens " +
                             std::to_string(gen.max_new_tokens) + " = " + std::to_string(len + gen.max_new_tokens) +
-                            " exceeds the KV cache length (max_length) " + std::to_string(opts_.max_length));
+                            " exceeds the KV cache length (max_length) " + std::to_string(opts.max_length));
     }
   }
 
@@ -546,8 +581,20 @@ void LlamaForCausalLM::check_request(const std::vector<std::vector<std::int64_t>
 
 GenerationResult LlamaForCausalLM::generate(const std::vector<std::vector<std::int64_t>>& prompts,
                                             const GenerationConfig& gen, const TokenCallback& on_token) {
-  const auto start = std::chrono::steady_clock::now();
   check_request(prompts, gen);
+  return run_generation(
+      cfg_, opts_, prompts, gen, on_token,
+      [this](const Tensor& ids, const Tensor& pos1, const Tensor& last_index, const Tensor& sampling, const Tensor& u) {
+        return context_encoding().forward({ids, pos1, last_index, sampling, u});
+      },
+      token_generation());
+}
+
+GenerationResult run_generation(const LlamaConfig& cfg, const LlamaOptions& opts,
+                                const std::vector<std::vector<std::int64_t>>& prompts, const GenerationConfig& gen,
+                                const TokenCallback& on_token, const PrefillFn& prefill,
+                                ModelWrapper& token_generation) {
+  const auto start = std::chrono::steady_clock::now();
   const auto n = static_cast<std::int64_t>(prompts.size());
   std::int64_t tmax = 0;
   for (const auto& p : prompts) tmax = std::max(tmax, static_cast<std::int64_t>(p.size()));
@@ -567,7 +614,7 @@ GenerationResult LlamaForCausalLM::generate(const std::vector<std::vector<std::i
     for (std::int64_t s = 0; s < n; ++s) u.data<float>()[s] = std::min(uniform(rng), 0.99999994f);
     return u;
   };
-  const std::set<std::int64_t> eos(cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end());
+  const std::set<std::int64_t> eos(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end());
   std::vector<bool> done(static_cast<std::size_t>(n), false);
   std::vector<std::int64_t> last(static_cast<std::size_t>(n), 0);
   auto take = [&](const Tensor& ids) {
@@ -595,8 +642,8 @@ GenerationResult LlamaForCausalLM::generate(const std::vector<std::vector<std::i
       }
       last_index.data<std::int64_t>()[s] = static_cast<std::int64_t>(p.size()) - 1;
     }
-    Output out = context_encoding().forward({ids, pos1, last_index, sampling, draw()});
-    if (opts_.output_logits) res.prefill_logits = out.tensor(1).clone();
+    Output out = prefill(ids, pos1, last_index, sampling, draw());
+    if (opts.output_logits) res.prefill_logits = out.tensor(1).clone();
     take(out.tensor(0));
   }
   // ---- one token per sequence per step; finished sequences ride along as padding rows. The
@@ -619,9 +666,9 @@ GenerationResult LlamaForCausalLM::generate(const std::vector<std::vector<std::i
     for (std::int64_t s = 0; s < n; ++s) {
       std::fill_n(mask.data<std::int64_t>() + s * length, pos1.data<std::int64_t>()[s], std::int64_t{1});
     }
-    Output out = token_generation().forward({ids, pos1, mask, sampling, draw()});
+    Output out = token_generation.forward({ids, pos1, mask, sampling, draw()});
     res.decode_cache_buckets.push_back(out.bucket().size("cache"));
-    if (opts_.output_logits) res.decode_logits.push_back(out.tensor(1).clone());
+    if (opts.output_logits) res.decode_logits.push_back(out.tensor(1).clone());
     take(out.tensor(0));
   }
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -55,6 +55,9 @@ struct LlamaConfig {
   std::int64_t max_position_embeddings = 0;
   bool tie_word_embeddings = false;
   std::vector<std::int64_t> eos_token_ids;
+  /// Mistral's sliding_window (0: none, HF's null). devpipe attends over the whole cache, so a
+  /// window shorter than max_length is refused by llama_config().
+  std::int64_t sliding_window = 0;
 
   /// Reads <model_dir>/config.json; ConfigError names the file and the key that is missing,
   /// mistyped or out of range (heads not dividing hidden, odd head_dim, ...).
@@ -110,11 +113,16 @@ class LlamaModel : public nn::Module {
   /// Returns the sampled ids [B] (and the logits with output_logits).
   std::vector<Var> encode(Var input_ids, Var positions1, Var last_index, Var sampling, Var u);
   std::vector<Var> decode(Var input_ids, Var positions1, Var attention_mask, Var sampling, Var u);
+  /// The token embeddings [B, T, hidden] of input_ids (encode()'s first step).
+  Var embed(Var input_ids);
+  /// encode() from embeddings [B, T, hidden] instead of ids (a vision-language model merges
+  /// image features into the token embeddings first).
+  std::vector<Var> encode_embeds(Var embeds, Var positions1, Var last_index, Var sampling, Var u);
 
  private:
   struct Layers;
   // attention_mask: token generation's [B, C] (attends over the cache); none: prefill.
-  Var hidden(Var input_ids, Var positions, Var kv_lengths, std::optional<Var> attention_mask);
+  Var hidden(Var x, Var positions, Var kv_lengths, std::optional<Var> attention_mask);
   Var lm_head(Var h);
   LlamaConfig cfg_;
   LlamaOptions opts_;
