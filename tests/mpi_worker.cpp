@@ -8,6 +8,8 @@
 //   mlp       a column/row-parallel MLP (tests/pipeline_util.h), ranked output to the host
 //   bcast     mlp with its inputs given on process 0 only (World::broadcast_from_process0)
 //   llama     a small random Llama (HF folder) generating 12 greedy tokens for 3 prompts
+//   llava     a small random Pixtral-style Llava (HF folder): the vision stage's features (its
+//             ranked output read back) and 8 greedy tokens for 2 prompts about 2 images
 //   two       two mlp stages, at TP and at 2*TP, each forwarded 16 times from a thread of its
 //             own, both at once (their rank groups' collectives run concurrently)
 //   hang      mlp, but process 1 stops before its forward (sleeps): the others must fail
@@ -29,6 +31,7 @@
 
 #include "devpipe/devpipe.h"
 #include "devpipe/models/llama.h"
+#include "devpipe/models/llava.h"
 #include "devpipe/world.h"
 #include "pipeline_util.h"
 #include "vision_text/models.h"
@@ -199,6 +202,60 @@ void run_llama(const std::string& work, const std::string& out, int tp) {
   save_outputs(out, tensors);
 }
 
+void run_llava(const std::string& work, const std::string& out, int tp) {
+  const fs::path model = fs::path(work) / "llava";
+  const std::int64_t image_token = 10;
+  if (World::get().process() == 0) {
+    fs::create_directories(model);
+    nlohmann::json text = {{"model_type", "mistral"}, {"hidden_size", 64}, {"intermediate_size", 128},
+                           {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+                           {"hidden_act", "silu"}, {"rms_norm_eps", 1e-5}, {"rope_theta", 10000.0},
+                           {"vocab_size", 300}, {"max_position_embeddings", 256}, {"tie_word_embeddings", false},
+                           {"eos_token_id", 2}};
+    nlohmann::json vision = {{"model_type", "pixtral"}, {"hidden_size", 32}, {"intermediate_size", 64},
+                             {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"num_channels", 3},
+                             {"image_size", 32}, {"patch_size", 8}, {"hidden_act", "gelu"}};
+    nlohmann::json cfg = {{"architectures", {"LlavaForConditionalGeneration"}}, {"image_token_index", image_token},
+                          {"vision_feature_layer", -1}, {"vision_feature_select_strategy", "full"},
+                          {"text_config", text}, {"vision_config", vision}};
+    std::ofstream(model / "config.json.tmp") << cfg.dump(2) << "\n";
+    fs::rename(model / "config.json.tmp", model / "config.json");
+  }
+  wait_for(model / "config.json");
+  RuntimeConfig rc{.batch_size = 2, .dtype = DType::Float32, .tp_degree = tp};
+  models::LlavaOptions opts;
+  opts.text.context_buckets = {32};
+  opts.text.max_length = 64;
+  opts.image_height = 32;  // 4 x 4 patches
+  opts.image_width = 24;   // 4 x 3
+  InferenceConfig config = models::llava_config(model.string(), rc, opts);
+  if (World::get().process() == 0) {
+    safetensors::save((model / "model.safetensors").string(), models::llava_random_state_dict(config, 7),
+                      {{"format", "pt"}});
+  }
+  wait_for(model / "model.safetensors");
+  models::LlavaForConditionalGeneration app(model.string(), config);
+  app.compile(work + "/compiled/llava");
+  app.load(work + "/compiled/llava");
+  const Tensor pixels = Tensor::randn({2, 3, 32, 24}, 5);
+  std::vector<std::vector<std::int64_t>> prompts = {{1}, {1, 150}};
+  for (auto& p : prompts) {
+    p.insert(p.end(), static_cast<std::size_t>(app.image_tokens()), image_token);
+    p.push_back(17);
+  }
+  const Tensor features = app.vision_encoder().forward({pixels}).ranked().to_host().at(0);
+  models::GenerationConfig gen;
+  gen.max_new_tokens = 8;
+  gen.stop_at_eos = false;
+  auto r = app.generate(prompts, pixels, gen);
+  std::vector<std::pair<std::string, Tensor>> tensors{{"features", features}};
+  for (std::size_t s = 0; s < r.tokens.size(); ++s) {
+    tensors.emplace_back("tokens" + std::to_string(s),
+                         Tensor::from_vector_i64(r.tokens[s], {static_cast<std::int64_t>(r.tokens[s].size())}));
+  }
+  save_outputs(out, tensors);
+}
+
 /// Runs `f`; a devpipe error is written to OUT.p<process>.json with the seconds since `since`.
 int record_error(const std::string& out, const std::function<void()>& f,
                  const std::chrono::steady_clock::time_point* since) {
@@ -220,7 +277,7 @@ int record_error(const std::string& out, const std::function<void()>& f,
 
 int main(int argc, char** argv) {
   if (argc != 5) {
-    std::cerr << "usage: mpi_worker seed|mlp|bcast|two|llama|hang|kill|mismatch WORK OUT TP\n";
+    std::cerr << "usage: mpi_worker seed|mlp|bcast|two|llama|llava|hang|kill|mismatch WORK OUT TP\n";
     return 2;
   }
   const std::string scenario = argv[1], work = argv[2], out = argv[3];
@@ -237,6 +294,8 @@ int main(int argc, char** argv) {
       run_two_groups(work, out, tp);
     } else if (scenario == "llama") {
       run_llama(work, out, tp);
+    } else if (scenario == "llava") {
+      run_llava(work, out, tp);
     } else if (scenario == "hang" || scenario == "kill") {
       std::chrono::steady_clock::time_point start;
       return record_error(

@@ -321,11 +321,13 @@ struct VisionEncoder : nn::Module {
   PixtralVisionModel* vision_tower = nullptr;
   LlavaProjector* projector = nullptr;
 
-  explicit VisionEncoder(const InferenceConfig& config)
+  /// `all_layers`: every layer of the checkpoint, also those past vision_feature_layer (to
+  /// declare a whole checkpoint's names; the stage itself builds the layers it uses).
+  explicit VisionEncoder(const InferenceConfig& config, bool all_layers = false)
       : cfg(llava_from_attributes(config)),
         height(config.get_int("image_height")),
         width(config.get_int("image_width")),
-        used(cfg.vision_layers_used()),
+        used(all_layers ? cfg.vision.num_hidden_layers : cfg.vision_layers_used()),
         tp(config.runtime_config().tp_degree) {
     vision_tower = &register_module("vision_tower", std::make_unique<PixtralVisionModel>(cfg.vision, used));
     projector = &register_module("multi_modal_projector",
@@ -476,6 +478,14 @@ class LlavaContextWrapper : public ModelWrapper {
 };
 
 }  // namespace
+
+std::vector<std::pair<std::string, Tensor>> llava_random_state_dict(const InferenceConfig& config, std::uint64_t seed) {
+  const VisionEncoder vision(config, /*all_layers=*/true);
+  const LlamaModel text(config, false);
+  std::vector<std::pair<std::string, Tensor>> out = nn::random_state_dict(vision, seed);
+  for (auto& [key, value] : nn::random_state_dict(text, seed + 1)) out.emplace_back("language_model." + key, std::move(value));
+  return out;
+}
 
 // ------------------------------------------------------------------------ application
 

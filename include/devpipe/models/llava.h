@@ -38,6 +38,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "devpipe/config.h"
@@ -97,6 +98,11 @@ struct LlavaOptions {
 /// image_token_index outside the vocabulary, or vision heads / intermediate size / text hidden
 /// size that tp_degree does not divide.
 InferenceConfig llava_config(const std::string& model_dir, RuntimeConfig runtime, const LlavaOptions& options = {});
+
+/// A random checkpoint of the model `config` describes, with the Hub's names (every vision layer,
+/// also those past vision_feature_layer), drawn as nn::random_state_dict does; for examples and
+/// benchmarks (the weights a real checkpoint would hold).
+std::vector<std::pair<std::string, Tensor>> llava_random_state_dict(const InferenceConfig& config, std::uint64_t seed);
 
 /// The application: models[0] vision_encoder, models[1] context_encoding, models[2]
 /// token_generation; compile(path) / load(path) as ApplicationBase.
