@@ -13,14 +13,19 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <set>
 #include <sstream>
+#include <tuple>
 
 #include "cli_common.h"
+#include "devpipe/safetensors.h"
+#include "lm_twin.h"
 #include "options.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
 using devpipe::testing::TempDir;
+using devpipe::testing::Twin;
 using nlohmann::json;
 
 namespace devpipe::cli {
@@ -111,6 +116,32 @@ TEST(CliOptions, UsageErrorsNameTheOptionAndTheValue) {
   };
   for (const auto& [argv, message] : cases) {
     EXPECT_EQ(usage_error(argv), message) << "argv[0] " << argv[0];
+  }
+}
+
+TEST(CliOptions, AnIntListAcceptsItsWordsForTheCommandToRead) {
+  static const Command c{.name = "demo",
+                         .summary = "s",
+                         .options = {{.name = "ids",
+                                      .kind = OptionKind::IntList,
+                                      .value = "1,2",
+                                      .min = 0,
+                                      .words = {"img"}}}};
+  Args a = Args::parse(c, {"--ids", "1,img,0"});
+  EXPECT_THROW(a.get_ints("ids"),
+               InvalidArgument);  // a word is no integer: the command reads the items
+  EXPECT_EQ(Args::parse(c, {"--ids", "3,0"}).get_ints("ids"), (std::vector<long long>{3, 0}));
+  try {
+    Args::parse(c, {"--ids", "1,image"});
+    FAIL() << "no UsageError";
+  } catch (const UsageError& e) {  // the message of an IntList without words
+    EXPECT_STREQ(e.what(), "option --ids expects comma-separated integers >= 0, got '1,image'");
+  }
+  try {
+    refuse_value(c.options[0], "1,img");
+    FAIL() << "no UsageError";
+  } catch (const UsageError& e) {
+    EXPECT_STREQ(e.what(), "option --ids expects comma-separated integers >= 0, got '1,img'");
   }
 }
 
@@ -508,6 +539,263 @@ TEST_F(CliWork, StdoutComesBeforeTheProgressDrawnAfterIt) {
                 0),
             0u)
       << r.out;
+}
+
+// ------------------------------------------------------------ generate with a Llama folder
+
+/// `devpipe generate` on a Llama folder (tests/reference/llama_ref.py's tiny model: hidden 64,
+/// vocab 300) against the twin's greedy ids: the folder kind the vision-language one joined.
+TEST(CliLlama, GreedyIdsMatchTheTwin) {
+  const std::string run = " --prompts '1,17,42;5,6,7,8,9' --max-new-tokens 6 --greedy --ignore-eos";
+  const fs::path twin = devpipe::testing::cached_twin_dir(
+      "cli_llama_twin", {"llama_ref.py"}, run, [&](const fs::path& tmp) {
+        return devpipe::testing::run_torch_script(
+                   "llama_ref.py", "write-model " + (tmp / "model").string() + " > /dev/null") &&
+               devpipe::testing::run_torch_script(
+                   "llama_ref.py", "run " + (tmp / "model").string() + run + " --out " +
+                                       (tmp / "ref").string() + " > /dev/null");
+      });
+  const Twin ref = devpipe::testing::load_twin((twin / "ref").string());
+  TempDir work;
+  const std::string args =
+      "generate --model " + (twin / "model").string() +
+      " --prompt-ids 1,17,42 --prompt-ids 5,6,7,8,9 --max-new-tokens 6 --no-eos --json --work " +
+      work.str();
+  for (int pass = 0; pass < 2; ++pass) {  // compiles, then loads what it compiled
+    Result r = run_cli(args);
+    ASSERT_EQ(r.code, 0) << r.out << r.err;
+    EXPECT_EQ(json::parse(r.out).at("generated").get<std::vector<std::vector<std::int64_t>>>(),
+              ref.generated)
+        << r.out;
+    EXPECT_EQ(r.err.find("compiling") != std::string::npos, pass == 0) << r.err;
+  }
+  EXPECT_TRUE(fs::exists(work.path() / "tp1_float32_b2_len16_cache-16" / "context_encoding" /
+                         "manifest.json"));
+  Result r = run_cli("generate --model " + (twin / "model").string() + " --prompt-ids 1,x --work " +
+                     work.str());
+  EXPECT_EQ(r.code, 2);
+  EXPECT_EQ(r.err,
+            "devpipe generate: option --prompt-ids expects comma-separated integers >= 0, got "
+            "'1,x' (see devpipe "
+            "generate --help)\n");
+}
+
+// ------------------------------------------------- generate with a vision-language folder
+
+/// `devpipe generate` on a Llava folder (a Pixtral vision tower) against the PyTorch twin
+/// (tests/reference/pixtral_ref.py): its tiny model (text hidden 64, vocab 300; vision patch 4,
+/// image_size 32, image_token_index 10, "full" features) and its greedy ids for two prompts, each
+/// about one 16 x 12 image (4 x 3 patches: 12 image tokens), 6 new tokens without eos.
+class CliLlava : public ::testing::Test {
+ protected:
+  static constexpr std::int64_t kImageToken = 10, kImageTokens = 12;
+  static void SetUpTestSuite() {
+    const std::string model = " --patch 4 --image-size 32",
+                      run =
+                          " --prompts '1,img,17,42;1,5,img,9' --image-hw 16x12 "
+                          "--max-new-tokens 6 --greedy --ignore-eos";
+    twin_ = new fs::path(devpipe::testing::cached_twin_dir(
+        "cli_llava_twin", {"pixtral_ref.py", "llama_ref.py"}, model + run,
+        [&](const fs::path& tmp) {
+          return devpipe::testing::run_torch_script(
+                     "pixtral_ref.py",
+                     "write-model " + (tmp / "model").string() + model + " > /dev/null") &&
+                 devpipe::testing::run_torch_script(
+                     "pixtral_ref.py", "run " + (tmp / "model").string() + run + " --out " +
+                                           (tmp / "ref").string() + " > /dev/null");
+        }));
+    ref_ = new Twin(devpipe::testing::load_twin((*twin_ / "ref").string()));
+    dir_ = new TempDir();
+    // What the user saves from HF's processor: a file with pixel_values only.
+    safetensors::save(dir_->str("pixels.safetensors"),
+                      {{"pixel_values", ref_->t.at("pixel_values")}});
+  }
+  static void TearDownTestSuite() {
+    delete dir_;
+    delete ref_;
+    delete twin_;
+  }
+  static std::string model() { return (*twin_ / "model").string(); }
+  static std::string pixels() { return dir_->str("pixels.safetensors"); }
+
+  /// The twin's prompts, as --prompt-ids options: image tokens expanded, or as `img`.
+  static std::string prompt_args(bool shorthand) {
+    auto img = [&] {
+      if (shorthand) return std::string("img");
+      std::string run;
+      for (std::int64_t i = 0; i < kImageTokens; ++i)
+        run += (i ? "," : "") + std::to_string(kImageToken);
+      return run;
+    };
+    return " --prompt-ids 1," + img() + ",17,42 --prompt-ids 1,5," + img() + ",9";
+  }
+
+  /// generate --json at `tp` into `work`, both prompt forms: the ids equal the twin's; the
+  /// second run loads what the first compiled, under a key naming the image size.
+  static void expect_twin_ids(int tp) {
+    ASSERT_EQ(ref_->generated.size(), 2u);
+    std::set<std::int64_t>
+        distinct;  // the twin's ids are not degenerate, so equal ids mean something
+    for (const auto& s : ref_->generated) distinct.insert(s.begin(), s.end());
+    EXPECT_GE(distinct.size(), 4u);
+    TempDir work;
+    for (bool shorthand : {false, true}) {
+      SCOPED_TRACE(shorthand ? "img shorthand" : "expanded image tokens");
+      Result r = run_cli("generate --model " + model() + " --pixel-values " + pixels() +
+                         prompt_args(shorthand) + " --max-new-tokens 6 --no-eos --json --tp " +
+                         std::to_string(tp) + " --work " + work.str());
+      ASSERT_EQ(r.code, 0) << r.out << r.err;
+      const json j = json::parse(r.out);
+      EXPECT_EQ(j.at("generated").get<std::vector<std::vector<std::int64_t>>>(), ref_->generated)
+          << r.out;
+      EXPECT_GT(j.at("tokens_per_s").get<double>(), 0) << r.out;
+      EXPECT_EQ(r.err.find("compiling") != std::string::npos, !shorthand) << r.err;
+    }
+    const std::string key = "tp" + std::to_string(tp) + "_float32_b2_len32_cache-32_img16x12";
+    EXPECT_TRUE(fs::exists(work.path() / key / "vision_encoder" / "manifest.json")) << key;
+  }
+
+  static fs::path* twin_;
+  static Twin* ref_;
+  static TempDir* dir_;
+};
+
+fs::path* CliLlava::twin_ = nullptr;
+Twin* CliLlava::ref_ = nullptr;
+TempDir* CliLlava::dir_ = nullptr;
+
+TEST_F(CliLlava, GreedyIdsMatchTheTwinAtTp1) { expect_twin_ids(1); }
+
+TEST_F(CliLlava, GreedyIdsMatchTheTwinAtTp2) { expect_twin_ids(2); }
+
+TEST_F(CliLlava, StreamsTokensThenEachSequence) {
+  TempDir work;
+  Result r = run_cli("generate --model " + model() + " --pixel-values " + pixels() +
+                     prompt_args(true) + " --max-new-tokens 6 --no-eos --work " + work.str());
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  std::string streamed, sequences;
+  for (std::size_t step = 0; step < 6; ++step) {
+    streamed += (step ? "\n" : "") + std::string("0:") + std::to_string(ref_->generated[0][step]) +
+                " 1:" + std::to_string(ref_->generated[1][step]) + " ";
+  }
+  for (std::size_t s = 0; s < 2; ++s) {
+    sequences += "sequence " + std::to_string(s) + ":";
+    for (std::int64_t id : ref_->generated[s]) sequences += " " + std::to_string(id);
+    sequences += "\n";
+  }
+  EXPECT_EQ(r.out.rfind(streamed + "\n" + sequences + "12 tokens in ", 0), 0u) << r.out;
+  EXPECT_NE(r.out.find(" tokens/s (tp_degree 1, float32)\n"), std::string::npos) << r.out;
+}
+
+TEST_F(CliLlava, ContextBucketsHoldTheImageTokensAndNoShorterOnes) {
+  // A 32 x 32 image: 8 x 8 patches, 64 image tokens; the prompt holds 66 ids. Buckets 16 and 32
+  // could never run; 64 cannot hold the prompt, 128 (the cache length) does.
+  TempDir t;
+  safetensors::save(t.str("pixels.safetensors"), {{"pixel_values", Tensor::randn({1, 3, 32, 32}, 7)}});
+  Result r = run_cli("generate --model " + model() + " --pixel-values " + t.str("pixels.safetensors") +
+                     " --prompt-ids 1,img,2 --max-new-tokens 2 --no-eos --json --work " + t.str("work"));
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  const auto ids = json::parse(r.out).at("generated").get<std::vector<std::vector<std::int64_t>>>();
+  ASSERT_EQ(ids.size(), 1u);
+  EXPECT_EQ(ids[0].size(), 2u);
+  const json manifest = json::parse(read_text(
+      t.path() / "work" / "tp1_float32_b1_len128_cache-128_img32x32" / "context_encoding" / "manifest.json"));
+  std::set<std::int64_t> seqs;
+  for (const auto& b : manifest.at("buckets")) seqs.insert(b.at("dims").at("seq").get<std::int64_t>());
+  EXPECT_EQ(seqs, (std::set<std::int64_t>{64, 128})) << manifest.dump();
+}
+
+TEST_F(CliLlava, RequestErrorsNameTheValues) {
+  TempDir t;
+  const std::string work = t.str("work");
+  const Tensor& pv = ref_->t.at("pixel_values");  // [2, 3, 16, 12]
+  const std::vector<float> values = pv.to_float_vector();
+  auto write = [&](const std::string& name, const std::string& key, const Tensor& x) {
+    safetensors::save(t.str(name), {{key, x}});
+    return t.str(name);
+  };
+  const std::string other_key = write("other_key.safetensors", "images", pv);
+  const std::string bf16 = write("bf16.safetensors", "pixel_values",
+                                 Tensor::from_vector(values, {2, 3, 16, 12}, DType::BFloat16));
+  const std::string rank3 =
+      write("rank3.safetensors", "pixel_values", Tensor::from_vector(values, {2, 3, 192}));
+  const std::string one =
+      write("one.safetensors", "pixel_values",
+            Tensor::from_vector(std::vector<float>(values.begin(), values.begin() + 3 * 16 * 12),
+                                {1, 3, 16, 12}));
+  const std::string gray =
+      write("gray.safetensors", "pixel_values",
+            Tensor::from_vector(std::vector<float>(values.begin(), values.begin() + 2 * 16 * 12),
+                                {2, 1, 16, 12}));
+  const std::string odd = write(
+      "odd.safetensors", "pixel_values",
+      Tensor::from_vector(std::vector<float>(values.begin(), values.begin() + 2 * 3 * 14 * 12),
+                          {2, 3, 14, 12}));
+  // A Llama folder: the twin's text config alone (nothing reads weights before these errors).
+  fs::create_directories(t.path() / "llama");
+  std::ofstream(t.path() / "llama" / "config.json")
+      << json::parse(read_text(*twin_ / "model" / "config.json")).at("text_config").dump();
+  const std::string llama = t.str("llama");
+  const std::string base = "generate --work " + work + " --max-new-tokens 6 --model ";
+  const std::string two = prompt_args(true);
+  std::string eleven = " --prompt-ids 1";
+  for (int i = 0; i < 11; ++i) eleven += ",10";
+  eleven += " --prompt-ids 1,img";
+  const std::vector<std::tuple<std::string, int, std::string>> cases = {
+      {base + model() + two, 2,
+       "devpipe generate: missing option --pixel-values FILE (" + model() +
+           " is a vision-language folder: LlavaForConditionalGeneration) (see devpipe generate "
+           "--help)\n"},
+      {base + llama + " --prompt-ids 1,17 --pixel-values " + pixels(), 2,
+       "devpipe generate: option --pixel-values is for vision-language folders; " + llama +
+           " is a Llama folder (config.json names no LlavaForConditionalGeneration nor a "
+           "vision_config) "
+           "(see devpipe generate --help)\n"},
+      {base + llama + " --prompt-ids 1,img,17", 2,
+       "devpipe generate: option --prompt-ids expects comma-separated integers >= 0, got "
+       "'1,img,17' "
+       "(see devpipe generate --help)\n"},
+      {base + model() + " --prompt-ids 1,image,17 --pixel-values " + pixels(), 2,
+       "devpipe generate: option --prompt-ids expects comma-separated integers >= 0, got "
+       "'1,image,17' "
+       "(see devpipe generate --help)\n"},
+      {base + model() + two + " --pixel-values " + other_key, 1,
+       "devpipe generate: error: --pixel-values '" + other_key +
+           "' has no tensor \"pixel_values\" (it holds: images)\n"},
+      {base + model() + two + " --pixel-values " + bf16, 1,
+       "devpipe generate: error: --pixel-values '" + bf16 +
+           "': \"pixel_values\" is bfloat16 [2, 3, 16, 12], expected float32 [images, channels, "
+           "height, width]\n"},
+      {base + model() + two + " --pixel-values " + rank3, 1,
+       "devpipe generate: error: --pixel-values '" + rank3 +
+           "': \"pixel_values\" is float32 [2, 3, 192], expected float32 [images, channels, "
+           "height, width]\n"},
+      {base + model() + two + " --pixel-values " + one, 1,
+       "devpipe generate: error: --pixel-values '" + one +
+           "': \"pixel_values\" [1, 3, 16, 12] holds 1 images of 3 channels, expected one image "
+           "per --prompt-ids (2) "
+           "of 3 channels (the vision config's num_channels)\n"},
+      {base + model() + two + " --pixel-values " + gray, 1,
+       "devpipe generate: error: --pixel-values '" + gray +
+           "': \"pixel_values\" [2, 1, 16, 12] holds 2 images of 1 channels, expected one image "
+           "per --prompt-ids (2) "
+           "of 3 channels (the vision config's num_channels)\n"},
+      {base + model() + two + " --pixel-values " + odd, 1,
+       "devpipe generate: error: llava: image_height 14 must be a multiple of patch_size 4 and at "
+       "most the vision "
+       "image_size 32 of '" +
+           model() + "'\n"},
+      {base + model() + eleven + " --pixel-values " + pixels(), 1,
+       "devpipe generate: error: generate: sequence 0: the prompt holds 11 image tokens (id 10), "
+       "but its image gives 12 "
+       "features (16 x 12 pixels, patch 4)\n"},
+  };
+  for (const auto& [args, code, message] : cases) {
+    Result r = run_cli(args);
+    EXPECT_EQ(r.code, code) << args << "\n" << r.err;
+    EXPECT_EQ(r.err, message) << args;
+    EXPECT_FALSE(fs::exists(work)) << args << " compiled into " << work;
+  }
 }
 
 }  // namespace

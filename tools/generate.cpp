@@ -1,24 +1,32 @@
-// devpipe generate: token ids from a Hugging Face Llama folder.
+// devpipe generate: token ids from a Hugging Face Llama folder, or a vision-language one
+// (LlavaForConditionalGeneration with a Pixtral vision tower) with one image per prompt.
 //
 //   devpipe generate --model DIR --prompt-ids 1,17,42 [--prompt-ids 1,150 ...]
+//                    [--pixel-values FILE] (a Llava folder: float32 "pixel_values" [n, C, H, W])
 //                    [--max-new-tokens 32] [--tp N] [--dtype float32|bfloat16] [--json]
 //                    [--work DIR] [--temperature T --top-k K --top-p P --seed S]
 //                    [--cache-buckets 128,256,512]
 //
 // The folder is compiled on first use into DIR/devpipe_compiled/<tp, dtype, batch, cache
-// length, cache buckets> (or under --work) and loaded from there afterwards. One --prompt-ids
-// per sequence.
+// length, cache buckets[, image size]> (or under --work) and loaded from there afterwards. One
+// --prompt-ids per sequence; in a Llava folder's prompts the item `img` stands for the image's
+// run of image tokens.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <functional>
 #include <iostream>
+#include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 
 #include "cli_common.h"
 #include "devpipe/devpipe.h"
 #include "devpipe/models/llama.h"
+#include "devpipe/models/llava.h"
 #include "options.h"
 
 namespace fs = std::filesystem;
@@ -50,17 +58,88 @@ std::int64_t round_up_pow2(std::int64_t n) {
   return p;
 }
 
+constexpr const char* kImageWord = "img";  // a --prompt-ids item: the image's run of image tokens
+
+/// Whether config.json describes a LlavaForConditionalGeneration (its architectures name it, or
+/// it has a "vision_config" object). A folder without a readable config.json counts as a Llama
+/// one, whose loading names the problem.
+bool is_llava_folder(const std::string& model) {
+  std::ifstream f(fs::path(model) / "config.json");
+  if (!f) return false;
+  const nlohmann::json j = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) return false;
+  if (j.contains("vision_config") && j["vision_config"].is_object()) return true;
+  if (!j.contains("architectures") || !j["architectures"].is_array()) return false;
+  for (const auto& a : j["architectures"]) {
+    if (a == "LlavaForConditionalGeneration") return true;
+  }
+  return false;
+}
+
+/// The float32 tensor "pixel_values" [prompts, C, H, W] of the safetensors file `path`;
+/// InvalidArgument naming the file and the values otherwise.
+Tensor read_pixel_values(const std::string& path, std::int64_t prompts, std::int64_t channels) {
+  const safetensors::File file = safetensors::File::open(path);
+  if (!file.contains("pixel_values")) {
+    std::string held;
+    for (const auto& n : file.names()) held += (held.empty() ? "" : ", ") + n;
+    throw InvalidArgument(
+        "--pixel-values '" + path +
+        "' has no tensor \"pixel_values\" (it holds: " + (held.empty() ? "nothing" : held) + ")");
+  }
+  const safetensors::TensorInfo& info = file.info("pixel_values");
+  if (info.dtype != DType::Float32 || info.shape.rank() != 4 || info.shape[2] < 1 ||
+      info.shape[3] < 1) {
+    throw InvalidArgument("--pixel-values '" + path + "': \"pixel_values\" is " +
+                          std::string(dtype_name(info.dtype)) + " " + info.shape.to_string() +
+                          ", expected float32 [images, channels, height, width]");
+  }
+  if (info.shape[0] != prompts || info.shape[1] != channels) {
+    throw InvalidArgument(
+        "--pixel-values '" + path + "': \"pixel_values\" " + info.shape.to_string() + " holds " +
+        std::to_string(info.shape[0]) + " images of " + std::to_string(info.shape[1]) +
+        " channels, expected one image per --prompt-ids (" + std::to_string(prompts) + ") of " +
+        std::to_string(channels) + " channels (the vision config's num_channels)");
+  }
+  return file.get("pixel_values");
+}
+
+/// The --prompt-ids lists, each `img` item (Llava folders only) expanded to `image_tokens`
+/// copies of `image_token`.
+std::vector<std::vector<std::int64_t>> read_prompts(const Args& a, bool llava,
+                                                    std::int64_t image_token,
+                                                    std::int64_t image_tokens) {
+  std::vector<std::vector<std::int64_t>> prompts;
+  for (const std::string& text : a.get_all("prompt-ids")) {
+    std::vector<std::int64_t> p;  // the parser checked the items are integers >= 0 or `img`
+    std::stringstream items(text);
+    for (std::string item; std::getline(items, item, ',');) {
+      if (item != kImageWord) {
+        p.push_back(std::stoll(item));
+      } else if (llava) {
+        p.insert(p.end(), static_cast<std::size_t>(image_tokens), image_token);
+      } else {  // as the parser refuses any other word: a Llama folder's prompts are integers
+        refuse_value(*a.command().find("prompt-ids"), text);
+      }
+    }
+    prompts.push_back(std::move(p));
+  }
+  return prompts;
+}
+
 }  // namespace
 
 const Command& generate_command() {
   static const Command c{
       .name = "generate",
-      .summary = "generate token ids from a Hugging Face Llama folder (compiled on first use)",
+      .summary = "generate token ids from a Hugging Face Llama or Llava folder (compiled on first use)",
       .options = {{.name = "model", .kind = OptionKind::String, .value = "DIR",
                    .help = "the HF folder: config.json and model.safetensors (or an index)"},
                   {.name = "prompt-ids", .kind = OptionKind::IntList, .value = "1,17,42",
-                   .help = "one sequence's prompt token ids; repeat for a batch", .min = 0,
-                   .repeatable = true},
+                   .help = "one sequence's prompt token ids; repeat for a batch (Llava: `img` = the image's tokens)",
+                   .min = 0, .words = {kImageWord}, .repeatable = true},
+                  {.name = "pixel-values", .kind = OptionKind::String, .value = "FILE",
+                   .help = "Llava folders: a safetensors file with float32 \"pixel_values\" [prompts, C, H, W]"},
                   {.name = "max-new-tokens", .kind = OptionKind::Int, .value = "N",
                    .help = "tokens to generate per sequence (default 32)", .min = 1, .max = 1 << 20},
                   {.name = "tp", .kind = OptionKind::Int, .value = "N", .help = "tp_degree (default 1)", .min = 1,
@@ -84,21 +163,45 @@ const Command& generate_command() {
                   {.name = "json", .kind = OptionKind::Flag,
                    .help = "print one JSON object {\"generated\": [[...], ...], \"tokens_per_s\": ...}"}},
       .notes = "Tokens are streamed as they come (\"<sequence>:<id>\"), then each sequence's ids and tokens/s;\n"
-               "with --json only the JSON object is printed on stdout."};
+               "with --json only the JSON object is printed on stdout.\n"
+               "A vision-language folder (config.json: LlavaForConditionalGeneration, a Pixtral vision_config)\n"
+               "needs --pixel-values: image b (as HF's processor returns it) goes with --prompt-ids b, which\n"
+               "holds its image tokens, expanded (image_token_index repeated once per feature) or as `img`.\n"
+               "The images' H x W is compiled in (a multiple of the patch size, at most the image_size)."};
   return c;
 }
 
 int generate_main(const Args& a) {
   if (!a.has("model")) throw UsageError("missing option --model DIR");
   const std::string model = a.get("model", "");
-  std::vector<std::vector<std::int64_t>> prompts;
-  for (const std::string& text : a.get_all("prompt-ids")) {
-    std::vector<std::int64_t> p;  // the parser checked the items are integers >= 0
-    std::stringstream items(text);
-    for (std::string item; std::getline(items, item, ',');) p.push_back(std::stoll(item));
-    prompts.push_back(std::move(p));
+  if (a.get_all("prompt-ids").empty())
+    throw UsageError("missing option --prompt-ids (one per sequence)");
+  // A Llava folder: its text model's config, its images and the run of image tokens an `img`
+  // item stands for (llava.h: (H / patch) * (W / patch) features, one fewer with "default").
+  const bool llava = is_llava_folder(model);
+  std::optional<models::LlavaConfig> vlm;
+  Tensor pixel_values;
+  std::int64_t image_tokens = 0;
+  if (llava) {
+    vlm = models::LlavaConfig::from_hf_folder(model);
+    if (!a.has("pixel-values")) {
+      throw UsageError("missing option --pixel-values FILE (" + model +
+                       " is a vision-language folder: LlavaForConditionalGeneration)");
+    }
+    pixel_values = read_pixel_values(a.get("pixel-values", ""),
+                                     static_cast<std::int64_t>(a.get_all("prompt-ids").size()),
+                                     vlm->vision.num_channels);
+    const std::int64_t patch = vlm->vision.patch_size;
+    image_tokens =
+        std::max<std::int64_t>(0, (pixel_values.dim(2) / patch) * (pixel_values.dim(3) / patch) -
+                                      (vlm->vision_feature_select_strategy == "default" ? 1 : 0));
+  } else if (a.has("pixel-values")) {
+    throw UsageError("option --pixel-values is for vision-language folders; " + model +
+                     " is a Llama folder (config.json names no LlavaForConditionalGeneration nor a "
+                     "vision_config)");
   }
-  if (prompts.empty()) throw UsageError("missing option --prompt-ids (one per sequence)");
+  const std::vector<std::vector<std::int64_t>> prompts =
+      read_prompts(a, llava, vlm ? vlm->image_token_index : 0, image_tokens);
   const bool json_out = a.has("json");
   models::GenerationConfig gen;
   gen.max_new_tokens = a.get_int("max-new-tokens", 32);
@@ -108,8 +211,8 @@ int generate_main(const Args& a) {
   gen.seed = static_cast<std::uint64_t>(a.get_int("seed", 0));
   gen.stop_at_eos = !a.has("no-eos");
 
-  models::LlamaConfig hf = models::LlamaConfig::from_hf_folder(model);
-  std::int64_t longest = 0;
+  const models::LlamaConfig hf = vlm ? vlm->text : models::LlamaConfig::from_hf_folder(model);
+  std::int64_t longest = 0;  // image tokens included
   for (const auto& p : prompts) longest = std::max<std::int64_t>(longest, static_cast<std::int64_t>(p.size()));
   RuntimeConfig rc;
   rc.batch_size = static_cast<std::int64_t>(prompts.size());
@@ -124,25 +227,50 @@ int generate_main(const Args& a) {
     const std::int64_t largest = *std::max_element(opts.cache_buckets.begin(), opts.cache_buckets.end());
     opts.max_length = std::max(opts.max_length, std::min(largest, hf.max_position_embeddings));
   }
+  // A Llava prompt holds at least its image's tokens: shorter context buckets would never run.
   std::vector<std::int64_t> ctx;
   for (std::int64_t b : {16, 32, 64, 128}) {
-    if (b <= opts.max_length) ctx.push_back(b);
+    if (b <= opts.max_length && b >= image_tokens) ctx.push_back(b);
   }
   if (ctx.empty() || ctx.back() < longest) ctx.push_back(std::min(opts.max_length, round_up_pow2(longest)));
   opts.context_buckets = ctx;
-  InferenceConfig config = models::llama_config(model, rc, opts);
+  const InferenceConfig config =
+      vlm ? models::llava_config(model, rc,
+                                 models::LlavaOptions{.text = opts,
+                                                      .image_height = pixel_values.dim(2),
+                                                      .image_width = pixel_values.dim(3)})
+          : models::llama_config(model, rc, opts);
 
   std::string key = "tp" + std::to_string(rc.tp_degree) + "_" + std::string(dtype_name(rc.dtype)) + "_b" +
                     std::to_string(rc.batch_size) + "_len" + std::to_string(opts.max_length) + "_cache";
   for (std::int64_t b : config.get_ints("cache_buckets")) key += "-" + std::to_string(b);
+  if (vlm)
+    key += "_img" + std::to_string(pixel_values.dim(2)) + "x" + std::to_string(pixel_values.dim(3));
   const fs::path art = fs::path(a.has("work") ? a.get("work", "") : (fs::path(model) / "devpipe_compiled").string()) / key;
-  models::LlamaForCausalLM app(model, config);
-  app.check_request(prompts, gen);  // before compiling anything
-  app.set_progress(print_progress);
+  // The application and its generate() call; the request is checked before compiling anything.
+  std::unique_ptr<ApplicationBase> app;
+  std::function<models::GenerationResult(const models::TokenCallback&)> generate;
+  if (vlm) {
+    auto llava_app = std::make_unique<models::LlavaForConditionalGeneration>(model, config);
+    llava_app->check_request(prompts, pixel_values, gen);
+    generate = [&, m = llava_app.get()](const models::TokenCallback& on_token) {
+      return m->generate(prompts, pixel_values, gen, on_token);
+    };
+    app = std::move(llava_app);
+  } else {
+    auto llama_app = std::make_unique<models::LlamaForCausalLM>(model, config);
+    llama_app->check_request(prompts, gen);
+    generate = [&, m = llama_app.get()](const models::TokenCallback& on_token) {
+      return m->generate(prompts, gen, on_token);
+    };
+    app = std::move(llama_app);
+  }
+  app->set_progress(print_progress);
   bool loaded = false;
-  if (fs::exists(art / "context_encoding" / "manifest.json") && fs::exists(art / "token_generation" / "manifest.json")) {
+  if (std::all_of(app->models.begin(), app->models.end(),
+                  [&](const auto& m) { return fs::exists(art / m->tag() / "manifest.json"); })) {
     try {
-      app.load(art.string());
+      app->load(art.string());
       loaded = true;
     } catch (const ArtifactMismatch& e) {
       std::cerr << "recompiling: " << e.what() << "\n";
@@ -150,8 +278,8 @@ int generate_main(const Args& a) {
   }
   if (!loaded) {
     std::cerr << "compiling " << model << " into " << art.string() << "\n";
-    app.compile(art.string());
-    app.load(art.string());
+    app->compile(art.string());
+    app->load(art.string());
   }
 
   std::int64_t printed_step = -1;
@@ -167,7 +295,7 @@ int generate_main(const Args& a) {
       std::cout << s << ":" << id << " " << std::flush;
     };
   }
-  models::GenerationResult r = app.generate(prompts, gen, stream);
+  models::GenerationResult r = generate(stream);
   const double tps = r.seconds > 0 ? static_cast<double>(r.generated) / r.seconds : 0.0;
   if (json_out) {
     nlohmann::json j = {{"generated", r.tokens}, {"tokens_per_s", tps}};

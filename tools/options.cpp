@@ -44,41 +44,63 @@ bool is_choice(const Option& o, const std::string& v) {
   return std::find(o.choices.begin(), o.choices.end(), v) != o.choices.end();
 }
 
+// What option `o` expects, for the parser's messages ("an integer in [1, 8]").
+std::string expectation(const Option& o) {
+  switch (o.kind) {
+    case OptionKind::Flag:
+      return "no value";
+    case OptionKind::String:
+      return "a non-empty value";
+    case OptionKind::Int:
+      return "an integer" + range_text(o);
+    case OptionKind::IntList:
+      return o.min == 1 && o.max == std::numeric_limits<long long>::max()
+                 ? "comma-separated positive integers"
+                 : "comma-separated integers" + range_text(o);
+    case OptionKind::Choice:
+      return "one of " + joined(o.choices);
+    case OptionKind::ChoiceList:
+      return "a comma-separated list of " + joined(o.choices);
+  }
+  return "";
+}
+
+bool is_word(const Option& o, const std::string& item) {
+  return std::find(o.words.begin(), o.words.end(), item) != o.words.end();
+}
+
 // Throws UsageError unless `value` fits the option's kind and range.
 void check_value(const Option& o, const std::string& value) {
-  auto bad = [&](const std::string& expects) {
-    throw UsageError("option --" + o.name + " expects " + expects + ", got '" + value + "'");
-  };
   switch (o.kind) {
     case OptionKind::Flag:
       return;
     case OptionKind::String:
-      if (value.empty()) bad("a non-empty value");
+      if (value.empty()) refuse_value(o, value);
       return;
     case OptionKind::Int:
-      if (!parse_integer(value, o.min, o.max)) bad("an integer" + range_text(o));
+      if (!parse_integer(value, o.min, o.max)) refuse_value(o, value);
       return;
     case OptionKind::IntList:
       for (const auto& item : split_commas(value)) {
-        if (!parse_integer(item, o.min, o.max)) {
-          bad(o.min == 1 && o.max == std::numeric_limits<long long>::max()
-                  ? "comma-separated positive integers"
-                  : "comma-separated integers" + range_text(o));
-        }
+        if (!parse_integer(item, o.min, o.max) && !is_word(o, item)) refuse_value(o, value);
       }
       return;
     case OptionKind::Choice:
-      if (!is_choice(o, value)) bad("one of " + joined(o.choices));
+      if (!is_choice(o, value)) refuse_value(o, value);
       return;
     case OptionKind::ChoiceList:
       for (const auto& item : split_commas(value)) {
-        if (!is_choice(o, item)) bad("a comma-separated list of " + joined(o.choices));
+        if (!is_choice(o, item)) refuse_value(o, value);
       }
       return;
   }
 }
 
 }  // namespace
+
+void refuse_value(const Option& o, const std::string& value) {
+  throw UsageError("option --" + o.name + " expects " + expectation(o) + ", got '" + value + "'");
+}
 
 const Option* Command::find(const std::string& option) const {
   for (const auto& o : options) {
@@ -194,8 +216,15 @@ std::vector<long long> Args::get_ints(const std::string& name,
   auto it = values_.find(name);
   if (it == values_.end()) return fallback;
   std::vector<long long> out;
-  for (const auto& item : split_commas(it->second))
-    out.push_back(*parse_integer(item, o.min, o.max));
+  for (const auto& item : split_commas(it->second)) {
+    const auto v = parse_integer(item, o.min, o.max);
+    if (!v) {  // one of the option's words
+      throw InvalidArgument("devpipe " + command_->name + " reads option --" + name +
+                            " as integers, but its item '" + item +
+                            "' is one of the words it accepts (read it with get_all)");
+    }
+    out.push_back(*v);
+  }
   return out;
 }
 

@@ -37,9 +37,18 @@ struct Option {
   long long min = 1;  // Int, IntList
   long long max = std::numeric_limits<long long>::max();
   std::vector<std::string> choices;  // Choice, ChoiceList
+  /// IntList: words accepted as items besides the integers, which the command gives a meaning
+  /// (read such a list with Args::get_all; get_ints refuses them). The parser's message for a
+  /// bad item does not name them: the command may refuse them later (refuse_value).
+  std::vector<std::string> words;
   std::string refused;  // non-empty: recognised but not accepted by this command; says why
   bool repeatable = false;  // may be given several times (Args::get_all)
 };
+
+/// Throws the UsageError the parser throws for a value that option `o` does not accept
+/// ("option --NAME expects ..., got 'VALUE'"): for a value the parser let through that the
+/// command refuses after all (an IntList word where the input gives it no meaning).
+[[noreturn]] void refuse_value(const Option& o, const std::string& value);
 
 /// A sub-command: its name, what it does, its positional arguments and its options.
 struct Command {
