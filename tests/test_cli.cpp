@@ -569,7 +569,7 @@ TEST(CliLlama, GreedyIdsMatchTheTwin) {
         << r.out;
     EXPECT_EQ(r.err.find("compiling") != std::string::npos, pass == 0) << r.err;
   }
-  EXPECT_TRUE(fs::exists(work.path() / "tp1_float32_b2_len16_cache-16" / "context_encoding" /
+  EXPECT_TRUE(fs::exists(work.path() / "tp1_float32_b2_len16_cache-16_ctx-16" / "context_encoding" /
                          "manifest.json"));
   Result r = run_cli("generate --model " + (twin / "model").string() + " --prompt-ids 1,x --work " +
                      work.str());
@@ -651,7 +651,7 @@ class CliLlava : public ::testing::Test {
       EXPECT_GT(j.at("tokens_per_s").get<double>(), 0) << r.out;
       EXPECT_EQ(r.err.find("compiling") != std::string::npos, !shorthand) << r.err;
     }
-    const std::string key = "tp" + std::to_string(tp) + "_float32_b2_len32_cache-32_img16x12";
+    const std::string key = "tp" + std::to_string(tp) + "_float32_b2_len32_cache-32_ctx-16-32_img16x12";
     EXPECT_TRUE(fs::exists(work.path() / key / "vision_encoder" / "manifest.json")) << key;
   }
 
@@ -699,7 +699,7 @@ TEST_F(CliLlava, ContextBucketsHoldTheImageTokensAndNoShorterOnes) {
   ASSERT_EQ(ids.size(), 1u);
   EXPECT_EQ(ids[0].size(), 2u);
   const json manifest = json::parse(read_text(
-      t.path() / "work" / "tp1_float32_b1_len128_cache-128_img32x32" / "context_encoding" / "manifest.json"));
+      t.path() / "work" / "tp1_float32_b1_len128_cache-128_ctx-64-128_img32x32" / "context_encoding" / "manifest.json"));
   std::set<std::int64_t> seqs;
   for (const auto& b : manifest.at("buckets")) seqs.insert(b.at("dims").at("seq").get<std::int64_t>());
   EXPECT_EQ(seqs, (std::set<std::int64_t>{64, 128})) << manifest.dump();

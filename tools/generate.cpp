@@ -8,9 +8,9 @@
 //                    [--cache-buckets 128,256,512]
 //
 // The folder is compiled on first use into DIR/devpipe_compiled/<tp, dtype, batch, cache
-// length, cache buckets[, image size]> (or under --work) and loaded from there afterwards. One
-// --prompt-ids per sequence; in a Llava folder's prompts the item `img` stands for the image's
-// run of image tokens.
+// length, cache buckets, context buckets[, image size]> (or under --work) and loaded from there
+// afterwards. One --prompt-ids per sequence; in a Llava folder's prompts the item `img` stands
+// for the image's run of image tokens.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -177,7 +177,7 @@ int generate_main(const Args& a) {
   if (a.get_all("prompt-ids").empty())
     throw UsageError("missing option --prompt-ids (one per sequence)");
   // A Llava folder: its text model's config, its images and the run of image tokens an `img`
-  // item stands for (llava.h: (H / patch) * (W / patch) features, one fewer with "default").
+  // item stands for.
   const bool llava = is_llava_folder(model);
   std::optional<models::LlavaConfig> vlm;
   Tensor pixel_values;
@@ -191,10 +191,7 @@ int generate_main(const Args& a) {
     pixel_values = read_pixel_values(a.get("pixel-values", ""),
                                      static_cast<std::int64_t>(a.get_all("prompt-ids").size()),
                                      vlm->vision.num_channels);
-    const std::int64_t patch = vlm->vision.patch_size;
-    image_tokens =
-        std::max<std::int64_t>(0, (pixel_values.dim(2) / patch) * (pixel_values.dim(3) / patch) -
-                                      (vlm->vision_feature_select_strategy == "default" ? 1 : 0));
+    image_tokens = std::max<std::int64_t>(0, vlm->image_tokens(pixel_values.dim(2), pixel_values.dim(3)));
   } else if (a.has("pixel-values")) {
     throw UsageError("option --pixel-values is for vision-language folders; " + model +
                      " is a Llama folder (config.json names no LlavaForConditionalGeneration nor a "
@@ -244,6 +241,8 @@ int generate_main(const Args& a) {
   std::string key = "tp" + std::to_string(rc.tp_degree) + "_" + std::string(dtype_name(rc.dtype)) + "_b" +
                     std::to_string(rc.batch_size) + "_len" + std::to_string(opts.max_length) + "_cache";
   for (std::int64_t b : config.get_ints("cache_buckets")) key += "-" + std::to_string(b);
+  key += "_ctx";  // they follow the longest prompt: another set is another artifact, not a recompile
+  for (std::int64_t b : config.get_ints("context_buckets")) key += "-" + std::to_string(b);
   if (vlm)
     key += "_img" + std::to_string(pixel_values.dim(2)) + "x" + std::to_string(pixel_values.dim(3));
   const fs::path art = fs::path(a.has("work") ? a.get("work", "") : (fs::path(model) / "devpipe_compiled").string()) / key;

@@ -118,12 +118,6 @@ LlavaConfig llava_from_attributes(const InferenceConfig& config) {
   return c;
 }
 
-/// Features per image of an h x w-patch image.
-std::int64_t features_per_image(const LlavaConfig& c, std::int64_t height, std::int64_t width) {
-  const std::int64_t patches = (height / c.vision.patch_size) * (width / c.vision.patch_size);
-  return c.vision_feature_select_strategy == "default" ? patches - 1 : patches;
-}
-
 }  // namespace
 
 LlavaConfig LlavaConfig::from_hf_folder(const std::string& model_dir) {
@@ -161,6 +155,11 @@ LlavaConfig LlavaConfig::from_hf_folder(const std::string& model_dir) {
   return c;
 }
 
+std::int64_t LlavaConfig::image_tokens(std::int64_t height, std::int64_t width) const {
+  const std::int64_t patches = (height / vision.patch_size) * (width / vision.patch_size);
+  return vision_feature_select_strategy == "default" ? patches - 1 : patches;
+}
+
 std::int64_t LlavaConfig::vision_layers_used() const {
   return vision_feature_layer >= 0 ? vision_feature_layer : vision.num_hidden_layers + 1 + vision_feature_layer;
 }
@@ -177,7 +176,7 @@ InferenceConfig llava_config(const std::string& model_dir, RuntimeConfig runtime
                         " of '" + model_dir + "'");
     }
   }
-  if (features_per_image(c, h, w) < 1) {
+  if (c.image_tokens(h, w) < 1) {
     throw ConfigError("llava: an image of " + std::to_string(h) + " x " + std::to_string(w) +
                       " pixels leaves no features with vision_feature_select_strategy \"default\" (it drops the first patch)");
   }
@@ -496,7 +495,7 @@ LlavaForConditionalGeneration::LlavaForConditionalGeneration(const std::string& 
       rows_(config.runtime_config().batch_size),
       image_height_(config.get_int("image_height")),
       image_width_(config.get_int("image_width")),
-      image_tokens_(features_per_image(cfg_, image_height_, image_width_)) {
+      image_tokens_(cfg_.image_tokens(image_height_, image_width_)) {
   models.push_back(std::make_shared<VisionWrapper>(config));
   models.push_back(std::make_shared<LlavaContextWrapper>(config, image_tokens_));
   models.push_back(make_token_generation(config, text_key));

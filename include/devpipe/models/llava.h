@@ -80,6 +80,9 @@ struct LlavaConfig {
   static LlavaConfig from_hf_folder(const std::string& model_dir);
   /// The vision tower's layers the model runs: vision_feature_layer as a non-negative index.
   std::int64_t vision_layers_used() const;
+  /// Features of one image of height x width pixels = the image tokens its prompt holds:
+  /// (height / patch_size) * (width / patch_size), one fewer with the "default" strategy.
+  std::int64_t image_tokens(std::int64_t height, std::int64_t width) const;
 };
 
 /// Options of the application beyond the HF config.
