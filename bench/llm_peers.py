@@ -138,6 +138,18 @@ def check_args(a):
 
 # --- PyTorch twin ------------------------------------------------------------------------
 
+def mkldnn_linears(lm, dt):
+    """Every nn.Linear of llama_ref's LlamaForCausalLM `lm` becomes torch.utils.mkldnn.MkldnnLinear
+    (oneDNN inner product), in place; the embedding, norms, rope and attention stay as they are.
+    (Also used by vlm_peers.py for the VLM's text model.)"""
+    from torch.utils import mkldnn as torch_mkldnn
+    with torch.inference_mode():
+        for layer in lm.model.layers:
+            torch_mkldnn.to_mkldnn(layer.self_attn, dt)
+            torch_mkldnn.to_mkldnn(layer.mlp, dt)
+        lm.lm_head = torch_mkldnn.to_mkldnn(torch.nn.Sequential(lm.lm_head), dt)[0]
+
+
 class Twin:
     """The PyTorch twin of one (dtype, linear) mode, loaded once: prefill(iters) and decode(b, iters)
     as the bench times them (see the module docstring)."""
@@ -156,14 +168,7 @@ class Twin:
         self.mode = "pytorch_eager" if a.linear == "eager" else "pytorch_mkldnn"
         self.caches = {}  # batch -> (cache after the prompts' prefill, first greedy ids)
         if a.linear == "mkldnn":
-            # every nn.Linear becomes torch.utils.mkldnn.MkldnnLinear (oneDNN inner product);
-            # the embedding, norms, rope and attention stay as they are
-            from torch.utils import mkldnn as torch_mkldnn
-            with torch.inference_mode():
-                for layer in self.model.model.layers:
-                    torch_mkldnn.to_mkldnn(layer.self_attn, self.dt)
-                    torch_mkldnn.to_mkldnn(layer.mlp, self.dt)
-                self.model.lm_head = torch_mkldnn.to_mkldnn(torch.nn.Sequential(self.model.lm_head), self.dt)[0]
+            mkldnn_linears(self.model, self.dt)
 
     def prefill(self, iters, log=True):
         """iters whole prefills of prompt 0 (batch 1, a fresh cache each, the lm_head at the last

@@ -4,7 +4,7 @@
 // executables without the runtime on small chain8, large and seed stages: against float64
 // references and the pipeline's output), chain8 through `devpipe bench` with both floors, and
 // the llm workload end to end on a small Llama (devpipe, the PyTorch twin, llama.cpp when
-// installed).
+// installed), and the vlm workload end to end on a tiny VLM (devpipe and its PyTorch twin).
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
@@ -604,6 +604,84 @@ TEST(LlmBench, SmallModelLlamaCppGreedyIdsEqualDevpipes) {
   const nlohmann::json& c = run["modes"]["llama_cpp"]["token_check"];
   EXPECT_TRUE(c["ok"].get<bool>()) << c.dump();
   EXPECT_EQ(c["matching"].get<long long>(), kSmallIds) << c.dump();
+}
+
+// ---- the vlm workload, end to end through `devpipe bench` on the tiny VLM ----------------------
+
+// vlm_peers.py write-model --small: image 16 x 16 at patch 4 (16 image tokens), text hidden 64;
+// the prompt 8 text tokens around them. 2 timed runs per phase (2 rounds of 1), 4 decode tokens.
+constexpr long long kVlmImageTokens = 16, kVlmTextHidden = 64, kVlmDecodeTokens = 4;
+
+TEST(BenchVlm, SmallModelReportsEveryPhaseChecksTheTwinAndTheRatiosAreTheP50s) {
+  testing::TempDir t;
+  const BenchRun r = run_bench(
+      t, "--workload vlm --vlm-small --iters 2 --warmup 1 --rounds 2 --vlm-decode-tokens " +
+             std::to_string(kVlmDecodeTokens) + " --modes pipeline,pytorch");
+  ASSERT_EQ(r.code, 0) << r.log;
+  const nlohmann::json& vlm = r.report["workloads"]["vlm"];
+  const nlohmann::json& c = vlm["config"];
+  EXPECT_EQ(c["image_tokens"].get<long long>(), kVlmImageTokens);
+  EXPECT_EQ(c["prompt_len"].get<long long>(), kVlmImageTokens + 8);
+  EXPECT_EQ(c["text_tokens"].get<long long>(), 8);
+  EXPECT_EQ(c["image_hw"], nlohmann::json::array({16, 16}));
+  EXPECT_EQ(c["text"]["hidden_size"].get<long long>(), kVlmTextHidden);
+  EXPECT_EQ(c["iterations"].get<int>(), 2);
+  EXPECT_EQ(c["rounds"].get<int>(), 2);
+  for (const char* mode : {"devpipe", "pytorch_mkldnn"}) {
+    ASSERT_TRUE(vlm["modes"].contains(mode)) << vlm["modes"].dump();
+    const nlohmann::json& m = vlm["modes"][mode];
+    ASSERT_FALSE(m.contains("error")) << m.dump();
+    // 2 vision runs, 2 prefills, 2 decode runs of 3 timed steps (the first token is the prefill's)
+    const std::map<std::string, int> samples{
+        {"vision", 2}, {"prefill", 2}, {"decode_b1", 2 * (kVlmDecodeTokens - 1)}};
+    for (const auto& [ph, n] : samples) {
+      ASSERT_TRUE(m.contains(ph)) << mode << " has no " << ph << ": " << m.dump();
+      EXPECT_EQ(m[ph]["samples"].get<int>(), n) << mode << " " << ph;
+      const double p50 = m[ph]["latency_ms"]["p50"].get<double>();
+      EXPECT_GT(p50, 0) << mode << " " << ph;
+      EXPECT_LE(m[ph]["latency_ms"]["min"].get<double>(), p50) << mode << " " << ph;
+      EXPECT_GT(m[ph]["cpu_ms_per_sample"].get<double>(), 0) << mode << " " << ph;
+    }
+    EXPECT_NEAR(m["decode_b1"]["tokens_per_s"].get<double>(),
+                1000.0 / m["decode_b1"]["latency_ms"]["p50"].get<double>(),
+                1e-9 * m["decode_b1"]["tokens_per_s"].get<double>());
+    EXPECT_NEAR(m["prefill"]["tokens_per_s"].get<double>(),
+                1000.0 * (kVlmImageTokens + 8) / m["prefill"]["latency_ms"]["p50"].get<double>(),
+                1e-9 * m["prefill"]["tokens_per_s"].get<double>());
+  }
+  // The twin's checks ran against devpipe and matched: the prefill's next id + 4 decode ids, and
+  // every image feature within the tolerance.
+  const nlohmann::json& twin = vlm["modes"]["pytorch_mkldnn"];
+  EXPECT_TRUE(twin["token_check"]["ok"].get<bool>()) << twin["token_check"].dump();
+  EXPECT_EQ(twin["token_check"]["matching"].get<long long>(), 1 + kVlmDecodeTokens)
+      << twin["token_check"].dump();
+  EXPECT_EQ(twin["token_check"]["total"].get<long long>(), 1 + kVlmDecodeTokens)
+      << twin["token_check"].dump();
+  const nlohmann::json& f = twin["feature_check"];
+  EXPECT_TRUE(f["ok"].get<bool>()) << f.dump();
+  EXPECT_EQ(f["elements"].get<long long>(), kVlmImageTokens * kVlmTextHidden) << f.dump();
+  EXPECT_LE(f["max_abs_diff"].get<double>(), 1e-4) << f.dump();
+  EXPECT_TRUE(r.report["correctness_failures"].empty()) << r.report["correctness_failures"].dump();
+  // The informational targets: devpipe's p50 over the twin's, per phase.
+  for (const char* ph : {"vision", "prefill"}) {
+    const std::string name = std::string("vlm: devpipe ") + ph + " p50 / pytorch " + ph + " p50";
+    bool found = false;
+    for (const auto& tg : r.report["targets"]) {
+      if (tg["target"] != name) continue;
+      found = true;
+      EXPECT_EQ(tg["status"], "info") << tg.dump();
+      EXPECT_TRUE(tg["limit"].is_null()) << tg.dump();
+      EXPECT_DOUBLE_EQ(tg["measured"].get<double>(),
+                       vlm["modes"]["devpipe"][ph]["latency_ms"]["p50"].get<double>() /
+                           twin[ph]["latency_ms"]["p50"].get<double>());
+    }
+    EXPECT_TRUE(found) << name << " not in " << r.report["targets"].dump();
+  }
+  EXPECT_NE(r.log.find("vlm: Pixtral-shaped LLaVA"), std::string::npos) << r.log;
+  std::ifstream svg(t.str("latency.svg"));
+  std::stringstream ss;
+  ss << svg.rdbuf();
+  EXPECT_NE(ss.str().find("vlm_decode_b1 pytorch_mkldnn"), std::string::npos);
 }
 
 }  // namespace

@@ -21,11 +21,13 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
+#include <type_traits>
 
 #include "cli_common.h"
 #include "compiler/artifact.h"
 #include "devpipe/devpipe.h"
 #include "devpipe/models/llama.h"
+#include "devpipe/models/llava.h"
 #include "devpipe/timeline.h"
 #include "executables_bare.h"
 #include "graph/cost.h"
@@ -869,29 +871,40 @@ class DevpipeLlmWorker : public LlmWorker {
   models::LlamaForCausalLM app_;
 };
 
+/// A reply of an llm-protocol peer as an LlmRun ({"samples_ms", "cpu_ms", "tokens"}; without
+/// `with_tokens` the tokens are not read); StateError naming the peer and the reply otherwise.
+LlmRun parse_llm_run(const std::string& peer, const json& r, bool with_tokens = true) {
+  try {
+    LlmRun run{r.at("samples_ms").get<std::vector<double>>(), r.at("cpu_ms").get<double>(), {}};
+    if (with_tokens) run.tokens = r.at("tokens").get<std::vector<std::vector<std::int64_t>>>();
+    return run;
+  } catch (const json::exception& e) {
+    throw StateError("bench: peer " + peer + " answered " + r.dump().substr(0, 300) + ": " +
+                     e.what());
+  }
+}
+
+/// What the report says about a peer worker: its threads and version from its ready line.
+json peer_info(const bench::ChildWorker& child) {
+  return {{"threads", child.hello().value("threads", 0)},
+          {"version", child.hello().value("version", std::string("?"))}};
+}
+
 /// pytorch_mkldnn / pytorch_eager / llama_cpp: a child process on the llm worker protocol.
 class PeerLlmWorker : public LlmWorker {
  public:
   PeerLlmWorker(const std::string& mode, const std::vector<std::string>& argv, const std::string& log)
       : LlmWorker(mode), child_(mode, argv, log) {}
-  LlmRun prefill(int iters) override { return parse(child_.request({{"cmd", "prefill"}, {"iters", iters}})); }
+  LlmRun prefill(int iters) override {
+    return parse_llm_run(mode(), child_.request({{"cmd", "prefill"}, {"iters", iters}}));
+  }
   LlmRun decode(std::int64_t batch, int iters) override {
-    return parse(child_.request({{"cmd", "decode"}, {"batch", batch}, {"iters", iters}}));
+    return parse_llm_run(mode(),
+                         child_.request({{"cmd", "decode"}, {"batch", batch}, {"iters", iters}}));
   }
-  json info() override {
-    return {{"threads", child_.hello().value("threads", 0)},
-            {"version", child_.hello().value("version", std::string("?"))}};
-  }
+  json info() override { return peer_info(child_); }
 
  private:
-  LlmRun parse(const json& r) {
-    try {
-      return {r.at("samples_ms").get<std::vector<double>>(), r.at("cpu_ms").get<double>(),
-              r.at("tokens").get<std::vector<std::vector<std::int64_t>>>()};
-    } catch (const json::exception& e) {
-      throw StateError("bench: peer " + mode() + " answered " + r.dump().substr(0, 300) + ": " + e.what());
-    }
-  }
   bench::ChildWorker child_;
 };
 
@@ -937,6 +950,61 @@ LlamaCppInstall install_llama_cpp(const std::string& dest) {
                     "): " + last_line(out)};
   }
   return {dest, ""};
+}
+
+/// How the llm-style workloads (llm, vlm) interleave their workers.
+struct PhaseSchedule {
+  int iters = 4;   // timed runs per phase and worker, split into the rounds
+  int warmup = 1;  // untimed runs per phase and worker before the rounds
+  int rounds = 4;  // at most iters
+};
+
+/// The llm-style schedule: every worker first runs `warmup` untimed runs of every phase; then
+/// `iters` runs per phase are split into the rounds, and in each round every phase runs its share
+/// on every worker in turn, the order rotating from round to round. The runs accumulate into
+/// times[mode][phase] (samples and CPU time; the tokens are the last run's); a worker that throws
+/// is recorded in failed[mode] and runs no more.
+template <class W>
+void interleave_phases(
+    const std::vector<std::unique_ptr<W>>& workers, const std::vector<std::string>& phases,
+    const std::type_identity_t<std::function<LlmRun(W&, std::size_t, int)>>& run_phase,
+    const PhaseSchedule& sched, const std::string& label,
+    std::map<std::string, std::map<std::string, LlmRun>>& times,
+    std::map<std::string, std::string>& failed) {
+  auto safely = [&](W& wk, const std::function<void()>& fn) {
+    if (failed.count(wk.mode())) return;
+    try {
+      fn();
+    } catch (const Error& e) {
+      failed[wk.mode()] = e.what();
+      std::cerr << "  " << label << " " << wk.mode() << " failed: " << e.what() << "\n";
+    }
+  };
+  if (sched.warmup > 0) {
+    for (auto& wk : workers) {
+      for (std::size_t ph = 0; ph < phases.size(); ++ph)
+        safely(*wk, [&] { run_phase(*wk, ph, sched.warmup); });
+    }
+  }
+  const int total = sched.rounds * static_cast<int>(workers.size() * phases.size());
+  int done = 0;
+  for (int r = 0; r < sched.rounds; ++r) {
+    const int n = sched.iters / sched.rounds + (r < sched.iters % sched.rounds ? 1 : 0);
+    for (std::size_t ph = 0; ph < phases.size(); ++ph) {
+      for (std::size_t k = 0; k < workers.size(); ++k) {
+        W& wk = *workers[(k + static_cast<std::size_t>(r)) % workers.size()];
+        safely(wk, [&] {
+          LlmRun got = run_phase(wk, ph, n);
+          LlmRun& acc = times[wk.mode()][phases[ph]];
+          acc.samples_ms.insert(acc.samples_ms.end(), got.samples_ms.begin(), got.samples_ms.end());
+          acc.cpu_ms += got.cpu_ms;
+          acc.tokens = got.tokens;
+        });
+        print_progress(label, ++done, total,
+                       "round " + std::to_string(r + 1) + " " + phases[ph] + " " + wk.mode());
+      }
+    }
+  }
 }
 
 json llm_latency_entry(const LlmRun& t, double per_sample_tokens) {
@@ -1114,41 +1182,12 @@ json run_llm_workload(const Args& a, const std::string& work, const bench::Machi
     for (std::int64_t b : s.batches) phases.push_back("decode_b" + std::to_string(b));
     std::map<std::string, std::map<std::string, LlmRun>> times;  // mode -> phase -> run
     std::map<std::string, std::string> failed;
-    auto run_phase = [&](LlmWorker& wk, std::size_t ph, int n) -> LlmRun {
-      return ph == 0 ? wk.prefill(n) : wk.decode(s.batches[ph - 1], n);
-    };
-    auto safely = [&](LlmWorker& wk, const std::function<void()>& fn) {
-      if (failed.count(wk.mode())) return;
-      try {
-        fn();
-      } catch (const Error& e) {
-        failed[wk.mode()] = e.what();
-        std::cerr << "  llm " << dt << " " << wk.mode() << " failed: " << e.what() << "\n";
-      }
-    };
-    if (warmup > 0) {
-      for (auto& wk : workers) {
-        for (std::size_t ph = 0; ph < phases.size(); ++ph) safely(*wk, [&] { run_phase(*wk, ph, warmup); });
-      }
-    }
-    const int total = rounds * static_cast<int>(workers.size() * phases.size());
-    int done = 0;
-    for (int r = 0; r < rounds; ++r) {
-      const int n = iters / rounds + (r < iters % rounds ? 1 : 0);
-      for (std::size_t ph = 0; ph < phases.size(); ++ph) {
-        for (std::size_t k = 0; k < workers.size(); ++k) {
-          LlmWorker& wk = *workers[(k + static_cast<std::size_t>(r)) % workers.size()];
-          safely(wk, [&] {
-            LlmRun got = run_phase(wk, ph, n);
-            LlmRun& acc = times[wk.mode()][phases[ph]];
-            acc.samples_ms.insert(acc.samples_ms.end(), got.samples_ms.begin(), got.samples_ms.end());
-            acc.cpu_ms += got.cpu_ms;
-            acc.tokens = got.tokens;
-          });
-          print_progress("llm " + dt, ++done, total, "round " + std::to_string(r + 1) + " " + phases[ph] + " " + wk.mode());
-        }
-      }
-    }
+    interleave_phases(
+        workers, phases,
+        [&](LlmWorker& wk, std::size_t ph, int n) {
+          return ph == 0 ? wk.prefill(n) : wk.decode(s.batches[ph - 1], n);
+        },
+        {iters, warmup, rounds}, "llm " + dt, times, failed);
 
     // Every peer's greedy ids against devpipe's: float32 must be equal (else a correctness
     // failure), bfloat16 rounds differently in every runtime, so its agreement is reported only.
@@ -1275,6 +1314,423 @@ void print_llm_rows(const json& llm) {
   }
 }
 
+// ---- the vlm workload ------------------------------------------------------------------------
+//
+// A Pixtral-shaped vision-language model (bench/vlm_peers.py write-model, or --vlm-small): one
+// image and a prompt of text tokens around its image tokens, batch 1, float32. Phases: vision
+// (the vision encoder + projector alone), prefill (vision + prefill to the first new token) and
+// decode_b1 (the greedy steps after it); devpipe's LlavaForConditionalGeneration in this process
+// and the PyTorch twin (vlm_peers.py serve) as a persistent child worker, interleaved as the llm
+// workload's modes are; the twin's image features and greedy ids checked against devpipe's.
+
+/// The workload's shape and inputs: the same for every mode (the inputs file vlm_peers.py wrote).
+struct VlmShape {
+  std::string model_dir;
+  std::string inputs_path;
+  Tensor pixels;                     // float32 [1, C, H, W]
+  std::vector<std::int64_t> prompt;  // the text ids with the image's tokens in place
+  std::int64_t decode_tokens =
+      16;  // generated tokens per decode run (the first comes from the prefill)
+};
+
+/// The image features' tolerance against devpipe's: max |diff| <= atol + rtol * max |devpipe's|.
+constexpr bench::Tolerance kVlmFeatureTolerance{.atol = 1e-4, .rtol = 1e-3};
+
+class VlmWorker {
+ public:
+  explicit VlmWorker(std::string mode) : mode_(std::move(mode)) {}
+  virtual ~VlmWorker() = default;
+  const std::string& mode() const { return mode_; }
+  /// `iters` runs of the vision encoder + projector on the image.
+  virtual LlmRun vision(int iters) = 0;
+  /// `iters` requests from the image to the first new token; tokens [[that id]].
+  virtual LlmRun prefill(int iters) = 0;
+  /// `iters` greedy runs of decode_tokens tokens; every step after the first token timed;
+  /// tokens [[the last run's ids]].
+  virtual LlmRun decode(int iters) = 0;
+  /// The image features of the last vision run, row-major float32 [1, P, text hidden].
+  virtual std::vector<float> features() = 0;
+  virtual json info() { return json::object(); }
+
+ private:
+  std::string mode_;
+};
+
+/// devpipe: LlavaForConditionalGeneration, tp 1, float32, batch 1, one context bucket (the prompt)
+/// and one cache bucket (prompt + decode tokens rounded up to a power of two).
+class DevpipeVlmWorker : public VlmWorker {
+ public:
+  DevpipeVlmWorker(const VlmShape& s, const std::string& artifact)
+      : VlmWorker("devpipe"), s_(s), app_(s.model_dir, config_for(s)) {
+    app_.compile(artifact);
+    app_.load(artifact);
+  }
+  LlmRun vision(int iters) override {
+    LlmRun r;
+    for (int i = 0; i < iters; ++i) {
+      const double c0 = process_cpu_ms();
+      const auto t0 = Clock::now();
+      // pipeline execution: the features stay on the device, as generate() hands them on
+      Output out = app_.vision_encoder().forward({s_.pixels});
+      out.ranked().wait();
+      r.samples_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      r.cpu_ms += process_cpu_ms() - c0;
+      last_ = std::move(out);
+    }
+    return r;
+  }
+  LlmRun prefill(int iters) override {
+    LlmRun r;
+    for (int i = 0; i < iters; ++i) {
+      double c1 = 0;
+      Clock::time_point t1;
+      const double c0 = process_cpu_ms();
+      const auto t0 = Clock::now();
+      auto res = app_.generate({s_.prompt}, s_.pixels, gen(1), [&](std::int64_t, std::int64_t) {
+        t1 = Clock::now();
+        c1 = process_cpu_ms();
+      });
+      r.samples_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      r.cpu_ms += c1 - c0;
+      r.tokens = res.tokens;
+    }
+    return r;
+  }
+  LlmRun decode(int iters) override {
+    LlmRun r;
+    for (int i = 0; i < iters; ++i) {
+      std::vector<Clock::time_point> at;  // each token's arrival: the gaps are the steps
+      std::vector<double> cpu;
+      auto res = app_.generate({s_.prompt}, s_.pixels, gen(s_.decode_tokens),
+                               [&](std::int64_t, std::int64_t) {
+                                 at.push_back(Clock::now());
+                                 cpu.push_back(process_cpu_ms());
+                               });
+      for (std::size_t k = 1; k < at.size(); ++k) {
+        r.samples_ms.push_back(
+            std::chrono::duration<double, std::milli>(at[k] - at[k - 1]).count());
+        r.cpu_ms += cpu[k] - cpu[k - 1];
+      }
+      r.tokens = res.tokens;
+    }
+    return r;
+  }
+  std::vector<float> features() override {
+    if (!last_.is_ranked()) last_ = app_.vision_encoder().forward({s_.pixels});
+    return last_.ranked().to_host().at(0).to_float_vector();
+  }
+  json info() override {
+    return {{"threads", std::thread::hardware_concurrency()}, {"version", devpipe_version()}};
+  }
+
+ private:
+  static InferenceConfig config_for(const VlmShape& s) {
+    RuntimeConfig rc;
+    rc.batch_size = 1;
+    rc.buckets = {1};
+    rc.dtype = DType::Float32;
+    models::LlavaOptions o;
+    const auto prompt_len = static_cast<std::int64_t>(s.prompt.size());
+    std::int64_t len = 1;
+    while (len < prompt_len + s.decode_tokens) len *= 2;
+    o.text.max_length = len;
+    o.text.context_buckets = {prompt_len};
+    o.text.cache_buckets = {len};
+    o.image_height = s.pixels.dim(2);
+    o.image_width = s.pixels.dim(3);
+    return models::llava_config(s.model_dir, rc, o);
+  }
+  static models::GenerationConfig gen(std::int64_t n) {
+    models::GenerationConfig g;
+    g.max_new_tokens = n;
+    g.stop_at_eos = false;  // greedy ids of random weights: every run has the same length
+    return g;
+  }
+  const VlmShape& s_;
+  models::LlavaForConditionalGeneration app_;
+  Output last_;
+};
+
+/// pytorch_mkldnn: vlm_peers.py serve, the twin on the vlm protocol (bench/README.md).
+class PeerVlmWorker : public VlmWorker {
+ public:
+  PeerVlmWorker(const std::string& mode, const std::vector<std::string>& argv,
+                const std::string& log, std::string output_path)
+      : VlmWorker(mode), child_(mode, argv, log), output_path_(std::move(output_path)) {}
+  LlmRun vision(int iters) override {
+    return parse_llm_run(mode(), child_.request({{"cmd", "vision"}, {"iters", iters}}), false);
+  }
+  LlmRun prefill(int iters) override {
+    return parse_llm_run(mode(), child_.request({{"cmd", "prefill"}, {"iters", iters}}));
+  }
+  LlmRun decode(int iters) override {
+    return parse_llm_run(mode(),
+                         child_.request({{"cmd", "decode"}, {"batch", 1}, {"iters", iters}}));
+  }
+  std::vector<float> features() override {
+    child_.request({{"cmd", "output"}, {"path", output_path_}});
+    auto all = safetensors::load_all(output_path_);
+    auto it = all.find("image_features");
+    if (it == all.end())
+      throw StateError("bench: peer " + mode() + " wrote no tensor 'image_features' to " +
+                       output_path_);
+    return it->second.to_float_vector();
+  }
+  json info() override { return peer_info(child_); }
+
+ private:
+  bench::ChildWorker child_;
+  std::string output_path_;
+};
+
+/// Timed runs per phase and mode by default (--iters): a vision run or a prefill takes tens to
+/// hundreds of ms here, a decode run 15 steps.
+constexpr int kVlmIters = 8;
+
+json run_vlm_workload(const Args& a, const std::string& work,
+                      std::vector<std::pair<std::string, std::vector<double>>>& plot,
+                      std::vector<std::string>& mismatches) {
+  const bool small = a.has("vlm-small");
+  const int iters = static_cast<int>(a.get_int("iters", kVlmIters));
+  const int warmup = static_cast<int>(a.get_int("warmup", 1));
+  const int rounds = std::min(iters, static_cast<int>(a.get_int("rounds", 5)));
+  const int threads = static_cast<int>(std::thread::hardware_concurrency());
+  const fs::path base = fs::path(work) / (small ? "vlm_small" : "vlm");
+  fs::create_directories(base / "logs");
+  VlmShape s;
+  s.model_dir = (base / "model").string();
+  s.inputs_path = (base / "inputs.safetensors").string();
+  s.decode_tokens = a.get_int("vlm-decode-tokens", 16);
+
+  // The weights and the inputs: vlm_peers.py write-model (pixtral_ref.py, seed 0), once.
+  if (!fs::exists(fs::path(s.model_dir) / "config.json") ||
+      !fs::exists(fs::path(s.model_dir) / "model.safetensors") || !fs::exists(s.inputs_path)) {
+    std::cerr << "  writing the " << (small ? "small " : "") << "VLM into " << s.model_dir
+              << " ...\n";
+    std::string out;
+    const int rc = run_command(std::string(DEVPIPE_TORCH_PYTHON) + " " +
+                                   shell_quote(std::string(DEVPIPE_BENCH_DIR) + "/vlm_peers.py") +
+                                   " write-model " + shell_quote(s.model_dir) + " --inputs " +
+                                   shell_quote(s.inputs_path) + (small ? " --small" : ""),
+                               out);
+    if (rc != 0)
+      throw StateError("bench: vlm_peers.py write-model " + s.model_dir + " failed (exit " +
+                       std::to_string(rc) + "): " + last_line(out));
+  }
+  const models::LlavaConfig hf = models::LlavaConfig::from_hf_folder(s.model_dir);
+  {
+    auto in = safetensors::load_all(s.inputs_path);
+    if (!in.count("pixel_values") || !in.count("input_ids") ||
+        in.at("input_ids").dtype() != DType::Int64 || in.at("input_ids").shape().rank() != 2 ||
+        in.at("input_ids").dim(0) != 1) {
+      throw StateError("bench: " + s.inputs_path +
+                       " holds no pixel_values and int64 input_ids [1, T] (vlm_peers.py "
+                       "write-model writes them)");
+    }
+    s.pixels = in.at("pixel_values");
+    const Tensor& ids = in.at("input_ids");
+    s.prompt.assign(ids.data<std::int64_t>(), ids.data<std::int64_t>() + ids.dim(1));
+  }
+  const auto image_tokens = std::count(s.prompt.begin(), s.prompt.end(), hf.image_token_index);
+
+  json report;
+  report["config"] = {{"model_dir", s.model_dir},
+                      {"inputs", s.inputs_path},
+                      {"small", small},
+                      {"dtype", "float32"},
+                      {"batch", 1},
+                      {"vision",
+                       {{"hidden_size", hf.vision.hidden_size},
+                        {"num_hidden_layers", hf.vision.num_hidden_layers},
+                        {"num_attention_heads", hf.vision.num_attention_heads},
+                        {"intermediate_size", hf.vision.intermediate_size},
+                        {"patch_size", hf.vision.patch_size},
+                        {"image_size", hf.vision.image_size},
+                        {"hidden_act", hf.vision.hidden_act}}},
+                      {"text",
+                       {{"hidden_size", hf.text.hidden_size},
+                        {"num_hidden_layers", hf.text.num_hidden_layers},
+                        {"num_attention_heads", hf.text.num_attention_heads},
+                        {"num_key_value_heads", hf.text.num_key_value_heads},
+                        {"intermediate_size", hf.text.intermediate_size},
+                        {"vocab_size", hf.text.vocab_size}}},
+                      {"image_hw", {s.pixels.dim(2), s.pixels.dim(3)}},
+                      {"image_tokens", image_tokens},
+                      {"prompt_len", s.prompt.size()},
+                      {"text_tokens", static_cast<std::int64_t>(s.prompt.size()) - image_tokens},
+                      {"decode_tokens", s.decode_tokens},
+                      {"iterations", iters},
+                      {"warmup", warmup},
+                      {"rounds", rounds},
+                      {"feature_tolerance",
+                       {{"atol", kVlmFeatureTolerance.atol}, {"rtol", kVlmFeatureTolerance.rtol}}}};
+
+  const auto wanted =
+      a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime,llama_cpp");
+  auto want = [&](const std::string& m) {
+    return std::find(wanted.begin(), wanted.end(), m) != wanted.end();
+  };
+  if (!want("pipeline") && !want("roundtrip")) {
+    throw UsageError(
+        "option --modes: name pipeline or roundtrip too (devpipe, the reference output)");
+  }
+  report["modes"] = json::object();
+  std::vector<std::unique_ptr<VlmWorker>> workers;
+  std::cerr << "  vlm: compiling devpipe's LlavaForConditionalGeneration...\n";
+  workers.push_back(
+      std::make_unique<DevpipeVlmWorker>(s, (base / "artifacts" / "float32").string()));
+  if (!a.has("no-pytorch") && (want("pytorch") || want("pytorch_mkldnn"))) {
+    std::cerr << "  starting the pytorch_mkldnn vlm worker...\n";
+    try {
+      workers.push_back(std::make_unique<PeerVlmWorker>(
+          "pytorch_mkldnn",
+          std::vector<std::string>{
+              DEVPIPE_TORCH_PYTHON, std::string(DEVPIPE_BENCH_DIR) + "/vlm_peers.py", "serve",
+              s.model_dir, "--inputs", s.inputs_path, "--decode-tokens",
+              std::to_string(s.decode_tokens), "--threads", std::to_string(threads)},
+          (base / "logs" / "pytorch_mkldnn.log").string(),
+          (base / "pytorch_mkldnn.features.safetensors").string()));
+    } catch (const Error& e) {
+      report["modes"]["pytorch_mkldnn"] = {{"skipped", e.what()}};
+      std::cerr << "  vlm pytorch_mkldnn skipped: " << e.what() << "\n";
+    }
+  }
+
+  const std::vector<std::string> phases{"vision", "prefill", "decode_b1"};
+  std::map<std::string, std::map<std::string, LlmRun>> times;  // mode -> phase -> run
+  std::map<std::string, std::string> failed;
+  interleave_phases(
+      workers, phases,
+      [](VlmWorker& wk, std::size_t ph, int n) {
+        return ph == 0 ? wk.vision(n) : ph == 1 ? wk.prefill(n) : wk.decode(n);
+      },
+      {iters, warmup, rounds}, "vlm", times, failed);
+
+  // The image features of every worker's last vision run (after the rounds, untimed).
+  std::map<std::string, std::vector<float>> features;
+  for (auto& wk : workers) {
+    if (failed.count(wk->mode())) continue;
+    try {
+      features[wk->mode()] = wk->features();
+    } catch (const Error& e) {
+      failed[wk->mode()] = e.what();
+    }
+  }
+  for (auto& wk : workers) {
+    json m = wk->info();
+    if (failed.count(wk->mode())) {
+      m["error"] = failed[wk->mode()];
+      mismatches.push_back("vlm: " + wk->mode() + " failed: " + failed[wk->mode()]);
+      report["modes"][wk->mode()] = m;
+      continue;
+    }
+    const auto& mine = times[wk->mode()];
+    for (std::size_t ph = 0; ph < phases.size(); ++ph) {
+      const LlmRun& t = mine.at(phases[ph]);
+      // tokens/s: prefill the prompt's tokens per sample, decode one per step; vision none
+      json e = llm_latency_entry(t, ph == 1 ? static_cast<double>(s.prompt.size()) : 1.0);
+      if (ph == 0) e.erase("tokens_per_s");
+      m[phases[ph]] = e;
+      plot.emplace_back("vlm_" + phases[ph] + " " + wk->mode(), t.samples_ms);
+    }
+    if (wk->mode() != "devpipe" && !failed.count("devpipe")) {
+      const auto& ref = times["devpipe"];
+      std::string first;
+      std::int64_t same = 0, all = 0;
+      for (const char* ph : {"prefill", "decode_b1"}) {
+        json c = token_check(ref.at(ph).tokens, mine.at(ph).tokens, ph, first);
+        same += c["matching"].get<std::int64_t>();
+        all += c["total"].get<std::int64_t>();
+      }
+      const bool ok = same == all && all > 0;
+      std::string msg = "vlm: peer " + wk->mode() + ": " + std::to_string(same) + " of " +
+                        std::to_string(all) + " greedy ids equal devpipe's" +
+                        (ok ? "" : "; first difference: " + first);
+      m["token_check"] = {
+          {"against", "devpipe"}, {"ok", ok}, {"matching", same}, {"total", all}, {"message", msg}};
+      if (!ok) mismatches.push_back(msg);
+      const bench::OutputCheck c =
+          bench::check_output(wk->mode(), "vlm image features", features.at("devpipe"),
+                              features.at(wk->mode()), kVlmFeatureTolerance);
+      m["feature_check"] = {{"against", "devpipe"},
+                            {"ok", c.ok},
+                            {"max_abs_diff", c.max_abs},
+                            {"max_rel_diff", c.max_rel},
+                            {"elements", features.at("devpipe").size()},
+                            {"message", c.message}};
+      if (!c.ok) mismatches.push_back(c.message);
+    }
+    report["modes"][wk->mode()] = m;
+  }
+  return report;
+}
+
+/// The vlm workload's informational targets: devpipe's p50 over the twin's, vision and prefill.
+void add_vlm_targets(const json& r, json& out) {
+  for (const char* ph : {"vision", "prefill"}) {
+    double v = std::nan("");
+    try {
+      const json& m = r.at("workloads").at("vlm").at("modes");
+      v = m.at("devpipe").at(ph).at("latency_ms").at("p50").get<double>() /
+          m.at("pytorch_mkldnn").at(ph).at("latency_ms").at("p50").get<double>();
+    } catch (const json::exception&) {
+    }
+    out.push_back({{"target", std::string("vlm: devpipe ") + ph + " p50 / pytorch " + ph + " p50"},
+                   {"measured", std::isnan(v) ? json(nullptr) : json(v)},
+                   {"limit", nullptr},
+                   {"at_most", true},
+                   {"status", std::isnan(v) ? "n/a" : "info"},
+                   {"note", "informational: no threshold (the PyTorch twin on oneDNN Linears)"}});
+  }
+}
+
+/// The vlm rows of the printed table.
+void print_vlm_rows(const json& vlm) {
+  const json& c = vlm["config"];
+  std::printf(
+      "\nvlm: Pixtral-shaped LLaVA (vision hidden %lld, %lld layers; text hidden %lld, %lld "
+      "layers, vocab %lld), "
+      "image %lldx%lld = %lld image tokens, prompt %lld, %lld decode tokens, float32, batch 1\n",
+      c["vision"]["hidden_size"].get<long long>(),
+      c["vision"]["num_hidden_layers"].get<long long>(), c["text"]["hidden_size"].get<long long>(),
+      c["text"]["num_hidden_layers"].get<long long>(), c["text"]["vocab_size"].get<long long>(),
+      c["image_hw"][0].get<long long>(), c["image_hw"][1].get<long long>(),
+      c["image_tokens"].get<long long>(), c["prompt_len"].get<long long>(),
+      c["decode_tokens"].get<long long>());
+  std::printf("%-15s %11s %11s %12s %12s %12s %10s %18s  %s\n", "mode", "vision p50", "vision p90",
+              "prefill p50", "prefill p90", "b1 step p50", "b1 tok/s", "cpu ms v/p/step", "checks");
+  for (const auto& [mode, m] : vlm["modes"].items()) {
+    if (m.contains("skipped") || m.contains("error")) {
+      const bool skipped = m.contains("skipped");
+      std::printf("%-15s %s: %s\n", mode.c_str(), skipped ? "skipped" : "error",
+                  m[skipped ? "skipped" : "error"].get<std::string>().c_str());
+      continue;
+    }
+    std::string check = mode == "devpipe" ? "reference" : "not checked";
+    if (m.contains("token_check")) {
+      const json& t = m["token_check"];
+      const json& f = m["feature_check"];
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "features %s (max |diff| %.2g), ids %lld/%lld %s",
+                    f["ok"].get<bool>() ? "match" : "MISMATCH", f["max_abs_diff"].get<double>(),
+                    t["matching"].get<long long>(), t["total"].get<long long>(),
+                    t["ok"].get<bool>() ? "equal" : "MISMATCH");
+      check = buf;
+    }
+    const std::string cpu = fmt_number(m["vision"]["cpu_ms_per_sample"].get<double>()) + "/" +
+                            fmt_number(m["prefill"]["cpu_ms_per_sample"].get<double>()) + "/" +
+                            fmt_number(m["decode_b1"]["cpu_ms_per_sample"].get<double>());
+    std::printf("%-15s %s  %s   %s   %s   %s %10s %18s  %s\n", mode.c_str(),
+                fmt_ms(m["vision"]["latency_ms"]["p50"].get<double>()).c_str(),
+                fmt_ms(m["vision"]["latency_ms"]["p90"].get<double>()).c_str(),
+                fmt_ms(m["prefill"]["latency_ms"]["p50"].get<double>()).c_str(),
+                fmt_ms(m["prefill"]["latency_ms"]["p90"].get<double>()).c_str(),
+                fmt_ms(m["decode_b1"]["latency_ms"]["p50"].get<double>()).c_str(),
+                fmt_number(m["decode_b1"]["tokens_per_s"].get<double>()).c_str(), cpu.c_str(),
+                check.c_str());
+  }
+}
+
 // ---- the targets -----------------------------------------------------------------------------
 
 double p50_of(const json& r, const std::string& wl, const std::string& mode) {
@@ -1356,7 +1812,7 @@ json evaluate_targets(const json& r) {
   std::string missing;
   if (r.contains("workloads")) {
     for (const auto& [wl, wj] : r["workloads"].items()) {
-      if (wl == "llm") continue;  // its greedy-id checks: add_llm_targets
+      if (wl == "llm" || wl == "vlm") continue;  // their own checks (token and feature checks)
       for (const auto& [mode, mj] : wj["modes"].items()) {
         if (mode == "pipeline") continue;
         ++expected;
@@ -1372,13 +1828,17 @@ json evaluate_targets(const json& r) {
       expected ? static_cast<double>(checked) / expected : std::nan(""), 1.0, false,
       missing.empty() ? "" : "not checked or not matching: " + missing);
   if (r.contains("workloads") && r["workloads"].contains("llm")) add_llm_targets(r, out);
+  if (r.contains("workloads") && r["workloads"].contains("vlm")) add_vlm_targets(r, out);
   return out;
 }
 
 void print_targets(const json& targets) {
-  std::printf("\n%-66s %10s %8s  %s\n", "target (issues 12, 10)", "measured", "target", "status");
+  std::printf("\n%-66s %10s %8s  %s\n", "target (issues 12, 10; vlm informational)", "measured",
+              "target", "status");
   for (const auto& t : targets) {
-    const std::string lim = (t["at_most"].get<bool>() ? "<= " : ">= ") + fmt_number(t["limit"].get<double>());
+    const std::string lim = t["limit"].is_null() ? std::string("-")
+                                                 : (t["at_most"].get<bool>() ? "<= " : ">= ") +
+                                                       fmt_number(t["limit"].get<double>());
     std::printf("%-66s %10s %8s  %s%s\n", t["target"].get<std::string>().c_str(),
                 t["measured"].is_null() ? "-" : fmt_number(t["measured"].get<double>()).c_str(), lim.c_str(),
                 t["status"].get<std::string>().c_str(),
@@ -1396,16 +1856,17 @@ const Command& bench_command() {
           {{.name = "all", .help = "all workloads (the default without --workload)"},
            {.name = "workload", .kind = OptionKind::ChoiceList, .value = "W,...",
             .help = "workloads to run ('seed' is seed_tp1 and seed_tp2)",
-            .choices = {"seed", "seed_tp1", "seed_tp2", "large", "chain8", "llm"}},
+            .choices = {"seed", "seed_tp1", "seed_tp2", "large", "chain8", "llm", "vlm"}},
            {.name = "modes", .kind = OptionKind::ChoiceList, .value = "M,...",
             .help = "modes to run (default all; llm: pipeline or roundtrip is devpipe, pytorch is both twin modes)",
             .choices = {"pipeline", "roundtrip", "folded", "kernels_bare", "executables_bare", "pytorch", "onnxruntime",
                         "pytorch_mkldnn", "pytorch_eager", "llama_cpp"}},
            {.name = "iters", .kind = OptionKind::Int, .value = "N",
-            .help = "timed iterations per mode (default 20; chain8 200; llm 4 prefills and 4 decode runs per batch)",
+            .help = "timed iterations per mode (default 20; chain8 200; llm 4 prefills and 4 decode runs per batch; "
+                    "vlm 8 per phase)",
             .min = 1, .max = 1000000},
            {.name = "warmup", .kind = OptionKind::Int, .value = "N",
-            .help = "untimed iterations per mode before (default 3; chain8 20; llm 1)", .min = 0, .max = 1000000},
+            .help = "untimed iterations per mode before (default 3; chain8 20; llm and vlm 1)", .min = 0, .max = 1000000},
            {.name = "rounds", .kind = OptionKind::Int, .value = "N",
             .help = "alternating rounds the iterations are split into (default 5)", .min = 1, .max = 100000},
            {.name = "out", .kind = OptionKind::String, .value = "FILE",
@@ -1425,6 +1886,9 @@ const Command& bench_command() {
            {.name = "llm-dtypes", .kind = OptionKind::ChoiceList, .value = "D,...",
             .help = "llm: dtypes to run (default float32,bfloat16)", .choices = {"float32", "bfloat16"}},
            {.name = "llm-eager-float32", .help = "llm: also time pytorch_eager in float32 (minutes here)"},
+           {.name = "vlm-small", .help = "vlm: the tiny VLM (vision hidden 32, text hidden 64, image 16x16) for tests"},
+           {.name = "vlm-decode-tokens", .kind = OptionKind::Int, .value = "N",
+            .help = "vlm: tokens per decode run (default 16)", .min = 2, .max = 256},
            {.name = "llama-cpp-dir", .kind = OptionKind::String, .value = "DIR",
             .help = "where bench/llama_cpp/install.sh installs node-llama-cpp (default $DEVPIPE_LLAMA_CPP_DIR, "
                     "else llama_cpp/ beside --out)"}},
@@ -1439,14 +1903,18 @@ int bench_main(const Args& a) {
     throw UsageError("options --all and --workload exclude each other");
   }
   std::vector<std::string> names;
-  for (const std::string& item : a.get_list("workload", "seed,large,chain8,llm")) {
+  for (const std::string& item : a.get_list("workload", "seed,large,chain8,llm,vlm")) {
     for (const std::string& n : item == "seed" ? std::vector<std::string>{"seed_tp1", "seed_tp2"}
                                                : std::vector<std::string>{item}) {
       if (std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
     }
   }
-  if (a.has("trace") && std::all_of(names.begin(), names.end(), [](const std::string& n) { return n == "llm"; })) {
-    throw UsageError("option --trace traces a workload other than llm (seed_tp1, seed_tp2, large, chain8)");
+  // llm and vlm are not stage pipelines of bench/workloads.h: own workers, checks and tables
+  auto own_kind = [](const std::string& n) { return n == "llm" || n == "vlm"; };
+  if (a.has("trace") && std::all_of(names.begin(), names.end(), own_kind)) {
+    throw UsageError(
+        "option --trace traces a workload other than llm and vlm (seed_tp1, seed_tp2, large, "
+        "chain8)");
   }
   std::string out = a.get("out", "build/bench/report.json");
   const fs::path out_dir = fs::path(out).parent_path().empty() ? fs::path(".") : fs::path(out).parent_path();
@@ -1471,7 +1939,8 @@ int bench_main(const Args& a) {
 
   const auto modes = a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime,llama_cpp");
   const bool llm = std::find(names.begin(), names.end(), "llm") != names.end();
-  const bool others = names.size() > (llm ? 1u : 0u);
+  const bool vlm = std::find(names.begin(), names.end(), "vlm") != names.end();
+  const bool others = !std::all_of(names.begin(), names.end(), own_kind);
   OrtInstall ort{"", "not requested (--modes)"};
   if (others && std::find(modes.begin(), modes.end(), "onnxruntime") != modes.end()) {
     ort = install_ort(fs::absolute(a.get("ort-dir", (out_dir / "ort").string())).lexically_normal().string());
@@ -1487,8 +1956,9 @@ int bench_main(const Args& a) {
   std::vector<std::string> mismatches;
   for (const auto& n : names) {
     std::cerr << "workload " << n << "\n";
-    report["workloads"][n] = n == "llm" ? run_llm_workload(a, work, lim, lcpp, plot, mismatches)
-                                        : run_workload(n, a, work, lim, ort, plot, mismatches);
+    report["workloads"][n] = n == "llm"   ? run_llm_workload(a, work, lim, lcpp, plot, mismatches)
+                             : n == "vlm" ? run_vlm_workload(a, work, plot, mismatches)
+                                          : run_workload(n, a, work, lim, ort, plot, mismatches);
   }
   report["run"]["load_average_end"] = bench::load_average_json();
   {
@@ -1524,7 +1994,7 @@ int bench_main(const Args& a) {
                 "cpu ms/fwd", "/roofline", "cpu/roof", "output");
   }
   for (const auto& [wl, wj] : report["workloads"].items()) {
-    if (wl == "llm") continue;  // its own table below
+    if (own_kind(wl)) continue;  // their own tables below
     std::printf("%-10s %-16s %s %34s  (%s-bound: compute %.3f ms, memory %.3f ms)\n", wl.c_str(), "roofline",
                 fmt_ms(wj["roofline"]["time_ms"].get<double>()).c_str(), "", wj["roofline"]["bound"].get<std::string>().c_str(),
                 wj["roofline"]["compute_ms"].get<double>(), wj["roofline"]["memory_ms"].get<double>());
@@ -1559,6 +2029,7 @@ int bench_main(const Args& a) {
     }
   }
   if (llm) print_llm_rows(report["workloads"]["llm"]);
+  if (vlm) print_vlm_rows(report["workloads"]["vlm"]);
   print_targets(report["targets"]);
 
   std::string plot_path = a.get("plot", (out_dir / "latency.svg").string());
@@ -1566,8 +2037,10 @@ int bench_main(const Args& a) {
   std::cout << "wrote " << plot_path << "\n";
 
   if (a.has("trace")) {
-    // One traced forward of the first workload (other than llm) in pipeline mode, kernels included.
-    Workload w = make_workload(*std::find_if(names.begin(), names.end(), [](const std::string& n) { return n != "llm"; }));
+    // One traced forward of the first workload (other than llm and vlm) in pipeline mode, kernels
+    // included.
+    Workload w = make_workload(*std::find_if(names.begin(), names.end(),
+                                             [&](const std::string& n) { return !own_kind(n); }));
     auto ws = build_stages(w, /*pipeline=*/true, work, "trace", "");
     for (int i = 0; i < 3; ++i) run_chain(ws, w);  // warm, as the timed loops are
     write_trace_of([&] { run_chain(ws, w); }, a.get("trace", ""));
