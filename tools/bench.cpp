@@ -782,6 +782,51 @@ std::uint64_t llm_weight_bytes(const models::LlamaConfig& c, std::uint64_t elem)
   return elem * (static_cast<std::uint64_t>(c.num_hidden_layers) * per_layer + emb * (c.tie_word_embeddings ? 1 : 2) + h);
 }
 
+/// Greedy generation of n tokens, eos ignored (greedy ids of random weights: every run has the
+/// same length).
+models::GenerationConfig greedy(std::int64_t n) {
+  models::GenerationConfig g;
+  g.max_new_tokens = n;
+  g.stop_at_eos = false;
+  return g;
+}
+
+/// A generate() call with a per-token callback.
+using GenerateFn = std::function<models::GenerationResult(const models::TokenCallback&)>;
+
+/// One prefill sample: `generate` from the call to its first token (the wall and CPU time);
+/// r.tokens = its tokens.
+void time_to_first_token(LlmRun& r, const GenerateFn& generate) {
+  double c1 = 0;
+  Clock::time_point t1;
+  const double c0 = process_cpu_ms();
+  const auto t0 = Clock::now();
+  auto res = generate([&](std::int64_t, std::int64_t) {
+    t1 = Clock::now();
+    c1 = process_cpu_ms();
+  });
+  r.samples_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+  r.cpu_ms += c1 - c0;
+  r.tokens = res.tokens;
+}
+
+/// The decode steps of one `generate` run: sequence 0's token of step k arrives right after step
+/// k's forward, so the gaps between those callbacks are the steps; r.tokens = its tokens.
+void time_decode_steps(LlmRun& r, const GenerateFn& generate) {
+  std::vector<Clock::time_point> at;
+  std::vector<double> cpu;
+  auto res = generate([&](std::int64_t seq, std::int64_t) {
+    if (seq != 0) return;
+    at.push_back(Clock::now());
+    cpu.push_back(process_cpu_ms());
+  });
+  for (std::size_t k = 1; k < at.size(); ++k) {
+    r.samples_ms.push_back(std::chrono::duration<double, std::milli>(at[k] - at[k - 1]).count());
+    r.cpu_ms += cpu[k] - cpu[k - 1];
+  }
+  r.tokens = res.tokens;
+}
+
 class LlmWorker {
  public:
   explicit LlmWorker(std::string mode) : mode_(std::move(mode)) {}
@@ -810,17 +855,9 @@ class DevpipeLlmWorker : public LlmWorker {
   LlmRun prefill(int iters) override {
     LlmRun r;
     for (int i = 0; i < iters; ++i) {
-      double c1 = 0;
-      Clock::time_point t1;
-      const double c0 = process_cpu_ms();
-      const auto t0 = Clock::now();
-      auto res = app_.generate({s_.prompts[0]}, gen(1), [&](std::int64_t, std::int64_t) {
-        t1 = Clock::now();
-        c1 = process_cpu_ms();
+      time_to_first_token(r, [&](const models::TokenCallback& cb) {
+        return app_.generate({s_.prompts[0]}, greedy(1), cb);
       });
-      r.samples_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
-      r.cpu_ms += c1 - c0;
-      r.tokens = res.tokens;
     }
     return r;
   }
@@ -828,19 +865,9 @@ class DevpipeLlmWorker : public LlmWorker {
     LlmRun r;
     const std::vector<std::vector<std::int64_t>> prompts(s_.prompts.begin(), s_.prompts.begin() + batch);
     for (int i = 0; i < iters; ++i) {
-      // sequence 0's token of step k arrives right after step k's forward: the gaps are the steps
-      std::vector<Clock::time_point> at;
-      std::vector<double> cpu;
-      auto res = app_.generate(prompts, gen(s_.decode_tokens), [&](std::int64_t seq, std::int64_t) {
-        if (seq != 0) return;
-        at.push_back(Clock::now());
-        cpu.push_back(process_cpu_ms());
+      time_decode_steps(r, [&](const models::TokenCallback& cb) {
+        return app_.generate(prompts, greedy(s_.decode_tokens), cb);
       });
-      for (std::size_t k = 1; k < at.size(); ++k) {
-        r.samples_ms.push_back(std::chrono::duration<double, std::milli>(at[k] - at[k - 1]).count());
-        r.cpu_ms += cpu[k] - cpu[k - 1];
-      }
-      r.tokens = res.tokens;
     }
     return r;
   }
@@ -860,12 +887,6 @@ class DevpipeLlmWorker : public LlmWorker {
     o.max_length = len;
     o.context_buckets = {s.prompt_len};
     return models::llama_config(s.model_dir, rc, o);
-  }
-  static models::GenerationConfig gen(std::int64_t n) {
-    models::GenerationConfig g;
-    g.max_new_tokens = n;
-    g.stop_at_eos = false;  // greedy ids of random weights: every run has the same length
-    return g;
   }
   const LlmShape& s_;
   models::LlamaForCausalLM app_;
@@ -1382,36 +1403,18 @@ class DevpipeVlmWorker : public VlmWorker {
   LlmRun prefill(int iters) override {
     LlmRun r;
     for (int i = 0; i < iters; ++i) {
-      double c1 = 0;
-      Clock::time_point t1;
-      const double c0 = process_cpu_ms();
-      const auto t0 = Clock::now();
-      auto res = app_.generate({s_.prompt}, s_.pixels, gen(1), [&](std::int64_t, std::int64_t) {
-        t1 = Clock::now();
-        c1 = process_cpu_ms();
+      time_to_first_token(r, [&](const models::TokenCallback& cb) {
+        return app_.generate({s_.prompt}, s_.pixels, greedy(1), cb);
       });
-      r.samples_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
-      r.cpu_ms += c1 - c0;
-      r.tokens = res.tokens;
     }
     return r;
   }
   LlmRun decode(int iters) override {
     LlmRun r;
     for (int i = 0; i < iters; ++i) {
-      std::vector<Clock::time_point> at;  // each token's arrival: the gaps are the steps
-      std::vector<double> cpu;
-      auto res = app_.generate({s_.prompt}, s_.pixels, gen(s_.decode_tokens),
-                               [&](std::int64_t, std::int64_t) {
-                                 at.push_back(Clock::now());
-                                 cpu.push_back(process_cpu_ms());
-                               });
-      for (std::size_t k = 1; k < at.size(); ++k) {
-        r.samples_ms.push_back(
-            std::chrono::duration<double, std::milli>(at[k] - at[k - 1]).count());
-        r.cpu_ms += cpu[k] - cpu[k - 1];
-      }
-      r.tokens = res.tokens;
+      time_decode_steps(r, [&](const models::TokenCallback& cb) {
+        return app_.generate({s_.prompt}, s_.pixels, greedy(s_.decode_tokens), cb);
+      });
     }
     return r;
   }
@@ -1439,12 +1442,6 @@ class DevpipeVlmWorker : public VlmWorker {
     o.image_height = s.pixels.dim(2);
     o.image_width = s.pixels.dim(3);
     return models::llava_config(s.model_dir, rc, o);
-  }
-  static models::GenerationConfig gen(std::int64_t n) {
-    models::GenerationConfig g;
-    g.max_new_tokens = n;
-    g.stop_at_eos = false;  // greedy ids of random weights: every run has the same length
-    return g;
   }
   const VlmShape& s_;
   models::LlavaForConditionalGeneration app_;
