@@ -19,6 +19,11 @@ constexpr std::int64_t kSerialElements = 1 << 16;
 /// The same for attention, which streams its keys and values once per query block: a decode
 /// step's attention (one query row per sequence) reads its cache at about a core's bandwidth.
 constexpr std::int64_t kSerialAttentionElements = 1 << 20;
+/// And the multiply-adds of its scores (query elements x keys) an attention with several query
+/// rows per sequence may take on one thread: an encoder's or a prefill's attention grows with
+/// T x S, not with its operands (a vision tower's [1, 4, 256, 64] is 16.8M; a decode step's
+/// one row per sequence stays with the element rule).
+constexpr std::int64_t kSerialAttentionWork = 1 << 22;
 
 /// Whether `node` runs with one OpenMP thread. A token-generation step has a few hundred
 /// nodes of a few thousand elements (adds, norms, rotary, copies): waking the team costs more
@@ -38,8 +43,10 @@ bool runs_serial(const Graph& g, const Node& node, const std::vector<std::byte*>
   }
   for (int out : node.outputs) elements += g.value(out).shape.numel();
   if (op == OpKind::ScaledDotProductAttention || op == OpKind::MaskedAttention) {
-    return g.value(node.outputs[0]).shape.numel() <= kSerialElements &&
-           elements <= kSerialAttentionElements;
+    const Shape& q = g.value(node.inputs[0]).shape;
+    const std::int64_t keys = g.value(node.inputs[1]).shape[2];
+    const bool light = q[2] == 1 || q.numel() * keys <= kSerialAttentionWork;
+    return light && g.value(node.outputs[0]).shape.numel() <= kSerialElements && elements <= kSerialAttentionElements;
   }
   return elements <= kSerialElements;
 }
