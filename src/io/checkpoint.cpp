@@ -17,6 +17,9 @@ namespace fs = std::filesystem;
 
 constexpr const char* kSingleFile = "model.safetensors";
 constexpr const char* kIndexFile = "model.safetensors.index.json";
+// diffusers' names for the same two files (a pipeline's transformer/, unet/, vae/ folders).
+constexpr const char* kDiffusersFile = "diffusion_pytorch_model.safetensors";
+constexpr const char* kDiffusersIndexFile = "diffusion_pytorch_model.safetensors.index.json";
 constexpr const char* kPickleFile = "pytorch_model.bin";
 constexpr const char* kPickleIndexFile = "pytorch_model.bin.index.json";
 
@@ -125,15 +128,20 @@ Checkpoint Checkpoint::open(const std::string& path) {
     add_whole_file(root);
     return ck;
   }
-  if (is_file(root / kSingleFile)) {
-    add_whole_file(root / kSingleFile);
-    return ck;
+  for (const char* single : {kSingleFile, kDiffusersFile}) {
+    if (is_file(root / single)) {
+      add_whole_file(root / single);
+      return ck;
+    }
   }
-  const fs::path index_path = root / kIndexFile;
+  const fs::path index_path = is_file(root / kIndexFile) || !is_file(root / kDiffusersIndexFile)
+                                  ? root / kIndexFile
+                                  : root / kDiffusersIndexFile;
   if (!is_file(index_path)) {
     if (is_file(root / kPickleFile) || is_file(root / kPickleIndexFile)) throw_pickle_checkpoint(root, true);
     throw IoError("checkpoint folder " + in_quotes(path) + " has neither " + in_quotes(kSingleFile) +
-                  " nor " + in_quotes(kIndexFile));
+                  " nor " + in_quotes(kIndexFile) + " (nor diffusers' " + in_quotes(kDiffusersFile) +
+                  " or its index)");
   }
 
   std::map<std::string, std::size_t> shard_ids;  // shard file name -> index into files_

@@ -11,7 +11,8 @@
 namespace devpipe {
 
 /// A PyTorch-style checkpoint folder: model.safetensors, or model.safetensors.index.json
-/// ({"weight_map": {key: shard_file}}) plus its shards. A path to a single .safetensors file
+/// ({"weight_map": {key: shard_file}}) plus its shards (diffusers' folders name them
+/// diffusion_pytorch_model.safetensors and diffusion_pytorch_model.safetensors.index.json). A path to a single .safetensors file
 /// also works. Every file is opened (and validated) by open(); tensors are views of the
 /// memory-mapped files. Copies share the mappings; thread-safe for reads.
 class Checkpoint {

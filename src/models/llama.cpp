@@ -21,18 +21,6 @@ using nlohmann::json;
 
 // ------------------------------------------------------------------------------ config
 
-json read_hf_config_json(const std::string& model_dir) {
-  const std::string path = (std::filesystem::path(model_dir) / "config.json").string();
-  std::ifstream f(path);
-  if (!f) throw IoError("cannot open '" + path + "': a Hugging Face model folder needs a config.json");
-  try {
-    json j = json::parse(f);
-    if (!j.is_object()) throw ConfigError("'" + path + "' holds " + std::string(j.type_name()) + ", expected a JSON object");
-    return j;
-  } catch (const json::exception& e) {
-    throw ConfigError("'" + path + "' is not valid JSON: " + e.what());
-  }
-}
 
 LlamaConfig LlamaConfig::from_hf_folder(const std::string& model_dir) {
   const std::string path = (std::filesystem::path(model_dir) / "config.json").string();

@@ -6,56 +6,15 @@
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
-#include <optional>
 #include <string>
 #include <vector>
 
-#include "devpipe/error.h"
 #include "devpipe/models/llama.h"
+#include "models/hf_config.h"
 
 namespace devpipe::models {
 
-/// Typed reads of an HF config object's keys; errors name `where` (e.g. "'dir/config.json'") and the key.
-struct HfFields {
-  const nlohmann::json& j;
-  std::string where;
-  /// j[key] (HF's null counts as absent: the fallback; no fallback: ConfigError "lacks").
-  std::int64_t integer(const char* key, std::optional<std::int64_t> fallback) const {
-    if (!j.contains(key) || j[key].is_null()) {
-      if (fallback) return *fallback;
-      throw ConfigError(where + " lacks \"" + key + "\"");
-    }
-    if (!j[key].is_number_integer()) throw ConfigError(where + ": \"" + key + "\" is " + j[key].dump() + ", expected an integer");
-    return j[key].get<std::int64_t>();
-  }
-  double number(const char* key, double fallback) const {
-    if (!j.contains(key) || j[key].is_null()) return fallback;
-    if (!j[key].is_number()) throw ConfigError(where + ": \"" + key + "\" is " + j[key].dump() + ", expected a number");
-    return j[key].get<double>();
-  }
-  std::string text(const char* key, const std::string& fallback) const {
-    if (!j.contains(key) || j[key].is_null()) return fallback;
-    if (!j[key].is_string()) throw ConfigError(where + ": \"" + key + "\" is " + j[key].dump() + ", expected a string");
-    return j[key].get<std::string>();
-  }
-  bool flag(const char* key, bool fallback) const {
-    if (!j.contains(key) || j[key].is_null()) return fallback;
-    if (!j[key].is_boolean()) throw ConfigError(where + ": \"" + key + "\" is " + j[key].dump() + ", expected true or false");
-    return j[key].get<bool>();
-  }
-  /// j[key] as an object (nested configs); ConfigError when absent or of another type.
-  const nlohmann::json& object(const char* key) const {
-    if (!j.contains(key) || !j[key].is_object()) {
-      throw ConfigError(where + " lacks the object \"" + key + "\"" +
-                        (j.contains(key) ? std::string(" (it is ") + j[key].type_name() + ")" : ""));
-    }
-    return j[key];
-  }
-};
 
-/// <model_dir>/config.json as a JSON object; IoError when it cannot be read, ConfigError when
-/// it is not a JSON object.
-nlohmann::json read_hf_config_json(const std::string& model_dir);
 /// The Llama/Mistral architecture fields of an HF config object (a whole config.json, or a
 /// VLM's "text_config"); `where` names it in errors ("'dir/config.json'").
 LlamaConfig parse_llama_config(const nlohmann::json& j, const std::string& where);
