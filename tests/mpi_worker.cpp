@@ -10,6 +10,8 @@
 //   llama     a small random Llama (HF folder) generating 12 greedy tokens for 3 prompts
 //   llava     a small random Pixtral-style Llava (HF folder): the vision stage's features (its
 //             ranked output read back) and 8 greedy tokens for 2 prompts about 2 images
+//   dit       a small random DiT pipeline (diffusers folder): 6 DDIM steps with guidance for 2
+//             images, the latents after each step
 //   two       two mlp stages, at TP and at 2*TP, each forwarded 16 times from a thread of its
 //             own, both at once (their rank groups' collectives run concurrently)
 //   hang      mlp, but process 1 stops before its forward (sleeps): the others must fail
@@ -31,6 +33,7 @@
 
 #include "devpipe/devpipe.h"
 #include "devpipe/models/llama.h"
+#include "devpipe/models/dit.h"
 #include "devpipe/models/llava.h"
 #include "devpipe/world.h"
 #include "pipeline_util.h"
@@ -256,6 +259,37 @@ void run_llava(const std::string& work, const std::string& out, int tp) {
   save_outputs(out, tensors);
 }
 
+void run_dit(const std::string& work, const std::string& out, int tp) {
+  const fs::path model = fs::path(work) / "dit";
+  if (World::get().process() == 0) {
+    fs::create_directories(model / "transformer");
+    fs::create_directories(model / "scheduler");
+    nlohmann::json transformer = {{"num_attention_heads", 4}, {"attention_head_dim", 8}, {"in_channels", 4},
+                                  {"out_channels", 8}, {"num_layers", 2}, {"sample_size", 8}, {"patch_size", 2},
+                                  {"num_embeds_ada_norm", 10}};
+    nlohmann::json scheduler = {{"_class_name", "DDIMScheduler"}, {"clip_sample", true}};
+    std::ofstream(model / "scheduler" / "scheduler_config.json.tmp") << scheduler.dump(2) << "\n";
+    fs::rename(model / "scheduler" / "scheduler_config.json.tmp", model / "scheduler" / "scheduler_config.json");
+    std::ofstream(model / "transformer" / "config.json.tmp") << transformer.dump(2) << "\n";
+    fs::rename(model / "transformer" / "config.json.tmp", model / "transformer" / "config.json");
+  }
+  wait_for(model / "transformer" / "config.json");
+  RuntimeConfig rc{.batch_size = 2, .dtype = DType::Float32, .tp_degree = tp};
+  InferenceConfig config = models::dit_config(model.string(), rc);
+  const fs::path weights = model / "transformer" / "diffusion_pytorch_model.safetensors";
+  if (World::get().process() == 0) safetensors::save(weights.string(), models::dit_random_state_dict(config, 7), {{"format", "pt"}});
+  wait_for(weights);
+  models::DiTPipeline pipe(model.string(), config);
+  pipe.compile(work + "/compiled/dit");
+  pipe.load(work + "/compiled/dit");
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  pipe.generate({3, 7}, Tensor::randn({2, 4, 8, 8}, 5), 6, 4.0,
+                [&](std::int64_t step, std::int64_t, std::int64_t, const RankedTensors& latents) {
+                  tensors.emplace_back("latents" + std::to_string(step), latents.to_host().at(0));
+                });
+  save_outputs(out, tensors);
+}
+
 /// Runs `f`; a devpipe error is written to OUT.p<process>.json with the seconds since `since`.
 int record_error(const std::string& out, const std::function<void()>& f,
                  const std::chrono::steady_clock::time_point* since) {
@@ -277,7 +311,7 @@ int record_error(const std::string& out, const std::function<void()>& f,
 
 int main(int argc, char** argv) {
   if (argc != 5) {
-    std::cerr << "usage: mpi_worker seed|mlp|bcast|two|llama|llava|hang|kill|mismatch WORK OUT TP\n";
+    std::cerr << "usage: mpi_worker seed|mlp|bcast|two|llama|llava|dit|hang|kill|mismatch WORK OUT TP\n";
     return 2;
   }
   const std::string scenario = argv[1], work = argv[2], out = argv[3];
@@ -296,6 +330,8 @@ int main(int argc, char** argv) {
       run_llama(work, out, tp);
     } else if (scenario == "llava") {
       run_llava(work, out, tp);
+    } else if (scenario == "dit") {
+      run_dit(work, out, tp);
     } else if (scenario == "hang" || scenario == "kill") {
       std::chrono::steady_clock::time_point start;
       return record_error(

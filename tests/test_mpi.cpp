@@ -143,13 +143,13 @@ std::string param_name(const ::testing::TestParamInfo<std::tuple<std::string, in
 
 // One rank per process at tp 2 and 4.
 INSTANTIATE_TEST_SUITE_P(Mpi, ProcessesEqualThreads,
-                         ::testing::Combine(::testing::Values("seed", "mlp", "bcast", "llama", "llava"), ::testing::Values(2, 4),
+                         ::testing::Combine(::testing::Values("seed", "mlp", "bcast", "llama", "llava", "dit"), ::testing::Values(2, 4),
                                             ::testing::Values(0)),
                          [](const auto& info) { return param_name(info); });
 // Two ranks per process: tp 4 over 2 processes (threads inside, MPI between; the seed's two
 // local ranks may run each other's conv bands while they wait in the local barriers).
 INSTANTIATE_TEST_SUITE_P(MpiGroups, ProcessesEqualThreads,
-                         ::testing::Combine(::testing::Values("seed", "mlp", "bcast", "llama", "llava"), ::testing::Values(4),
+                         ::testing::Combine(::testing::Values("seed", "mlp", "bcast", "llama", "llava", "dit"), ::testing::Values(4),
                                             ::testing::Values(2)),
                          [](const auto& info) { return param_name(info); });
 
