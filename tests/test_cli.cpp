@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -25,6 +26,7 @@
 
 namespace fs = std::filesystem;
 using devpipe::testing::TempDir;
+using devpipe::testing::tensors_close;
 using devpipe::testing::Twin;
 using nlohmann::json;
 
@@ -257,7 +259,7 @@ Result run_cli(const std::string& args, bool merged = false) {
   return r;
 }
 
-const std::vector<std::string> kCommands = {"compile", "run", "inspect", "bench", "help"};
+const std::vector<std::string> kCommands = {"compile", "run", "inspect", "bench", "diffuse", "help"};
 
 TEST(Cli, EveryCommandHasHelpThatRunsNothing) {
   TempDir t;
@@ -796,6 +798,224 @@ TEST_F(CliLlava, RequestErrorsNameTheValues) {
     EXPECT_EQ(r.err, message) << args;
     EXPECT_FALSE(fs::exists(work)) << args << " compiled into " << work;
   }
+}
+
+// ------------------------------------------------------------- diffuse with a DiT pipeline folder
+
+/// `devpipe diffuse` on a diffusers DiTPipeline folder (tests/reference/dit_ref.py's tiny model:
+/// 2 heads of 16, 2 blocks, 4 x 8 x 8 latents with learned sigma, 10 classes, DDIM leading
+/// spacing with x0 clipped) against the twin's runs for classes 3 and 7 over 4 steps, at guidance
+/// 4 and at guidance 1 (no guidance), from the twin's initial latents. Tolerances as
+/// tests/test_dit.cpp measured and states: atol 5e-4 + rtol 1e-4 (float32 rounding amplified by
+/// the guidance combine and DDIM's 1 / sqrt(alpha_t); worst seen there 1.8e-4).
+class CliDiT : public ::testing::Test {
+ protected:
+  static constexpr double kRtol = 1e-4, kAtol = 5e-4;
+  static void SetUpTestSuite() {
+    const std::string guided = " --classes 3,7 --steps 4 --guidance 4.0 --seed 0",
+                      plain = " --classes 3,7 --steps 4 --guidance 1.0 --seed 0";
+    twin_ = new fs::path(devpipe::testing::cached_twin_dir(
+        "cli_dit_twin", {"dit_ref.py"}, guided + plain, [&](const fs::path& tmp) {
+          const std::string m = (tmp / "model").string();
+          return devpipe::testing::run_torch_script("dit_ref.py", "write-model " + m + " > /dev/null") &&
+                 devpipe::testing::run_torch_script(
+                     "dit_ref.py", "run " + m + guided + " --out " + (tmp / "guided").string() + " > /dev/null") &&
+                 devpipe::testing::run_torch_script(
+                     "dit_ref.py", "run " + m + plain + " --out " + (tmp / "plain").string() + " > /dev/null");
+        }));
+    guided_ = new Run(load("guided"));
+    plain_ = new Run(load("plain"));
+    dir_ = new TempDir();
+    // What a user saves from a diffusers run: its initial latents alone.
+    safetensors::save(dir_->str("guided_init.safetensors"), {{"latents", guided_->init}});
+    safetensors::save(dir_->str("plain_init.safetensors"), {{"latents", plain_->init}});
+  }
+  static void TearDownTestSuite() {
+    delete dir_;
+    delete plain_;
+    delete guided_;
+    delete twin_;
+  }
+
+  /// A twin run: its initial latents, its timesteps and its latents after the last step.
+  struct Run {
+    Tensor init, last;
+    std::vector<std::int64_t> timesteps;
+  };
+  static Run load(const std::string& name) {
+    const auto t = safetensors::load_all((*twin_ / (name + ".safetensors")).string());
+    const Tensor& steps = t.at("latents_step");  // [steps, B, C, S, S]
+    const Tensor& init = t.at("latents_init");
+    return {init, steps.narrow_rows(steps.dim(0) - 1, steps.dim(0)).reshape(init.shape()),
+            json::parse(read_text(*twin_ / (name + ".json"))).at("timesteps").get<std::vector<std::int64_t>>()};
+  }
+  static std::string model() { return (*twin_ / "model").string(); }
+  static std::string init(const std::string& name) { return dir_->str(name + "_init.safetensors"); }
+
+  /// diffuse --json from `name`'s initial latents at `tp` and `guidance`, twice into one work
+  /// folder: the written latents equal the twin's last ones both times; the first run compiles
+  /// into the key's folder, the second loads it.
+  static void expect_twin_latents(const std::string& name, const Run& ref, int tp, const std::string& guidance,
+                                  const std::string& key) {
+    ASSERT_FALSE(tensors_close(ref.last, ref.init, 0.1, 0.1)) << "the twin's steps changed the latents";
+    TempDir work;
+    const std::string out = work.str("latents.safetensors");
+    for (int pass = 0; pass < 2; ++pass) {
+      SCOPED_TRACE("pass " + std::to_string(pass));
+      fs::remove(out);
+      Result r = run_cli("diffuse --model " + model() + " --latents " + init(name) +
+                         " --class-labels 3,7 --steps 4 --guidance " + guidance + " --tp " + std::to_string(tp) +
+                         " --json --out " + out + " --work " + work.str("compiled"));
+      ASSERT_EQ(r.code, 0) << r.out << r.err;
+      const json j = json::parse(r.out);
+      EXPECT_EQ(j.at("timesteps").get<std::vector<std::int64_t>>(), ref.timesteps) << r.out;
+      EXPECT_EQ(j.at("out"), out) << r.out;
+      const double seconds = j.at("seconds").get<double>();
+      EXPECT_GT(seconds, 0) << r.out;
+      EXPECT_NEAR(j.at("steps_per_s").get<double>(), 4 / seconds, 1e-9 * (4 / seconds)) << r.out;
+      const auto written = safetensors::load_all(out);
+      ASSERT_EQ(written.size(), 1u);
+      EXPECT_TRUE(tensors_close(written.at("latents"), ref.last, kRtol, kAtol));
+      EXPECT_EQ(r.err.find("compiling " + model() + " into " + work.str("compiled") + "/" + key) !=
+                    std::string::npos,
+                pass == 0)
+          << r.err;
+      for (int step = 1; step <= 4; ++step) {
+        const std::string line = "step " + std::to_string(step) + "/4 t=" +
+                                 std::to_string(ref.timesteps[static_cast<std::size_t>(step - 1)]) + "\n";
+        EXPECT_NE(r.err.find(line), std::string::npos) << line << r.err;
+      }
+    }
+    EXPECT_TRUE(fs::exists(work.path() / "compiled" / key / "denoiser" / "manifest.json")) << key;
+    std::vector<std::string> left;  // nothing but the latents beside them (written beside, renamed)
+    for (const auto& e : fs::directory_iterator(work.path())) left.push_back(e.path().filename().string());
+    std::sort(left.begin(), left.end());
+    EXPECT_EQ(left, (std::vector<std::string>{"compiled", "latents.safetensors"}));
+  }
+
+  static fs::path* twin_;
+  static Run* guided_;
+  static Run* plain_;
+  static TempDir* dir_;
+};
+
+fs::path* CliDiT::twin_ = nullptr;
+CliDiT::Run* CliDiT::guided_ = nullptr;
+CliDiT::Run* CliDiT::plain_ = nullptr;
+TempDir* CliDiT::dir_ = nullptr;
+
+TEST_F(CliDiT, GuidedLatentsMatchTheTwinAtTp1) {
+  expect_twin_latents("guided", *guided_, 1, "4", "tp1_float32_b2_guidance");
+}
+
+TEST_F(CliDiT, GuidedLatentsMatchTheTwinAtTp2) {
+  expect_twin_latents("guided", *guided_, 2, "4", "tp2_float32_b2_guidance");
+}
+
+// --guidance 1 compiles the pipeline without guidance (the other key) and gives the twin's
+// unguided latents, which are not the guided ones.
+TEST_F(CliDiT, GuidanceOneCompilesWithoutGuidance) {
+  ASSERT_FALSE(tensors_close(plain_->last, guided_->last, 0.01, 0.01));
+  expect_twin_latents("plain", *plain_, 1, "1", "tp1_float32_b2_noguidance");
+}
+
+// Without --json: the timesteps, the rate and where the latents went. Without --latents: noise
+// from --seed, which is devpipe's Tensor::randn with that seed (another seed, other latents).
+TEST_F(CliDiT, SeedNoiseIsTensorRandnAndStdoutSaysWhatRan) {
+  TempDir t;
+  const std::string base = "diffuse --model " + model() + " --class-labels 3,7 --steps 4 --work " + t.str("compiled");
+  safetensors::save(t.str("randn5.safetensors"), {{"latents", Tensor::randn({2, 4, 8, 8}, 5)}});
+  Result r = run_cli(base + " --seed 5 --out " + t.str("seed5.safetensors"));
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  EXPECT_EQ(r.out.rfind("timesteps: 750 500 250 0\n4 steps of 2 images in ", 0), 0u) << r.out;
+  EXPECT_NE(r.out.find(" steps/s (tp_degree 1, float32, guidance 4.0)\nwrote latents [2, 4, 8, 8] to " +
+                       t.str("seed5.safetensors") + "\n"),
+            std::string::npos)
+      << r.out;
+  r = run_cli(base + " --latents " + t.str("randn5.safetensors") + " --out " + t.str("randn5_out.safetensors"));
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  r = run_cli(base + " --seed 6 --out " + t.str("seed6.safetensors"));
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  const Tensor seed5 = safetensors::load_all(t.str("seed5.safetensors")).at("latents");
+  EXPECT_TRUE(tensors_close(seed5, safetensors::load_all(t.str("randn5_out.safetensors")).at("latents"), 0, 1e-6));
+  EXPECT_FALSE(tensors_close(seed5, safetensors::load_all(t.str("seed6.safetensors")).at("latents"), 0.01, 0.01));
+}
+
+TEST_F(CliDiT, RequestErrorsNameTheValues) {
+  TempDir t;
+  const std::string work = t.str("compiled");
+  const std::vector<float> values = guided_->init.to_float_vector();  // [2, 4, 8, 8]
+  auto write = [&](const std::string& name, const std::string& key, const Tensor& x) {
+    safetensors::save(t.str(name), {{key, x}});
+    return t.str(name);
+  };
+  const std::string other_key = write("other_key.safetensors", "noise", guided_->init);
+  const std::string bf16 =
+      write("bf16.safetensors", "latents", Tensor::from_vector(values, {2, 4, 8, 8}, DType::BFloat16));
+  const std::string rank3 = write("rank3.safetensors", "latents", Tensor::from_vector(values, {2, 4, 64}));
+  const std::string one = write(
+      "one.safetensors", "latents",
+      Tensor::from_vector(std::vector<float>(values.begin(), values.begin() + 4 * 8 * 8), {1, 4, 8, 8}));
+  const std::string small = write(
+      "small.safetensors", "latents",
+      Tensor::from_vector(std::vector<float>(values.begin(), values.begin() + 2 * 4 * 4 * 4), {2, 4, 4, 4}));
+  const std::string base = "diffuse --work " + work + " --model " + model();
+  const std::string see = " (see devpipe diffuse --help)\n";
+  const std::vector<std::tuple<std::string, int, std::string>> cases = {
+      {base + " --class-labels 3,10", 1,
+       "devpipe diffuse: error: --class-labels: class label 10 of image 1 is outside [0, num_embeds_ada_norm 10) of '" +
+           model() + "'\n"},
+      {base + " --class-labels 3,-1", 2,
+       "devpipe diffuse: option --class-labels expects comma-separated integers >= 0, got '3,-1'" + see},
+      {base + " --class-labels 3,x", 2,
+       "devpipe diffuse: option --class-labels expects comma-separated integers >= 0, got '3,x'" + see},
+      {base, 2, "devpipe diffuse: missing option --class-labels (one class id per image)" + see},
+      {"diffuse --class-labels 3 --work " + work, 2, "devpipe diffuse: missing option --model DIR" + see},
+      {base + " --class-labels 3 --steps 0", 2,
+       "devpipe diffuse: option --steps expects an integer in [1, 1048576], got '0'" + see},
+      {base + " --class-labels 3 --steps 1001", 1,
+       "devpipe diffuse: error: DDIM: 1001 inference steps is outside [1, num_train_timesteps 1000]\n"},
+      {base + " --class-labels 3 --guidance 4x", 2,
+       "devpipe diffuse: option --guidance expects a number in [0, 1000000], got '4x'" + see},
+      {base + " --class-labels 3 --guidance -2", 2,
+       "devpipe diffuse: option --guidance expects a number in [0, 1000000], got '-2'" + see},
+      {base + " --class-labels 3,7 --seed 1 --latents " + init("guided"), 2,
+       "devpipe diffuse: options --seed and --latents exclude each other" + see},
+      {base + " --class-labels 3,7 --tp 4", 1,
+       "devpipe diffuse: error: dit: num_attention_heads 2 cannot be split over tp_degree 4\n"},
+      {base + " --class-labels 3,7 --out " + t.str("no_such_folder/x.safetensors"), 1,
+       "devpipe diffuse: error: --out '" + t.str("no_such_folder/x.safetensors") + "': the folder '" +
+           t.str("no_such_folder") + "' does not exist\n"},
+      {base + " --class-labels 3,7 --latents " + t.str("no_such.safetensors"), 1,
+       "devpipe diffuse: error: cannot open safetensors file '" + t.str("no_such.safetensors") +
+           "': No such file or directory\n"},
+      {base + " --class-labels 3,7 --latents " + other_key, 1,
+       "devpipe diffuse: error: --latents '" + other_key + "' has no tensor \"latents\" (it holds: noise)\n"},
+      {base + " --class-labels 3,7 --latents " + bf16, 1,
+       "devpipe diffuse: error: --latents '" + bf16 +
+           "': \"latents\" is bfloat16 [2, 4, 8, 8], expected float32 [images, channels, height, width]\n"},
+      {base + " --class-labels 3,7 --latents " + rank3, 1,
+       "devpipe diffuse: error: --latents '" + rank3 +
+           "': \"latents\" is float32 [2, 4, 64], expected float32 [images, channels, height, width]\n"},
+      {base + " --class-labels 3,7 --latents " + one, 1,
+       "devpipe diffuse: error: --latents '" + one +
+           "': \"latents\" is [1, 4, 8, 8], expected [2, 4, 8, 8]: one per --class-labels (2) of in_channels 4 x "
+           "sample_size 8 x 8\n"},
+      {base + " --class-labels 3,7 --latents " + small, 1,
+       "devpipe diffuse: error: --latents '" + small +
+           "': \"latents\" is [2, 4, 4, 4], expected [2, 4, 8, 8]: one per --class-labels (2) of in_channels 4 x "
+           "sample_size 8 x 8\n"},
+  };
+  for (const auto& [args, code, message] : cases) {
+    Result r = run_cli(args);
+    EXPECT_EQ(r.code, code) << args << "\n" << r.err;
+    EXPECT_EQ(r.err, message) << args;
+    EXPECT_EQ(r.out, "") << args;
+    EXPECT_FALSE(fs::exists(work)) << args << " compiled into " << work;
+  }
+  Result r = run_cli("diffuse --model " + t.str("no_such_model") + " --class-labels 3 --work " + work);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("'" + t.str("no_such_model") + "/transformer/config.json'"), std::string::npos) << r.err;
 }
 
 }  // namespace

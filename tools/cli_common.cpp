@@ -3,10 +3,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <iomanip>
 #include <iostream>
+#include <sstream>
 
 #include "devpipe/model_wrapper.h"
+#include "devpipe/safetensors.h"
 #include "devpipe/timeline.h"
+
+namespace fs = std::filesystem;
 
 namespace devpipe::cli {
 
@@ -59,6 +64,61 @@ std::string cli_wording(const std::string& message, const std::string& work) {
     from = at + api.size();
   }
   return out + message.substr(from);
+}
+
+double parse_number(const Args& a, const std::string& name, double fallback, double lo, double hi) {
+  if (!a.has(name)) return fallback;
+  const std::string text = a.get(name, "");
+  std::size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text.size() || !(v >= lo && v <= hi)) {
+    std::ostringstream range;  // 0 and 1000000, not 0.000000 and 1000000.000000
+    range << std::setprecision(15) << "[" << lo << ", " << hi << "]";
+    throw UsageError("option --" + name + " expects a number in " + range.str() + ", got '" + text + "'");
+  }
+  return v;
+}
+
+fs::path compiled_dir(const Args& a, const std::string& model, const std::string& key) {
+  return fs::path(a.has("work") ? a.get("work", "") : (fs::path(model) / "devpipe_compiled").string()) / key;
+}
+
+void load_or_compile(ApplicationBase& app, const fs::path& art, const std::string& model) {
+  if (std::all_of(app.models.begin(), app.models.end(),
+                  [&](const auto& m) { return fs::exists(art / m->tag() / "manifest.json"); })) {
+    try {
+      app.load(art.string());
+      return;
+    } catch (const ArtifactMismatch& e) {
+      std::cerr << "recompiling: " << e.what() << "\n";
+    }
+  }
+  std::cerr << "compiling " << model << " into " << art.string() << "\n";
+  app.compile(art.string());
+  app.load(art.string());
+}
+
+Tensor read_float32_nchw(const std::string& option, const std::string& path, const std::string& key,
+                         const std::string& dims) {
+  const safetensors::File file = safetensors::File::open(path);
+  if (!file.contains(key)) {
+    std::string held;
+    for (const auto& n : file.names()) held += (held.empty() ? "" : ", ") + n;
+    throw InvalidArgument("--" + option + " '" + path + "' has no tensor \"" + key +
+                          "\" (it holds: " + (held.empty() ? "nothing" : held) + ")");
+  }
+  const safetensors::TensorInfo& info = file.info(key);
+  if (info.dtype != DType::Float32 || info.shape.rank() != 4 || info.shape[2] < 1 || info.shape[3] < 1) {
+    throw InvalidArgument("--" + option + " '" + path + "': \"" + key + "\" is " +
+                          std::string(dtype_name(info.dtype)) + " " + info.shape.to_string() + ", expected float32 " +
+                          dims);
+  }
+  return file.get(key);
 }
 
 }  // namespace devpipe::cli

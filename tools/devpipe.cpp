@@ -31,6 +31,8 @@ const Command& bench_command();
 int bench_main(const Args& args);
 const Command& generate_command();  // tools/generate.cpp
 int generate_main(const Args& args);
+const Command& diffuse_command();  // tools/diffuse.cpp
+int diffuse_main(const Args& args);
 }  // namespace devpipe::cli
 
 namespace {
@@ -410,6 +412,7 @@ const std::vector<Entry>& commands() {
                                          {inspect_command, cmd_inspect},
                                          {cli::bench_command, cli::bench_main},
                                          {cli::generate_command, cli::generate_main},
+                                         {cli::diffuse_command, cli::diffuse_main},
                                          {help_command, cmd_help}};
   return all;
 }

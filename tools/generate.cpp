@@ -35,23 +35,6 @@ namespace devpipe::cli {
 
 namespace {
 
-double parse_number(const Args& a, const std::string& name, double fallback, double lo, double hi) {
-  if (!a.has(name)) return fallback;
-  const std::string text = a.get(name, "");
-  std::size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != text.size() || !(v >= lo && v <= hi)) {
-    throw UsageError("option --" + name + " expects a number in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                     "], got '" + text + "'");
-  }
-  return v;
-}
-
 std::int64_t round_up_pow2(std::int64_t n) {
   std::int64_t p = 1;
   while (p < n) p *= 2;
@@ -79,29 +62,15 @@ bool is_llava_folder(const std::string& model) {
 /// The float32 tensor "pixel_values" [prompts, C, H, W] of the safetensors file `path`;
 /// InvalidArgument naming the file and the values otherwise.
 Tensor read_pixel_values(const std::string& path, std::int64_t prompts, std::int64_t channels) {
-  const safetensors::File file = safetensors::File::open(path);
-  if (!file.contains("pixel_values")) {
-    std::string held;
-    for (const auto& n : file.names()) held += (held.empty() ? "" : ", ") + n;
+  Tensor pv = read_float32_nchw("pixel-values", path, "pixel_values", "[images, channels, height, width]");
+  if (pv.dim(0) != prompts || pv.dim(1) != channels) {
     throw InvalidArgument(
-        "--pixel-values '" + path +
-        "' has no tensor \"pixel_values\" (it holds: " + (held.empty() ? "nothing" : held) + ")");
-  }
-  const safetensors::TensorInfo& info = file.info("pixel_values");
-  if (info.dtype != DType::Float32 || info.shape.rank() != 4 || info.shape[2] < 1 ||
-      info.shape[3] < 1) {
-    throw InvalidArgument("--pixel-values '" + path + "': \"pixel_values\" is " +
-                          std::string(dtype_name(info.dtype)) + " " + info.shape.to_string() +
-                          ", expected float32 [images, channels, height, width]");
-  }
-  if (info.shape[0] != prompts || info.shape[1] != channels) {
-    throw InvalidArgument(
-        "--pixel-values '" + path + "': \"pixel_values\" " + info.shape.to_string() + " holds " +
-        std::to_string(info.shape[0]) + " images of " + std::to_string(info.shape[1]) +
+        "--pixel-values '" + path + "': \"pixel_values\" " + pv.shape().to_string() + " holds " +
+        std::to_string(pv.dim(0)) + " images of " + std::to_string(pv.dim(1)) +
         " channels, expected one image per --prompt-ids (" + std::to_string(prompts) + ") of " +
         std::to_string(channels) + " channels (the vision config's num_channels)");
   }
-  return file.get("pixel_values");
+  return pv;
 }
 
 /// The --prompt-ids lists, each `img` item (Llava folders only) expanded to `image_tokens`
@@ -245,7 +214,7 @@ int generate_main(const Args& a) {
   for (std::int64_t b : config.get_ints("context_buckets")) key += "-" + std::to_string(b);
   if (vlm)
     key += "_img" + std::to_string(pixel_values.dim(2)) + "x" + std::to_string(pixel_values.dim(3));
-  const fs::path art = fs::path(a.has("work") ? a.get("work", "") : (fs::path(model) / "devpipe_compiled").string()) / key;
+  const fs::path art = compiled_dir(a, model, key);
   // The application and its generate() call; the request is checked before compiling anything.
   std::unique_ptr<ApplicationBase> app;
   std::function<models::GenerationResult(const models::TokenCallback&)> generate;
@@ -265,21 +234,7 @@ int generate_main(const Args& a) {
     app = std::move(llama_app);
   }
   app->set_progress(print_progress);
-  bool loaded = false;
-  if (std::all_of(app->models.begin(), app->models.end(),
-                  [&](const auto& m) { return fs::exists(art / m->tag() / "manifest.json"); })) {
-    try {
-      app->load(art.string());
-      loaded = true;
-    } catch (const ArtifactMismatch& e) {
-      std::cerr << "recompiling: " << e.what() << "\n";
-    }
-  }
-  if (!loaded) {
-    std::cerr << "compiling " << model << " into " << art.string() << "\n";
-    app->compile(art.string());
-    app->load(art.string());
-  }
+  load_or_compile(*app, art, model);
 
   std::int64_t printed_step = -1;
   models::TokenCallback stream;
