@@ -4,7 +4,8 @@
 // executables without the runtime on small chain8, large and seed stages: against float64
 // references and the pipeline's output), chain8 through `devpipe bench` with both floors, and
 // the llm workload end to end on a small Llama (devpipe, the PyTorch twin, llama.cpp when
-// installed), and the vlm workload end to end on a tiny VLM (devpipe and its PyTorch twin).
+// installed), the vlm workload end to end on a tiny VLM (devpipe and its PyTorch twin), and the
+// dit workload end to end on a tiny DiT pipeline (likewise).
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
@@ -682,6 +683,83 @@ TEST(BenchVlm, SmallModelReportsEveryPhaseChecksTheTwinAndTheRatiosAreTheP50s) {
   std::stringstream ss;
   ss << svg.rdbuf();
   EXPECT_NE(ss.str().find("vlm_decode_b1 pytorch_mkldnn"), std::string::npos);
+}
+
+// ---- the dit workload, end to end through `devpipe bench` on the tiny DiT ----------------------
+
+// dit_peers.py write-model --small: 2 heads x 16, 2 layers, latents 4 x 8 x 8, 10 classes; batch 2
+// (labels 207 and 360 modulo 10) at guidance 4. 2 timed runs per phase (2 rounds of 1), 3 DDIM
+// steps: leading spacing over 1000 train steps, 1000 // 3 = 333 apart.
+constexpr long long kDitSteps = 3, kDitLatentElements = 2 * 4 * 8 * 8;
+
+TEST(BenchDit, SmallModelReportsBothPhasesChecksTheTwinAndTheRatiosAreTheP50s) {
+  testing::TempDir t;
+  const BenchRun r = run_bench(t, "--workload dit --dit-small --iters 2 --warmup 1 --rounds 2 --dit-steps " +
+                                      std::to_string(kDitSteps) + " --modes pipeline,pytorch");
+  ASSERT_EQ(r.code, 0) << r.log;
+  const nlohmann::json& dit = r.report["workloads"]["dit"];
+  const nlohmann::json& c = dit["config"];
+  EXPECT_EQ(c["batch"].get<int>(), 2);
+  EXPECT_EQ(c["transformer_batch"].get<int>(), 4);
+  EXPECT_EQ(c["guidance_scale"].get<double>(), 4.0);
+  EXPECT_EQ(c["class_labels"], nlohmann::json::array({7, 0}));
+  EXPECT_EQ(c["transformer"]["tokens"].get<int>(), 16);
+  EXPECT_EQ(c["transformer"]["out_channels"].get<int>(), 8);  // learned sigma
+  EXPECT_EQ(c["steps"].get<int>(), kDitSteps);
+  EXPECT_EQ(c["timesteps"], nlohmann::json::array({666, 333, 0}));
+  EXPECT_EQ(c["step_timestep"].get<int>(), 666);
+  EXPECT_EQ(c["iterations"].get<int>(), 2);
+  EXPECT_EQ(c["rounds"].get<int>(), 2);
+  for (const char* mode : {"devpipe", "pytorch_mkldnn"}) {
+    ASSERT_TRUE(dit["modes"].contains(mode)) << dit["modes"].dump();
+    const nlohmann::json& m = dit["modes"][mode];
+    ASSERT_FALSE(m.contains("error")) << m.dump();
+    // steps/s: a step sample is one step, a generate sample kDitSteps of them
+    for (const auto& [ph, per_sample] : std::map<std::string, double>{{"step", 1.0}, {"generate", kDitSteps}}) {
+      ASSERT_TRUE(m.contains(ph)) << mode << " has no " << ph << ": " << m.dump();
+      EXPECT_EQ(m[ph]["samples"].get<int>(), 2) << mode << " " << ph;
+      const double p50 = m[ph]["latency_ms"]["p50"].get<double>();
+      EXPECT_GT(p50, 0) << mode << " " << ph;
+      EXPECT_LE(m[ph]["latency_ms"]["min"].get<double>(), p50) << mode << " " << ph;
+      EXPECT_LE(p50, m[ph]["latency_ms"]["p90"].get<double>()) << mode << " " << ph;
+      EXPECT_GT(m[ph]["cpu_ms_per_sample"].get<double>(), 0) << mode << " " << ph;
+      EXPECT_NEAR(m[ph]["steps_per_s"].get<double>(), 1000.0 * per_sample / p50,
+                  1e-9 * m[ph]["steps_per_s"].get<double>())
+          << mode << " " << ph;
+    }
+  }
+  // The twin's step output and final latents were compared with devpipe's, element by element, and
+  // matched within the stated tolerances.
+  const nlohmann::json& twin = dit["modes"]["pytorch_mkldnn"];
+  ASSERT_TRUE(twin.contains("output_check")) << twin.dump();
+  EXPECT_TRUE(twin["output_check"]["ok"].get<bool>()) << twin["output_check"].dump();
+  for (const char* what : {"step", "latents"}) {
+    const nlohmann::json& ck = twin["output_check"][what];
+    EXPECT_TRUE(ck["ok"].get<bool>()) << ck.dump();
+    EXPECT_EQ(ck["elements"].get<long long>(), kDitLatentElements) << ck.dump();
+    EXPECT_GT(ck["max_abs_diff"].get<double>(), 0) << "two float32 runtimes rounding alike everywhere: " << ck.dump();
+    EXPECT_LE(ck["max_abs_diff"].get<double>(), 1e-3) << ck.dump();
+  }
+  EXPECT_TRUE(r.report["correctness_failures"].empty()) << r.report["correctness_failures"].dump();
+  // The informational targets: devpipe's p50 over the twin's, per phase.
+  for (const char* ph : {"step", "generate"}) {
+    const std::string name = std::string("dit: devpipe ") + ph + " p50 / pytorch " + ph + " p50";
+    bool found = false;
+    for (const auto& tg : r.report["targets"]) {
+      if (tg["target"] != name) continue;
+      found = true;
+      EXPECT_EQ(tg["status"], "info") << tg.dump();
+      EXPECT_TRUE(tg["limit"].is_null()) << tg.dump();
+      EXPECT_DOUBLE_EQ(tg["measured"].get<double>(), dit["modes"]["devpipe"][ph]["latency_ms"]["p50"].get<double>() /
+                                                         twin[ph]["latency_ms"]["p50"].get<double>());
+    }
+    EXPECT_TRUE(found) << name << " not in " << r.report["targets"].dump();
+  }
+  EXPECT_NE(r.log.find("dit: DiTPipeline"), std::string::npos) << r.log;
+  std::ifstream svg(t.str("latency.svg"));
+  std::stringstream ss;
+  ss << svg.rdbuf();
+  EXPECT_NE(ss.str().find("dit_generate pytorch_mkldnn"), std::string::npos);
 }
 
 }  // namespace

@@ -357,7 +357,7 @@ TEST(Cli, BadValuesNameTheOptionAndTheValue) {
        "devpipe bench: option --warmup expects an integer in [0, 1000000], got '-1'"},
       {"bench --workload seed,nope",
        "devpipe bench: option --workload expects a comma-separated list of seed, "
-       "seed_tp1, seed_tp2, large, chain8, llm, vlm, got 'seed,nope'"},
+       "seed_tp1, seed_tp2, large, chain8, llm, vlm, dit, got 'seed,nope'"},
       {"bench --all --workload chain8", "devpipe bench: options --all and --workload exclude each other"},
       {"inspect", "devpipe inspect: missing argument ARTIFACT_DIR"},
   };

@@ -26,6 +26,7 @@
 #include "cli_common.h"
 #include "compiler/artifact.h"
 #include "devpipe/devpipe.h"
+#include "devpipe/models/dit.h"
 #include "devpipe/models/llama.h"
 #include "devpipe/models/llava.h"
 #include "devpipe/timeline.h"
@@ -1728,6 +1729,392 @@ void print_vlm_rows(const json& vlm) {
   }
 }
 
+// ---- the dit workload ------------------------------------------------------------------------
+//
+// diffusers' DiTPipeline (bench/dit_peers.py write-model, or --dit-small): the class-conditional
+// DiT transformer with DDIM and classifier-free guidance, batch 2 at guidance 4 (the transformer
+// sees the doubled batch of 4), float32. Phases: step (one denoising step: devpipe's denoiser
+// stage once) and generate (a whole generate() of --dit-steps steps); devpipe's DiTPipeline in this
+// process and the PyTorch twin (dit_peers.py serve) as a persistent child worker, interleaved as
+// the llm workload's modes are; the twin's step output and final latents checked against devpipe's.
+
+/// The workload's inputs: the same for every mode (the inputs file dit_peers.py wrote).
+struct DitShape {
+  std::string model_dir;
+  std::string inputs_path;
+  Tensor latents;                          // float32 [B, C, S, S]
+  std::vector<std::int64_t> class_labels;  // B
+  std::int64_t steps = 10;
+  double guidance = 4.0;
+};
+
+/// The twin's step output against devpipe's: float32 kernels summing in other orders, one step.
+constexpr bench::Tolerance kDitStepTolerance{.atol = 1e-5, .rtol = 1e-4};
+/// The final latents after --dit-steps steps: DDIM at guidance 4 amplifies the rounding differences
+/// step after step (bench/README.md, "The dit workload", gives the measurement behind this).
+constexpr bench::Tolerance kDitLatentsTolerance{.atol = 1e-4, .rtol = 1e-3};
+
+class DitWorker {
+ public:
+  explicit DitWorker(std::string mode) : mode_(std::move(mode)) {}
+  virtual ~DitWorker() = default;
+  const std::string& mode() const { return mode_; }
+  /// `iters` denoising steps, each from the inputs' latents at the first (noisiest) timestep.
+  virtual LlmRun step(int iters) = 0;
+  /// `iters` whole generations of `steps` steps from the inputs' latents.
+  virtual LlmRun generate(int iters) = 0;
+  /// The last step's output and the last generation's final latents, row-major float32 [B, C, S, S].
+  virtual std::pair<std::vector<float>, std::vector<float>> outputs() = 0;
+  virtual json info() { return json::object(); }
+
+ private:
+  std::string mode_;
+};
+
+/// devpipe: DiTPipeline, tp 1, float32, one batch bucket (the batch), guidance compiled in.
+class DevpipeDitWorker : public DitWorker {
+ public:
+  DevpipeDitWorker(const DitShape& s, const std::string& artifact)
+      : DitWorker("devpipe"), s_(s), app_(s.model_dir, config_for(s)) {
+    app_.compile(artifact);
+    app_.load(artifact);
+    // The step's inputs, as generate() builds them for its first step: the timestep and DDIM's
+    // coefficients (1 / sqrt(a_t), sqrt(1 - a_t), sqrt(a_prev), sqrt(1 - a_prev)) per image.
+    const models::DDIMSchedulerConfig& sc = app_.scheduler_config();
+    const std::vector<float> ac = sc.alphas_cumprod();
+    const std::int64_t t = sc.timesteps(s.steps).at(0), prev = t - sc.num_train_timesteps / s.steps;
+    const float a_t = ac.at(static_cast<std::size_t>(t));
+    const float a_prev = prev >= 0 ? ac.at(static_cast<std::size_t>(prev)) : (sc.set_alpha_to_one ? 1.0f : ac[0]);
+    const auto n = static_cast<std::int64_t>(s.class_labels.size());
+    coeffs_ = Tensor::zeros({n, 4});
+    for (std::int64_t i = 0; i < n; ++i) {
+      float* c = coeffs_.data<float>() + 4 * i;
+      c[0] = 1.0f / std::sqrt(a_t);
+      c[1] = std::sqrt(1.0f - a_t);
+      c[2] = std::sqrt(a_prev);
+      c[3] = std::sqrt(1.0f - a_prev);
+    }
+    labels_ = Tensor::from_vector_i64(s.class_labels, {n});
+    timestep_ = Tensor::full({n}, static_cast<double>(t), DType::Int64);
+    scale_ = Tensor::full({n}, s.guidance);
+  }
+  LlmRun step(int iters) override {
+    LlmRun r;
+    for (int i = 0; i < iters; ++i) {
+      const double c0 = process_cpu_ms();
+      const auto t0 = Clock::now();
+      // pipeline execution: the next latents stay on the device, as generate() feeds them on
+      Output out = app_.denoiser().forward({s_.latents, labels_, timestep_, coeffs_, scale_});
+      out.ranked().wait();
+      r.samples_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      r.cpu_ms += process_cpu_ms() - c0;
+      last_step_ = std::move(out);
+    }
+    return r;
+  }
+  LlmRun generate(int iters) override {
+    LlmRun r;
+    for (int i = 0; i < iters; ++i) {
+      const double c0 = process_cpu_ms();
+      const auto t0 = Clock::now();
+      models::DiffusionResult res = app_.generate(s_.class_labels, s_.latents, s_.steps, s_.guidance);
+      r.samples_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      r.cpu_ms += process_cpu_ms() - c0;
+      last_latents_ = std::move(res.latents);
+    }
+    return r;
+  }
+  std::pair<std::vector<float>, std::vector<float>> outputs() override {
+    if (!last_step_.is_ranked()) step(1);
+    if (last_latents_.numel() == 0) generate(1);
+    return {last_step_.ranked().to_host().at(0).to_float_vector(), last_latents_.to_float_vector()};
+  }
+  json info() override { return {{"threads", std::thread::hardware_concurrency()}, {"version", devpipe_version()}}; }
+  const models::DiTPipeline& app() const { return app_; }
+
+ private:
+  static InferenceConfig config_for(const DitShape& s) {
+    RuntimeConfig rc;
+    rc.batch_size = static_cast<std::int64_t>(s.class_labels.size());
+    rc.buckets = {rc.batch_size};
+    rc.dtype = DType::Float32;
+    return models::dit_config(s.model_dir, rc, /*guidance=*/true);
+  }
+  const DitShape& s_;
+  models::DiTPipeline app_;
+  Tensor coeffs_, labels_, timestep_, scale_;
+  Output last_step_;
+  Tensor last_latents_;
+};
+
+/// pytorch_mkldnn: dit_peers.py serve, the twin on the dit protocol (bench/README.md).
+class PeerDitWorker : public DitWorker {
+ public:
+  PeerDitWorker(const std::string& mode, const std::vector<std::string>& argv, const std::string& log,
+                std::string output_path)
+      : DitWorker(mode), child_(mode, argv, log), output_path_(std::move(output_path)) {}
+  LlmRun step(int iters) override {
+    return parse_llm_run(mode(), child_.request({{"cmd", "step"}, {"iters", iters}}), false);
+  }
+  LlmRun generate(int iters) override {
+    return parse_llm_run(mode(), child_.request({{"cmd", "generate"}, {"iters", iters}}), false);
+  }
+  std::pair<std::vector<float>, std::vector<float>> outputs() override {
+    child_.request({{"cmd", "output"}, {"path", output_path_}});
+    auto all = safetensors::load_all(output_path_);
+    for (const char* key : {"step", "latents"}) {
+      if (!all.count(key))
+        throw StateError("bench: peer " + mode() + " wrote no tensor '" + key + "' to " + output_path_);
+    }
+    return {all.at("step").to_float_vector(), all.at("latents").to_float_vector()};
+  }
+  json info() override { return peer_info(child_); }
+  const json& hello() const { return child_.hello(); }
+
+ private:
+  bench::ChildWorker child_;
+  std::string output_path_;
+};
+
+/// Timed runs per phase and mode by default (--iters).
+constexpr int kDitIters = 4;
+
+json dit_check_json(const bench::OutputCheck& c, std::size_t elements, const bench::Tolerance& tol) {
+  return {{"against", "devpipe"},
+          {"ok", c.ok},
+          {"max_abs_diff", c.max_abs},
+          {"max_rel_diff", c.max_rel},
+          {"elements", elements},
+          {"tolerance", {{"atol", tol.atol}, {"rtol", tol.rtol}}},
+          {"message", c.message}};
+}
+
+json run_dit_workload(const Args& a, const std::string& work,
+                      std::vector<std::pair<std::string, std::vector<double>>>& plot,
+                      std::vector<std::string>& mismatches) {
+  const bool small = a.has("dit-small");
+  const int iters = static_cast<int>(a.get_int("iters", kDitIters));
+  const int warmup = static_cast<int>(a.get_int("warmup", 1));
+  const int rounds = std::min(iters, static_cast<int>(a.get_int("rounds", 5)));
+  const int threads = static_cast<int>(std::thread::hardware_concurrency());
+  const fs::path base = fs::path(work) / (small ? "dit_small" : "dit");
+  fs::create_directories(base / "logs");
+  DitShape s;
+  s.model_dir = (base / "model").string();
+  s.inputs_path = (base / "inputs.safetensors").string();
+  s.steps = a.get_int("dit-steps", 10);
+
+  // The weights and the inputs: dit_peers.py write-model (dit_ref.py, seed 0), once.
+  const fs::path weights = fs::path(s.model_dir) / "transformer" / "diffusion_pytorch_model.safetensors";
+  if (!fs::exists(fs::path(s.model_dir) / "model_index.json") || !fs::exists(weights) || !fs::exists(s.inputs_path)) {
+    std::cerr << "  writing the " << (small ? "small " : "") << "DiT pipeline into " << s.model_dir << " ...\n";
+    std::string out;
+    const int rc = run_command(std::string(DEVPIPE_TORCH_PYTHON) + " " +
+                                   shell_quote(std::string(DEVPIPE_BENCH_DIR) + "/dit_peers.py") + " write-model " +
+                                   shell_quote(s.model_dir) + " --inputs " + shell_quote(s.inputs_path) +
+                                   (small ? " --small" : ""),
+                               out);
+    if (rc != 0)
+      throw StateError("bench: dit_peers.py write-model " + s.model_dir + " failed (exit " + std::to_string(rc) +
+                       "): " + last_line(out));
+  }
+  {
+    auto in = safetensors::load_all(s.inputs_path);
+    if (!in.count("latents") || !in.count("class_labels") || in.at("class_labels").dtype() != DType::Int64 ||
+        in.at("class_labels").shape().rank() != 1 || in.at("latents").dtype() != DType::Float32) {
+      throw StateError("bench: " + s.inputs_path +
+                       " holds no float32 latents and int64 class_labels [B] (dit_peers.py write-model writes them)");
+    }
+    s.latents = in.at("latents");
+    const Tensor& y = in.at("class_labels");
+    s.class_labels.assign(y.data<std::int64_t>(), y.data<std::int64_t>() + y.dim(0));
+  }
+
+  const auto wanted = a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime,llama_cpp");
+  auto want = [&](const std::string& m) { return std::find(wanted.begin(), wanted.end(), m) != wanted.end(); };
+  if (!want("pipeline") && !want("roundtrip")) {
+    throw UsageError("option --modes: name pipeline or roundtrip too (devpipe, the reference output)");
+  }
+  json report;
+  report["modes"] = json::object();
+  std::vector<std::unique_ptr<DitWorker>> workers;
+  std::cerr << "  dit: compiling devpipe's DiTPipeline...\n";
+  auto dev = std::make_unique<DevpipeDitWorker>(s, (base / "artifacts" / "float32").string());
+  const models::DiTConfig& tc = dev->app().transformer_config();
+  const models::DDIMSchedulerConfig& sc = dev->app().scheduler_config();
+  const std::vector<std::int64_t> timesteps = sc.timesteps(s.steps);
+  const std::int64_t batch = static_cast<std::int64_t>(s.class_labels.size());
+  const std::int64_t grid = tc.sample_size / tc.patch_size;
+  report["config"] = {{"model_dir", s.model_dir},
+                      {"inputs", s.inputs_path},
+                      {"small", small},
+                      {"dtype", "float32"},
+                      {"batch", batch},
+                      {"guidance_scale", s.guidance},
+                      {"transformer_batch", 2 * batch},
+                      {"class_labels", s.class_labels},
+                      {"transformer",
+                       {{"num_attention_heads", tc.num_attention_heads},
+                        {"attention_head_dim", tc.attention_head_dim},
+                        {"inner_dim", tc.inner_dim()},
+                        {"num_layers", tc.num_layers},
+                        {"in_channels", tc.in_channels},
+                        {"out_channels", tc.out_channels},
+                        {"sample_size", tc.sample_size},
+                        {"patch_size", tc.patch_size},
+                        {"tokens", grid * grid},
+                        {"num_embeds_ada_norm", tc.num_embeds_ada_norm}}},
+                      {"scheduler",
+                       {{"num_train_timesteps", sc.num_train_timesteps},
+                        {"beta_schedule", sc.beta_schedule},
+                        {"timestep_spacing", sc.timestep_spacing},
+                        {"clip_sample", sc.clip_sample}}},
+                      {"steps", s.steps},
+                      {"timesteps", timesteps},
+                      {"step_timestep", timesteps.at(0)},
+                      {"iterations", iters},
+                      {"warmup", warmup},
+                      {"rounds", rounds},
+                      {"step_tolerance", {{"atol", kDitStepTolerance.atol}, {"rtol", kDitStepTolerance.rtol}}},
+                      {"latents_tolerance", {{"atol", kDitLatentsTolerance.atol}, {"rtol", kDitLatentsTolerance.rtol}}}};
+  workers.push_back(std::move(dev));
+  if (!a.has("no-pytorch") && (want("pytorch") || want("pytorch_mkldnn"))) {
+    std::cerr << "  starting the pytorch_mkldnn dit worker...\n";
+    try {
+      auto peer = std::make_unique<PeerDitWorker>(
+          "pytorch_mkldnn",
+          std::vector<std::string>{DEVPIPE_TORCH_PYTHON, std::string(DEVPIPE_BENCH_DIR) + "/dit_peers.py", "serve",
+                                   s.model_dir, "--inputs", s.inputs_path, "--steps", std::to_string(s.steps),
+                                   "--guidance", fmt_number(s.guidance), "--linear", "mkldnn", "--threads",
+                                   std::to_string(threads)},
+          (base / "logs" / "pytorch_mkldnn.log").string(), (base / "pytorch_mkldnn.outputs.safetensors").string());
+      const json got = peer->hello().value("timesteps", json::array());
+      if (got != json(timesteps)) {
+        throw StateError("bench: dit peer pytorch_mkldnn runs the timesteps " + got.dump() + ", devpipe " +
+                         json(timesteps).dump());
+      }
+      workers.push_back(std::move(peer));
+    } catch (const Error& e) {
+      report["modes"]["pytorch_mkldnn"] = {{"skipped", e.what()}};
+      std::cerr << "  dit pytorch_mkldnn skipped: " << e.what() << "\n";
+    }
+  }
+
+  const std::vector<std::string> phases{"step", "generate"};
+  std::map<std::string, std::map<std::string, LlmRun>> times;  // mode -> phase -> run
+  std::map<std::string, std::string> failed;
+  interleave_phases(
+      workers, phases, [](DitWorker& wk, std::size_t ph, int n) { return ph == 0 ? wk.step(n) : wk.generate(n); },
+      {iters, warmup, rounds}, "dit", times, failed);
+
+  // The step output and the final latents of every worker's last runs (after the rounds, untimed).
+  std::map<std::string, std::pair<std::vector<float>, std::vector<float>>> outs;
+  for (auto& wk : workers) {
+    if (failed.count(wk->mode())) continue;
+    try {
+      outs[wk->mode()] = wk->outputs();
+    } catch (const Error& e) {
+      failed[wk->mode()] = e.what();
+    }
+  }
+  for (auto& wk : workers) {
+    json m = wk->info();
+    if (failed.count(wk->mode())) {
+      m["error"] = failed[wk->mode()];
+      mismatches.push_back("dit: " + wk->mode() + " failed: " + failed[wk->mode()]);
+      report["modes"][wk->mode()] = m;
+      continue;
+    }
+    for (std::size_t ph = 0; ph < phases.size(); ++ph) {
+      // steps/s: a step sample is one step, a generate sample `steps` of them
+      json e = llm_latency_entry(times[wk->mode()].at(phases[ph]), ph == 0 ? 1.0 : static_cast<double>(s.steps));
+      e["steps_per_s"] = e["tokens_per_s"];
+      e.erase("tokens_per_s");
+      m[phases[ph]] = e;
+      plot.emplace_back("dit_" + phases[ph] + " " + wk->mode(), times[wk->mode()].at(phases[ph]).samples_ms);
+    }
+    if (wk->mode() != "devpipe" && outs.count("devpipe")) {
+      const auto& [ref_step, ref_latents] = outs.at("devpipe");
+      const auto& [got_step, got_latents] = outs.at(wk->mode());
+      const bench::OutputCheck cs =
+          bench::check_output(wk->mode(), "dit step (timestep " + std::to_string(timesteps.at(0)) + ")", ref_step,
+                              got_step, kDitStepTolerance);
+      const bench::OutputCheck cl =
+          bench::check_output(wk->mode(), "dit final latents (" + std::to_string(s.steps) + " steps)", ref_latents,
+                              got_latents, kDitLatentsTolerance);
+      m["output_check"] = {{"step", dit_check_json(cs, ref_step.size(), kDitStepTolerance)},
+                           {"latents", dit_check_json(cl, ref_latents.size(), kDitLatentsTolerance)},
+                           {"ok", cs.ok && cl.ok}};
+      if (!cs.ok) mismatches.push_back(cs.message);
+      if (!cl.ok) mismatches.push_back(cl.message);
+    }
+    report["modes"][wk->mode()] = m;
+  }
+  return report;
+}
+
+/// The dit workload's informational targets: devpipe's p50 over the twin's, step and generate.
+void add_dit_targets(const json& r, json& out) {
+  for (const char* ph : {"step", "generate"}) {
+    double v = std::nan("");
+    try {
+      const json& m = r.at("workloads").at("dit").at("modes");
+      v = m.at("devpipe").at(ph).at("latency_ms").at("p50").get<double>() /
+          m.at("pytorch_mkldnn").at(ph).at("latency_ms").at("p50").get<double>();
+    } catch (const json::exception&) {
+    }
+    out.push_back({{"target", std::string("dit: devpipe ") + ph + " p50 / pytorch " + ph + " p50"},
+                   {"measured", std::isnan(v) ? json(nullptr) : json(v)},
+                   {"limit", nullptr},
+                   {"at_most", true},
+                   {"status", std::isnan(v) ? "n/a" : "info"},
+                   {"note", "informational: no threshold (the PyTorch twin on oneDNN Linears)"}});
+  }
+}
+
+/// The dit rows of the printed table.
+void print_dit_rows(const json& dit) {
+  const json& c = dit["config"];
+  const json& t = c["transformer"];
+  std::printf(
+      "\ndit: DiTPipeline (DiT %lld heads x %lld, %lld layers, latents %lld x %lld x %lld, patch %lld = %lld tokens, "
+      "%lld classes), DDIM %lld steps, batch %lld at guidance %s (transformer batch %lld), float32\n",
+      t["num_attention_heads"].get<long long>(), t["attention_head_dim"].get<long long>(),
+      t["num_layers"].get<long long>(), t["in_channels"].get<long long>(), t["sample_size"].get<long long>(),
+      t["sample_size"].get<long long>(), t["patch_size"].get<long long>(), t["tokens"].get<long long>(),
+      t["num_embeds_ada_norm"].get<long long>(), c["steps"].get<long long>(), c["batch"].get<long long>(),
+      fmt_number(c["guidance_scale"].get<double>()).c_str(), c["transformer_batch"].get<long long>());
+  std::printf("%-15s %11s %11s %9s %13s %13s %9s %14s  %s\n", "mode", "step p50", "step p90", "steps/s", "generate p50",
+              "generate p90", "steps/s", "cpu ms st/gen", "checks");
+  for (const auto& [mode, m] : dit["modes"].items()) {
+    if (m.contains("skipped") || m.contains("error")) {
+      const bool skipped = m.contains("skipped");
+      std::printf("%-15s %s: %s\n", mode.c_str(), skipped ? "skipped" : "error",
+                  m[skipped ? "skipped" : "error"].get<std::string>().c_str());
+      continue;
+    }
+    std::string check = mode == "devpipe" ? "reference" : "not checked";
+    if (m.contains("output_check")) {
+      const json& st = m["output_check"]["step"];
+      const json& lt = m["output_check"]["latents"];
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "step %s (max |diff| %.2g), latents %s (max |diff| %.2g)",
+                    st["ok"].get<bool>() ? "match" : "MISMATCH", st["max_abs_diff"].get<double>(),
+                    lt["ok"].get<bool>() ? "match" : "MISMATCH", lt["max_abs_diff"].get<double>());
+      check = buf;
+    }
+    const std::string cpu = fmt_number(m["step"]["cpu_ms_per_sample"].get<double>()) + "/" +
+                            fmt_number(m["generate"]["cpu_ms_per_sample"].get<double>());
+    std::printf("%-15s %s  %s %9s    %s    %s %9s %14s  %s\n", mode.c_str(),
+                fmt_ms(m["step"]["latency_ms"]["p50"].get<double>()).c_str(),
+                fmt_ms(m["step"]["latency_ms"]["p90"].get<double>()).c_str(),
+                fmt_number(m["step"]["steps_per_s"].get<double>()).c_str(),
+                fmt_ms(m["generate"]["latency_ms"]["p50"].get<double>()).c_str(),
+                fmt_ms(m["generate"]["latency_ms"]["p90"].get<double>()).c_str(),
+                fmt_number(m["generate"]["steps_per_s"].get<double>()).c_str(), cpu.c_str(), check.c_str());
+  }
+}
+
 // ---- the targets -----------------------------------------------------------------------------
 
 double p50_of(const json& r, const std::string& wl, const std::string& mode) {
@@ -1809,7 +2196,7 @@ json evaluate_targets(const json& r) {
   std::string missing;
   if (r.contains("workloads")) {
     for (const auto& [wl, wj] : r["workloads"].items()) {
-      if (wl == "llm" || wl == "vlm") continue;  // their own checks (token and feature checks)
+      if (wl == "llm" || wl == "vlm" || wl == "dit") continue;  // their own checks (tokens, features, latents)
       for (const auto& [mode, mj] : wj["modes"].items()) {
         if (mode == "pipeline") continue;
         ++expected;
@@ -1826,11 +2213,12 @@ json evaluate_targets(const json& r) {
       missing.empty() ? "" : "not checked or not matching: " + missing);
   if (r.contains("workloads") && r["workloads"].contains("llm")) add_llm_targets(r, out);
   if (r.contains("workloads") && r["workloads"].contains("vlm")) add_vlm_targets(r, out);
+  if (r.contains("workloads") && r["workloads"].contains("dit")) add_dit_targets(r, out);
   return out;
 }
 
 void print_targets(const json& targets) {
-  std::printf("\n%-66s %10s %8s  %s\n", "target (issues 12, 10; vlm informational)", "measured",
+  std::printf("\n%-66s %10s %8s  %s\n", "target (issues 12, 10; vlm, dit informational)", "measured",
               "target", "status");
   for (const auto& t : targets) {
     const std::string lim = t["limit"].is_null() ? std::string("-")
@@ -1853,17 +2241,17 @@ const Command& bench_command() {
           {{.name = "all", .help = "all workloads (the default without --workload)"},
            {.name = "workload", .kind = OptionKind::ChoiceList, .value = "W,...",
             .help = "workloads to run ('seed' is seed_tp1 and seed_tp2)",
-            .choices = {"seed", "seed_tp1", "seed_tp2", "large", "chain8", "llm", "vlm"}},
+            .choices = {"seed", "seed_tp1", "seed_tp2", "large", "chain8", "llm", "vlm", "dit"}},
            {.name = "modes", .kind = OptionKind::ChoiceList, .value = "M,...",
             .help = "modes to run (default all; llm: pipeline or roundtrip is devpipe, pytorch is both twin modes)",
             .choices = {"pipeline", "roundtrip", "folded", "kernels_bare", "executables_bare", "pytorch", "onnxruntime",
                         "pytorch_mkldnn", "pytorch_eager", "llama_cpp"}},
            {.name = "iters", .kind = OptionKind::Int, .value = "N",
             .help = "timed iterations per mode (default 20; chain8 200; llm 4 prefills and 4 decode runs per batch; "
-                    "vlm 8 per phase)",
+                    "vlm 8 per phase; dit 4 per phase)",
             .min = 1, .max = 1000000},
            {.name = "warmup", .kind = OptionKind::Int, .value = "N",
-            .help = "untimed iterations per mode before (default 3; chain8 20; llm and vlm 1)", .min = 0, .max = 1000000},
+            .help = "untimed iterations per mode before (default 3; chain8 20; llm, vlm and dit 1)", .min = 0, .max = 1000000},
            {.name = "rounds", .kind = OptionKind::Int, .value = "N",
             .help = "alternating rounds the iterations are split into (default 5)", .min = 1, .max = 100000},
            {.name = "out", .kind = OptionKind::String, .value = "FILE",
@@ -1886,6 +2274,9 @@ const Command& bench_command() {
            {.name = "vlm-small", .help = "vlm: the tiny VLM (vision hidden 32, text hidden 64, image 16x16) for tests"},
            {.name = "vlm-decode-tokens", .kind = OptionKind::Int, .value = "N",
             .help = "vlm: tokens per decode run (default 16)", .min = 2, .max = 256},
+           {.name = "dit-small", .help = "dit: the tiny DiT (2 heads x 16, 2 layers, latents 4x8x8) for tests"},
+           {.name = "dit-steps", .kind = OptionKind::Int, .value = "N",
+            .help = "dit: DDIM steps per generate (default 10)", .min = 1, .max = 1000},
            {.name = "llama-cpp-dir", .kind = OptionKind::String, .value = "DIR",
             .help = "where bench/llama_cpp/install.sh installs node-llama-cpp (default $DEVPIPE_LLAMA_CPP_DIR, "
                     "else llama_cpp/ beside --out)"}},
@@ -1900,17 +2291,17 @@ int bench_main(const Args& a) {
     throw UsageError("options --all and --workload exclude each other");
   }
   std::vector<std::string> names;
-  for (const std::string& item : a.get_list("workload", "seed,large,chain8,llm,vlm")) {
+  for (const std::string& item : a.get_list("workload", "seed,large,chain8,llm,vlm,dit")) {
     for (const std::string& n : item == "seed" ? std::vector<std::string>{"seed_tp1", "seed_tp2"}
                                                : std::vector<std::string>{item}) {
       if (std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
     }
   }
-  // llm and vlm are not stage pipelines of bench/workloads.h: own workers, checks and tables
-  auto own_kind = [](const std::string& n) { return n == "llm" || n == "vlm"; };
+  // llm, vlm and dit are not stage pipelines of bench/workloads.h: own workers, checks and tables
+  auto own_kind = [](const std::string& n) { return n == "llm" || n == "vlm" || n == "dit"; };
   if (a.has("trace") && std::all_of(names.begin(), names.end(), own_kind)) {
     throw UsageError(
-        "option --trace traces a workload other than llm and vlm (seed_tp1, seed_tp2, large, "
+        "option --trace traces a workload other than llm, vlm and dit (seed_tp1, seed_tp2, large, "
         "chain8)");
   }
   std::string out = a.get("out", "build/bench/report.json");
@@ -1937,6 +2328,7 @@ int bench_main(const Args& a) {
   const auto modes = a.get_list("modes", "pipeline,roundtrip,kernels_bare,pytorch,onnxruntime,llama_cpp");
   const bool llm = std::find(names.begin(), names.end(), "llm") != names.end();
   const bool vlm = std::find(names.begin(), names.end(), "vlm") != names.end();
+  const bool dit = std::find(names.begin(), names.end(), "dit") != names.end();
   const bool others = !std::all_of(names.begin(), names.end(), own_kind);
   OrtInstall ort{"", "not requested (--modes)"};
   if (others && std::find(modes.begin(), modes.end(), "onnxruntime") != modes.end()) {
@@ -1955,6 +2347,7 @@ int bench_main(const Args& a) {
     std::cerr << "workload " << n << "\n";
     report["workloads"][n] = n == "llm"   ? run_llm_workload(a, work, lim, lcpp, plot, mismatches)
                              : n == "vlm" ? run_vlm_workload(a, work, plot, mismatches)
+                             : n == "dit" ? run_dit_workload(a, work, plot, mismatches)
                                           : run_workload(n, a, work, lim, ort, plot, mismatches);
   }
   report["run"]["load_average_end"] = bench::load_average_json();
@@ -2027,6 +2420,7 @@ int bench_main(const Args& a) {
   }
   if (llm) print_llm_rows(report["workloads"]["llm"]);
   if (vlm) print_vlm_rows(report["workloads"]["vlm"]);
+  if (dit) print_dit_rows(report["workloads"]["dit"]);
   print_targets(report["targets"]);
 
   std::string plot_path = a.get("plot", (out_dir / "latency.svg").string());
@@ -2034,7 +2428,7 @@ int bench_main(const Args& a) {
   std::cout << "wrote " << plot_path << "\n";
 
   if (a.has("trace")) {
-    // One traced forward of the first workload (other than llm and vlm) in pipeline mode, kernels
+    // One traced forward of the first workload (other than llm, vlm and dit) in pipeline mode, kernels
     // included.
     Workload w = make_workload(*std::find_if(names.begin(), names.end(),
                                              [&](const std::string& n) { return !own_kind(n); }));
