@@ -414,7 +414,10 @@ def main():
     print(json.dumps(res))
 
 
-if __name__ == "__main__":
+def run_main(main, name):
+    """Runs `main`; a `serve` worker answers any failure as {"error": ...} on stdout before it exits
+    non-zero (the bench reads that line instead of a silent end). Also used by vlm_peers.py and
+    dit_peers.py."""
     try:
         main()
     except SystemExit as e:
@@ -423,6 +426,10 @@ if __name__ == "__main__":
         raise
     except Exception as e:  # noqa: BLE001  (a serving worker answers every failure, then exits)
         if sys.argv[1:2] == ["serve"]:
-            reply({"error": f"llm_peers: {type(e).__name__}: {e}"})
+            reply({"error": f"{name}: {type(e).__name__}: {e}"})
             sys.exit(1)
         raise
+
+
+if __name__ == "__main__":
+    run_main(main, "llm_peers")

@@ -243,14 +243,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as e:
-        if e.code not in (None, 0) and sys.argv[1:2] == ["serve"]:
-            llm_peers.reply({"error": str(e.code)})
-        raise
-    except Exception as e:  # noqa: BLE001  (a serving worker answers every failure, then exits)
-        if sys.argv[1:2] == ["serve"]:
-            llm_peers.reply({"error": f"vlm_peers: {type(e).__name__}: {e}"})
-            sys.exit(1)
-        raise
+    llm_peers.run_main(main, "vlm_peers")

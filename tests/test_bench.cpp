@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -609,6 +610,25 @@ TEST(LlmBench, SmallModelLlamaCppGreedyIdsEqualDevpipes) {
 
 // ---- the vlm workload, end to end through `devpipe bench` on the tiny VLM ----------------------
 
+/// The informational targets of a workload with a PyTorch twin: one per phase, "WL: devpipe PH p50 /
+/// pytorch PH p50", no limit, status info, measured = devpipe's p50 over pytorch_mkldnn's.
+void expect_twin_targets(const nlohmann::json& report, const std::string& wl, std::initializer_list<const char*> phases) {
+  const nlohmann::json& modes = report["workloads"][wl]["modes"];
+  for (const char* ph : phases) {
+    const std::string name = wl + ": devpipe " + ph + " p50 / pytorch " + ph + " p50";
+    bool found = false;
+    for (const auto& tg : report["targets"]) {
+      if (tg["target"] != name) continue;
+      found = true;
+      EXPECT_EQ(tg["status"], "info") << tg.dump();
+      EXPECT_TRUE(tg["limit"].is_null()) << tg.dump();
+      EXPECT_DOUBLE_EQ(tg["measured"].get<double>(), modes["devpipe"][ph]["latency_ms"]["p50"].get<double>() /
+                                                         modes["pytorch_mkldnn"][ph]["latency_ms"]["p50"].get<double>());
+    }
+    EXPECT_TRUE(found) << name << " not in " << report["targets"].dump();
+  }
+}
+
 // vlm_peers.py write-model --small: image 16 x 16 at patch 4 (16 image tokens), text hidden 64;
 // the prompt 8 text tokens around them. 2 timed runs per phase (2 rounds of 1), 4 decode tokens.
 constexpr long long kVlmImageTokens = 16, kVlmTextHidden = 64, kVlmDecodeTokens = 4;
@@ -664,20 +684,7 @@ TEST(BenchVlm, SmallModelReportsEveryPhaseChecksTheTwinAndTheRatiosAreTheP50s) {
   EXPECT_LE(f["max_abs_diff"].get<double>(), 1e-4) << f.dump();
   EXPECT_TRUE(r.report["correctness_failures"].empty()) << r.report["correctness_failures"].dump();
   // The informational targets: devpipe's p50 over the twin's, per phase.
-  for (const char* ph : {"vision", "prefill"}) {
-    const std::string name = std::string("vlm: devpipe ") + ph + " p50 / pytorch " + ph + " p50";
-    bool found = false;
-    for (const auto& tg : r.report["targets"]) {
-      if (tg["target"] != name) continue;
-      found = true;
-      EXPECT_EQ(tg["status"], "info") << tg.dump();
-      EXPECT_TRUE(tg["limit"].is_null()) << tg.dump();
-      EXPECT_DOUBLE_EQ(tg["measured"].get<double>(),
-                       vlm["modes"]["devpipe"][ph]["latency_ms"]["p50"].get<double>() /
-                           twin[ph]["latency_ms"]["p50"].get<double>());
-    }
-    EXPECT_TRUE(found) << name << " not in " << r.report["targets"].dump();
-  }
+  expect_twin_targets(r.report, "vlm", {"vision", "prefill"});
   EXPECT_NE(r.log.find("vlm: Pixtral-shaped LLaVA"), std::string::npos) << r.log;
   std::ifstream svg(t.str("latency.svg"));
   std::stringstream ss;
@@ -742,19 +749,7 @@ TEST(BenchDit, SmallModelReportsBothPhasesChecksTheTwinAndTheRatiosAreTheP50s) {
   }
   EXPECT_TRUE(r.report["correctness_failures"].empty()) << r.report["correctness_failures"].dump();
   // The informational targets: devpipe's p50 over the twin's, per phase.
-  for (const char* ph : {"step", "generate"}) {
-    const std::string name = std::string("dit: devpipe ") + ph + " p50 / pytorch " + ph + " p50";
-    bool found = false;
-    for (const auto& tg : r.report["targets"]) {
-      if (tg["target"] != name) continue;
-      found = true;
-      EXPECT_EQ(tg["status"], "info") << tg.dump();
-      EXPECT_TRUE(tg["limit"].is_null()) << tg.dump();
-      EXPECT_DOUBLE_EQ(tg["measured"].get<double>(), dit["modes"]["devpipe"][ph]["latency_ms"]["p50"].get<double>() /
-                                                         twin[ph]["latency_ms"]["p50"].get<double>());
-    }
-    EXPECT_TRUE(found) << name << " not in " << r.report["targets"].dump();
-  }
+  expect_twin_targets(r.report, "dit", {"step", "generate"});
   EXPECT_NE(r.log.find("dit: DiTPipeline"), std::string::npos) << r.log;
   std::ifstream svg(t.str("latency.svg"));
   std::stringstream ss;

@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <initializer_list>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -1029,6 +1030,23 @@ void interleave_phases(
   }
 }
 
+/// `get(worker)` of every worker that has not failed, by mode (after interleave_phases: the outputs
+/// of the last runs, for the checks); a worker that throws is recorded in failed[mode].
+template <class W, class F>
+auto last_outputs(const std::vector<std::unique_ptr<W>>& workers, const F& get,
+                  std::map<std::string, std::string>& failed) {
+  std::map<std::string, std::invoke_result_t<const F&, W&>> outs;
+  for (const auto& wk : workers) {
+    if (failed.count(wk->mode())) continue;
+    try {
+      outs[wk->mode()] = get(*wk);
+    } catch (const Error& e) {
+      failed[wk->mode()] = e.what();
+    }
+  }
+  return outs;
+}
+
 json llm_latency_entry(const LlmRun& t, double per_sample_tokens) {
   const double p50 = summarize(t.samples_ms).p50;
   return {{"latency_ms", latency_json(t.samples_ms)},
@@ -1345,6 +1363,22 @@ void print_llm_rows(const json& llm) {
 // and the PyTorch twin (vlm_peers.py serve) as a persistent child worker, interleaved as the llm
 // workload's modes are; the twin's image features and greedy ids checked against devpipe's.
 
+/// `bench/<script> write-model MODEL_DIR --inputs INPUTS [--small]` (vlm_peers.py, dit_peers.py): a twin
+/// workload's model folder and inputs file; StateError with the script's last output line on failure.
+void write_twin_model(const std::string& script, const std::string& what, const std::string& model_dir,
+                      const std::string& inputs, bool small) {
+  std::cerr << "  writing the " << what << " into " << model_dir << " ...\n";
+  std::string out;
+  const int rc = run_command(std::string(DEVPIPE_TORCH_PYTHON) + " " +
+                                 shell_quote(std::string(DEVPIPE_BENCH_DIR) + "/" + script) + " write-model " +
+                                 shell_quote(model_dir) + " --inputs " + shell_quote(inputs) + (small ? " --small" : ""),
+                             out);
+  if (rc != 0) {
+    throw StateError("bench: " + script + " write-model " + model_dir + " failed (exit " + std::to_string(rc) +
+                     "): " + last_line(out));
+  }
+}
+
 /// The workload's shape and inputs: the same for every mode (the inputs file vlm_peers.py wrote).
 struct VlmShape {
   std::string model_dir;
@@ -1503,17 +1537,7 @@ json run_vlm_workload(const Args& a, const std::string& work,
   // The weights and the inputs: vlm_peers.py write-model (pixtral_ref.py, seed 0), once.
   if (!fs::exists(fs::path(s.model_dir) / "config.json") ||
       !fs::exists(fs::path(s.model_dir) / "model.safetensors") || !fs::exists(s.inputs_path)) {
-    std::cerr << "  writing the " << (small ? "small " : "") << "VLM into " << s.model_dir
-              << " ...\n";
-    std::string out;
-    const int rc = run_command(std::string(DEVPIPE_TORCH_PYTHON) + " " +
-                                   shell_quote(std::string(DEVPIPE_BENCH_DIR) + "/vlm_peers.py") +
-                                   " write-model " + shell_quote(s.model_dir) + " --inputs " +
-                                   shell_quote(s.inputs_path) + (small ? " --small" : ""),
-                               out);
-    if (rc != 0)
-      throw StateError("bench: vlm_peers.py write-model " + s.model_dir + " failed (exit " +
-                       std::to_string(rc) + "): " + last_line(out));
+    write_twin_model("vlm_peers.py", small ? "small VLM" : "VLM", s.model_dir, s.inputs_path, small);
   }
   const models::LlavaConfig hf = models::LlavaConfig::from_hf_folder(s.model_dir);
   {
@@ -1605,15 +1629,7 @@ json run_vlm_workload(const Args& a, const std::string& work,
       {iters, warmup, rounds}, "vlm", times, failed);
 
   // The image features of every worker's last vision run (after the rounds, untimed).
-  std::map<std::string, std::vector<float>> features;
-  for (auto& wk : workers) {
-    if (failed.count(wk->mode())) continue;
-    try {
-      features[wk->mode()] = wk->features();
-    } catch (const Error& e) {
-      failed[wk->mode()] = e.what();
-    }
-  }
+  const auto features = last_outputs<VlmWorker>(workers, [](VlmWorker& wk) { return wk.features(); }, failed);
   for (auto& wk : workers) {
     json m = wk->info();
     if (failed.count(wk->mode())) {
@@ -1663,17 +1679,18 @@ json run_vlm_workload(const Args& a, const std::string& work,
   return report;
 }
 
-/// The vlm workload's informational targets: devpipe's p50 over the twin's, vision and prefill.
-void add_vlm_targets(const json& r, json& out) {
-  for (const char* ph : {"vision", "prefill"}) {
+/// The informational targets of a workload with a PyTorch twin (vlm, dit): devpipe's p50 over the
+/// twin's (pytorch_mkldnn), one line per phase; no threshold.
+void add_twin_targets(const json& r, const std::string& wl, std::initializer_list<const char*> phases, json& out) {
+  for (const char* ph : phases) {
     double v = std::nan("");
     try {
-      const json& m = r.at("workloads").at("vlm").at("modes");
+      const json& m = r.at("workloads").at(wl).at("modes");
       v = m.at("devpipe").at(ph).at("latency_ms").at("p50").get<double>() /
           m.at("pytorch_mkldnn").at(ph).at("latency_ms").at("p50").get<double>();
     } catch (const json::exception&) {
     }
-    out.push_back({{"target", std::string("vlm: devpipe ") + ph + " p50 / pytorch " + ph + " p50"},
+    out.push_back({{"target", wl + ": devpipe " + ph + " p50 / pytorch " + ph + " p50"},
                    {"measured", std::isnan(v) ? json(nullptr) : json(v)},
                    {"limit", nullptr},
                    {"at_most", true},
@@ -1907,16 +1924,8 @@ json run_dit_workload(const Args& a, const std::string& work,
   // The weights and the inputs: dit_peers.py write-model (dit_ref.py, seed 0), once.
   const fs::path weights = fs::path(s.model_dir) / "transformer" / "diffusion_pytorch_model.safetensors";
   if (!fs::exists(fs::path(s.model_dir) / "model_index.json") || !fs::exists(weights) || !fs::exists(s.inputs_path)) {
-    std::cerr << "  writing the " << (small ? "small " : "") << "DiT pipeline into " << s.model_dir << " ...\n";
-    std::string out;
-    const int rc = run_command(std::string(DEVPIPE_TORCH_PYTHON) + " " +
-                                   shell_quote(std::string(DEVPIPE_BENCH_DIR) + "/dit_peers.py") + " write-model " +
-                                   shell_quote(s.model_dir) + " --inputs " + shell_quote(s.inputs_path) +
-                                   (small ? " --small" : ""),
-                               out);
-    if (rc != 0)
-      throw StateError("bench: dit_peers.py write-model " + s.model_dir + " failed (exit " + std::to_string(rc) +
-                       "): " + last_line(out));
+    write_twin_model("dit_peers.py", small ? "small DiT pipeline" : "DiT pipeline", s.model_dir, s.inputs_path,
+                     small);
   }
   {
     auto in = safetensors::load_all(s.inputs_path);
@@ -2008,15 +2017,7 @@ json run_dit_workload(const Args& a, const std::string& work,
       {iters, warmup, rounds}, "dit", times, failed);
 
   // The step output and the final latents of every worker's last runs (after the rounds, untimed).
-  std::map<std::string, std::pair<std::vector<float>, std::vector<float>>> outs;
-  for (auto& wk : workers) {
-    if (failed.count(wk->mode())) continue;
-    try {
-      outs[wk->mode()] = wk->outputs();
-    } catch (const Error& e) {
-      failed[wk->mode()] = e.what();
-    }
-  }
+  const auto outs = last_outputs<DitWorker>(workers, [](DitWorker& wk) { return wk.outputs(); }, failed);
   for (auto& wk : workers) {
     json m = wk->info();
     if (failed.count(wk->mode())) {
@@ -2051,25 +2052,6 @@ json run_dit_workload(const Args& a, const std::string& work,
     report["modes"][wk->mode()] = m;
   }
   return report;
-}
-
-/// The dit workload's informational targets: devpipe's p50 over the twin's, step and generate.
-void add_dit_targets(const json& r, json& out) {
-  for (const char* ph : {"step", "generate"}) {
-    double v = std::nan("");
-    try {
-      const json& m = r.at("workloads").at("dit").at("modes");
-      v = m.at("devpipe").at(ph).at("latency_ms").at("p50").get<double>() /
-          m.at("pytorch_mkldnn").at(ph).at("latency_ms").at("p50").get<double>();
-    } catch (const json::exception&) {
-    }
-    out.push_back({{"target", std::string("dit: devpipe ") + ph + " p50 / pytorch " + ph + " p50"},
-                   {"measured", std::isnan(v) ? json(nullptr) : json(v)},
-                   {"limit", nullptr},
-                   {"at_most", true},
-                   {"status", std::isnan(v) ? "n/a" : "info"},
-                   {"note", "informational: no threshold (the PyTorch twin on oneDNN Linears)"}});
-  }
 }
 
 /// The dit rows of the printed table.
@@ -2212,8 +2194,8 @@ json evaluate_targets(const json& r) {
       expected ? static_cast<double>(checked) / expected : std::nan(""), 1.0, false,
       missing.empty() ? "" : "not checked or not matching: " + missing);
   if (r.contains("workloads") && r["workloads"].contains("llm")) add_llm_targets(r, out);
-  if (r.contains("workloads") && r["workloads"].contains("vlm")) add_vlm_targets(r, out);
-  if (r.contains("workloads") && r["workloads"].contains("dit")) add_dit_targets(r, out);
+  if (r.contains("workloads") && r["workloads"].contains("vlm")) add_twin_targets(r, "vlm", {"vision", "prefill"}, out);
+  if (r.contains("workloads") && r["workloads"].contains("dit")) add_twin_targets(r, "dit", {"step", "generate"}, out);
   return out;
 }
 
