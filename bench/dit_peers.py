@@ -3,9 +3,12 @@ DiTPipeline (a class-conditional DiT transformer, DDIM, classifier-free guidance
 tests/reference/dit_ref.py writes and computes it, random weights, batch 2 at guidance 4 (the transformer
 sees the doubled batch of 4), float32.
 
-The workload (WORKLOAD; SMALL with --small, for tests): DiT-S/2's transformer — 6 heads x 64 (inner 384),
-12 layers, latents 4 x 32 x 32, patch 2 (256 tokens), learned sigma (8 output channels), 1000 classes —
-with dit_ref's default DDIMScheduler (1000 train steps, linear betas, leading spacing, clip_sample).
+The workload (WORKLOAD; SMALL with --small, for tests): DiT-S/2-256's transformer at a third of its depth —
+6 heads x 64 (inner 384), 4 layers (DiT-S has 12), latents 4 x 32 x 32, patch 2 (256 tokens), learned sigma
+(8 output channels), 1000 classes; 13.5M parameters (each block has its own timestep and class embedders, as
+diffusers' DiTTransformer2DModel) — with dit_ref's default DDIMScheduler (1000 train steps, linear betas,
+leading spacing, clip_sample). The depth keeps a whole `devpipe bench --workload dit` within about 3 minutes
+on this 2-vCPU machine (bench/README.md, "The dit workload").
 SMALL: dit_ref's default toy (2 heads x 16, 2 layers, latents 4 x 8 x 8, 10 classes).
 
 The inputs, written once by write-model and read by every mode (devpipe and this twin):
@@ -50,7 +53,7 @@ import dit_ref  # noqa: E402
 import llm_peers  # noqa: E402
 import st  # noqa: E402
 
-WORKLOAD = dict(heads=6, head_dim=64, in_channels=4, learned_sigma=True, layers=6, sample_size=32, patch=2,
+WORKLOAD = dict(heads=6, head_dim=64, in_channels=4, learned_sigma=True, layers=4, sample_size=32, patch=2,
                 classes=1000)
 SMALL = dict(heads=2, head_dim=16, in_channels=4, learned_sigma=True, layers=2, sample_size=8, patch=2, classes=10)
 LABELS = (207, 360)  # modulo the classes: the batch of 2
