@@ -102,7 +102,8 @@ Pipeline (pipelines.dit.pipeline_dit.DiTPipeline.__call__, up to the VAE decode)
   x = step(model_output, t, x). Output latents = x[:B] (x.chunk(2)[0]) with cfg, else x.
   The twin keeps the latents, the guidance combine and the DDIM step in float32 also with --dtype bfloat16
   (diffusers would keep them in the pipeline dtype).
-  With DIR/vae: images = (vae.decode(latents / scaling_factor).sample / 2 + 0.5).clamp(0, 1), in float32.
+  With DIR/vae: images = (vae.decode(1 / scaling_factor * latents).sample / 2 + 0.5).clamp(0, 1), in
+  float32, [B, 3, H, W] (diffusers returns them permuted to [B, H, W, 3]).
 
 VAE (DIR/vae: autoencoder_kl.AutoencoderKL; only its decode runs):
   DIR/vae/config.json {"_class_name": "AutoencoderKL", "in_channels" 3, "out_channels" 3, "down_block_types"
@@ -768,10 +769,11 @@ def expected_vae_names(cfg):
 
 
 def decode_latents(vae, latents):
-    """pipeline_dit.DiTPipeline.__call__ after the loop: latents / scaling_factor, vae.decode(...).sample,
-    (samples / 2 + 0.5).clamp(0, 1). Returns (images, decoded before the /2 + 0.5 and the clamp)."""
+    """pipeline_dit.DiTPipeline.__call__ after the loop: 1 / scaling_factor * latents, vae.decode(...).sample,
+    (samples / 2 + 0.5).clamp(0, 1), kept [B, 3, H, W] (diffusers then permutes to numpy [B, H, W, 3]).
+    Returns (images, decoded before the / 2 + 0.5 and the clamp)."""
     with torch.inference_mode():
-        decoded = vae.decode(latents / vae.cfg["scaling_factor"])
+        decoded = vae.decode(1 / vae.cfg["scaling_factor"] * latents)
         return (decoded / 2 + 0.5).clamp(0, 1), decoded
 
 
