@@ -15,9 +15,11 @@
 // step 2), 1.9e-4 (plain, step 4), on values of magnitude 0.4 and 6.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "devpipe/devpipe.h"
@@ -70,20 +72,28 @@ class DiTTest : public ::testing::Test {
         " --beta-schedule scaled_linear --beta-start 0.00085 --beta-end 0.012 --timestep-spacing trailing --no-clip-sample --seed 1";
     const std::string cfg_run = " --classes 3,7 --steps 4 --guidance 4.0 --seed 0";
     const std::string plain_run = " --classes 1,2,5 --steps 5 --guidance 1.0 --seed 2";
+    // The cfg transformer with a VAE of 4 blocks (8x: 64 x 64 images), channels changing twice.
+    const std::string vae_model = " --vae --vae-block-out-channels 16,32,32,64 --vae-norm-num-groups 8 --vae-seed 4";
+    const std::string vae_run = " --classes 3,7,1 --steps 3 --guidance 4.0 --seed 5";
     twin_ = new std::filesystem::path(cached_twin_dir(
-        "dit_twin", {ref}, cfg_model + plain_model + cfg_run + plain_run, [&](const std::filesystem::path& tmp) {
+        "dit_twin", {ref}, cfg_model + plain_model + cfg_run + plain_run + vae_model + vae_run,
+        [&](const std::filesystem::path& tmp) {
           auto at = [&](const std::string& name) { return (tmp / name).string(); };
           return run_torch_script(ref, "write-model " + at("cfg") + cfg_model + quiet) &&
                  run_torch_script(ref, "write-model " + at("plain") + plain_model + quiet) &&
+                 run_torch_script(ref, "write-model " + at("vae") + cfg_model + vae_model + quiet) &&
                  run_torch_script(ref, "run " + at("cfg") + cfg_run + " --out " + at("cfg_run") + quiet) &&
-                 run_torch_script(ref, "run " + at("plain") + plain_run + " --out " + at("plain_run") + quiet);
+                 run_torch_script(ref, "run " + at("plain") + plain_run + " --out " + at("plain_run") + quiet) &&
+                 run_torch_script(ref, "run " + at("vae") + vae_run + " --out " + at("vae_run") + quiet);
         }));
     cfg_ = new DiffusionTwin(load(twin("cfg_run")));
     plain_ = new DiffusionTwin(load(twin("plain_run")));
+    vae_ = new DiffusionTwin(load(twin("vae_run")));
   }
   static void TearDownTestSuite() {
     delete cfg_;
     delete plain_;
+    delete vae_;
     delete twin_;
     delete dir_;
   }
@@ -125,12 +135,14 @@ class DiTTest : public ::testing::Test {
   static std::filesystem::path* twin_;
   static DiffusionTwin* cfg_;
   static DiffusionTwin* plain_;
+  static DiffusionTwin* vae_;
 };
 
 TempDir* DiTTest::dir_ = nullptr;
 std::filesystem::path* DiTTest::twin_ = nullptr;
 DiffusionTwin* DiTTest::cfg_ = nullptr;
 DiffusionTwin* DiTTest::plain_ = nullptr;
+DiffusionTwin* DiTTest::vae_ = nullptr;
 
 }  // namespace
 
@@ -261,4 +273,162 @@ TEST_F(DiTTest, BadRequestsAndConfigsAreRefusedNamingTheValues) {
   expect_config_error(edited("out", tcfg, [](nlohmann::json& j) { j["out_channels"] = 6; }), 1,
                       {"out_channels 6 must be in_channels 4 or twice it"});
   expect_config_error(twin("cfg"), 4, {"num_attention_heads 2 cannot be split over tp_degree 4"});
+}
+
+// ------------------------------------------------------------------------------ the VAE decoder
+
+namespace {
+
+// The vae_decoder stage alone, on the twin's own last latents: float32 rounding only (the
+// decoder's 22 convolutions, GroupNorms over up to 8192 values, a 64-token attention; oneDNN's
+// and PyTorch's summation orders differ). Measured worst 2.1e-6 (tp 1 and 2) on images in [0, 1].
+constexpr double kStageAtol = 1e-5;
+// The whole pipeline: the latents' own float32 difference (3 steps with guidance 4; see kAtol) is
+// multiplied by 1 / scaling_factor = 5.5 before the decoder, and the decoder carries it to the
+// pixels. Measured worst 1.3e-5 (tp 1), 1.6e-5 (tp 2).
+constexpr double kImagesAtol = 1e-4;
+
+std::int64_t count_where(const Tensor& t, const std::function<bool(float)>& pred) {
+  std::int64_t n = 0;
+  for (float v : t.to_float_vector()) n += pred(v) ? 1 : 0;
+  return n;
+}
+
+}  // namespace
+
+class DiTVaeTp : public DiTTest, public ::testing::WithParamInterface<int> {};
+
+// With a vae/ the application has the vae_decoder stage; generate()'s images equal the twin's
+// (diffusers' DiTPipeline: 1 / scaling_factor * latents, AutoencoderKL.decode, / 2 + 0.5, clamped)
+// at tp 1 and 2 (the decoder replicated on both ranks), 3 images in the batch bucket of 4; the
+// stage on the twin's latents equals the twin closely; the clamp is exercised.
+TEST_P(DiTVaeTp, ImagesMatchTheTwin) {
+  auto a = app("vae", GetParam(), true, "vae_tp" + std::to_string(GetParam()));
+  ASSERT_TRUE(a->has_vae());
+  ASSERT_EQ(a->models.size(), 2u);
+  EXPECT_EQ(a->vae_decoder().tag(), "vae_decoder");
+  const Tensor& want = vae_->t.at("images");
+  ASSERT_EQ(want.shape(), Shape({3, 3, 64, 64}));
+  // The twin's decoded samples leave [0, 1] in places (the clamp matters) but not mostly, and the
+  // images are not flat.
+  const Tensor samples = vae_->t.at("decoded");
+  const std::int64_t clamped = count_where(samples, [](float v) { return v / 2 + 0.5f < 0 || v / 2 + 0.5f > 1; });
+  EXPECT_GT(clamped, want.numel() / 100);
+  EXPECT_LT(clamped, want.numel() / 2);
+  EXPECT_GT(count_where(want, [](float v) { return v > 0.05f && v < 0.95f; }), want.numel() / 2);
+
+  auto r = a->generate(vae_->classes(), vae_->t.at("latents_init"), vae_->steps(), 4.0);
+  EXPECT_TRUE(tensors_close(r.latents, vae_->step(vae_->steps() - 1), kRtol, kAtol));
+  ASSERT_EQ(r.images.shape(), want.shape());
+  EXPECT_TRUE(tensors_close(r.images, want, 0, kImagesAtol));
+  EXPECT_EQ(count_where(r.images, [](float v) { return v < 0 || v > 1; }), 0);
+
+  const Tensor last = vae_->step(vae_->steps() - 1);
+  const Tensor direct = a->vae_decoder().forward({last}).tensor(0);
+  EXPECT_TRUE(tensors_close(direct, want, 0, kStageAtol));
+  // Where the twin clamped, the stage gives exactly 0 or 1.
+  const std::vector<float> d = direct.to_float_vector(), dec = samples.to_float_vector();
+  std::int64_t exact = 0;
+  for (std::size_t i = 0; i < d.size(); ++i) {
+    const float x = dec[i] / 2 + 0.5f;
+    if (x < -1e-3f) exact += d[i] == 0.0f ? 1 : 0;
+    if (x > 1 + 1e-3f) exact += d[i] == 1.0f ? 1 : 0;
+  }
+  EXPECT_GT(exact, clamped / 2);
+  EXPECT_EQ(exact, count_where(samples, [](float v) { return v / 2 + 0.5f < -1e-3f || v / 2 + 0.5f > 1 + 1e-3f; }));
+}
+
+INSTANTIATE_TEST_SUITE_P(Tp, DiTVaeTp, ::testing::Values(1, 2));
+
+// The last step's latents go to the vae_decoder in place on each rank; what comes back to the
+// host is the images (rank 0's) and the latents generate() returns, nothing else.
+TEST_F(DiTTest, OnlyTheImagesAndLatentsReachTheHost) {
+  auto a = app("vae", 2, true, "vae_transfers");
+  const std::int64_t n = 3, steps = vae_->steps();
+  reset_transfer_stats();
+  auto r = a->generate(vae_->classes(), vae_->t.at("latents_init"), steps, 4.0);
+  const TransferStats st = transfer_stats();
+  EXPECT_TRUE(tensors_close(r.images, vae_->t.at("images"), 0, kImagesAtol));
+  EXPECT_EQ(st.forwards, static_cast<std::uint64_t>(steps + 1));
+  const std::uint64_t latents = n * 4 * 8 * 8 * 4, images = n * 3 * 64 * 64 * 4;
+  EXPECT_EQ(st.device_to_host_bytes, latents + images);
+  // Every step after the first, and the decode, take the previous stage's output in place on both
+  // ranks; nothing moves between devices.
+  EXPECT_EQ(st.ranked_inputs_in_place, static_cast<std::uint64_t>(2 * (steps - 1) + 2));
+  EXPECT_EQ(st.device_to_device_bytes, 0u);
+}
+
+// A checkpoint with the pre-0.14 attention names (query, key, value, proj_attn) and without the
+// encoder gives the same images; dit_config(vae=false) leaves the VAE out.
+TEST_F(DiTTest, VaeCheckpointNamesAndOptingOut) {
+  const std::filesystem::path d = dir_->str("vae_old_names");
+  std::filesystem::create_directories(d);
+  std::filesystem::copy(twin("vae"), d, std::filesystem::copy_options::recursive | std::filesystem::copy_options::overwrite_existing);
+  const std::string ckpt = (d / "vae" / "diffusion_pytorch_model.safetensors").string();
+  std::vector<std::pair<std::string, Tensor>> renamed;
+  bool had_encoder = false, had_quant = false;
+  for (auto& [key, value] : safetensors::load_all(ckpt)) {
+    had_encoder = had_encoder || key.rfind("encoder.", 0) == 0;
+    had_quant = had_quant || key.rfind("quant_conv.", 0) == 0;
+    if (key.rfind("encoder.", 0) == 0) continue;
+    std::string k = key;
+    for (auto [from, to] : {std::pair{".to_q.", ".query."}, {".to_k.", ".key."}, {".to_v.", ".value."}, {".to_out.0.", ".proj_attn."}}) {
+      if (const auto at = k.find(from); at != std::string::npos) k = k.substr(0, at) + to + k.substr(at + std::string(from).size());
+    }
+    renamed.emplace_back(k, value);
+  }
+  EXPECT_TRUE(had_encoder && had_quant);  // the twin writes a whole AutoencoderKL; the stage skipped them above
+  ASSERT_EQ(std::count_if(renamed.begin(), renamed.end(), [](const auto& kv) { return kv.first.find(".proj_attn.") != std::string::npos; }), 2);
+  safetensors::save(ckpt, renamed);
+  auto a = app((d.string()), 1, true, "vae_old_names_art");
+  const Tensor last = vae_->step(vae_->steps() - 1);
+  EXPECT_TRUE(tensors_close(a->vae_decoder().forward({last}).tensor(0), vae_->t.at("images"), 0, kStageAtol));
+
+  RuntimeConfig rc{.batch_size = 4, .dtype = DType::Float32, .tp_degree = 1};
+  rc.buckets = {2, 4};
+  InferenceConfig c = models::dit_config(twin("vae"), rc, true, /*vae=*/false);
+  EXPECT_FALSE(c.get_bool("vae"));
+  DiTPipeline plain(twin("vae"), c);
+  EXPECT_FALSE(plain.has_vae());
+  EXPECT_EQ(plain.models.size(), 1u);
+  EXPECT_THROW(plain.vae_decoder(), StateError);
+  EXPECT_TRUE(models::dit_config(twin("vae"), rc).get_bool("vae"));
+  EXPECT_FALSE(models::dit_config(twin("cfg"), rc).get_bool("vae"));
+}
+
+TEST_F(DiTTest, VaeConfigErrorsNameTheFileAndKey) {
+  auto edited = [&](const std::string& name, const std::function<void(nlohmann::json&)>& edit) {
+    const std::filesystem::path d = dir_->str("vae_cfg_" + name);
+    for (const char* sub : {"transformer", "scheduler", "vae"}) std::filesystem::create_directories(d / sub);
+    for (const char* f : {"transformer/config.json", "scheduler/scheduler_config.json"}) {
+      std::filesystem::copy_file(twin("vae") + "/" + f, d / f, std::filesystem::copy_options::overwrite_existing);
+    }
+    std::ifstream in(twin("vae") + "/vae/config.json");
+    nlohmann::json j = nlohmann::json::parse(in);
+    edit(j);
+    std::ofstream(d / "vae" / "config.json") << j.dump(2);
+    return d.string();
+  };
+  auto expect_error = [&](const std::string& dir, const std::vector<std::string>& parts) {
+    try {
+      models::dit_config(dir, RuntimeConfig{.batch_size = 2});
+      ADD_FAILURE() << "accepted " << dir;
+    } catch (const ConfigError& e) {
+      for (const auto& part : parts) EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+  };
+  expect_error(edited("class", [](nlohmann::json& j) { j["_class_name"] = "AsymmetricAutoencoderKL"; }),
+               {"vae/config.json", "\"_class_name\" \"AsymmetricAutoencoderKL\" is not supported"});
+  expect_error(edited("up", [](nlohmann::json& j) { j["up_block_types"][1] = "AttnUpDecoderBlock2D"; }),
+               {"vae/config.json", "\"up_block_types\" \"AttnUpDecoderBlock2D\" is not supported"});
+  expect_error(edited("ups", [](nlohmann::json& j) { j["up_block_types"] = {"UpDecoderBlock2D"}; }),
+               {"\"up_block_types\" has 1 entries, block_out_channels 4"});
+  expect_error(edited("act", [](nlohmann::json& j) { j["act_fn"] = "gelu"; }), {"\"act_fn\" \"gelu\" is not supported"});
+  expect_error(edited("groups", [](nlohmann::json& j) { j["norm_num_groups"] = 5; }),
+               {"\"block_out_channels\" [16,32,32,64]: 16 is not a positive multiple of norm_num_groups 5"});
+  expect_error(edited("channels", [](nlohmann::json& j) { j["block_out_channels"] = "wide"; }),
+               {"\"block_out_channels\" is \"wide\", expected a non-empty list of integers"});
+  expect_error(edited("scale", [](nlohmann::json& j) { j["scaling_factor"] = 0; }), {"\"scaling_factor\" must be > 0"});
+  expect_error(edited("latent", [](nlohmann::json& j) { j["latent_channels"] = 8; }),
+               {"vae/config.json", "\"latent_channels\" 8 differs from the transformer's in_channels 4"});
 }

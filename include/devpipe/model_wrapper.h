@@ -121,6 +121,10 @@ struct WrapperOptions {
   /// Maps each checkpoint key to the model's key (like NxD's convert_hf_to_neuron_state_dict,
   /// one key at a time); returning "" drops that tensor. Unset: keys are used as stored.
   std::function<std::string(const std::string& checkpoint_key)> checkpoint_key_map;
+  /// The checkpoint ApplicationBase::compile() compiles this stage from: "" (the default) the
+  /// application's model path; else this path, for a stage whose weights lie elsewhere (e.g. a
+  /// diffusers pipeline's vae/ beside its transformer/).
+  std::string checkpoint_path;
 };
 
 class ModelWrapper {
@@ -217,7 +221,8 @@ class ModelWrapper {
 };
 
 /// The seed's NeuronApplicationBase: a checkpoint path, a config and a list of wrappers.
-/// compile(path) writes each wrapper's artifact to path/<tag>; load(path) loads them, all with
+/// compile(path) writes each wrapper's artifact to path/<tag> (from the model path, or the
+/// wrapper's WrapperOptions::checkpoint_path); load(path) loads them, all with
 /// the application's state store, so stages declaring a state of the same name share it.
 class ApplicationBase {
  public:

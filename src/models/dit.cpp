@@ -150,7 +150,7 @@ std::vector<std::int64_t> DDIMSchedulerConfig::timesteps(std::int64_t steps) con
   return out;
 }
 
-InferenceConfig dit_config(const std::string& pipeline_dir, RuntimeConfig runtime, bool guidance) {
+InferenceConfig dit_config(const std::string& pipeline_dir, RuntimeConfig runtime, bool guidance, bool vae) {
   const DiTConfig c = DiTConfig::from_hf_folder((fs::path(pipeline_dir) / "transformer").string());
   const DDIMSchedulerConfig s = DDIMSchedulerConfig::from_file((fs::path(pipeline_dir) / "scheduler" / "scheduler_config.json").string());
   const int tp = runtime.tp_degree;
@@ -179,6 +179,17 @@ InferenceConfig dit_config(const std::string& pipeline_dir, RuntimeConfig runtim
   config.set("steps_offset", s.steps_offset);
   config.set("timestep_spacing", s.timestep_spacing);
   config.set("guidance", guidance);
+  config.set("vae", false);
+  const fs::path vae_dir = fs::path(pipeline_dir) / "vae";
+  if (vae && fs::is_directory(vae_dir)) {
+    const AutoencoderKLConfig v = AutoencoderKLConfig::from_hf_folder(vae_dir.string());
+    if (v.latent_channels != c.in_channels) {
+      throw ConfigError("dit: '" + (vae_dir / "config.json").string() + "': \"latent_channels\" " +
+                        std::to_string(v.latent_channels) + " differs from the transformer's in_channels " +
+                        std::to_string(c.in_channels));
+    }
+    set_vae_attributes(config, v);
+  }
   return config;
 }
 
@@ -471,9 +482,16 @@ DiTPipeline::DiTPipeline(const std::string& pipeline_dir, const InferenceConfig&
     : ApplicationBase((fs::path(pipeline_dir) / "transformer").string(), config),
       cfg_(dit_from_attributes(config)),
       sched_(scheduler_from_attributes(config)),
+      has_vae_(config.get_bool("vae")),
       guidance_(config.get_bool("guidance")),
       rows_(config.runtime_config().batch_size) {
   models.push_back(std::make_shared<DenoiserWrapper>(config));
+  if (has_vae_) models.push_back(vae_decoder_wrapper(config, (fs::path(pipeline_dir) / "vae").string()));
+}
+
+ModelWrapper& DiTPipeline::vae_decoder() {
+  if (!has_vae_) throw StateError("DiTPipeline: no vae_decoder stage (the pipeline folder has no vae/, or dit_config vae=false)");
+  return *models.at(1);
 }
 
 DiffusionResult DiTPipeline::generate(const std::vector<std::int64_t>& class_labels, const Tensor& latents,
@@ -540,6 +558,7 @@ DiffusionResult DiTPipeline::generate(const std::vector<std::int64_t>& class_lab
     if (on_step) on_step(static_cast<std::int64_t>(s) + 1, steps, t, out.ranked());
   }
   DiffusionResult r;
+  if (has_vae_) r.images = vae_decoder().forward({out}).tensor(0);  // the latents in place on the ranks
   r.latents = out.ranked().to_host().at(0);
   r.timesteps = ts;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -5,6 +5,8 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "devpipe/error.h"
 
@@ -42,6 +44,30 @@ struct HfFields {
     if (!j.contains(key) || j[key].is_null()) return fallback;
     if (!j[key].is_boolean()) throw ConfigError(where + ": \"" + key + "\" is " + j[key].dump() + ", expected true or false");
     return j[key].get<bool>();
+  }
+  /// j[key] as a non-empty list of integers / strings (HF's null or absent: the fallback).
+  std::vector<std::int64_t> integers(const char* key, const std::vector<std::int64_t>& fallback) const {
+    return list(key, fallback);
+  }
+  std::vector<std::string> texts(const char* key, const std::vector<std::string>& fallback) const {
+    return list(key, fallback);
+  }
+  template <class T>
+  std::vector<T> list(const char* key, const std::vector<T>& fallback) const {
+    if (!j.contains(key) || j[key].is_null()) return fallback;
+    constexpr bool kInts = std::is_same_v<T, std::int64_t>;
+    std::vector<T> out;
+    if (j[key].is_array()) {
+      for (const auto& v : j[key]) {
+        if (kInts ? !v.is_number_integer() : !v.is_string()) break;
+        out.push_back(v.template get<T>());
+      }
+    }
+    if (out.empty() || out.size() != j[key].size()) {
+      throw ConfigError(where + ": \"" + key + "\" is " + j[key].dump() + ", expected a non-empty list of " +
+                        (kInts ? "integers" : "strings"));
+    }
+    return out;
   }
   /// j[key] as an object (nested configs); ConfigError when absent or of another type.
   const nlohmann::json& object(const char* key) const {

@@ -488,7 +488,8 @@ class TokenWrapper : public ModelWrapper {
                       .return_ranked_to_cpu = true,
                       .tag = "token_generation",
                       .ignore_checkpoint_keys = {},
-                      .checkpoint_key_map = std::move(key_map)}) {}
+                      .checkpoint_key_map = std::move(key_map),
+                      .checkpoint_path = {}}) {}
   std::vector<std::vector<Tensor>> input_generator() const override {
     return {{Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1, 1}, DType::Int64),
              Tensor::zeros({1, 1}, DType::Int64), Tensor::zeros({1, 3}), Tensor::zeros({1})}};

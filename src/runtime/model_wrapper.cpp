@@ -813,7 +813,8 @@ ApplicationBase::~ApplicationBase() = default;
 void ApplicationBase::compile(const std::string& compiled_model_path) {
   if (models.empty()) throw StateError("compile(): the application has no models (append wrappers to models)");
   for (const auto& w : models) {
-    w->compile(model_path_, (fs::path(compiled_model_path) / w->tag()).string(), progress_);
+    const std::string& own = w->options().checkpoint_path;
+    w->compile(own.empty() ? model_path_ : own, (fs::path(compiled_model_path) / w->tag()).string(), progress_);
   }
 }
 

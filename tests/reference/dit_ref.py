@@ -3,7 +3,7 @@
 diffusers' source (each formula below names the diffusers function it comes from), the same folder layout
 and state-dict names; no diffusers code.
 
-Folder (the Hub's DiTPipeline layout, e.g. facebook/DiT-XL-2-256; the vae folder is not written):
+Folder (the Hub's DiTPipeline layout, e.g. facebook/DiT-XL-2-256; vae/ only with write-model --vae):
   DIR/model_index.json   {"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
                           "scheduler": ["diffusers", "DDIMScheduler"], "vae": ["diffusers", "AutoencoderKL"]}
   DIR/transformer/config.json  {"_class_name": "DiTTransformer2DModel", "num_attention_heads" H,
@@ -102,6 +102,28 @@ Pipeline (pipelines.dit.pipeline_dit.DiTPipeline.__call__, up to the VAE decode)
   x = step(model_output, t, x). Output latents = x[:B] (x.chunk(2)[0]) with cfg, else x.
   The twin keeps the latents, the guidance combine and the DDIM step in float32 also with --dtype bfloat16
   (diffusers would keep them in the pipeline dtype).
+  With DIR/vae: images = (vae.decode(1 / scaling_factor * latents).sample / 2 + 0.5).clamp(0, 1), in
+  float32, [B, 3, H, W] (diffusers returns them permuted to [B, H, W, 3]).
+
+VAE (DIR/vae: autoencoder_kl.AutoencoderKL; only its decode runs):
+  DIR/vae/config.json {"_class_name": "AutoencoderKL", "in_channels" 3, "out_channels" 3, "down_block_types"
+      n x "DownEncoderBlock2D", "up_block_types" n x "UpDecoderBlock2D", "block_out_channels" [c_0 .. c_n-1],
+      "layers_per_block" L, "act_fn" "silu", "latent_channels" C, "norm_num_groups" G, "sample_size",
+      "scaling_factor" 0.18215, "force_upcast", "use_quant_conv" true, "use_post_quant_conv" true,
+      "mid_block_add_attention" true}
+  DIR/vae/diffusion_pytorch_model.safetensors: diffusers' names (expected_vae_names): encoder.* and quant_conv
+      (written, never run), decoder.*, post_quant_conv.{weight,bias} [C, C, 1, 1].
+  decode(z) = decoder(post_quant_conv(z)); decoder (vae.Decoder): conv_in (C -> c_n-1, 3x3 pad 1), mid_block,
+      up_blocks i = 0 .. n-1 over the reversed channels r = [c_n-1 .. c_0] (block i: r[i-1] -> r[i], r[-1] read
+      as r[0]; L + 1 resnets; upsamplers.0 = nearest x2 (F.interpolate) then a 3x3 conv, in all but the last),
+      conv_norm_out (GroupNorm(G, c_0, eps 1e-6)), SiLU, conv_out (c_0 -> 3, 3x3 pad 1). Images are
+      S * 2^(n-1) pixels on a side.
+  resnets (resnet.ResnetBlock2D, temb None): h = conv1(silu(norm1(x))); h = conv2(silu(norm2(h))) (dropout 0);
+      x + h, x through conv_shortcut (1x1, bias) when the channels change; every GroupNorm G groups, eps 1e-6,
+      affine; output_scale_factor 1.
+  mid_block (UNetMidBlock2D): resnets.0, attentions.0, resnets.1; attentions.0 = attention_processor.Attention
+      with one head of c_n-1 (attention_head_dim = the channels): t = group_norm(x) as [B, H*W, c] tokens,
+      softmax(to_q(t) to_k(t)^T / sqrt(c)) to_v(t), to_out.0 (all with biases), back to [B, c, H, W], + x.
 
 Subcommands (run with the interpreter that has torch: /usr/bin/python3):
 
@@ -110,11 +132,15 @@ Subcommands (run with the interpreter that has torch: /usr/bin/python3):
                    --num-train-timesteps 1000 --beta-start 0.0001 --beta-end 0.02
                    --beta-schedule linear|scaled_linear --clip-sample|--no-clip-sample (default on)
                    --clip-sample-range 1.0 --timestep-spacing leading|trailing|linspace --steps-offset 0
-                   --set-alpha-to-one|--no-set-alpha-to-one (default on)]
+                   --set-alpha-to-one|--no-set-alpha-to-one (default on)
+                   --vae [--vae-block-out-channels 32,64 --vae-layers-per-block 1 --vae-norm-num-groups 8
+                   --vae-scaling-factor 0.18215 --vae-mid-attention|--no-vae-mid-attention --vae-seed 0]]
       Writes the folder above (each file written beside and renamed) with random weights: every Linear and
       Conv weight normal(0, 1/sqrt(fan_in)), biases normal(0, 0.1), class tables normal(0, 1), so that the
       output is O(1) and depends visibly on the timestep and the class (diffusers' training init zeroes
-      norm1.linear and proj_out, which would make every output trivial).
+      norm1.linear and proj_out, which would make every output trivial). --vae: also vae/ (latent_channels =
+      --in-channels), convs and linears normal(0, 1/sqrt(fan_in)), biases normal(0, 0.1), GroupNorm weights
+      1 + normal(0, 0.1) and biases normal(0, 0.1).
 
   run DIR --classes 3,7 --steps 4 --guidance 4.0 --seed 0 --out PREFIX [--dtype float32|bfloat16]
           [--threads N]
@@ -128,15 +154,23 @@ Subcommands (run with the interpreter that has torch: /usr/bin/python3):
                                                     and the guidance combine; the first half with cfg)
         model_out_step0  F32 [2B or B, OC, S, S]    step 0's raw transformer output (the cfg-doubled batch:
                                                     rows 0..B-1 conditional, B..2B-1 the null class)
+        images           F32 [B, 3, S', S']         only with DIR/vae: the decoded latents_step[-1], / 2 + 0.5,
+                                                    clamped to [0, 1] (S' = S * 2^(n-1))
+        decoded          F32 [B, 3, S', S']         only with DIR/vae: vae.decode(...).sample (before both)
       and PREFIX.json {"timesteps": [...], "alphas_cumprod_t": [a_t per step], "alphas_cumprod_prev":
         [a_prev per step], "prev_timesteps": [...], "config": {"transformer": {...}, "scheduler": {...},
-        "run": {"classes", "steps", "guidance", "seed", "dtype", "cfg", "null_class"}}}.
+        "run": {"classes", "steps", "guidance", "seed", "dtype", "cfg", "null_class"}, "vae": {...} (with vae/)}}.
 
   selftest
       Checks the pos embed and the timestep embedding against a direct loop computation, the DDIM step
       against its closed form (float64 alphas, clipping active and not, both set_alpha_to_one settings),
       the timestep lists against hand-computed ones, the state-dict names against the list above, that the
-      output depends on the class and the timestep, and that cfg at guidance 1.0 equals the conditional run.
+      output depends on the class and the timestep, and that cfg at guidance 1.0 equals the conditional run;
+      the VAE: devpipe's GroupNorm (layer_norm over [B, G, C/G*H*W], then weight and bias) against
+      F.group_norm, its nearest x2 by concatenation against F.interpolate, the relu clamp against clamp,
+      the mid-block attention against a float64 computation from its weights, the names against
+      diffusers' (with and without the mid attention), that some but not most samples are clamped, and that
+      each image follows its own latents.
 """
 import argparse
 import json
@@ -464,6 +498,339 @@ def run_pipeline(model, sched, classes, steps, guidance, seed, force_cfg=False):
             "prev_timesteps": [sched.prev_timestep(t) for t in timesteps], "cfg": use_cfg, "null_class": k}
 
 
+# --- VAE (AutoencoderKL; only the decoder runs, the encoder is written for the checkpoint's names) --
+
+kVaeFile = "diffusion_pytorch_model.safetensors"
+kVaeEps = 1e-6  # every GroupNorm of the encoder and decoder (resnet_eps, conv_norm_out, attention)
+
+
+def make_vae_config(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                    scaling_factor=0.18215, sample_size=16, mid_block_add_attention=True, use_post_quant_conv=True):
+    n = len(block_out_channels)
+    return {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": list(block_out_channels), "layers_per_block": layers_per_block, "act_fn": "silu",
+            "latent_channels": latent_channels, "norm_num_groups": norm_num_groups, "sample_size": sample_size,
+            "scaling_factor": scaling_factor, "force_upcast": True, "use_quant_conv": True,
+            "use_post_quant_conv": use_post_quant_conv, "mid_block_add_attention": mid_block_add_attention}
+
+
+def check_vae_config(cfg, where):
+    if cfg.get("_class_name") != "AutoencoderKL":
+        fail(f"{where}: _class_name {cfg.get('_class_name')!r}, expected AutoencoderKL")
+    c = make_vae_config()
+    c.update(cfg)
+    if c["act_fn"] not in ("silu", "swish"):
+        fail(f"{where}: act_fn {c['act_fn']!r} is not supported (silu)")
+    n = len(c["block_out_channels"])
+    if any(t != "UpDecoderBlock2D" for t in c["up_block_types"]) or len(c["up_block_types"]) != n:
+        fail(f"{where}: up_block_types {c['up_block_types']} must be {n} UpDecoderBlock2D")
+    if any(t != "DownEncoderBlock2D" for t in c["down_block_types"]) or len(c["down_block_types"]) != n:
+        fail(f"{where}: down_block_types {c['down_block_types']} must be {n} DownEncoderBlock2D")
+    if any(ch % c["norm_num_groups"] for ch in c["block_out_channels"]):
+        fail(f"{where}: norm_num_groups {c['norm_num_groups']} does not divide block_out_channels "
+             f"{c['block_out_channels']}")
+    return c
+
+
+class _Resnet(nn.Module):
+    """resnet.ResnetBlock2D with temb_channels None, time_embedding_norm "default", output_scale_factor 1:
+    x + conv2(dropout(silu(norm2(conv1(silu(norm1(x))))))), x through conv_shortcut (1x1) when the
+    channels change."""
+
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=kVaeEps, affine=True)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=kVaeEps, affine=True)
+        self.dropout = nn.Dropout(0.0)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return (x + h) / 1.0
+
+
+class _VaeAttention(nn.Module):
+    """attention_processor.Attention as UNetMidBlock2D builds it (heads = C // attention_head_dim with
+    attention_head_dim = C: one head; GroupNorm eps 1e-6; biases; residual_connection; rescale 1) run by
+    AttnProcessor: the pixels as H*W tokens of C channels, group_norm over the channels, to_q/to_k/to_v,
+    softmax(q k^T / sqrt(head dim)) (upcast to float32) v, to_out.0 (+ to_out.1 dropout), back to
+    [B, C, H, W], plus the input."""
+
+    def __init__(self, c, groups, head_dim):
+        super().__init__()
+        self.heads = c // head_dim
+        self.head_dim = head_dim
+        self.group_norm = nn.GroupNorm(groups, c, eps=kVaeEps, affine=True)
+        self.to_q = nn.Linear(c, c)
+        self.to_k = nn.Linear(c, c)
+        self.to_v = nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c), nn.Dropout(0.0)])
+
+    def forward(self, x):
+        residual = x
+        b, c, h, w = x.shape
+        s = x.view(b, c, h * w).transpose(1, 2)
+        s = self.group_norm(s.transpose(1, 2)).transpose(1, 2)
+        split = lambda t: t.view(b, h * w, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.to_q(s)), split(self.to_k(s)), split(self.to_v(s))
+        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * self.head_dim ** -0.5, dim=-1)
+        o = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, h * w, c)
+        o = self.to_out[1](self.to_out[0](o))
+        o = o.transpose(-1, -2).reshape(b, c, h, w)
+        return (o + residual) / 1.0
+
+
+class _MidBlock(nn.Module):
+    """unet_2d_blocks.UNetMidBlock2D (num_layers 1): resnets.0, attentions.0 (unless add_attention is
+    false), resnets.1."""
+
+    def __init__(self, c, groups, add_attention):
+        super().__init__()
+        self.attentions = nn.ModuleList([_VaeAttention(c, groups, c)] if add_attention else [])
+        self.resnets = nn.ModuleList([_Resnet(c, c, groups), _Resnet(c, c, groups)])
+
+    def forward(self, x):
+        x = self.resnets[0](x)
+        if len(self.attentions):
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class _Upsample(nn.Module):
+    """upsampling.Upsample2D(use_conv=True): nearest x2 (F.interpolate), then a 3x3 conv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Downsample(nn.Module):
+    """Downsample2D(use_conv=True, padding=0, name="op") (encoder only; not run)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+
+class _Block(nn.Module):
+    """UpDecoderBlock2D (resnets, upsamplers.0) or DownEncoderBlock2D (resnets, downsamplers.0)."""
+
+    def __init__(self, cin, cout, layers, groups, resample):
+        super().__init__()
+        self.resnets = nn.ModuleList([_Resnet(cin if i == 0 else cout, cout, groups) for i in range(layers)])
+        if resample == "up":
+            self.upsamplers = nn.ModuleList([_Upsample(cout)])
+        elif resample == "down":
+            self.downsamplers = nn.ModuleList([_Downsample(cout)])
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        for u in getattr(self, "upsamplers", []):
+            x = u(x)
+        return x
+
+
+class _Encoder(nn.Module):
+    """vae.Encoder (its weights only: devpipe's stage skips them)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g = cfg["block_out_channels"], cfg["norm_num_groups"]
+        self.conv_in = nn.Conv2d(cfg["in_channels"], ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        out = ch[0]
+        for i in range(len(ch)):
+            cin, out = out, ch[i]
+            self.down_blocks.append(_Block(cin, out, cfg["layers_per_block"], g,
+                                           "down" if i < len(ch) - 1 else None))
+        self.mid_block = _MidBlock(ch[-1], g, cfg["mid_block_add_attention"])
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=kVaeEps)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg["latent_channels"], 3, padding=1)
+
+
+class _Decoder(nn.Module):
+    """vae.Decoder: conv_in (latent -> block_out_channels[-1]), mid_block, up_blocks over the REVERSED
+    channel list (block i: reversed[i-1] -> reversed[i], layers_per_block + 1 resnets, an upsampler but
+    in the last), conv_norm_out (GroupNorm eps 1e-6), SiLU, conv_out (-> out_channels)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g = cfg["block_out_channels"], cfg["norm_num_groups"]
+        rev = list(reversed(ch))
+        self.conv_in = nn.Conv2d(cfg["latent_channels"], ch[-1], 3, padding=1)
+        self.up_blocks = nn.ModuleList()
+        self.mid_block = _MidBlock(ch[-1], g, cfg["mid_block_add_attention"])
+        out = rev[0]
+        for i in range(len(rev)):
+            prev, out = out, rev[i]
+            self.up_blocks.append(_Block(prev, out, cfg["layers_per_block"] + 1, g,
+                                         "up" if i < len(ch) - 1 else None))
+        self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=kVaeEps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
+
+    def forward(self, z):
+        x = self.conv_in(z)
+        x = self.mid_block(x)
+        for b in self.up_blocks:
+            x = b(x)
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """autoencoder_kl.AutoencoderKL's modules in its order (encoder, decoder, quant_conv, post_quant_conv)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = _Encoder(cfg)
+        self.decoder = _Decoder(cfg)
+        lc = cfg["latent_channels"]
+        if cfg["use_quant_conv"]:
+            self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1)
+        if cfg["use_post_quant_conv"]:
+            self.post_quant_conv = nn.Conv2d(lc, lc, 1)
+
+    def decode(self, z):
+        """AutoencoderKL.decode(z).sample (no tiling, no slicing): post_quant_conv, then the decoder."""
+        if self.cfg["use_post_quant_conv"]:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+
+def init_vae_random(vae, seed):
+    """Convs and linears normal(0, 1/sqrt(fan_in)), biases normal(0, 0.1), GroupNorm weights 1 + normal(0, 0.1)
+    and biases normal(0, 0.1) (diffusers' init would give norms exactly 1 and 0, hiding their parameters)."""
+    g = torch.Generator().manual_seed(seed)
+    norms = {n for n, m in vae.named_modules() if isinstance(m, nn.GroupNorm)}
+    with torch.no_grad():
+        for name, prm in vae.state_dict().items():
+            owner, leaf = name.rsplit(".", 1)
+            if owner in norms:
+                prm.copy_((1.0 if leaf == "weight" else 0.0) + 0.1 * torch.randn(prm.shape, generator=g))
+            elif leaf == "bias":
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.1)
+            else:
+                prm.copy_(torch.randn(prm.shape, generator=g) / math.sqrt(prm[0].numel()))
+
+
+def expected_vae_names(cfg):
+    """The state-dict names of diffusers' AutoencoderKL for `cfg`, from its constructors."""
+    ch, n, lpb = cfg["block_out_channels"], len(cfg["block_out_channels"]), cfg["layers_per_block"]
+    wb = lambda p: [p + ".weight", p + ".bias"]  # noqa: E731
+
+    def resnet(p, cin, cout):
+        r = wb(p + ".norm1") + wb(p + ".conv1") + wb(p + ".norm2") + wb(p + ".conv2")
+        return r + (wb(p + ".conv_shortcut") if cin != cout else [])
+
+    def mid(p, c):
+        out = []
+        if cfg["mid_block_add_attention"]:
+            a = p + ".attentions.0"
+            out += wb(a + ".group_norm") + wb(a + ".to_q") + wb(a + ".to_k") + wb(a + ".to_v") + wb(a + ".to_out.0")
+        return out + resnet(p + ".resnets.0", c, c) + resnet(p + ".resnets.1", c, c)
+
+    names = wb("encoder.conv_in")
+    out = ch[0]
+    for i in range(n):
+        cin, out = out, ch[i]
+        for j in range(lpb):
+            names += resnet(f"encoder.down_blocks.{i}.resnets.{j}", cin if j == 0 else out, out)
+        if i < n - 1:
+            names += wb(f"encoder.down_blocks.{i}.downsamplers.0.conv")
+    names += mid("encoder.mid_block", ch[-1]) + wb("encoder.conv_norm_out") + wb("encoder.conv_out")
+    names += wb("decoder.conv_in")
+    rev = list(reversed(ch))
+    dec_blocks = []
+    out = rev[0]
+    for i in range(n):
+        prev, out = out, rev[i]
+        for j in range(lpb + 1):
+            dec_blocks += resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else out, out)
+        if i < n - 1:
+            dec_blocks += wb(f"decoder.up_blocks.{i}.upsamplers.0.conv")
+    names += dec_blocks + mid("decoder.mid_block", ch[-1])  # registered before the mid block, listed after
+    names += wb("decoder.conv_norm_out") + wb("decoder.conv_out")
+    if cfg["use_quant_conv"]:
+        names += wb("quant_conv")
+    if cfg["use_post_quant_conv"]:
+        names += wb("post_quant_conv")
+    return names
+
+
+def decode_latents(vae, latents):
+    """pipeline_dit.DiTPipeline.__call__ after the loop: 1 / scaling_factor * latents, vae.decode(...).sample,
+    (samples / 2 + 0.5).clamp(0, 1), kept [B, 3, H, W] (diffusers then permutes to numpy [B, H, W, 3]).
+    Returns (images, decoded before the / 2 + 0.5 and the clamp)."""
+    with torch.inference_mode():
+        decoded = vae.decode(1 / vae.cfg["scaling_factor"] * latents)
+        return (decoded / 2 + 0.5).clamp(0, 1), decoded
+
+
+def groupnorm_as_layer_norm(x, groups, weight, bias, eps):
+    """devpipe's GroupNorm: [B, G, C/G * H * W] normalised over the last dim, back to [B, C, H, W], times
+    weight[C, 1, 1] plus bias."""
+    b, c = x.shape[:2]
+    y = F.layer_norm(x.reshape(b, groups, -1), (x[0].numel() // groups,), eps=eps).reshape(x.shape)
+    return y * weight.reshape(c, 1, 1) + bias.reshape(c, 1, 1)
+
+
+def upsample_as_concat(x):
+    """devpipe's nearest x2: [B, C, H, 1, W, 1], concatenated with itself on dims 3 and 5, [B, C, 2H, 2W]."""
+    b, c, h, w = x.shape
+    y = x.reshape(b, c, h, 1, w, 1)
+    y = torch.cat([y, y], dim=3)
+    y = torch.cat([y, y], dim=5)
+    return y.reshape(b, c, 2 * h, 2 * w)
+
+
+def load_vae(folder):
+    """DIR/vae as an AutoencoderKL, or None when the folder has no vae/."""
+    vdir = os.path.join(folder, "vae")
+    if not os.path.isdir(vdir):
+        return None
+    cpath = os.path.join(vdir, "config.json")
+    cfg = check_vae_config(_read_json(cpath), cpath)
+    wpath = os.path.join(vdir, kVaeFile)
+    if not os.path.isfile(wpath):
+        fail(f"{wpath} not found")
+    sd = st.load(wpath)
+    vae = AutoencoderKL(cfg)
+    want = vae.state_dict()
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want]
+    if missing or extra:
+        fail(f"{wpath}: missing {missing[:5]} ({len(missing)}), unexpected {extra[:5]} ({len(extra)})")
+    for k, v in want.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            fail(f"{wpath}: {k} has shape {list(sd[k].shape)}, expected {list(v.shape)}")
+    vae.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
+    return vae.eval()
+
+
+def write_vae(out, vcfg, seed):
+    vcfg = check_vae_config(vcfg, "write-model --vae")
+    vdir = os.path.join(out, "vae")
+    os.makedirs(vdir, exist_ok=True)
+    vae = AutoencoderKL(vcfg).eval()
+    init_vae_random(vae, seed)
+    wpath = os.path.join(vdir, kVaeFile)
+    st.save(wpath + ".tmp", vae.state_dict(), {"format": "pt"})
+    os.replace(wpath + ".tmp", wpath)
+    _atomic_json(os.path.join(vdir, "config.json"), vcfg)
+    return vae
+
+
 # --- I/O -------------------------------------------------------------------------------------
 
 _atomic_write_bytes = llama_ref._atomic_write_bytes  # written beside (path.tmp), renamed
@@ -473,8 +840,9 @@ def _atomic_json(path, obj):
     _atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
 
 
-def write_model(out, tcfg, scfg, seed=0):
-    """Writes the pipeline folder; returns the float32 model."""
+def write_model(out, tcfg, scfg, seed=0, vcfg=None, vae_seed=0):
+    """Writes the pipeline folder (with vae/ when vcfg is given: its latent_channels are the transformer's
+    in_channels); returns the float32 model."""
     tcfg = check_transformer_config(tcfg, "write-model")
     scfg = check_scheduler_config(scfg, "write-model")
     os.makedirs(os.path.join(out, "transformer"), exist_ok=True)
@@ -486,6 +854,8 @@ def write_model(out, tcfg, scfg, seed=0):
     os.replace(wpath + ".tmp", wpath)
     _atomic_json(os.path.join(out, "transformer", "config.json"), tcfg)
     _atomic_json(os.path.join(out, "scheduler", "scheduler_config.json"), scfg)
+    if vcfg is not None:
+        write_vae(out, dict(vcfg, latent_channels=tcfg["in_channels"]), vae_seed)
     _atomic_json(os.path.join(out, "model_index.json"),
                  {"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
                   "scheduler": ["diffusers", "DDIMScheduler"], "vae": ["diffusers", "AutoencoderKL"]})
@@ -533,8 +903,23 @@ def cmd_write_model(a):
                                    a.patch, a.classes, a.norm_eps)
     scfg = make_scheduler_config(a.num_train_timesteps, a.beta_start, a.beta_end, a.beta_schedule, a.clip_sample,
                                  a.clip_sample_range, a.set_alpha_to_one, a.steps_offset, a.timestep_spacing)
-    write_model(a.dir, tcfg, scfg, a.seed)
-    print(json.dumps({"dir": a.dir, "transformer": tcfg, "scheduler": scfg}))
+    vcfg = None
+    if a.vae:
+        vcfg = make_vae_config(parse_ints(a.vae_block_out_channels, "--vae-block-out-channels"),
+                               a.vae_layers_per_block, a.vae_norm_num_groups, a.in_channels, a.vae_scaling_factor,
+                               mid_block_add_attention=a.vae_mid_attention)
+    write_model(a.dir, tcfg, scfg, a.seed, vcfg, a.vae_seed)
+    print(json.dumps({"dir": a.dir, "transformer": tcfg, "scheduler": scfg, "vae": vcfg}))
+
+
+def parse_ints(text, flag):
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError:
+        fail(f"{flag} must be comma-separated integers, got {text!r}")
+    if not vals or min(vals) < 1:
+        fail(f"{flag} must list positive integers, got {text!r}")
+    return vals
 
 
 def parse_classes(text):
@@ -554,6 +939,9 @@ def cmd_run(a):
     r = run_pipeline(model, sched, parse_classes(a.classes), a.steps, a.guidance, a.seed)
     tensors = {k: r[k] for k in ("latents_init", "timesteps", "class_labels", "latents_step", "eps_step0",
                                  "model_out_step0")}
+    vae = load_vae(a.dir)
+    if vae is not None:
+        tensors["images"], tensors["decoded"] = decode_latents(vae, r["latents_step"][-1])
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     st.save(a.out + ".safetensors.tmp", tensors)
     os.replace(a.out + ".safetensors.tmp", a.out + ".safetensors")
@@ -563,6 +951,8 @@ def cmd_run(a):
                        "run": {"classes": [int(c) for c in r["class_labels"]], "steps": a.steps,
                                "guidance": a.guidance, "seed": a.seed, "dtype": a.dtype, "cfg": r["cfg"],
                                "null_class": r["null_class"]}}}
+    if vae is not None:
+        meta["config"]["vae"] = vae.cfg
     _atomic_write_bytes(a.out + ".json", json.dumps(meta).encode())
     print(json.dumps({"timesteps": meta["timesteps"], "shapes": {k: list(v.shape) for k, v in tensors.items()},
                       "latents_out_std": float(r["latents_step"][-1].std())}))
@@ -687,6 +1077,50 @@ def cmd_selftest(a):
         _check(dg > 1e-2, f"guidance 4 barely changes the output: max |diff| {dg}")
         _check(tuple(guided["model_out_step0"].shape) == (4, 8, 8, 8), "model_out_step0 shape")
         print(f"(5) cfg at guidance 1 vs conditional max |diff| {d5:.2g}; guidance 4 vs 1 differs by {dg:.3g}")
+        _check(load_vae(tmp) is None, "a folder without vae/ has no VAE (run writes no images)")
+
+    # (6) the VAE decoder: devpipe's formulations against torch's own ops, the names, the decode
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 16, 5, 6, generator=gen) * 3 + 1
+    w, b = 1 + 0.1 * torch.randn(16, generator=gen), 0.1 * torch.randn(16, generator=gen)
+    dgn = float((groupnorm_as_layer_norm(x, 4, w, b, kVaeEps) - F.group_norm(x, 4, w, b, kVaeEps)).abs().max())
+    _check(dgn < 1e-5, f"GroupNorm as layer_norm vs F.group_norm: max |diff| {dgn}")
+    _check(torch.equal(upsample_as_concat(x), F.interpolate(x, scale_factor=2.0, mode="nearest")),
+           "nearest x2 by concatenation differs from F.interpolate")
+    with tempfile.TemporaryDirectory() as tmp:
+        vcfg = make_vae_config(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8)
+        write_model(tmp, make_transformer_config(), make_scheduler_config(), 0, vcfg, vae_seed=3)
+        vae = load_vae(tmp)
+        saved = st.load(os.path.join(tmp, "vae", kVaeFile))
+        _check(list(saved) == expected_vae_names(vae.cfg), f"VAE names differ from diffusers': {list(saved)}")
+        no_attn = AutoencoderKL(check_vae_config(dict(vcfg, mid_block_add_attention=False), "selftest"))
+        _check(list(no_attn.state_dict()) == expected_vae_names(no_attn.cfg), "VAE names without attention")
+        # the mid-block attention against a direct float64 computation from its weights
+        a = vae.decoder.mid_block.attentions[0]
+        h = torch.randn(2, 64, 3, 4, generator=gen)
+        hd = h.double()
+        t = F.group_norm(hd, 8, a.group_norm.weight.double(), a.group_norm.bias.double(), kVaeEps)
+        t = t.flatten(2).transpose(1, 2)
+        lin = lambda m, v: v @ m.weight.double().T + m.bias.double()  # noqa: E731
+        probs = torch.softmax(lin(a.to_q, t) @ lin(a.to_k, t).transpose(1, 2) / math.sqrt(64), dim=-1)
+        ref = lin(a.to_out[0], probs @ lin(a.to_v, t)).transpose(1, 2).reshape(h.shape) + hd
+        with torch.inference_mode():
+            da = float((a(h).double() - ref).abs().max())
+        _check(da < 1e-4, f"mid-block attention vs direct: max |diff| {da}")
+        z = torch.randn(3, 4, 8, 8, generator=gen)
+        images, decoded = decode_latents(vae, z)
+        _check(tuple(images.shape) == (3, 3, 32, 32), f"images shape {tuple(images.shape)}")
+        outside = float(((decoded / 2 + 0.5 < 0) | (decoded / 2 + 0.5 > 1)).float().mean())
+        _check(0.01 < outside < 0.5, f"{outside:.3f} of the samples are clamped (want some, not most)")
+        relu_clamp = F.relu(decoded / 2 + 0.5) - F.relu(decoded / 2 + 0.5 - 1)
+        _check(torch.equal(relu_clamp, images), "relu(x) - relu(x - 1) differs from clamp(x, 0, 1)")
+        other, _ = decode_latents(vae, z.flip(0))
+        dz = float((other - images.flip(0)).abs().max())
+        _check(dz < 1e-6 and float((other - images).abs().max()) > 0.1, "images do not follow their latents")
+        std = float(decoded.std())
+        _check(0.2 < std < 5, f"decoded std {std} is not O(1)")
+        print(f"(6) GroupNorm max |diff| {dgn:.2g}, upsample exact, attention max |diff| {da:.2g}, decoded std "
+              f"{std:.3g}, {100 * outside:.1f}% clamped")
     print("selftest ok")
 
 
@@ -714,6 +1148,13 @@ def main():
     w.add_argument("--timestep-spacing", choices=["leading", "trailing", "linspace"], default="leading")
     w.add_argument("--steps-offset", type=int, default=0)
     w.add_argument("--set-alpha-to-one", action=argparse.BooleanOptionalAction, default=True)
+    w.add_argument("--vae", action="store_true", help="also write vae/ (an AutoencoderKL)")
+    w.add_argument("--vae-block-out-channels", default="32,64")
+    w.add_argument("--vae-layers-per-block", type=int, default=1)
+    w.add_argument("--vae-norm-num-groups", type=int, default=8)
+    w.add_argument("--vae-scaling-factor", type=float, default=0.18215)
+    w.add_argument("--vae-mid-attention", action=argparse.BooleanOptionalAction, default=True)
+    w.add_argument("--vae-seed", type=int, default=0)
     r = sub.add_parser("run")
     r.add_argument("dir")
     r.add_argument("--classes", required=True, help="comma-separated class ids, e.g. 3,7")

@@ -17,13 +17,18 @@
 // (DiTTransformer2DModel's keys: num_attention_heads, attention_head_dim, in_channels,
 // out_channels, num_layers, sample_size, patch_size, num_embeds_ada_norm, norm_eps, ...),
 // transformer/diffusion_pytorch_model.safetensors (or a sharded index) with diffusers' names,
-// scheduler/scheduler_config.json (DDIMScheduler's keys). The VAE that turns latents into
-// pixels is not part of this application: generate() returns the latents (diffusers'
+// scheduler/scheduler_config.json (DDIMScheduler's keys), and optionally vae/ (AutoencoderKL:
+// config.json and its diffusion_pytorch_model.safetensors). With a vae/ the application has a
+// second stage, vae_decoder (devpipe/models/vae.h), run once after the last step on that step's
+// latents in place on the ranks: generate() then also returns the images diffusers' DiTPipeline
+// returns (1 / scaling_factor * latents, decoded, / 2 + 0.5, clamped to [0, 1]; as [B, 3, H, W],
+// not permuted to channels-last). Without one generate() returns the latents only (diffusers'
 // output_type="latent").
 //
 // Tensor parallel: the attention heads, the MLP, the timestep MLP, the adaLN modulation and the
 // output modulation are split with ColumnParallelLinear / RowParallelLinear; the patch
-// embedding, the class table and the last projection are replicated.
+// embedding, the class table and the last projection are replicated. The VAE decoder is
+// replicated whole on every rank.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +39,7 @@
 
 #include "devpipe/config.h"
 #include "devpipe/model_wrapper.h"
+#include "devpipe/models/vae.h"
 #include "devpipe/ranked.h"
 #include "devpipe/tensor.h"
 
@@ -84,15 +90,22 @@ struct DDIMSchedulerConfig {
 /// The InferenceConfig of a DiT pipeline: `runtime` (batch_size: the most images per
 /// generate(), buckets, dtype, tp_degree) plus the transformer and scheduler configs of
 /// `pipeline_dir`; `guidance`: compile classifier-free guidance in (the batch doubled inside
-/// the stage; generate()'s guidance_scale then applies, and must be > 1). ConfigError naming the
-/// values when tp_degree does not divide the heads.
-InferenceConfig dit_config(const std::string& pipeline_dir, RuntimeConfig runtime, bool guidance = true);
+/// the stage; generate()'s guidance_scale then applies, and must be > 1); `vae`: decode the
+/// latents with the folder's vae/ when it has one (its AutoencoderKLConfig recorded with
+/// set_vae_attributes; attribute "vae" says whether there is one). ConfigError naming the values
+/// when tp_degree does not divide the heads, or the VAE's latent_channels differ from the
+/// transformer's in_channels.
+InferenceConfig dit_config(const std::string& pipeline_dir, RuntimeConfig runtime, bool guidance = true,
+                           bool vae = true);
 
 /// What generate() returns.
 struct DiffusionResult {
   Tensor latents;                        // [B, C, S, S] float32, after the last step
+  Tensor images;                         // [B, 3, S', S'] float32 in [0, 1] from the vae_decoder
+                                         // stage (S' = S * AutoencoderKLConfig::upscale()); empty
+                                         // without a vae
   std::vector<std::int64_t> timesteps;   // the steps run, in order
-  double seconds = 0;                    // wall time of the whole generation
+  double seconds = 0;                    // wall time of the whole generation (with the decode)
 };
 
 /// Called after each denoising step is queued: step (1-based), steps in all, its timestep, and
@@ -105,7 +118,8 @@ using StepCallback =
 /// nn::random_state_dict does (for examples and benchmarks).
 std::vector<std::pair<std::string, Tensor>> dit_random_state_dict(const InferenceConfig& config, std::uint64_t seed);
 
-/// The application: models[0] is the denoiser; compile(path) / load(path) as ApplicationBase.
+/// The application: models[0] is the denoiser, models[1] the vae_decoder when the config has a
+/// vae (compiled from pipeline_dir/vae); compile(path) / load(path) as ApplicationBase.
 class DiTPipeline : public ApplicationBase {
  public:
   /// `config` from dit_config().
@@ -116,17 +130,22 @@ class DiTPipeline : public ApplicationBase {
   /// steps. Blocking. Throws InvalidArgument before running anything for latents of another
   /// shape or dtype, a label out of range, more images than batch_size, steps outside [1,
   /// num_train_timesteps], or a guidance_scale <= 1 with guidance compiled in (> 1 without it);
-  /// each message names the values.
+  /// each message names the values. With a vae the last step's latents go on to the vae_decoder
+  /// stage on the ranks' devices, and the images come back with the latents.
   DiffusionResult generate(const std::vector<std::int64_t>& class_labels, const Tensor& latents, std::int64_t steps,
                            double guidance_scale = 4.0, const StepCallback& on_step = {});
 
   const DiTConfig& transformer_config() const { return cfg_; }
   const DDIMSchedulerConfig& scheduler_config() const { return sched_; }
   ModelWrapper& denoiser() { return *models[0]; }
+  bool has_vae() const { return has_vae_; }
+  /// The vae_decoder stage; StateError without a vae.
+  ModelWrapper& vae_decoder();
 
  private:
   DiTConfig cfg_;
   DDIMSchedulerConfig sched_;
+  bool has_vae_ = false;
   bool guidance_ = true;
   std::int64_t rows_ = 0;
 };
