@@ -963,8 +963,7 @@ TEST_F(CliDiT, RequestErrorsNameTheValues) {
   const std::string see = " (see devpipe diffuse --help)\n";
   const std::vector<std::tuple<std::string, int, std::string>> cases = {
       {base + " --class-labels 3,10", 1,
-       "devpipe diffuse: error: --class-labels: class label 10 of image 1 is outside [0, num_embeds_ada_norm 10) of '" +
-           model() + "'\n"},
+       "devpipe diffuse: error: generate: class label 10 of image 1 is outside [0, num_embeds_ada_norm 10)\n"},
       {base + " --class-labels 3,-1", 2,
        "devpipe diffuse: option --class-labels expects comma-separated integers >= 0, got '3,-1'" + see},
       {base + " --class-labels 3,x", 2,

@@ -1798,19 +1798,11 @@ class DevpipeDitWorker : public DitWorker {
     // The step's inputs, as generate() builds them for its first step: the timestep and DDIM's
     // coefficients (1 / sqrt(a_t), sqrt(1 - a_t), sqrt(a_prev), sqrt(1 - a_prev)) per image.
     const models::DDIMSchedulerConfig& sc = app_.scheduler_config();
-    const std::vector<float> ac = sc.alphas_cumprod();
-    const std::int64_t t = sc.timesteps(s.steps).at(0), prev = t - sc.num_train_timesteps / s.steps;
-    const float a_t = ac.at(static_cast<std::size_t>(t));
-    const float a_prev = prev >= 0 ? ac.at(static_cast<std::size_t>(prev)) : (sc.set_alpha_to_one ? 1.0f : ac[0]);
+    const std::int64_t t = sc.timesteps(s.steps).at(0);
+    const std::array<float, 4> k = sc.step_coefficients(sc.alphas_cumprod(), t, s.steps);
     const auto n = static_cast<std::int64_t>(s.class_labels.size());
     coeffs_ = Tensor::zeros({n, 4});
-    for (std::int64_t i = 0; i < n; ++i) {
-      float* c = coeffs_.data<float>() + 4 * i;
-      c[0] = 1.0f / std::sqrt(a_t);
-      c[1] = std::sqrt(1.0f - a_t);
-      c[2] = std::sqrt(a_prev);
-      c[3] = std::sqrt(1.0f - a_prev);
-    }
+    for (std::int64_t i = 0; i < n; ++i) std::copy(k.begin(), k.end(), coeffs_.data<float>() + 4 * i);
     labels_ = Tensor::from_vector_i64(s.class_labels, {n});
     timestep_ = Tensor::full({n}, static_cast<double>(t), DType::Int64);
     scale_ = Tensor::full({n}, s.guidance);

@@ -114,8 +114,8 @@ const Command& diffuse_command() {
           "torch's:\n"
           "to reproduce a diffusers run exactly, save its initial latents and pass them with "
           "--latents.\n"
-          "The output holds the latents (diffusers' output_type=\"latent\"), replaced "
-          "atomically.\n"};
+          "The output holds the latents (key latents) and, when the folder has a vae/, the\n"
+          "decoded images in [0, 1] (key images, [n, 3, H, W]); it is replaced atomically.\n"};
   return c;
 }
 
@@ -148,25 +148,16 @@ int diffuse_main(const Args& a) {
       DType::Float32;  // DiTPipeline's denoiser does not compile in bfloat16 yet (a float32 mul)
   const InferenceConfig config = models::dit_config(model, rc, guided);
   models::DiTPipeline pipe(model, config);
-  // The request, checked before compiling anything (generate() checks it again).
   const models::DiTConfig& cfg = pipe.transformer_config();
-  for (std::size_t i = 0; i < labels.size(); ++i) {
-    if (labels[i] >= cfg.num_embeds_ada_norm) {
-      throw InvalidArgument("--class-labels: class label " + std::to_string(labels[i]) +
-                            " of image " + std::to_string(i) +
-                            " is outside [0, num_embeds_ada_norm " +
-                            std::to_string(cfg.num_embeds_ada_norm) + ") of '" + model + "'");
-    }
-  }
-  pipe.scheduler_config().timesteps(steps);  // InvalidArgument for steps past num_train_timesteps
   const Tensor latents =
       a.has("latents") ? read_latents(a.get("latents", ""), images, cfg)
                        : Tensor::randn({images, cfg.in_channels, cfg.sample_size, cfg.sample_size},
                                        static_cast<std::uint64_t>(a.get_int("seed", 0)));
+  pipe.check_request(labels, latents, steps, guidance);  // before compiling anything
 
   const std::string key = "tp" + std::to_string(rc.tp_degree) + "_" +
                           std::string(dtype_name(rc.dtype)) + "_b" + std::to_string(images) +
-                          (guided ? "_guidance" : "_noguidance");
+                          (guided ? "_guidance" : "_noguidance") + (pipe.has_vae() ? "_vae" : "");
   const fs::path art = compiled_dir(a, model, key);
   pipe.set_progress(print_progress);
   load_or_compile(pipe, art, model);
@@ -181,7 +172,9 @@ int diffuse_main(const Args& a) {
                            " t=" + std::to_string(t));
       });
   if (!out.empty()) {
-    safetensors::save(out, {{"latents", r.latents}},
+    std::vector<std::pair<std::string, Tensor>> saved{{"latents", r.latents}};
+    if (r.images.defined()) saved.emplace_back("images", r.images);  // the folder's vae decoded them
+    safetensors::save(out, saved,
                       {{"class_labels", joined(labels)},
                        {"timesteps", joined(r.timesteps)},
                        {"guidance_scale", std::to_string(guidance)}});
@@ -191,6 +184,7 @@ int diffuse_main(const Args& a) {
     const nlohmann::json j = {{"timesteps", r.timesteps},
                               {"seconds", r.seconds},
                               {"steps_per_s", sps},
+                              {"images", r.images.defined() ? nlohmann::json(r.images.shape().dims()) : nlohmann::json(nullptr)},
                               {"out", out.empty() ? nlohmann::json(nullptr) : nlohmann::json(out)}};
     std::cout << j.dump() << "\n";
     return 0;

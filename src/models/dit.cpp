@@ -457,7 +457,6 @@ class DenoiserWrapper : public ModelWrapper {
   std::vector<std::string> input_names() const override {
     return {"latents", "class_labels", "timestep", "coefficients", "guidance_scale"};
   }
-  std::vector<bool> keep_input_dtype() const override { return {false, false, false, true, true}; }
 
  private:
   static WrapperOptions options() {
@@ -494,9 +493,23 @@ ModelWrapper& DiTPipeline::vae_decoder() {
   return *models.at(1);
 }
 
-DiffusionResult DiTPipeline::generate(const std::vector<std::int64_t>& class_labels, const Tensor& latents,
-                                      std::int64_t steps, double guidance_scale, const StepCallback& on_step) {
-  const auto start = std::chrono::steady_clock::now();
+std::array<float, 4> DDIMSchedulerConfig::step_coefficients(const std::vector<float>& alphas_cumprod, std::int64_t t,
+                                                             std::int64_t steps) const {
+  const auto at = [&](std::int64_t i) {
+    if (i < 0 || i >= static_cast<std::int64_t>(alphas_cumprod.size())) {
+      throw InvalidArgument("DDIM: timestep " + std::to_string(i) + " is outside [0, num_train_timesteps " +
+                            std::to_string(alphas_cumprod.size()) + ")");
+    }
+    return alphas_cumprod[static_cast<std::size_t>(i)];
+  };
+  const std::int64_t prev = t - num_train_timesteps / steps;  // as DDIMScheduler.step
+  const float a_t = at(t);
+  const float a_prev = prev >= 0 ? at(prev) : (set_alpha_to_one ? 1.0f : at(0));
+  return {1.0f / std::sqrt(a_t), std::sqrt(1.0f - a_t), std::sqrt(a_prev), std::sqrt(1.0f - a_prev)};
+}
+
+void DiTPipeline::check_request(const std::vector<std::int64_t>& class_labels, const Tensor& latents, std::int64_t steps,
+                                double guidance_scale) const {
   const auto n = static_cast<std::int64_t>(class_labels.size());
   // ---- every request checked before anything runs
   if (n < 1) throw InvalidArgument("generate: no class labels");
@@ -525,16 +538,22 @@ DiffusionResult DiTPipeline::generate(const std::vector<std::int64_t>& class_lab
     throw InvalidArgument("generate: guidance_scale " + std::to_string(guidance_scale) +
                           " needs classifier-free guidance, which this pipeline was compiled without");
   }
-  const std::vector<std::int64_t> ts = sched_.timesteps(steps);
-  const std::vector<float> ac = sched_.alphas_cumprod();
   const std::int64_t T = sched_.num_train_timesteps;
-  for (std::int64_t t : ts) {
+  for (std::int64_t t : sched_.timesteps(steps)) {
     if (t < 0 || t >= T) {
       throw InvalidArgument("generate: timestep " + std::to_string(t) + " (steps_offset " + std::to_string(sched_.steps_offset) +
                             ") is outside [0, num_train_timesteps " + std::to_string(T) + ")");
     }
   }
-  const float final_alpha = sched_.set_alpha_to_one ? 1.0f : ac[0];
+}
+
+DiffusionResult DiTPipeline::generate(const std::vector<std::int64_t>& class_labels, const Tensor& latents,
+                                      std::int64_t steps, double guidance_scale, const StepCallback& on_step) {
+  const auto start = std::chrono::steady_clock::now();
+  check_request(class_labels, latents, steps, guidance_scale);
+  const auto n = static_cast<std::int64_t>(class_labels.size());
+  const std::vector<std::int64_t> ts = sched_.timesteps(steps);
+  const std::vector<float> ac = sched_.alphas_cumprod();
 
   Tensor labels = Tensor::from_vector_i64(class_labels, {n});
   Tensor scale = Tensor::full({n}, guidance_scale);
@@ -542,17 +561,9 @@ DiffusionResult DiTPipeline::generate(const std::vector<std::int64_t>& class_lab
   Output out;
   for (std::size_t s = 0; s < ts.size(); ++s) {
     const std::int64_t t = ts[s];
-    const std::int64_t prev = t - T / steps;  // as DDIMScheduler.step
-    const float a_t = ac[static_cast<std::size_t>(t)];
-    const float a_prev = prev >= 0 ? ac[static_cast<std::size_t>(prev)] : final_alpha;
+    const std::array<float, 4> k = sched_.step_coefficients(ac, t, steps);
     Tensor coeffs = Tensor::zeros({n, 4});
-    for (std::int64_t i = 0; i < n; ++i) {
-      float* c = coeffs.data<float>() + 4 * i;
-      c[0] = 1.0f / std::sqrt(a_t);
-      c[1] = std::sqrt(1.0f - a_t);
-      c[2] = std::sqrt(a_prev);
-      c[3] = std::sqrt(1.0f - a_prev);
-    }
+    for (std::int64_t i = 0; i < n; ++i) std::copy(k.begin(), k.end(), coeffs.data<float>() + 4 * i);
     out = denoiser().forward({current, labels, Tensor::full({n}, static_cast<double>(t), DType::Int64), coeffs, scale});
     current = out;
     if (on_step) on_step(static_cast<std::int64_t>(s) + 1, steps, t, out.ranked());

@@ -31,6 +31,7 @@
 // replicated whole on every rank.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -85,6 +86,12 @@ struct DDIMSchedulerConfig {
   /// The timesteps of `steps` inference steps, first (noisiest) first, as set_timesteps gives
   /// them; InvalidArgument for steps outside [1, num_train_timesteps].
   std::vector<std::int64_t> timesteps(std::int64_t steps) const;
+  /// DDIM's step from timestep t of a `steps`-step run, as the denoiser stage takes it:
+  /// {1 / sqrt(a_t), sqrt(1 - a_t), sqrt(a_prev), sqrt(1 - a_prev)}, a = alphas_cumprod, prev =
+  /// t - num_train_timesteps / steps (a_prev = 1, or alphas_cumprod[0] without set_alpha_to_one,
+  /// before the first), in float32 as diffusers' step() computes them.
+  std::array<float, 4> step_coefficients(const std::vector<float>& alphas_cumprod, std::int64_t t,
+                                         std::int64_t steps) const;
 };
 
 /// The InferenceConfig of a DiT pipeline: `runtime` (batch_size: the most images per
@@ -132,6 +139,9 @@ class DiTPipeline : public ApplicationBase {
   /// num_train_timesteps], or a guidance_scale <= 1 with guidance compiled in (> 1 without it);
   /// each message names the values. With a vae the last step's latents go on to the vae_decoder
   /// stage on the ranks' devices, and the images come back with the latents.
+  /// The checks generate() makes before it runs anything (usable before compile/load).
+  void check_request(const std::vector<std::int64_t>& class_labels, const Tensor& latents, std::int64_t steps,
+                     double guidance_scale) const;
   DiffusionResult generate(const std::vector<std::int64_t>& class_labels, const Tensor& latents, std::int64_t steps,
                            double guidance_scale = 4.0, const StepCallback& on_step = {});
 
