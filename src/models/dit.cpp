@@ -39,11 +39,9 @@ DiTConfig DiTConfig::from_hf_folder(const std::string& dir) {
     throw ConfigError(where + ": \"norm_elementwise_affine\": true is not supported (DiT's norms have no weights)");
   }
   if (f.flag("upcast_attention", false)) throw ConfigError(where + ": \"upcast_attention\": true is not supported");
-  for (auto [key, v] : {std::pair{"num_attention_heads", c.num_attention_heads}, {"attention_head_dim", c.attention_head_dim},
+  require_positive(where, {{"num_attention_heads", c.num_attention_heads}, {"attention_head_dim", c.attention_head_dim},
                         {"in_channels", c.in_channels}, {"num_layers", c.num_layers}, {"sample_size", c.sample_size},
-                        {"patch_size", c.patch_size}, {"num_embeds_ada_norm", c.num_embeds_ada_norm}}) {
-    if (v < 1) throw ConfigError(where + ": \"" + key + "\" must be >= 1, got " + std::to_string(v));
-  }
+                        {"patch_size", c.patch_size}, {"num_embeds_ada_norm", c.num_embeds_ada_norm}});
   if (c.out_channels != c.in_channels && c.out_channels != 2 * c.in_channels) {
     throw ConfigError(where + ": out_channels " + std::to_string(c.out_channels) + " must be in_channels " +
                       std::to_string(c.in_channels) + " or twice it (learned sigma)");
@@ -91,9 +89,7 @@ DDIMSchedulerConfig DDIMSchedulerConfig::from_file(const std::string& path) {
     throw ConfigError(f.where + ": \"timestep_spacing\" \"" + c.timestep_spacing +
                       "\" is not supported (\"leading\", \"trailing\" or \"linspace\")");
   }
-  if (c.num_train_timesteps < 1) {
-    throw ConfigError(f.where + ": \"num_train_timesteps\" must be >= 1, got " + std::to_string(c.num_train_timesteps));
-  }
+  require_positive(f.where, {{"num_train_timesteps", c.num_train_timesteps}});
   if (!(c.clip_sample_range > 0)) {
     throw ConfigError(f.where + ": \"clip_sample_range\" must be > 0, got " + std::to_string(c.clip_sample_range));
   }

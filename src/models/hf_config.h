@@ -2,9 +2,11 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -78,5 +80,13 @@ struct HfFields {
     return j[key];
   }
 };
+
+/// ConfigError `where: "key" must be >= 1, got v` for the first (key, value) below 1.
+inline void require_positive(const std::string& where,
+                             std::initializer_list<std::pair<const char*, std::int64_t>> fields) {
+  for (const auto& [key, v] : fields) {
+    if (v < 1) throw ConfigError(where + ": \"" + key + "\" must be >= 1, got " + std::to_string(v));
+  }
+}
 
 }  // namespace devpipe::models

@@ -72,12 +72,10 @@ LlamaConfig parse_llama_config(const json& j, const std::string& where) {
       throw ConfigError(where + ": \"" + std::string(key) + "\": true is not supported");
     }
   }
-  for (auto [key, v] : {std::pair{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
+  require_positive(where, {{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
                         {"num_hidden_layers", c.num_hidden_layers}, {"num_attention_heads", c.num_attention_heads},
                         {"num_key_value_heads", c.num_key_value_heads}, {"vocab_size", c.vocab_size},
-                        {"max_position_embeddings", c.max_position_embeddings}}) {
-    if (v < 1) throw ConfigError(where + ": \"" + key + "\" must be >= 1, got " + std::to_string(v));
-  }
+                        {"max_position_embeddings", c.max_position_embeddings}});
   c.head_dim = f.integer("head_dim", c.hidden_size / c.num_attention_heads);
   if (!j.contains("head_dim") && c.hidden_size % c.num_attention_heads != 0) {
     throw ConfigError(where + ": hidden_size " + std::to_string(c.hidden_size) +

@@ -48,11 +48,9 @@ PixtralVisionConfig parse_pixtral_config(const json& j, const std::string& where
     c.rope_theta = rp.number("rope_theta", c.rope_theta);
   }
   check_activation(where, "hidden_act", c.hidden_act);
-  for (auto [key, v] : {std::pair{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
+  require_positive(where, {{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
                         {"num_hidden_layers", c.num_hidden_layers}, {"num_attention_heads", c.num_attention_heads},
-                        {"num_channels", c.num_channels}, {"image_size", c.image_size}, {"patch_size", c.patch_size}}) {
-    if (v < 1) throw ConfigError(where + ": \"" + key + "\" must be >= 1, got " + std::to_string(v));
-  }
+                        {"num_channels", c.num_channels}, {"image_size", c.image_size}, {"patch_size", c.patch_size}});
   if (c.hidden_size % c.num_attention_heads != 0) {
     throw ConfigError(where + ": hidden_size " + std::to_string(c.hidden_size) + " is not a multiple of num_attention_heads " +
                       std::to_string(c.num_attention_heads));

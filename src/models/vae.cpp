@@ -35,10 +35,8 @@ AutoencoderKLConfig AutoencoderKLConfig::from_hf_folder(const std::string& dir) 
   if (act != "silu" && act != "swish") {
     throw ConfigError(where + ": \"act_fn\" \"" + act + "\" is not supported (\"silu\" only)");
   }
-  for (auto [key, v] : {std::pair{"in_channels", c.in_channels}, {"out_channels", c.out_channels},
-                        {"latent_channels", c.latent_channels}, {"norm_num_groups", c.norm_num_groups}}) {
-    if (v < 1) throw ConfigError(where + ": \"" + key + "\" must be >= 1, got " + std::to_string(v));
-  }
+  require_positive(where, {{"in_channels", c.in_channels}, {"out_channels", c.out_channels},
+                        {"latent_channels", c.latent_channels}, {"norm_num_groups", c.norm_num_groups}});
   if (c.layers_per_block < 0) {
     throw ConfigError(where + ": \"layers_per_block\" must be >= 0, got " + std::to_string(c.layers_per_block));
   }
