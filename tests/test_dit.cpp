@@ -295,6 +295,10 @@ TEST_F(DiTTest, BadRequestsAndConfigsAreRefusedNamingTheValues) {
   expect_config_error(edited("out", tcfg, [](nlohmann::json& j) { j["out_channels"] = 6; }), 1,
                       {"out_channels 6 must be in_channels 4 or twice it"});
   expect_config_error(twin("cfg"), 4, {"num_attention_heads 2 cannot be split over tp_degree 4"});
+  expect_config_error(edited("layers", tcfg, [](nlohmann::json& j) { j["num_layers"] = 0; }), 1,
+                      {"config.json'", "\"num_layers\" must be >= 1, got 0"});
+  expect_config_error(edited("train", scfg, [](nlohmann::json& j) { j["num_train_timesteps"] = 0; }), 1,
+                      {"scheduler_config.json'", "\"num_train_timesteps\" must be >= 1, got 0"});
 }
 
 // ------------------------------------------------------------------------------ the VAE decoder
